@@ -1,0 +1,1 @@
+"""Per-model-family search spaces (installed as ``autoprune.search_spaces``)."""

@@ -1,0 +1,328 @@
+"""Campaign configuration: YAML → typed, validated, frozen config objects.
+
+A campaign is described by one YAML file (loaded with ``yaml.safe_load`` only). Every key is checked against
+the dataclasses below: unknown keys and wrong types are rejected with the full key path and the allowed keys
+or values. ``key=value`` overrides from the command line are applied before validation
+(``searcher.name=tpe``, ``objective.budget.macs=0.3``, ``n_trials=20``); values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from autoprune.errors import ConfigError
+
+# Numbers bigger than this are certainly a typo (and would overflow torch/numpy ints downstream).
+_MAX_INT = 2**53
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model to compress.
+
+    Attributes:
+        name: Zoo name (``autoprune list models``), ``package.module:callable``, or ``torchvision:<name>``.
+        checkpoint: Optional checkpoint to load (akamaster, plain state dict, or autoprune format).
+        kwargs: Extra keyword arguments for the model constructor.
+    """
+
+    name: str
+    checkpoint: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """The data: ``val`` is carved from the training set; ``test`` is used only by final reports."""
+
+    name: str
+    data_dir: str | None = None
+    val_size: float = 5000
+    batch_size: int = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SearchSpaceConfig:
+    """Which groups/layers are searched and how."""
+
+    family: str | None = None
+    round_to: int = 1
+    min_ratio: float = 0.2
+    quantize: bool = False
+    prune: bool = True
+    w_bits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8])
+    a_bits: list[int | None] = field(default_factory=lambda: [None])
+    first_last_min_bits: int = 8
+    exclude: list[str] = field(default_factory=list)
+    importance: str = "l1"
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Budget targets: a value ≤ 1 is a fraction of the dense model's cost, > 1 an absolute number."""
+
+    macs: float | None = None
+    params: float | None = None
+    size_bytes: float | None = None
+    latency_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The reward (single objective) or objectives (multi-objective searchers) and the budget."""
+
+    reward: str = "r_err"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    objectives: list[str] = field(default_factory=lambda: ["accuracy", "macs"])
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    """How candidates are scored during the search."""
+
+    name: str = "adaptive_bn"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearcherConfig:
+    """The searcher and its hyper-parameters (override the defaults in ``agents/hyperparams``)."""
+
+    name: str = "tpe"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Final fine-tune and artifacts of ``autoprune export``."""
+
+    finetune: Literal["fixed", "infcop", "none"] = "fixed"
+    epochs: float = 1.0
+    lr: float = 0.01
+    formats: list[str] = field(default_factory=lambda: ["pt2"])
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    """A whole search campaign."""
+
+    name: str
+    model: ModelConfig
+    dataset: DatasetConfig
+    search_space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    searcher: SearcherConfig = field(default_factory=SearcherConfig)
+    n_trials: int = 20
+    time_limit: float | None = None
+    seed: int = 0
+    storage: str | None = None
+    output_dir: str | None = None
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def out_dir(self) -> Path:
+        """Where results go (``results/<name>`` unless ``output_dir`` is set)."""
+        return Path(self.output_dir) if self.output_dir else Path("results") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (what is written to ``config.resolved.yaml``)."""
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:  # noqa: C901 - one branch per supported type
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as exc:
+                if arg is not type(None):
+                    errors.append(exc)
+        if len(errors) == 1:  # Optional[X]: X's message is the precise one
+            raise errors[0]
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{path}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{path}: {value!r} is not allowed", hint=f"allowed values: {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{path}: expected a mapping with string keys, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > _MAX_INT:
+                raise ConfigError(f"{path}: {value} is out of range")
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            f = float(value)
+            if f != f or f in (float("inf"), float("-inf")) or abs(f) > _MAX_INT:
+                raise ConfigError(f"{path}: {value!r} is not a finite number in range")
+            return f
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            did = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown key.{did}", hint=f"allowed keys here: {', '.join(fields)}")
+        kwargs[key] = _convert(value, hints[key], where)
+    missing = [n for n, f in fields.items() if n not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        where = path or "config"
+        raise ConfigError(f"{where}: missing required key(s): {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def _check_values(cfg: CampaignConfig) -> None:
+    if cfg.n_trials < 1:
+        raise ConfigError(f"n_trials: must be ≥ 1, got {cfg.n_trials}")
+    if cfg.time_limit is not None and cfg.time_limit <= 0:
+        raise ConfigError(f"time_limit: must be > 0 seconds, got {cfg.time_limit}")
+    if not 0 < cfg.search_space.min_ratio <= 1:
+        raise ConfigError(f"search_space.min_ratio: must be in (0, 1], got {cfg.search_space.min_ratio}")
+    if cfg.search_space.round_to < 1:
+        raise ConfigError(f"search_space.round_to: must be ≥ 1, got {cfg.search_space.round_to}")
+    if cfg.dataset.batch_size < 1:
+        raise ConfigError(f"dataset.batch_size: must be ≥ 1, got {cfg.dataset.batch_size}")
+    if cfg.dataset.val_size <= 0:
+        raise ConfigError(f"dataset.val_size: must be > 0 (a count or a fraction), got {cfg.dataset.val_size}")
+    for b in cfg.search_space.w_bits:
+        if not 2 <= b <= 8:
+            raise ConfigError(f"search_space.w_bits: {b} is outside 2..8")
+    for b in cfg.search_space.a_bits:
+        if b is not None and not 2 <= b <= 8:
+            raise ConfigError(f"search_space.a_bits: {b} is outside 2..8 (or null for float)")
+    for name, value in dataclasses.asdict(cfg.objective.budget).items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"objective.budget.{name}: must be > 0, got {value}")
+    if not cfg.name or any(c in cfg.name for c in "/\\\0") or cfg.name in (".", ".."):
+        raise ConfigError(f"name: {cfg.name!r} cannot be used as a directory name",
+                          hint="use letters, digits, '-', '_' and '.'")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` into (["a", "b", "c"], value) with the value read as a YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value", hint="e.g. searcher.name=tpe")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``key=value`` overrides applied (nested keys with dots)."""
+    out = yaml.safe_load(yaml.safe_dump(data)) if data else {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def config_from_dict(data: Any, overrides: Sequence[str] = ()) -> CampaignConfig:
+    """Validate plain data (e.g. parsed YAML) into a :class:`CampaignConfig`."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a campaign config must be a YAML mapping, got {type(data).__name__}",
+                          hint="see configs/ for examples")
+    data = apply_overrides(dict(data), overrides)
+    cfg = _build(CampaignConfig, data, "")
+    _check_values(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> CampaignConfig:
+    """Read, override and validate a campaign YAML file.
+
+    Raises:
+        ConfigError: If the file is missing, is not valid YAML, or fails validation (the message names the
+            key path and the allowed keys/values).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(p)!r} does not exist", hint="see configs/ for examples") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {str(p)!r}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: YAML nesting is too deep") from None
+    return config_from_dict(data, overrides)

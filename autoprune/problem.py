@@ -1,0 +1,176 @@
+"""The compression problem: one model, its channel groups, a search space, a cost model and an evaluator.
+
+:class:`Problem` is the seam between the engine (which builds and prices candidates) and the things that
+search (the Gymnasium environment, RL agents, Optuna samplers, baselines). Searchers never touch the engine
+directly: they ask the problem for the cost of a candidate (closed form, microseconds) and for its
+evaluation (build a physically smaller network, quantize it, score it with the injected evaluator; cached by
+candidate key).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from autoprune.errors import ConfigError
+from autoprune.types import Candidate, CostReport, EvalResult, QuantSpec
+
+
+@dataclass(frozen=True)
+class GroupChoice:
+    """The decision for one prunable channel group.
+
+    Attributes:
+        group_id: Engine group id, e.g. ``"layer1.0.conv1:out"``.
+        size: Original number of channels.
+        widths: Legal widths in ascending order (the last one is ``size``).
+    """
+
+    group_id: str
+    size: int
+    widths: tuple[int, ...]
+
+    def width_for_ratio(self, ratio: float) -> int:
+        """Nearest legal width to ``ratio * size``."""
+        target = ratio * self.size
+        return min(self.widths, key=lambda w: (abs(w - target), w))
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """The bit-width decision for one quantizable layer.
+
+    Attributes:
+        layer: Module name of the conv/linear layer.
+        w_bits: Allowed weight bit-widths, ascending.
+        a_bits: Allowed input-activation bit-widths, ascending (``None`` = keep float).
+    """
+
+    layer: str
+    w_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    a_bits: tuple[int | None, ...] = (None,)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a searcher may choose: a width per group and/or bits per layer.
+
+    Attributes:
+        groups: Prunable groups in execution order (empty in quantize-only mode).
+        layers: Quantizable layers in execution order (empty in prune-only mode).
+        min_ratio: Smallest keep ratio a searcher may propose (AMC's lower bound, default 0.2).
+    """
+
+    groups: tuple[GroupChoice, ...] = ()
+    layers: tuple[LayerChoice, ...] = ()
+    min_ratio: float = 0.2
+
+    def full(self) -> Candidate:
+        """The dense candidate (every group at full width, no quantization)."""
+        return Candidate(widths={g.group_id: g.size for g in self.groups})
+
+    def minimal(self) -> Candidate:
+        """Every group at its smallest legal width and every layer at its lowest bits."""
+        bits = {lc.layer: QuantSpec(w_bits=lc.w_bits[0], a_bits=lc.a_bits[0]) for lc in self.layers}
+        return Candidate(widths={g.group_id: g.widths[0] for g in self.groups}, bits=bits)
+
+    def validate(self, candidate: Candidate) -> None:
+        """Raise :class:`ConfigError` if ``candidate`` uses an unknown group/layer or an illegal value."""
+        legal = {g.group_id: g for g in self.groups}
+        for gid, w in candidate.widths.items():
+            if gid not in legal:
+                raise ConfigError(f"candidate names unknown group {gid!r}", hint=f"groups: {', '.join(legal)}")
+            if w not in legal[gid].widths:
+                raise ConfigError(f"width {w} is not legal for group {gid!r}", hint=f"legal: {legal[gid].widths}")
+        layers = {lc.layer: lc for lc in self.layers}
+        for name, spec in candidate.bits.items():
+            if name not in layers:
+                raise ConfigError(f"candidate quantizes unknown layer {name!r}", hint=f"layers: {', '.join(layers)}")
+            lc = layers[name]
+            if spec.w_bits not in lc.w_bits or spec.a_bits not in lc.a_bits:
+                raise ConfigError(f"bits {spec} are not allowed for layer {name!r}",
+                                  hint=f"weight bits {lc.w_bits}, activation bits {lc.a_bits}")
+
+
+@dataclass
+class Problem:
+    """A model to compress, with everything needed to price, build and score candidates.
+
+    Collaborators are passed in (never built from parsed CLI arguments here).
+
+    Args:
+        model: The dense model (never modified).
+        groups: The engine's :class:`autoprune.graph.GroupSet` for ``model``.
+        space: The search space.
+        evaluator: An :class:`autoprune.evaluate.Evaluator` (or anything with ``evaluate(model, key=...)``).
+        example_input: A representative input (batch 1) used for tracing and shape checks.
+        importance: Channel-importance criterion used when building candidates.
+        round_to: Channel rounding step used by the engine.
+    """
+
+    model: nn.Module
+    groups: object
+    space: SearchSpace
+    evaluator: object
+    example_input: torch.Tensor
+    importance: str = "l1"
+    round_to: int = 1
+    _dense_cost: CostReport | None = field(default=None, init=False, repr=False)
+    _cache: dict[str, tuple[EvalResult, CostReport]] = field(default_factory=dict, init=False, repr=False)
+
+    # -- pricing -------------------------------------------------------------------------------------
+    def cost(self, candidate: Candidate) -> CostReport:
+        """Closed-form cost of ``candidate`` (no model is built)."""
+        from autoprune import cost as cost_model
+
+        bits = dict(candidate.bits) or None
+        return cost_model.closed_form(self.groups, dict(candidate.widths), bits=bits)
+
+    @property
+    def dense_cost(self) -> CostReport:
+        """Cost of the unpruned, unquantized model."""
+        if self._dense_cost is None:
+            self._dense_cost = self.cost(self.space.full())
+        return self._dense_cost
+
+    # -- building and scoring ------------------------------------------------------------------------
+    def build(self, candidate: Candidate) -> nn.Module:
+        """A new, physically smaller (and, with bits, fake-quantized) module for ``candidate``."""
+        from autoprune import pruning
+
+        module: nn.Module = pruning.apply(self.model, self.groups, dict(candidate.widths),
+                                          importance=self.importance, round_to=self.round_to)
+        if candidate.bits:
+            from autoprune import quantization
+
+            module = quantization.apply(module, dict(candidate.bits))
+        return module
+
+    def evaluate(self, candidate: Candidate) -> tuple[EvalResult, CostReport]:
+        """Build and score ``candidate`` once; identical candidates are answered from the cache."""
+        key = candidate.key()
+        if key in self._cache:
+            return self._cache[key]
+        start = time.perf_counter()
+        module = self.build(candidate)
+        build_s = time.perf_counter() - start
+        result = self.evaluator.evaluate(module, key=key)  # type: ignore[attr-defined]
+        extra = dict(result.extra)
+        extra["build_seconds"] = build_s
+        result = EvalResult(result.accuracy, result.loss, result.seconds, result.samples, result.evaluator, extra)
+        out = (result, self.cost(candidate))
+        self._cache[key] = out
+        return out
+
+
+def widths_from_ratios(space: SearchSpace, ratios: Sequence[float] | Mapping[str, float]) -> dict[str, int]:
+    """Map keep ratios (one per group, in order, or by group id) to legal widths."""
+    if isinstance(ratios, Mapping):
+        return {g.group_id: g.width_for_ratio(float(ratios[g.group_id])) for g in space.groups}
+    if len(ratios) != len(space.groups):
+        raise ConfigError(f"expected {len(space.groups)} ratios, got {len(ratios)}")
+    return {g.group_id: g.width_for_ratio(float(r)) for g, r in zip(space.groups, ratios, strict=True)}

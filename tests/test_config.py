@@ -58,7 +58,7 @@ def test_bad_values_name_the_key_path(patch: dict, fragment: str) -> None:
 
 
 def test_missing_required_key() -> None:
-    with pytest.raises(ConfigError, match="missing required key.*dataset"):
+    with pytest.raises(ConfigError, match=r"missing required key.*dataset"):
         config_from_dict({"name": "x", "model": {"name": "r"}})
 
 
@@ -99,6 +99,8 @@ _json = st.recursive(
 @given(data=st.dictionaries(st.sampled_from([*CampaignConfig.__dataclass_fields__, "junk"]), _json, max_size=8))
 def test_fuzzed_configs_fail_only_with_config_error(data: dict) -> None:
     try:
-        config_from_dict({**BASE, **data})
-    except ConfigError:
-        pass
+        cfg = config_from_dict({**BASE, **data})
+    except ConfigError as exc:  # anything else (TypeError, KeyError, RecursionError ...) fails the test
+        assert str(exc)
+    else:
+        assert isinstance(cfg, CampaignConfig)

@@ -1,0 +1,620 @@
+"""Apply group widths to a model: legal widths, kept channels, physical slicing, save/load (ENGINE.md §3–4).
+
+This module owns the step from "a width per channel group" to a new, physically smaller
+``torch.fx.GraphModule``: :func:`legal_widths` and the width helpers turn ratios or per-layer requests into
+legal group widths, :func:`plan` picks the kept channels with an importance criterion
+(:mod:`autoprune.importance`), and :func:`apply` slices every parameter and buffer, updates the module
+hyper-parameters, rewrites width-dependent literals and checks the result on the example input. The caller's
+model is never modified. Optional least-squares reconstruction of the consumers (AMC, ALGORITHMS.md §1.4) is
+available with ``reconstruct=True``. :func:`save_pruned` / :func:`load_pruned` store the result as
+architecture-as-data through :mod:`autoprune.serialize`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from autoprune.errors import AutoPruneError, ConfigError
+from autoprune.graph import ChannelGroup, GroupSet
+from autoprune.importance import group_scores, select
+from autoprune.types import Candidate
+
+__all__ = [
+    "PruningPlan",
+    "apply",
+    "legal_widths",
+    "load_pruned",
+    "mask",
+    "nearest_legal",
+    "plan",
+    "save_pruned",
+    "widths_from_layers",
+    "widths_from_ratios",
+]
+
+META_KEY = "autoprune.pruning"
+ROUNDINGS = ("nearest", "up", "down")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Widths
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def legal_widths(group: ChannelGroup, round_to: int = 1) -> list[int]:
+    """Legal widths of a group, ascending (ENGINE.md §3.3).
+
+    The step is ``r = lcm(round_to, divisor)``; legal widths are ``r, 2r, …`` below the size plus the size itself,
+    at least ``min_width``. When the group is not larger than ``r``, ``round_to`` is ignored for it (only the
+    divisor applies).
+    """
+    if round_to < 1:
+        raise ConfigError(f"round_to must be >= 1, got {round_to}")
+    r = math.lcm(int(round_to), group.divisor)
+    if group.size <= r:
+        r = group.divisor
+    ws = [w for w in range(r, group.size, r) if w >= group.min_width] + [group.size]
+    return ws
+
+
+def nearest_legal(group: ChannelGroup, target: float, round_to: int = 1, rounding: str = "nearest") -> int:
+    """The legal width closest to ``target`` channels.
+
+    ``rounding``: ``nearest`` (ties go up), ``up`` (AMC: ``max(1, round(target))`` rounded up to a legal
+    width) or ``down`` (largest legal width not above the target, else the smallest legal width).
+    """
+    if rounding not in ROUNDINGS:
+        raise ConfigError(f"unknown rounding {rounding!r}", hint=f"choose one of {', '.join(ROUNDINGS)}")
+    ws = legal_widths(group, round_to)
+    if rounding == "up":
+        t = max(1, round(target))
+        return next((w for w in ws if w >= t), ws[-1])
+    if rounding == "down":
+        below = [w for w in ws if w <= target + 1e-9]
+        return below[-1] if below else ws[0]
+    return min(ws, key=lambda w: (abs(w - target), -w))
+
+
+def widths_from_ratios(groups: GroupSet, ratios: float | Mapping[str, float], round_to: int = 1,
+                       rounding: str = "nearest") -> dict[str, int]:
+    """Keep ratios → legal widths.
+
+    Args:
+        groups: The analysed model.
+        ratios: One keep ratio in (0, 1] for every prunable group, or ``{group id: ratio}``.
+        round_to: Width multiple (see :func:`legal_widths`).
+        rounding: ``nearest``, ``up`` (AMC) or ``down``.
+    """
+    items = ({g.id: float(ratios) for g in groups.prunable()} if isinstance(ratios, (int, float))
+             else dict(ratios))
+    out = {}
+    for gid, r in items.items():
+        g = groups[gid]
+        if not g.prunable:
+            raise ConfigError(f"group {gid!r} is frozen ({g.reason})", hint="leave frozen groups out of ratios")
+        if not 0.0 < r <= 1.0:
+            raise ConfigError(f"keep ratio {r} for group {gid!r} is outside (0, 1]")
+        out[gid] = nearest_legal(g, r * g.size, round_to, rounding)
+    return out
+
+
+def widths_from_layers(groups: GroupSet, layer_widths: Mapping[str, int], on_conflict: str = "error") -> dict[str, int]:
+    """Per-layer output widths → group widths.
+
+    Several layers of one group (e.g. the convs of a residual stage) must agree; otherwise ``on_conflict``
+    decides: ``error`` (default) raises, ``min`` / ``max`` take the smallest / largest request.
+
+    Raises:
+        ConfigError: On a conflict (with ``on_conflict="error"``), an unknown layer, or a frozen group.
+    """
+    if on_conflict not in ("error", "min", "max"):
+        raise ConfigError(f"on_conflict must be 'error', 'min' or 'max', got {on_conflict!r}")
+    out: dict[str, int] = {}
+    source: dict[str, str] = {}
+    for layer, w in layer_widths.items():
+        g = groups.group_of(layer)
+        if not g.prunable:
+            raise ConfigError(f"layer {layer!r} belongs to frozen group {g.id!r} ({g.reason})",
+                              hint="leave it out or pass keep_widths_of differently")
+        if g.id in out and out[g.id] != w:
+            if on_conflict == "error":
+                raise ConfigError(
+                    f"layers {source[g.id]!r} and {layer!r} share channel group {g.id!r} but ask for widths "
+                    f"{out[g.id]} and {w}",
+                    hint="request one width per group, or pass on_conflict='min' or 'max'")
+            w = min(out[g.id], w) if on_conflict == "min" else max(out[g.id], w)
+        out[g.id] = int(w)
+        source.setdefault(g.id, layer)
+    return out
+
+
+def _resolve_widths(groups: GroupSet, widths: Mapping[str, int] | Candidate | None, round_to: int) -> dict[str, int]:
+    """Validate widths and snap them to legal values; every prunable group gets an entry."""
+    if isinstance(widths, Candidate):
+        widths = widths.widths
+    if widths is not None and not isinstance(widths, Mapping):
+        raise ConfigError(f"widths must be a mapping of group id to width, got {type(widths).__name__}")
+    out = groups.full_widths()
+    for gid, w in (widths or {}).items():
+        g = groups[gid]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or int(w) != w:
+            raise ConfigError(f"width for group {gid!r} must be an integer, got {w!r}")
+        w = int(w)
+        if w <= 0:
+            raise ConfigError(f"width {w} for group {gid!r} would remove the whole group",
+                              hint=f"use a width between 1 and {g.size}")
+        if w > g.size:
+            raise ConfigError(f"width {w} for group {gid!r} exceeds its size {g.size}")
+        if not g.prunable:
+            if w != g.size:
+                raise ConfigError(f"group {gid!r} is frozen ({g.reason}); it cannot be pruned to {w}",
+                                  hint="leave frozen groups out of the widths")
+            continue
+        legal = legal_widths(g, round_to)
+        out[gid] = w if w in legal else nearest_legal(g, w, round_to)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plan
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """Widths and kept channel indices for every prunable group.
+
+    Attributes:
+        widths: Group id → width (every prunable group).
+        keep: Group id → kept channel indices (ascending), for every prunable group.
+        importance: Name of the criterion that chose them.
+        round_to: Width multiple used to legalise the widths.
+        groups: The analysis the plan belongs to.
+    """
+
+    widths: Mapping[str, int]
+    keep: Mapping[str, tuple[int, ...]]
+    importance: str = "l2"
+    round_to: int = 1
+    groups: GroupSet | None = field(default=None, compare=False, repr=False)
+
+    def pruned(self) -> dict[str, tuple[int, ...]]:
+        """Kept indices of the groups that lose channels."""
+        assert self.groups is not None
+        return {g: k for g, k in self.keep.items() if len(k) < self.groups[g].size}
+
+    def provenance(self) -> dict[str, Any]:
+        """JSON-friendly record: per group the original size, the width and the kept indices."""
+        assert self.groups is not None
+        return {
+            "importance": self.importance,
+            "round_to": self.round_to,
+            "groups": {gid: {"size": self.groups[gid].size, "width": int(self.widths[gid]),
+                             "kept": list(self.keep[gid])} for gid in self.keep},
+        }
+
+
+def plan(model: nn.Module | GroupSet, groups: GroupSet | Mapping[str, int] | Candidate | None = None,
+         widths: Mapping[str, int] | Candidate | None = None, *, importance: str | Callable[..., Any] = "l2",
+         round_to: int = 1, loader: Iterable[Any] | None = None, loss_fn: Callable[..., Any] | None = None,
+         batches: int = 4, reduce: str = "mean", seed: int = 0) -> PruningPlan:
+    """Choose the kept channels of every prunable group.
+
+    ``plan(model, groups, widths)`` scores ``model``'s current weights; ``plan(groups, widths)`` scores the
+    analysed model's weights.
+
+    Args:
+        model: The model (or the :class:`GroupSet`, see above).
+        groups: Its analysis.
+        widths: Group id → width, or a :class:`~autoprune.types.Candidate`; missing groups keep full width.
+            Widths are snapped to legal widths (see :func:`legal_widths`).
+        importance: Criterion name (see :mod:`autoprune.importance`) or callable.
+        round_to: Width multiple.
+        loader, loss_fn, batches: For ``taylor``.
+        reduce: Reduction of member scores.
+        seed: Seed for ``random``.
+    """
+    if isinstance(model, GroupSet):
+        model, groups, widths = model.graph_module, model, groups  # type: ignore[assignment]
+    if not isinstance(groups, GroupSet):
+        raise ConfigError("plan() needs the GroupSet from graph.analyze()", hint="plan(model, groups, widths)")
+    resolved = _resolve_widths(groups, widths, round_to)  # type: ignore[arg-type]
+    pruned_ids = [gid for gid, w in resolved.items() if w < groups[gid].size]
+    scores = group_scores(model, groups, pruned_ids, importance, loader=loader, loss_fn=loss_fn, batches=batches,
+                          reduce=reduce, seed=seed) if pruned_ids else {}
+    keep = {gid: (select(scores[gid], w) if gid in scores else tuple(range(w))) for gid, w in resolved.items()}
+    name = importance if isinstance(importance, str) else getattr(importance, "__name__", "custom")
+    return PruningPlan(widths=resolved, keep=keep, importance=name, round_to=round_to, groups=groups)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Apply
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Positions:
+    """Kept positions of tensor dims under one plan (cached: many tensors share a layout)."""
+
+    def __init__(self, groups: GroupSet, keep: Mapping[str, tuple[int, ...]]) -> None:
+        self.groups = groups
+        self.removed: dict[str, np.ndarray] = {}
+        for gid, kept in keep.items():
+            size = groups[gid].size
+            if len(kept) < size:
+                mask = np.ones(size, dtype=bool)
+                mask[list(kept)] = False
+                self.removed[gid] = np.flatnonzero(mask)
+        self.cache: dict[tuple[int, tuple[tuple[str, int, int], ...]], torch.Tensor | None] = {}
+
+    def kept(self, full: int, entries: list[tuple[str, int, int]]) -> torch.Tensor | None:
+        """Positions of a dim of length ``full`` that survive, or None when nothing is removed."""
+        key = (full, tuple(entries))
+        if key in self.cache:
+            return self.cache[key]
+        drop = np.zeros(full, dtype=bool)
+        changed = False
+        for gid, off, stride in entries:
+            chans = self.removed.get(gid)
+            if chans is None:
+                continue
+            drop[off + (chans[:, None] * stride + np.arange(stride)[None, :]).ravel()] = True
+            changed = True
+        out = torch.from_numpy(np.flatnonzero(~drop)) if changed else None
+        self.cache[key] = out
+        return out
+
+
+def _role_size(groups: GroupSet, full: int, entries: list[tuple[str, int, int]], widths: Mapping[str, int]) -> int:
+    size = full
+    for gid, _off, stride in dict.fromkeys(entries):
+        if gid in widths:
+            size += (widths[gid] - groups[gid].size) * stride
+    return size
+
+
+def _resize(mod: nn.Module, role: str, n: int) -> None:
+    """Set the hyper-parameter of ``mod`` that ``role`` controls to ``n``."""
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if role == "dw":
+            mod.in_channels = mod.out_channels = mod.groups = n
+        elif role == "out":
+            mod.out_channels = n
+        elif role == "in" and mod.groups == 1:
+            mod.in_channels = n
+    elif isinstance(mod, nn.Linear):
+        if role == "out":
+            mod.out_features = n
+        elif role == "in":
+            mod.in_features = n
+    elif isinstance(mod, nn.modules.batchnorm._NormBase):
+        mod.num_features = n
+    elif isinstance(mod, nn.LayerNorm):
+        mod.normalized_shape = (n,)
+    elif isinstance(mod, nn.GroupNorm):
+        if mod.num_groups == mod.num_channels:
+            mod.num_groups = n
+        mod.num_channels = n
+    elif isinstance(mod, nn.PReLU):
+        mod.num_parameters = n
+    elif isinstance(mod, nn.Embedding) and role == "out":
+        mod.embedding_dim = n
+
+
+def _resize_modules(new: fx.GraphModule, groups: GroupSet, widths: Mapping[str, int]) -> None:
+    """Update hyper-parameters (in/out channels, groups, num_features, …) to the sliced tensors."""
+    mods = dict(new.named_modules())
+    for (name, role), (full, entries) in groups.module_roles.items():
+        mod = mods.get(name)
+        if mod is not None and role != "param":
+            _resize(mod, role, _role_size(groups, full, entries, widths))
+
+
+def _set_path(container: Any, path: tuple[Any, ...], value: int) -> Any:
+    """A copy of ``container`` (tuple, list or dict) with the item at ``path`` replaced."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(container, dict):
+        out = dict(container)
+        out[head] = _set_path(container[head], rest, value)
+        return out
+    items = list(container)
+    items[head] = _set_path(items[head], rest, value)
+    return type(container)(items) if isinstance(container, (tuple, list)) else items
+
+
+def _rewrite_literals(new: fx.GraphModule, groups: GroupSet, widths: Mapping[str, int]) -> bool:
+    """Rewrite width-dependent literals (view sizes, split sizes, pad amounts) in the new graph."""
+    nodes = {n.name: n for n in new.graph.nodes}
+    changed = False
+    for site in groups.literals:
+        value = site.base + sum(c * (widths[g] - groups[g].size) for g, c in site.terms)
+        if value == site.base:
+            continue
+        node = nodes[site.node]
+        if site.path[0] == "args":
+            node.args = _set_path(node.args, site.path[1:], value)
+        else:
+            node.kwargs = _set_path(node.kwargs, site.path[1:], value)
+        changed = True
+    return changed
+
+
+def _as_plan(model: nn.Module, groups: GroupSet | PruningPlan, widths: Any, **kw: Any) -> PruningPlan:
+    if isinstance(groups, PruningPlan):
+        if widths is not None:
+            raise ConfigError("apply(model, plan) takes no widths: the plan already has them")
+        return groups
+    if isinstance(widths, PruningPlan):
+        if widths.groups is not groups:
+            raise ConfigError("the plan belongs to another analysis", hint="plan and apply with the same GroupSet")
+        return widths
+    if not isinstance(groups, GroupSet):
+        raise ConfigError(f"apply() needs a GroupSet or a PruningPlan, got {type(groups).__name__}")
+    return plan(model, groups, widths, **kw)
+
+
+def apply(model: nn.Module, groups: GroupSet | PruningPlan, widths: Mapping[str, int] | Candidate | PruningPlan |
+          None = None, *, importance: str | Callable[..., Any] = "l2", round_to: int = 1,
+          loader: Iterable[Any] | None = None, loss_fn: Callable[..., Any] | None = None, batches: int = 4,
+          reconstruct: bool = False, calib_batches: int = 8, points_per_sample: int = 10, seed: int = 0,
+          check: bool = True) -> fx.GraphModule:
+    """Build a new, physically smaller model with the given group widths.
+
+    Args:
+        model: The analysed model (or a same-architecture copy with other weights). It is not modified.
+        groups: Its :class:`GroupSet`, or a :class:`PruningPlan` (then ``widths`` must be None).
+        widths: Group id → width, a :class:`~autoprune.types.Candidate`, or a :class:`PruningPlan`.
+        importance: Criterion that picks the kept channels (when no plan is given).
+        round_to: Widths are snapped to multiples of this (see :func:`legal_widths`).
+        loader: Batches for ``taylor`` importance and for ``reconstruct``.
+        loss_fn: Loss for ``taylor``.
+        batches: Loader batches used by ``taylor``.
+        reconstruct: Refit each pruned consumer (conv/linear) by least squares on the dense model's inputs and
+            outputs (AMC). Needs ``loader``.
+        calib_batches: Loader batches used by ``reconstruct``.
+        points_per_sample: Sampled output positions per image (conv) or rows per sample (linear).
+        seed: Seed for ``random`` importance and for the reconstruction samples.
+        check: Run the new model once on the example input and compare output shapes.
+
+    Returns:
+        A ``torch.fx.GraphModule`` with the original state-dict names; its ``meta["autoprune.pruning"]`` holds
+        the provenance (per group: size, width, kept indices).
+    """
+    p = _as_plan(model, groups, widths, importance=importance, round_to=round_to, loader=loader, loss_fn=loss_fn,
+                 batches=batches, seed=seed)
+    gs = p.groups
+    assert gs is not None
+    kept_cache: dict[tuple[str, int], torch.Tensor | None] = {}
+    positions = _Positions(gs, p.keep)
+
+    def slicer(name: str, t: torch.Tensor) -> torch.Tensor:
+        for dim, entries in gs.tensor_dims.get(name, {}).items():
+            idx = positions.kept(gs.tensor_shapes[name][dim], entries)
+            kept_cache[(name, dim)] = idx
+            if idx is not None:
+                t = t.index_select(dim, idx.to(t.device))
+        return t
+
+    new = gs.instantiate(model, slicer)
+    _resize_modules(new, gs, p.widths)
+    if _rewrite_literals(new, gs, p.widths):
+        new.recompile()
+    if reconstruct:
+        if loader is None:
+            raise ConfigError("reconstruct=True needs a calibration loader", hint="pass loader=... to apply()")
+        _reconstruct(new, model, gs, kept_cache, loader, calib_batches, points_per_sample, seed)
+    if check:
+        _check_outputs(new, gs)
+    new.meta[META_KEY] = p.provenance()
+    return new
+
+
+def _cast_inputs(example: Any, module: nn.Module) -> tuple[Any, ...]:
+    ref = next((t for t in module.parameters() if t.is_floating_point()), None)
+    args = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    if ref is None:
+        return args
+    return tuple(a.to(device=ref.device, dtype=ref.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 else a for a in args)
+
+
+def _shapes(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)):
+        return tuple(_shapes(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _shapes(v) for k, v in value.items()}
+    return None
+
+
+def _check_outputs(new: fx.GraphModule, gs: GroupSet) -> None:
+    flags = {m: m.training for m in new.modules()}
+    try:
+        new.eval()
+        with torch.no_grad():
+            out = new(*_cast_inputs(gs.example_input, new))
+    except Exception as exc:
+        raise RuntimeError(f"internal error: the pruned model fails on the example input: {exc}") from exc
+    finally:
+        for m, t in flags.items():
+            m.training = t
+    got = _shapes(out)
+    want = _shapes_like(gs.output_shapes)
+    if got != want:
+        raise RuntimeError(f"internal error: pruned output shapes {got} differ from the original {want}")
+
+
+def _shapes_like(meta: Any) -> Any:
+    if isinstance(meta, tuple) and all(isinstance(x, int) for x in meta):
+        return meta
+    if isinstance(meta, (tuple, list)):
+        return tuple(_shapes_like(m) for m in meta)
+    if isinstance(meta, dict):
+        return {k: _shapes_like(v) for k, v in meta.items()}
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Least-squares reconstruction (AMC)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _reconstruct(new: fx.GraphModule, model: nn.Module, gs: GroupSet,
+                 kept: Mapping[tuple[str, int], torch.Tensor | None], loader: Iterable[Any], calib_batches: int,
+                 points: int, seed: int) -> None:
+    """Refit pruned consumers: W' = argmin ‖Y − X[:, keep]·Wᵀ‖ on the dense model's activations."""
+    targets: dict[str, nn.Module] = {}
+    dense = gs.instantiate(model)
+    dense.eval()
+    dmods = dict(dense.named_modules())
+    for (name, role), _ in gs.module_roles.items():
+        mod = dmods.get(name)
+        w_name = gs.canonical(f"{name}.weight")
+        if role != "in" or kept.get((w_name, 1)) is None:
+            continue
+        if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1
+                                          and mod.padding_mode == "zeros"):
+            targets[name] = mod
+    if not targets:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in targets}
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            x = inputs[0].detach()
+            y = out.detach()
+            if mod.bias is not None:
+                y = y - mod.bias.detach().reshape(1, -1, *([1] * (y.dim() - 2))) if isinstance(mod, nn.Conv2d) \
+                    else y - mod.bias.detach()
+            if isinstance(mod, nn.Conv2d):
+                cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # B, C·k·k, L
+                b, _, n_pos = cols.shape
+                pos = torch.randint(0, n_pos, (b, points), generator=gen)
+                xs = torch.gather(cols, 2, pos[:, None, :].expand(-1, cols.shape[1], -1))
+                ys = torch.gather(y.flatten(2), 2, pos[:, None, :].expand(-1, y.shape[1], -1))
+                rows[name].append((xs.permute(0, 2, 1).reshape(-1, cols.shape[1]),
+                                   ys.permute(0, 2, 1).reshape(-1, y.shape[1])))
+            else:
+                xs, ys = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+                if xs.shape[0] > points * x.shape[0]:
+                    sel = torch.randperm(xs.shape[0], generator=gen)[: points * x.shape[0]]
+                    xs, ys = xs[sel], ys[sel]
+                rows[name].append((xs, ys))
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if i >= calib_batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                dense(*_cast_inputs(x, dense))
+    finally:
+        for h in handles:
+            h.remove()
+    nmods = dict(new.named_modules())
+    for name, mod in targets.items():
+        if not rows[name]:
+            continue
+        xs = torch.cat([r[0] for r in rows[name]]).double()
+        ys = torch.cat([r[1] for r in rows[name]]).double()
+        w_name = gs.canonical(f"{name}.weight")
+        kin = kept[(w_name, 1)]
+        kout = kept.get((w_name, 0))
+        assert kin is not None
+        per = int(math.prod(mod.weight.shape[2:])) if isinstance(mod, nn.Conv2d) else 1
+        cols = (kin[:, None] * per + torch.arange(per)[None, :]).flatten()
+        xk = xs[:, cols]
+        yk = ys if kout is None else ys[:, kout]
+        sol = torch.linalg.lstsq(xk, yk, driver="gelsd").solution.T  # [C_out', d'·k·k]
+        target = nmods[name]
+        with torch.no_grad():
+            target.weight.copy_(sol.reshape(target.weight.shape).to(target.weight.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pseudo-pruning (masks)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mask(model: nn.Module, groups: GroupSet | PruningPlan, widths: Mapping[str, int] | Candidate | PruningPlan |
+         None = None, *, roles: Iterable[str] = ("out", "dw", "norm", "param"), **plan_kw: Any) -> fx.GraphModule:
+    """A full-width copy of ``model`` with the removed channels zeroed ("pseudo-pruning").
+
+    Zeroing producers (weight rows and bias), depthwise filters, norm scales and shifts and per-channel
+    parameters makes the removed channels exactly zero, so in eval mode the result equals :func:`apply`'s
+    output (ENGINE.md §3.4 correctness criterion) for channel-wise layers.
+    """
+    p = _as_plan(model, groups, widths, **plan_kw)
+    gs = p.groups
+    assert gs is not None
+    roles = set(roles)
+    zero: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for gid, k in p.pruned().items():
+        g = gs[gid]
+        removed = sorted(set(range(g.size)) - set(k))
+        chans = torch.tensor(removed, dtype=torch.long)
+        for sl in g.slices:
+            if sl.role in roles and "running" not in sl.param_name:
+                pos = sl.offset + (chans[:, None] * sl.stride + torch.arange(sl.stride)[None, :]).flatten()
+                zero.setdefault(sl.tensor, []).append((sl.dim, pos))
+
+    def zeroer(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name not in zero:
+            return t
+        t = t.clone()
+        for dim, pos in zero[name]:
+            t.index_fill_(dim, pos.to(t.device), 0.0)
+        return t
+
+    return gs.instantiate(model, zeroer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Save / load
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_pruned(gm: fx.GraphModule, out_dir: str | Path, example_input: Any,
+                groups: GroupSet | PruningPlan | None = None, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Save a pruned model as architecture-as-data (``arch.json`` + ``weights.pt``) via :mod:`autoprune.serialize`.
+
+    The metadata gains ``"pruning"``: per group the original size, the width and the kept indices (from the
+    plan, or from ``gm.meta`` as set by :func:`apply`).
+    """
+    from autoprune import serialize
+
+    if not isinstance(gm, fx.GraphModule):
+        raise ConfigError(f"save_pruned() needs the GraphModule returned by apply(), got {type(gm).__name__}")
+    meta = dict(metadata or {})
+    prov = groups.provenance() if isinstance(groups, PruningPlan) else getattr(gm, "meta", {}).get(META_KEY)
+    if prov is None and isinstance(groups, GroupSet):
+        prov = {"groups": {g.id: {"size": g.size, "width": g.size, "kept": list(range(g.size))}
+                           for g in groups.prunable()}}
+    if prov is not None:
+        meta["pruning"] = prov
+    result = serialize.save_module(gm, out_dir, example_input, metadata=meta)
+    return Path(result) if result is not None else Path(out_dir)
+
+
+def load_pruned(out_dir: str | Path) -> fx.GraphModule:
+    """Load a model saved by :func:`save_pruned` (no user code; tensors loaded with ``weights_only=True``)."""
+    from autoprune import serialize
+
+    path = Path(out_dir)
+    if not path.exists():
+        raise AutoPruneError(f"no saved model at {path}", hint="pass the directory given to save_pruned()")
+    return serialize.load_module(path)

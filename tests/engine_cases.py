@@ -1,0 +1,676 @@
+"""Inline models for the engine test cases of ENGINE.md §9, and the checks every case goes through.
+
+Each case is a small ``nn.Module`` with an example input. :data:`CASES` maps a name to a factory returning a
+:class:`Case`. Other test files reuse :func:`randomize`, :func:`masked_reference` and :func:`half_widths`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoprune import graph, pruning
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """A model, its example input, and what the checks may assume about it.
+
+    Attributes:
+        model: The network (eval mode, random BN statistics).
+        x: Example input (a tensor, or a tuple of positional inputs).
+        exact: True when E (pruned == masked original) applies; False for layers whose statistics depend on
+            all channels (LayerNorm / GroupNorm on a pruned stream).
+        min_prunable: Lower bound on the number of prunable groups.
+        conv_linear_only: True when FlopCounterMode sees every MAC the closed form counts.
+    """
+
+    model: nn.Module
+    x: Any
+    exact: bool = True
+    min_prunable: int = 1
+    conv_linear_only: bool = True
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN/LN statistics and affine parameters (so that E tests more than the identity), eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase):
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def half_widths(groups: graph.GroupSet, ratio: float = 0.5) -> dict[str, int]:
+    """Every prunable group at ``ratio`` of its width (at least 1)."""
+    return {g.id: max(1, int(g.size * ratio)) for g in groups.prunable()}
+
+
+def masked_reference(model: nn.Module, groups: graph.GroupSet, plan: pruning.PruningPlan) -> nn.Module:
+    """The original model with the removed channels zeroed at producers, depthwise convs, norms and params.
+
+    Written independently of :func:`autoprune.pruning.mask`: it walks the group members and slices module
+    tensors by role, so a bug in the engine's slice bookkeeping does not cancel out.
+    """
+    ref = copy.deepcopy(model)
+    mods = dict(ref.named_modules())
+    with torch.no_grad():
+        for gid, kept in plan.pruned().items():
+            g = groups[gid]
+            removed = torch.tensor(sorted(set(range(g.size)) - set(kept)), dtype=torch.long)
+            for m in g.members:
+                if m.role in ("out", "dw", "norm") and m.module in mods:
+                    mod = mods[m.module]
+                    dim = 1 if isinstance(mod, nn.Embedding) else 0
+                    for name in ("weight", "bias"):
+                        t = getattr(mod, name, None)
+                        if isinstance(t, torch.Tensor):
+                            t.index_fill_(dim, m.offset + removed, 0.0)
+            for sl in g.slices:
+                if sl.role == "param" or (sl.role == "out" and sl.module not in mods):  # bare / functional
+                    t = ref.get_parameter(sl.tensor) if sl.tensor in dict(ref.named_parameters()) else \
+                        ref.get_buffer(sl.tensor)
+                    pos = sl.offset + (removed[:, None] * sl.stride + torch.arange(sl.stride)).flatten()
+                    t.index_fill_(sl.dim, pos, 0.0)
+    return ref
+
+
+def run(model: nn.Module, x: Any) -> Any:
+    """Forward pass in eval mode without gradients."""
+    model.eval()
+    with torch.no_grad():
+        return model(*x) if isinstance(x, tuple) else model(x)
+
+
+def flat_outputs(out: Any) -> list[torch.Tensor]:
+    """All tensors of a (nested) output, in a fixed order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in flat_outputs(out[k])]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in flat_outputs(o)]
+    return []
+
+
+def batch_of(x: Any) -> int:
+    """Batch size of an example input."""
+    first = x[0] if isinstance(x, tuple) else x
+    if isinstance(first, dict):
+        first = next(iter(first.values()))
+    return int(first.shape[0])
+
+
+def bn_block(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+    """Conv → BN → ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PlainChain(nn.Module):
+    """§9.1: conv → BN → ReLU chain → flatten → Linear (spatial 4×4 > 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.b2 = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+class PoolHeads(nn.Module):
+    """§9.2: three pooled heads — avgpool → flatten, view(B, −1), mean((2, 3)); literal-size view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flat = nn.Flatten()
+        self.fc1 = nn.Linear(16, 5)
+        self.fc2 = nn.Linear(16, 5)
+        self.fc3 = nn.Linear(16, 5)
+        self.fc4 = nn.Linear(16 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c2(F.relu(self.c1(x)))
+        a = self.fc1(self.flat(self.pool(y)))
+        b = self.fc2(F.adaptive_avg_pool2d(y, 1).view(y.size(0), -1))
+        c = self.fc3(y.mean((2, 3)))
+        d = self.fc4(F.adaptive_max_pool2d(y, 2).view(-1, 64))  # literal 64 = 16·2·2 is rewritten
+        return a + b + c + d
+
+
+class BasicBlock(nn.Module):
+    """Residual block; ``shortcut`` = identity, 1×1 conv + BN (option B) or zero pad (option A)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, option: str = "B") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.option = option
+        self.shortcut: nn.Module = nn.Sequential()
+        self.pad = (cout - cin) // 2
+        if (stride != 1 or cin != cout) and option == "B":
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        if self.option == "A" and self.pad:
+            out += F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad), "constant", 0)
+        else:
+            out += self.shortcut(x)
+        return F.relu(out)
+
+
+class TinyResNet(nn.Module):
+    """§9.3–9.5: stem + identity block + down-sampling block (option A or B) + GAP + linear."""
+
+    def __init__(self, option: str = "B") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.layer1 = nn.Sequential(BasicBlock(8, 8, 1, option), BasicBlock(8, 8, 1, option))
+        self.layer2 = nn.Sequential(BasicBlock(8, 16, 2, option), BasicBlock(16, 16, 1, option))
+        self.linear = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer2(self.layer1(out))
+        out = F.avg_pool2d(out, out.size()[3])
+        return self.linear(out.view(out.size(0), -1))
+
+
+class Bottleneck(nn.Module):
+    """§9.4: ResNet-50-style bottleneck (1×1 → 3×3 → 1×1) with a 1×1 conv shortcut."""
+
+    def __init__(self, cin: int, mid: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.a = bn_block(cin, mid, 1)
+        self.b = bn_block(mid, mid, 3, stride)
+        self.c = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) \
+            if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.c(self.b(self.a(x)))) + self.down(x))
+
+
+class BottleneckNet(nn.Module):
+    """Two bottlenecks: the second one's identity shortcut couples the first one's projection and down conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = bn_block(3, 8)
+        self.b1 = Bottleneck(8, 4, 16, 2)
+        self.b2 = Bottleneck(16, 4, 16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.b2(self.b1(self.stem(x))).mean((2, 3)))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: expand 1×1 → depthwise 3×3 → project 1×1, residual when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+                   nn.ReLU6(inplace=True), nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class TinyMobileNet(nn.Module):
+    """§9.6: depthwise convs and inverted residuals (the residual couples projections across blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = bn_block(3, 8)
+        self.blocks = nn.Sequential(InvertedResidual(8, 8, 1, 1), InvertedResidual(8, 12, 2, 4),
+                                    InvertedResidual(12, 12, 1, 4), InvertedResidual(12, 12, 1, 4))
+        self.head = bn_block(12, 32, 1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.head(self.blocks(self.stem(x))), 1), 1))
+
+
+class GroupedConvNet(nn.Module):
+    """§9.7: grouped conv (g = 2), a 1-output conv, and groups == out_channels with in ≠ out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.c2 = nn.Conv2d(8, 4, 1)
+        self.mult = nn.Conv2d(4, 8, 3, padding=1, groups=4)  # depth multiplier 2: groups == in ≠ out
+        self.c3 = nn.Conv2d(8, 6, 1)
+        self.one = nn.Conv2d(6, 1, 1)  # out_channels == 1 is not depthwise
+        self.c4 = nn.Conv2d(1, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.c2(F.relu(self.g(F.relu(self.c1(x))))))
+        y = F.relu(self.c3(F.relu(self.mult(y))))
+        return self.c4(self.one(y)).mean((2, 3))
+
+
+class ConcatNet(nn.Module):
+    """§9.8: concat on channels — two branches, the same tensor twice, nested concat, concat → flatten → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(10)
+        self.c = nn.Conv2d(10, 8, 3, stride=2, padding=1)
+        self.d = nn.Conv2d(16, 6, 1)  # input: cat(c, c)
+        self.e = nn.Conv2d(8, 5, 1)
+        self.fc = nn.Linear((6 + 5 + 8) * 2 * 2, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1)))
+        c = F.relu(self.c(y))
+        d = F.relu(self.d(torch.cat((c, c), 1)))
+        e = F.relu(self.e(c))
+        z = torch.cat([torch.cat([d, e], 1), c], dim=1)
+        z = F.max_pool2d(z, 2)
+        return self.fc(z.flatten(1))
+
+
+class CatOtherDim(nn.Module):
+    """§9.9: concat along batch and width: the inputs' channels are unioned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.a(x), self.b(x)], dim=3)
+        z = torch.cat([y, y], dim=0)
+        return self.c(F.relu(z)).mean((2, 3))
+
+
+class SplitNet(nn.Module):
+    """§9.10: ``split`` with explicit sizes (independent pieces, sizes rewritten), ``chunk`` on channels (tied
+    halves), ``tensor_split`` on channels (frozen) and a spatial ``chunk`` (channels untouched)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.c7 = nn.Conv2d(10, 4, 1)
+        self.c3 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c4 = nn.Conv2d(6, 4, 1)
+        self.c5 = nn.Conv2d(3, 9, 1)
+        self.c6 = nn.Conv2d(4, 4, 1)
+        self.c8 = nn.Conv2d(3, 12, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.c1(x).split((6, 10), 1)
+        u, v = self.c2(F.relu(a)).chunk(2, dim=1)
+        w = self.c7(F.relu(b))
+        top, bottom = F.relu(self.c3(x)).chunk(2, dim=2)  # spatial chunk keeps c3 prunable
+        s = self.c4(top + bottom)
+        p = torch.tensor_split(self.c5(x), 3, dim=1)[0]
+        y = torch.cat([self.c6(F.relu(u) + v), w, s.repeat(1, 1, 2, 1)], 1)
+        return y.mean((2, 3)) + self.c8(p).mean((2, 3))
+
+
+class SharedNet(nn.Module):
+    """§9.11: one conv called on two branches: its input groups are unioned and pruned once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 5, padding=2)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = F.relu(self.bn(self.shared(F.relu(self.a(x)))))
+        v = F.relu(self.bn(self.shared(F.relu(self.b(x)))))
+        return self.head(torch.cat([u, v], dim=2)).mean((2, 3))
+
+
+class TiedLM(nn.Module):
+    """§9.12: embedding ↔ output layer share a parameter (weight tying); the hidden MLP stays prunable."""
+
+    def __init__(self, vocab: int = 20, dim: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.fc1 = nn.Linear(dim, 24)
+        self.fc2 = nn.Linear(24, dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        return self.out(h)
+
+
+class SENet(nn.Module):
+    """§9.13: squeeze-excitation gate multiplied into the trunk; fc1's hidden width stays prunable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = bn_block(3, 16)
+        self.fc1 = nn.Conv2d(16, 4, 1)
+        self.fc2 = nn.Conv2d(4, 16, 1)
+        self.fc3 = nn.Linear(16, 6)
+        self.fc4 = nn.Linear(6, 16)
+        self.c2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)  # layer scale: a per-channel parameter
+        self.c3 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x)
+        g = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        y = y * g
+        h = torch.sigmoid(self.fc4(F.relu(self.fc3(y.mean((2, 3))))))
+        y = y * h[:, :, None, None]
+        return self.c3(self.c2(y) * self.gamma).mean((2, 3))
+
+
+class ZeroFirst(nn.Module):
+    """Slice assignment ``x[:, :2] = 0`` (fx cannot trace item assignment: analysed as an opaque leaf)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x[:, :2] = 0.0
+        return x
+
+
+class InPlaceNet(nn.Module):
+    """§9.14: ``out += x``, ``ReLU(inplace=True)``, ``x.add_(y)`` (prunable) and slice assignment (frozen)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.c4 = nn.Conv2d(8, 6, 1)
+        self.c5 = nn.Conv2d(6, 6, 1)
+        self.c6 = nn.Conv2d(6, 4, 1)
+        self.zero = ZeroFirst()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.relu(self.c1(x))
+        out = self.c2(a)
+        out += a
+        out = self.relu(out)
+        b = self.c3(out)
+        b.add_(out)
+        c = self.c4(self.relu(b))
+        d = self.zero(self.c5(c))
+        return self.c6(d).mean((2, 3))
+
+
+class MultiIO(nn.Module):
+    """§9.15: two positional inputs (one a dict) and a dict output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(1, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 5)
+        self.aux = nn.Linear(4, 3)
+
+    def forward(self, img: torch.Tensor, extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        y = F.relu(self.a(img) + self.b(extra["depth"]))
+        z = F.relu(self.c(y))
+        return {"logits": self.fc(z.mean((2, 3))), "aux": self.aux(extra["meta"]), "feat": z}
+
+
+class Gate(nn.Module):
+    """A block with data-dependent control flow (untraceable by fx)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return F.relu(self.conv(x))
+        return x
+
+
+class UntraceableNet(nn.Module):
+    """§9.17: a data-dependent submodule becomes an opaque leaf; the rest stays prunable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = Gate(8)
+        self.c2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.c3 = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c3(F.relu(self.c2(self.gate(self.c1(x))))).mean((2, 3))
+
+
+class CustomOpNet(nn.Module):
+    """§9.18: an op without a rule (``torch.cumsum`` over channels) and channel slicing are frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 6, 3, padding=1)
+        self.c4 = nn.Conv2d(4, 4, 1)
+        self.c5 = nn.Conv2d(6 + 8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.c1(x))
+        b = torch.cumsum(self.c2(a), dim=1)
+        c = F.relu(self.c3(a))[:, :, ::2, ::2]  # spatial slicing keeps c3 prunable
+        d = self.c4(b[:, :4, ::2, ::2])  # channel slicing freezes
+        return (self.c5(torch.cat([c, b[:, :, ::2, ::2]], 1)) + d).mean((2, 3))
+
+
+class MLP(nn.Module):
+    """§9.19: Linear → GELU → Linear → ReLU → Linear; hidden widths prunable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(20, 32)
+        self.fc2 = nn.Linear(32, 24)
+        self.fc3 = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.relu(self.fc2(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with explicit attention (q·kᵀ → softmax → ·v) and an MLP."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, hidden: int = 32) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(self.ln1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        att = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+        y = (att.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        x = x + self.proj(y)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyViT(nn.Module):
+    """§9.19: patch embedding (conv → flatten(2) → transpose) + transformer block + head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, 4)
+        self.block = Block()
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.block(t)).mean(1))
+
+
+class SDPABlock(nn.Module):
+    """Attention through ``F.scaled_dot_product_attention`` (FlopCounterMode counts 0 for it on CPU)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return self.proj(y)
+
+
+class MixerLN(nn.Module):
+    """§9.20: LayerNorm on a prunable residual stream (normalized_shape and affine sliced)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, 16)
+        self.ln1 = nn.LayerNorm(16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.ln2 = nn.LayerNorm(16)
+        self.gn = nn.GroupNorm(1, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.fc2(F.gelu(self.fc1(self.ln1(h))))
+        h = self.ln2(h)
+        h = self.gn(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(h.mean(1))
+
+
+class SpatialOps(nn.Module):
+    """Spatial-only ops keep channels: stride slicing, spatial pad, upsample, permute round trip, 1-D convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 6, 3)
+        self.c3 = nn.Conv1d(6, 5, 3, padding=1)
+        self.bn1d = nn.BatchNorm1d(5)
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(self.c1(x)))[:, :, ::2, ::2]
+        y = F.pad(y, (1, 1, 1, 1))
+        y = F.interpolate(y, scale_factor=2.0, mode="nearest")
+        y = y.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        z = F.relu(self.c2(y)).flatten(2)  # B, C, L
+        z = F.relu(self.bn1d(self.c3(z)))
+        return self.fc(z.amax(dim=2))
+
+
+class FunctionalNet(nn.Module):
+    """ENGINE.md §2.4: ``F.conv2d`` / ``F.linear`` with parameter attributes are producers and consumers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(8) * 0.1)
+        self.bn = nn.BatchNorm2d(8)
+        self.w2 = nn.Parameter(torch.randn(6, 8, 1, 1) * 0.3)
+        self.fc = nn.Linear(6, 12)
+        self.w3 = nn.Parameter(torch.randn(5, 12) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(F.conv2d(x, self.w1, self.b1, padding=1)))
+        y = F.relu(F.conv2d(y, self.w2)).mean((2, 3))
+        return F.linear(F.relu(self.fc(y)), self.w3)
+
+
+def _img(b: int = 2, c: int = 3, s: int = 8) -> torch.Tensor:
+    return torch.randn(b, c, s, s, generator=torch.Generator().manual_seed(1))
+
+
+def _mk(model: nn.Module, x: Any, **kw: Any) -> Case:
+    torch.manual_seed(0)
+    return Case(randomize(model), x, **kw)
+
+
+CASES: dict[str, Callable[[], Case]] = {
+    "plain_chain": lambda: _mk(PlainChain(), _img()),
+    "pool_heads": lambda: _mk(PoolHeads(), _img()),
+    "resnet_identity_b": lambda: _mk(TinyResNet("B"), _img()),
+    "resnet_pad_a": lambda: _mk(TinyResNet("A"), _img()),
+    "bottleneck": lambda: _mk(BottleneckNet(), _img()),
+    "mobilenet": lambda: _mk(TinyMobileNet(), _img()),
+    "grouped_conv": lambda: _mk(GroupedConvNet(), _img()),
+    "concat": lambda: _mk(ConcatNet(), _img()),
+    "cat_other_dim": lambda: _mk(CatOtherDim(), _img()),
+    "split_chunk": lambda: _mk(SplitNet(), _img()),
+    "shared_module": lambda: _mk(SharedNet(), _img()),
+    "tied_embedding": lambda: _mk(TiedLM(), torch.randint(0, 20, (2, 7), generator=torch.Generator().manual_seed(1))),
+    "se_block": lambda: _mk(SENet(), _img()),
+    "in_place": lambda: _mk(InPlaceNet(), _img()),
+    "multi_io": lambda: _mk(MultiIO(), (_img(), {"depth": _img(c=1), "meta": torch.randn(2, 4)})),
+    "untraceable": lambda: _mk(UntraceableNet(), _img().abs()),
+    "custom_op": lambda: _mk(CustomOpNet(), _img()),
+    "mlp": lambda: _mk(MLP(), torch.randn(3, 20)),
+    "transformer": lambda: _mk(TinyViT(), _img(s=16), exact=False),
+    "layernorm_stream": lambda: _mk(MixerLN(), torch.randn(2, 5, 12), exact=False),
+    "spatial_ops": lambda: _mk(SpatialOps(), _img()),
+    "functional": lambda: _mk(FunctionalNet(), _img()),
+}

@@ -10,7 +10,7 @@ candidate key).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -150,20 +150,31 @@ class Problem:
             module = quantization.apply(module, dict(candidate.bits))
         return module
 
-    def evaluate(self, candidate: Candidate) -> tuple[EvalResult, CostReport]:
-        """Build and score ``candidate`` once; identical candidates are answered from the cache."""
+    def evaluate(self, candidate: Candidate, *, report: Callable[[int, float], bool] | None = None
+                 ) -> tuple[EvalResult, CostReport]:
+        """Build and score ``candidate`` once; identical candidates are answered from the cache.
+
+        Args:
+            candidate: The candidate.
+            report: Optional ``report(step, value) -> bool`` callback for intermediate values (Optuna
+                pruning); a result the evaluator stopped early because ``report`` returned True is not cached.
+        """
         key = candidate.key()
         if key in self._cache:
             return self._cache[key]
         start = time.perf_counter()
         module = self.build(candidate)
         build_s = time.perf_counter() - start
-        result = self.evaluator.evaluate(module, key=key)  # type: ignore[attr-defined]
+        if report is None:
+            result = self.evaluator.evaluate(module, key=key)  # type: ignore[attr-defined]
+        else:
+            result = self.evaluator.evaluate(module, key=key, report=report)  # type: ignore[attr-defined]
         extra = dict(result.extra)
         extra["build_seconds"] = build_s
         result = EvalResult(result.accuracy, result.loss, result.seconds, result.samples, result.evaluator, extra)
         out = (result, self.cost(candidate))
-        self._cache[key] = out
+        if not extra.get("pruned"):
+            self._cache[key] = out
         return out
 
 

@@ -1,0 +1,459 @@
+"""Reinforcement-learning searchers (stable-baselines3 agents in the layer-wise environment).
+
+``ddpg``, ``td3``, ``sac``, ``ppo`` and ``a2c`` act in :class:`autoprune.envs.LayerwiseCompressionEnv`: one
+step per channel group (and/or layer), one episode per candidate, so the candidate budget ``n_trials`` is the
+number of episodes. The environment scores each episode's candidate through ``problem.evaluate`` (the same
+evaluator as every other searcher) and enforces the budget with its legal-action clipping; the final
+candidate of every episode is recorded as a trial.
+
+**DDPG follows AMC's recipe** (ALGORITHMS.md §1.5), with these pieces:
+
+* warm-up: ``warmup_episodes`` episodes of uniform random actions (SB3's ``learning_starts`` in steps);
+* exploration: :class:`TruncatedNormalDecayNoise`, a truncated normal around the actor's action on the action
+  box with ``σ = σ₀ · decay^(episode − warm-up)``; AMC's ``σ₀ = 0.5`` is on [0, 1], i.e. ``1.0`` on SB3's
+  [−1, 1], and the YAML value is given in AMC's [0, 1] units;
+* reward baseline: :class:`MovingAverageBaseline` subtracts ``b`` from the terminal reward the agent learns
+  from and then updates ``b ← b + α(r − b)`` (α = 0.5; the recorded trial keeps the raw reward). AMC
+  subtracts the moving average of the batch mean at update time; with a terminal-only reward and γ = 1 this
+  per-episode form shifts the same targets;
+* actor/critic 300×300 with separate learning rates 1e-4/1e-3: :class:`AMCDDPG` overrides SB3's
+  ``_update_learning_rate`` (SB3 2.x drives both optimizers from one schedule), replay memory
+  ``buffer_episodes`` × episode length, batch 64, τ = 0.01, γ = 1, one gradient step per transition.
+
+TD3 uses the same exploration noise (so that comparisons isolate the learner); SAC explores through its
+entropy; PPO and A2C collect ``rollout_episodes`` whole episodes per update.
+
+Hyper-parameters come from ``agents/hyperparams/<algo>.yaml`` (``yaml.safe_load``), overridden by keyword
+arguments. Keys that are not SB3 constructor arguments: ``warmup_episodes``, ``buffer_episodes``,
+``rollout_episodes``, ``net_arch``, ``actor_lr``, ``critic_lr``, ``noise_sigma``, ``noise_decay``,
+``reward_baseline`` (α, or ``null`` for none), ``save_every`` (episodes between checkpoints), ``mode``
+(environment mode) and ``legal_actions``.
+
+**Resume.** The agent (SB3 ``save``), its replay buffer (off-policy) and the reward baseline are saved in the
+store's artifact directory every ``save_every`` episodes and when the run ends; their paths are kept in the
+study's state. A new searcher on the same store loads them, continues learning (``reset_num_timesteps=False``,
+so a finished warm-up is not repeated) and records trials from the next number on. RL searchers are not
+bit-for-bit reproducible across a resume (the agent is re-seeded from ``(seed, trials so far)``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+from stable_baselines3 import A2C, DDPG, PPO, SAC, TD3
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.noise import ActionNoise
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.utils import update_learning_rate
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from autoprune.errors import ConfigError
+from autoprune.problem import Problem
+from autoprune.types import Candidate, EvalResult
+
+from .base import SEARCHERS, Searcher, derive_seed, load_hyperparams
+
+# ---------------------------------------------------------------------------------------------------------
+# AMC pieces as SB3 / Gymnasium extensions
+
+
+class TruncatedNormalDecayNoise(ActionNoise):
+    """AMC's exploration: a truncated normal around the action, σ decaying per episode after the warm-up.
+
+    SB3 adds ``noise()`` to the action and clips; a *truncated* normal needs the action itself, so algorithms
+    that know this class (:class:`AMCDDPG`, :class:`AMCTD3`) call :meth:`perturb` instead. Called plainly
+    (other algorithms), it returns an untruncated normal sample with the current σ.
+
+    Args:
+        size: Action dimension.
+        sigma: σ₀ in SB3's [−1, 1] action units.
+        decay: Factor per episode after the warm-up.
+        warmup_episodes: Episodes before the decay starts.
+        low: Lower bound of the action box.
+        high: Upper bound of the action box.
+        seed: Seed of the noise generator.
+    """
+
+    def __init__(self, size: int, sigma: float = 1.0, decay: float = 0.95, warmup_episodes: int = 0,
+                 low: float = -1.0, high: float = 1.0, seed: int | None = None) -> None:
+        super().__init__()
+        if sigma <= 0 or not 0 < decay <= 1:
+            raise ConfigError(f"noise needs sigma > 0 and decay in (0, 1], got {sigma} and {decay}")
+        self.size = int(size)
+        self.sigma0 = float(sigma)
+        self.decay = float(decay)
+        self.warmup_episodes = int(warmup_episodes)
+        self.low, self.high = float(low), float(high)
+        self.episode = 0
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def sigma(self) -> float:
+        """Current σ: ``σ₀ · decay^max(0, episode − warm-up)``."""
+        return self.sigma0 * self.decay ** max(0, self.episode - self.warmup_episodes)
+
+    def __call__(self) -> np.ndarray:
+        return self.rng.normal(0.0, self.sigma, self.size).astype(np.float32)
+
+    def perturb(self, action: np.ndarray) -> np.ndarray:
+        """A sample of N(action, σ²) truncated to [low, high], per component (rejection sampling)."""
+        a = np.asarray(action, dtype=np.float64)
+        out = a.copy()
+        todo = np.ones(a.shape, dtype=bool)
+        for _ in range(64):
+            draw = self.rng.normal(a, self.sigma)
+            ok = todo & (draw >= self.low) & (draw <= self.high)
+            out[ok] = draw[ok]
+            todo &= ~ok
+            if not todo.any():
+                break
+        out[todo] = np.clip(a[todo], self.low, self.high)
+        return out.astype(np.float32)
+
+    def reset(self) -> None:
+        """End of an episode: one more decay step."""
+        self.episode += 1
+
+    def __repr__(self) -> str:
+        return (f"TruncatedNormalDecayNoise(sigma0={self.sigma0}, decay={self.decay}, "
+                f"warmup_episodes={self.warmup_episodes}, episode={self.episode})")
+
+
+class _TruncatedNoiseMixin:
+    """Overrides SB3's action sampling so that :class:`TruncatedNormalDecayNoise` is truncated at the box."""
+
+    def _sample_action(self, learning_starts: int, action_noise: ActionNoise | None = None, n_envs: int = 1
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        if not isinstance(action_noise, TruncatedNormalDecayNoise):
+            return super()._sample_action(learning_starts, action_noise, n_envs)  # type: ignore[misc]
+        action, buffer_action = super()._sample_action(learning_starts, None, n_envs)  # type: ignore[misc]
+        if self.num_timesteps < learning_starts:  # type: ignore[attr-defined]
+            return action, buffer_action  # warm-up: uniform random actions, no noise
+        buffer_action = action_noise.perturb(buffer_action)
+        return self.policy.unscale_action(buffer_action), buffer_action  # type: ignore[attr-defined]
+
+
+class AMCDDPG(_TruncatedNoiseMixin, DDPG):
+    """SB3 DDPG with AMC's separate actor and critic learning rates and truncated-normal exploration.
+
+    Args:
+        *args: As :class:`stable_baselines3.DDPG`.
+        actor_lr: Actor learning rate (the critic uses ``learning_rate``).
+        **kwargs: As :class:`stable_baselines3.DDPG`.
+    """
+
+    def __init__(self, *args: Any, actor_lr: float = 1e-4, **kwargs: Any) -> None:
+        self.actor_lr = float(actor_lr)
+        super().__init__(*args, **kwargs)
+
+    def _update_learning_rate(self, optimizers: Any) -> None:
+        super()._update_learning_rate(optimizers)  # critic (and, for now, actor) at learning_rate
+        update_learning_rate(self.actor.optimizer, self.actor_lr)
+        self.logger.record("train/actor_learning_rate", self.actor_lr)
+
+
+class AMCTD3(_TruncatedNoiseMixin, TD3):
+    """SB3 TD3 with the truncated-normal decaying exploration noise."""
+
+
+class MovingAverageBaseline(gym.Wrapper):
+    """Subtracts a moving-average baseline from the terminal reward (AMC's variance reduction).
+
+    The agent sees ``r − b`` at the end of an episode, then ``b ← b + α(r − b)``; ``b`` starts at the first
+    episode's reward. Intermediate rewards pass unchanged; the raw reward stays in ``info["raw_reward"]``.
+
+    Args:
+        env: The environment.
+        alpha: Update rate α.
+        baseline: Initial baseline (``None``: the first episode's reward).
+    """
+
+    def __init__(self, env: gym.Env, alpha: float = 0.5, baseline: float | None = None) -> None:
+        super().__init__(env)
+        if not 0 < alpha <= 1:
+            raise ConfigError(f"reward_baseline alpha must be in (0, 1], got {alpha}")
+        self.alpha = float(alpha)
+        self.baseline = baseline
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if terminated or truncated:
+            r = float(reward)
+            if self.baseline is None:
+                self.baseline = r
+            shaped = r - self.baseline
+            self.baseline += self.alpha * (r - self.baseline)
+            info = dict(info)
+            info["raw_reward"] = r
+            reward = shaped
+        return obs, float(reward), terminated, truncated, info
+
+
+class _EpisodeRecorder(gym.Wrapper):
+    """Records every finished episode's candidate as a trial of the searcher."""
+
+    def __init__(self, env: gym.Env, searcher: RLSearcher) -> None:
+        super().__init__(env)
+        self.searcher = searcher
+        self._started = time.perf_counter()
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        self._started = time.perf_counter()
+        return self.env.reset(**kwargs)
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        out = self.env.step(action)
+        _, _, terminated, truncated, info = out
+        if (terminated or truncated) and "candidate" in info:
+            self.searcher.record_episode(info, self._started)
+        return out
+
+
+class _SearchCallback(BaseCallback):
+    """Stops learning when the searcher should stop; checkpoints after every ``save_every`` episodes."""
+
+    def __init__(self, searcher: RLSearcher) -> None:
+        super().__init__()
+        self.searcher = searcher
+        self._save_pending = False
+        self._stop_next = False
+
+    def _on_training_start(self) -> None:
+        # SB3 resets the action noise when learning starts; one noise episode per counted trial instead.
+        self.searcher.sync_noise()
+
+    def _on_step(self) -> bool:
+        if self._stop_next:
+            return False
+        if self._save_pending:  # one step after an episode ended, so its last transition is stored
+            self.searcher.checkpoint()
+            self._save_pending = False
+        if np.any(self.locals.get("dones", False)):
+            # Let SB3 store the terminal transition (and train on it) first; stop at the next step.
+            self._save_pending = self.searcher.due_for_checkpoint()
+            self._stop_next = self.searcher.should_stop()
+            return True
+        return not self.searcher.should_stop()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The searchers
+
+def _init_params(cls: type) -> set[str]:
+    """Named constructor parameters of ``cls``, following ``**kwargs`` up the class hierarchy."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+_SPECIAL = ("warmup_episodes", "buffer_episodes", "rollout_episodes", "net_arch", "actor_lr", "critic_lr",
+            "noise_sigma", "noise_decay", "reward_baseline", "save_every", "mode", "legal_actions")
+
+
+class RLSearcher(Searcher):
+    """Common machinery of the SB3 searchers (subclasses name the algorithm).
+
+    Args:
+        problem: The compression problem.
+        **kwargs: :class:`~autoprune.agents.base.Searcher` arguments and hyper-parameters (see the module
+            docstring); defaults from ``agents/hyperparams/<name>.yaml``.
+    """
+
+    algo_cls: ClassVar[type[BaseAlgorithm]]
+    deterministic = False
+
+    def __init__(self, problem: Problem, **kwargs: Any) -> None:
+        base_names = set(inspect.signature(Searcher.__init__).parameters) - {"self", "problem"}
+        base = {k: v for k, v in kwargs.items() if k in base_names}
+        hp = load_hyperparams(self.name, {k: v for k, v in kwargs.items() if k not in base_names})
+        super().__init__(problem, **base)
+        allowed = _init_params(self.algo_cls) - {"self", "policy", "env", "seed", "action_noise", "learning_starts",
+                                                 "buffer_size", "n_steps", "verbose", "_init_setup_model"}
+        unknown = sorted(set(hp) - allowed - set(_SPECIAL))
+        if unknown:
+            raise ConfigError(f"unknown hyper-parameter(s) {unknown} for searcher {self.name!r}",
+                              hint=f"special keys: {', '.join(_SPECIAL)}; SB3 {self.algo_cls.__name__} takes: "
+                              f"{', '.join(sorted(allowed))}")
+        self.hp = hp
+        self.mode = str(hp.get("mode", "prune"))
+        self.save_every = max(1, int(hp.get("save_every", 1)))
+        self.model: BaseAlgorithm | None = None
+        self._baseline_env: MovingAverageBaseline | None = None
+        self._noise: TruncatedNormalDecayNoise | None = None
+        self._episode_len = 0
+        self._since_save = 0
+        self.resumed_from: dict[str, Any] = {}
+
+    # -- environment and agent -----------------------------------------------------------------------
+    def make_env(self) -> gym.Env:
+        """The environment with the episode recorder (and the reward baseline, when configured)."""
+        from autoprune.envs import LayerwiseCompressionEnv
+
+        env: gym.Env = LayerwiseCompressionEnv(self.problem, mode=self.mode, reward=self.objective.reward,
+                                               reward_kwargs=dict(self.objective.kwargs), budget=self.budget,
+                                               legal_actions=bool(self.hp.get("legal_actions", True)))
+        self._episode_len = env.episode_length
+        env = _EpisodeRecorder(env, self)
+        alpha = self.hp.get("reward_baseline")
+        if alpha is not None:
+            saved = self.store.load_state(self.name, self.seed, "reward_baseline")
+            env = self._baseline_env = MovingAverageBaseline(env, float(alpha), saved)
+        return env
+
+    def _paths(self) -> tuple[Path, Path]:
+        d = self.store.artifact_dir(self.name, self.seed)
+        return d / "agent.zip", d / "replay_buffer.pkl"
+
+    def _sb3_kwargs(self, env: gym.Env) -> dict[str, Any]:
+        kw = {k: v for k, v in self.hp.items() if k not in _SPECIAL}
+        kw.setdefault("device", "cpu")
+        arch = self.hp.get("net_arch")
+        if arch is not None:
+            kw["policy_kwargs"] = {**kw.get("policy_kwargs", {}), "net_arch": list(arch)}
+        if issubclass(self.algo_cls, OffPolicyAlgorithm):
+            kw["learning_starts"] = int(self.hp.get("warmup_episodes", 0)) * self._episode_len
+            kw["buffer_size"] = max(1, int(self.hp.get("buffer_episodes", 100))) * self._episode_len
+            if "critic_lr" in self.hp:
+                kw["learning_rate"] = float(self.hp["critic_lr"])
+        else:
+            kw["n_steps"] = max(1, int(self.hp.get("rollout_episodes", 4))) * self._episode_len
+            if "batch_size" in _init_params(self.algo_cls):
+                kw.setdefault("batch_size", kw["n_steps"])
+        return kw
+
+    def _make_noise(self, env: gym.Env) -> TruncatedNormalDecayNoise | None:
+        if "noise_sigma" not in self.hp:
+            return None
+        dim = int(np.prod(env.action_space.shape))
+        noise = TruncatedNormalDecayNoise(dim, sigma=2.0 * float(self.hp["noise_sigma"]),  # [0,1] → [-1,1]
+                                          decay=float(self.hp.get("noise_decay", 0.95)),
+                                          warmup_episodes=int(self.hp.get("warmup_episodes", 0)),
+                                          seed=derive_seed(self.seed, 10_000_019))
+        return noise
+
+    def make_agent(self, env: gym.Env) -> BaseAlgorithm:
+        """A new agent, or the saved one when the study already has a checkpoint."""
+        venv = DummyVecEnv([lambda: env])
+        state = self.store.load_state(self.name, self.seed, "agent") or {}
+        if state.get("agent") and Path(state["agent"]).is_file():
+            model = self.algo_cls.load(state["agent"], env=venv, device=self.hp.get("device", "cpu"))
+            if isinstance(model, OffPolicyAlgorithm) and state.get("replay") and Path(state["replay"]).is_file():
+                model.load_replay_buffer(state["replay"])
+            model.set_random_seed(derive_seed(self.seed, self.n_done))
+            self.resumed_from = state
+        else:
+            kw = self._sb3_kwargs(env)
+            noise = self._make_noise(env)
+            if noise is not None:
+                kw["action_noise"] = noise
+            model = self.algo_cls("MlpPolicy", venv, seed=self.seed, verbose=0, **kw)
+            self.resumed_from = {}
+        noise = getattr(model, "action_noise", None)
+        self._noise = noise if isinstance(noise, TruncatedNormalDecayNoise) else None
+        return model
+
+    def sync_noise(self) -> None:
+        """Set the exploration noise's episode to the number of counted trials (one episode per trial)."""
+        if self._noise is not None:
+            self._noise.episode = self.n_done
+
+    # -- hooks called from the environment and the SB3 callback --------------------------------------
+    def record_episode(self, info: dict[str, Any], started: float) -> None:
+        """Record the final candidate of an episode (called by the recorder wrapper)."""
+        if self._stop_event.is_set() or (self.n_trials is not None and self.n_done >= self.n_trials):
+            return  # an episode SB3 finished after the search was told to stop
+        ev = dict(info["eval"])
+        result = EvalResult(accuracy=ev["accuracy"], loss=ev["loss"], seconds=ev.get("seconds", 0.0),
+                            samples=ev.get("samples", 0), evaluator=ev.get("evaluator", ""),
+                            extra=ev.get("extra") or {})
+        trial = self.new_trial()
+        extra = {"episode": self.n_done, "legalized": bool(info.get("legalized", False))}
+        if self._noise is not None:
+            extra["noise_sigma"] = self._noise.sigma
+        self.evaluate_and_record(trial, Candidate.from_dict(info["candidate"]), started=started,
+                                 result=result, reward=float(info["reward"]), extra=extra)
+        self._since_save += 1
+
+    def due_for_checkpoint(self) -> bool:
+        """True when ``save_every`` episodes were recorded since the last checkpoint."""
+        return self._since_save >= self.save_every
+
+    def checkpoint(self) -> None:
+        """Save the agent, its replay buffer and the reward baseline; remember their paths in the store."""
+        if self.model is None or self.study is None:
+            return
+        agent_path, replay_path = self._paths()
+        self.model.save(agent_path)
+        state: dict[str, Any] = {"agent": str(agent_path), "episodes": self.n_done,
+                                 "num_timesteps": int(self.model.num_timesteps)}
+        if isinstance(self.model, OffPolicyAlgorithm):
+            self.model.save_replay_buffer(replay_path)
+            state["replay"] = str(replay_path)
+        self.store.save_state(self.name, self.seed, "agent", state)
+        if self._baseline_env is not None and self._baseline_env.baseline is not None:
+            self.store.save_state(self.name, self.seed, "reward_baseline", self._baseline_env.baseline)
+        self._since_save = 0
+
+    def save_state(self) -> None:
+        """Checkpoint when the run ends (however it ends)."""
+        self.checkpoint()
+
+    def _run(self) -> None:
+        if self.should_stop():
+            return
+        env = self.make_env()
+        self.model = self.make_agent(env)
+        self._since_save = 0
+        self.model.learn(total_timesteps=10**12, callback=_SearchCallback(self), reset_num_timesteps=False)
+
+
+@SEARCHERS.register("ddpg")
+class DDPGSearcher(RLSearcher):
+    """AMC's DDPG recipe (warm-up, truncated-normal decaying noise, reward baseline, 300×300, 1e-4/1e-3)."""
+
+    name = "ddpg"
+    algo_cls = AMCDDPG
+
+
+@SEARCHERS.register("td3")
+class TD3Searcher(RLSearcher):
+    """SB3 TD3 with AMC's warm-up and exploration noise."""
+
+    name = "td3"
+    algo_cls = AMCTD3
+
+
+@SEARCHERS.register("sac")
+class SACSearcher(RLSearcher):
+    """SB3 SAC (entropy-regularised off-policy actor-critic) with a random warm-up."""
+
+    name = "sac"
+    algo_cls = SAC
+
+
+@SEARCHERS.register("ppo")
+class PPOSearcher(RLSearcher):
+    """SB3 PPO, updating after every ``rollout_episodes`` episodes."""
+
+    name = "ppo"
+    algo_cls = PPO
+
+
+@SEARCHERS.register("a2c")
+class A2CSearcher(RLSearcher):
+    """SB3 A2C, updating after every ``rollout_episodes`` episodes."""
+
+    name = "a2c"
+    algo_cls = A2C

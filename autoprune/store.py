@@ -1,0 +1,412 @@
+"""The trial store: every proposal of every searcher, kept in Optuna storage.
+
+A campaign's trials live in an Optuna :class:`~optuna.storages.RDBStorage` — a SQLite file by default, a
+PostgreSQL URL when several workers share one campaign. There is one Optuna study per
+``(campaign, searcher, seed)``; every proposal a searcher makes is one Optuna trial whose user attributes hold
+the candidate (``widths``, ``bits``), its closed-form cost (``macs``, ``params``, ``bytes``), its evaluation
+(``accuracy``, ``loss``), the ``reward``, wall-clock ``seconds``, ``searcher``, ``seed``, a ``state`` and a
+``reason``. Searchers keep small resumable state (baseline progress, RL agent checkpoint paths, reward
+baselines) as JSON in the study's user attributes and larger files in :meth:`TrialStore.artifact_dir`.
+
+Nothing here knows how candidates are proposed; the searchers (``autoprune.agents``) write through
+:meth:`TrialStore.study` and :meth:`TrialStore.finish`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from autoprune._imports import is_available
+from autoprune.errors import AutoPruneError, ConfigError
+from autoprune.types import Candidate, CostReport, EvalResult, TrialRecord
+
+#: Trial ``state`` values written by :meth:`TrialStore.finish` (the Optuna state is derived from them).
+STATES = ("complete", "infeasible", "pruned", "failed", "interrupted")
+
+_OPTUNA_STATE = {
+    "complete": TrialState.COMPLETE,
+    "infeasible": TrialState.COMPLETE,  # told with constraint values > 0 so samplers learn the boundary
+    "pruned": TrialState.PRUNED,
+    "failed": TrialState.FAIL,
+    "interrupted": TrialState.FAIL,
+}
+#: Trial states that count towards a searcher's candidate budget (an interrupted trial is proposed again).
+COUNTED_STATES = ("complete", "infeasible", "pruned", "failed")
+
+_STATE_KEY = "autoprune.state."
+#: ``location`` of a store kept in this process only.
+MEMORY = ":memory:"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def _is_url(location: str) -> bool:
+    return "://" in location
+
+
+def _probe_writable(directory: Path) -> None:
+    """Create and remove a file in ``directory`` (``os.access`` lies for root and on read-only mounts)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".autoprune-probe-", dir=directory)
+    except OSError as exc:
+        raise AutoPruneError(
+            f"the trial store directory {directory} is not writable ({exc.strerror or exc})",
+            hint="choose a writable results directory (campaign `output:`/`--out`) or fix its permissions",
+        ) from exc
+    os.close(fd)
+    os.unlink(name)
+
+
+def _sqlite_url(path: Path) -> str:
+    path = path.expanduser().resolve()
+    if path.is_dir():
+        raise AutoPruneError(f"the trial store path {path} is a directory", hint="pass a file such as trials.db")
+    parent = path.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AutoPruneError(f"cannot create the trial store directory {parent} ({exc.strerror or exc})",
+                                 hint="choose a writable results directory") from exc
+    if not parent.is_dir():
+        raise AutoPruneError(f"the trial store path {path} lies under {parent}, which is not a directory",
+                             hint="choose a path inside an existing directory")
+    _probe_writable(parent)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise AutoPruneError(f"the trial store file {path} is read-only", hint="fix its permissions or copy it")
+    return f"sqlite:///{path}"
+
+
+def _redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for error messages)."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def _postgres_driver(url: str) -> str:
+    """Pin a PostgreSQL URL without a driver to one that imports (SQLAlchemy 2.1 defaults to psycopg 3)."""
+    scheme, rest = url.split("://", 1)
+    if "+" in scheme:
+        return url
+    for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
+        if is_available(module):
+            return f"postgresql+{driver}://{rest}"
+    raise AutoPruneError(f"the trial store URL {_redact(url)} needs a PostgreSQL driver (psycopg or psycopg2)",
+                         hint="install the `postgres` extra: pip install autoprune[postgres]")
+
+
+def _tune_sqlite(storage: optuna.storages.RDBStorage) -> None:
+    """Write-ahead logging with ``synchronous=NORMAL``: a trial writes ~20 attributes, each its own commit.
+
+    WAL keeps the file consistent if a process dies (only a power cut can lose the last commits) and lets
+    readers (``autoprune report``) work while a search writes.
+    """
+    from sqlalchemy import event
+
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    event.listen(storage.engine, "connect", _pragmas)
+    storage.engine.dispose()  # connections opened while creating the tables predate the listener
+
+
+def _open_storage(url: str) -> optuna.storages.RDBStorage:
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # Several processes may write one SQLite file: wait for the lock instead of failing at once.
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    elif url.startswith(("postgresql", "postgres")):
+        engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
+        url = _postgres_driver(url)
+    try:
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        if url.startswith("sqlite"):
+            _tune_sqlite(storage)
+        return storage
+    except ImportError as exc:
+        raise AutoPruneError(f"the trial store URL {_redact(url)} needs a database driver that cannot be imported "
+                             f"({exc.__cause__ or exc})",
+                             hint="for PostgreSQL install the `postgres` extra: pip install autoprune[postgres]"
+                             ) from exc
+    except Exception as exc:  # sqlalchemy OperationalError/ArgumentError, driver errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutoPruneError(
+            f"cannot open the trial store {_redact(url)}: {first}",
+            hint="check that the database server is running and reachable and the URL (user, host, port, "
+            "database) is right; or use a SQLite file path instead",
+        ) from exc
+
+
+def _finite(x: float | None) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+class TrialStore:
+    """All trials of one campaign, on Optuna storage.
+
+    Args:
+        location: A SQLite file path (created with its parent directories), a database URL such as
+            ``postgresql://user@host:5432/db`` or ``sqlite:///path.db``, or ``":memory:"`` for a store that
+            lives only in this process (Optuna's in-memory storage; for tests and quick experiments — its
+            trials are lost when the process ends).
+        campaign: Campaign name; study names are ``"<campaign>/<searcher>/seed<seed>"``.
+        artifact_root: Directory for searcher files (RL checkpoints, replay buffers). Defaults to
+            ``<dir of the SQLite file>/artifacts``, for a server URL ``./results/<campaign>/artifacts``, and a
+            fresh temporary directory for ``":memory:"``.
+
+    Raises:
+        AutoPruneError: If the location is unwritable or the database cannot be reached.
+    """
+
+    def __init__(self, location: str | os.PathLike[str], *, campaign: str = "default",
+                 artifact_root: str | os.PathLike[str] | None = None) -> None:
+        if not _NAME_RE.match(campaign):
+            raise ConfigError(f"campaign name {campaign!r} may use only letters, digits, '_', '-' and '.'",
+                              hint="rename the campaign, e.g. resnet20-c10-50pct")
+        self.campaign = campaign
+        location = os.fspath(location)
+        self.storage: optuna.storages.BaseStorage
+        if location == MEMORY:
+            self.url = MEMORY
+            self.storage = optuna.storages.InMemoryStorage()
+            self.artifact_root = Path(artifact_root) if artifact_root is not None else Path(
+                tempfile.mkdtemp(prefix="autoprune-artifacts-"))
+            return
+        if _is_url(location):
+            self.url = location
+            if location.startswith("sqlite:///"):
+                self.url = _sqlite_url(Path(location[len("sqlite:///"):]))
+        else:
+            self.url = _sqlite_url(Path(location))
+        self.storage = _open_storage(self.url)
+        if artifact_root is not None:
+            root = Path(artifact_root)
+        elif self.url.startswith("sqlite:///"):
+            root = Path(self.url[len("sqlite:///"):]).parent / "artifacts"
+        else:
+            root = Path("results") / campaign / "artifacts"
+        self.artifact_root = root
+
+    def __repr__(self) -> str:
+        return f"TrialStore({_redact(self.url)!r}, campaign={self.campaign!r})"
+
+    # -- studies -------------------------------------------------------------------------------------
+    def study_name(self, searcher: str, seed: int) -> str:
+        """Name of the study holding ``searcher``'s trials for ``seed`` in this campaign."""
+        return f"{self.campaign}/{searcher}/seed{int(seed)}"
+
+    def study(self, searcher: str, seed: int, *, directions: Sequence[str] = ("maximize",),
+              sampler: optuna.samplers.BaseSampler | None = None,
+              pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+        """Create or load the study of ``(searcher, seed)``.
+
+        Raises:
+            ConfigError: If the study exists with different optimisation directions.
+        """
+        name = self.study_name(searcher, seed)
+        study = optuna.create_study(storage=self.storage, study_name=name, load_if_exists=True,
+                                    directions=list(directions),
+                                    sampler=sampler or optuna.samplers.RandomSampler(seed=int(seed)),
+                                    pruner=pruner or optuna.pruners.NopPruner())
+        have = [d.name.lower() for d in study.directions]
+        if have != [d.lower() for d in directions]:
+            raise ConfigError(f"study {name!r} already exists with directions {have}, not {list(directions)}",
+                              hint="use another campaign name or seed, or the objective the study was made with")
+        if "searcher" not in study.user_attrs:
+            study.set_user_attr("campaign", self.campaign)
+            study.set_user_attr("searcher", searcher)
+            study.set_user_attr("seed", int(seed))
+        return study
+
+    def study_names(self) -> list[str]:
+        """Names of this campaign's studies."""
+        prefix = f"{self.campaign}/"
+        return sorted(s.study_name for s in self.storage.get_all_studies() if s.study_name.startswith(prefix))
+
+    def delete(self, searcher: str | None = None, seed: int | None = None) -> int:
+        """Delete this campaign's studies (optionally only one searcher and/or seed); return how many."""
+        n = 0
+        for name in self.study_names():
+            _, s, sd = name.split("/")
+            if (searcher is None or s == searcher) and (seed is None or sd == f"seed{int(seed)}"):
+                optuna.delete_study(study_name=name, storage=self.storage)
+                n += 1
+        return n
+
+    # -- trials --------------------------------------------------------------------------------------
+    @staticmethod
+    def finish(study: optuna.Study, trial: optuna.Trial, *, candidate: Candidate, cost: CostReport | None,
+               result: EvalResult | None, reward: float | None, seconds: float, searcher: str, seed: int,
+               state: str = "complete", reason: str = "", values: Sequence[float] | None = None,
+               constraints: Mapping[str, float] | None = None, extra: Mapping[str, Any] | None = None) -> None:
+        """Record ``trial`` (asked from ``study``) with everything about its candidate, then tell Optuna.
+
+        Args:
+            study: The searcher's study.
+            trial: The running trial.
+            candidate: The candidate that was (or would have been) evaluated.
+            cost: Its closed-form cost.
+            result: Its evaluation, or ``None`` when it was not evaluated (infeasible, failed).
+            reward: The scalar reward/objective, when there is one.
+            seconds: Wall-clock seconds spent on this proposal (proposal + evaluation).
+            searcher: Searcher name.
+            seed: Searcher seed.
+            state: One of :data:`STATES`.
+            reason: Free text (why infeasible/pruned/failed; the phase of a baseline).
+            values: Objective values told to Optuna for ``complete``/``infeasible`` trials.
+            constraints: Constraint values by budget metric (``cost / limit - 1``; feasible when all are ≤ 0),
+                also handed to Optuna so that constraint-aware samplers (TPE, GP, NSGA-II) use them.
+            extra: More JSON-friendly user attributes.
+        """
+        if state not in _OPTUNA_STATE:
+            raise ValueError(f"unknown trial state {state!r}; expected one of {STATES}")
+        attrs: dict[str, Any] = {
+            "widths": dict(candidate.widths),
+            "bits": {k: v.to_dict() for k, v in candidate.bits.items()},
+            "key": candidate.key(),
+            "macs": cost.macs if cost else None,
+            "params": cost.params if cost else None,
+            "bytes": cost.bytes if cost else None,
+            "bitops": cost.bitops if cost else None,
+            "accuracy": _finite(result.accuracy) if result else None,
+            "loss": _finite(result.loss) if result else None,
+            "eval_seconds": result.seconds if result else None,
+            "evaluator": result.evaluator if result else None,
+            "reward": _finite(reward),
+            "seconds": float(seconds),
+            "searcher": searcher,
+            "seed": int(seed),
+            "state": state,
+            "reason": reason,
+        }
+        if constraints is not None:
+            named = {str(k): float(v) for k, v in constraints.items()}
+            attrs["constraints"] = named
+            attrs["feasible"] = all(v <= 0 for v in named.values())
+            _set_constraints(study, trial, named)
+        for k, v in (extra or {}).items():
+            attrs[k] = v
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        ostate = _OPTUNA_STATE[state]
+        if ostate == TrialState.COMPLETE:
+            if values is None:
+                raise ValueError("a complete trial needs objective values")
+            study.tell(trial, [float(v) for v in values] if len(study.directions) > 1 else float(values[0]))
+        else:
+            study.tell(trial, state=ostate)
+
+    @staticmethod
+    def fail_running(study: optuna.Study, reason: str = "interrupted") -> int:
+        """Mark trials of ``study`` left RUNNING by a killed process as interrupted; return how many.
+
+        Only safe when one process owns the study, which holds for one ``(searcher, seed)`` per worker.
+        """
+        n = 0
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            study._storage.set_trial_user_attr(t._trial_id, "state", "interrupted")
+            study._storage.set_trial_user_attr(t._trial_id, "reason", reason)
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            n += 1
+        return n
+
+    @staticmethod
+    def counted(study: optuna.Study) -> list[FrozenTrial]:
+        """Finished trials of ``study`` that count towards the candidate budget, in trial order."""
+        return [t for t in study.get_trials(deepcopy=False)
+                if t.state.is_finished() and t.user_attrs.get("state") in COUNTED_STATES]
+
+    def trials(self, searcher: str | None = None, seed: int | None = None) -> list[TrialRecord]:
+        """Finished trials as :class:`TrialRecord` (study order, then trial number)."""
+        return [_record(t) for _, t in self._iter_trials(searcher, seed) if t.state.is_finished()]
+
+    def _iter_trials(self, searcher: str | None, seed: int | None) -> Iterator[tuple[str, FrozenTrial]]:
+        for name in self.study_names():
+            _, s, sd = name.split("/")
+            if (searcher is None or s == searcher) and (seed is None or sd == f"seed{int(seed)}"):
+                study = optuna.load_study(study_name=name, storage=self.storage)
+                for t in study.get_trials(deepcopy=False):
+                    yield name, t
+
+    def to_dataframe(self, searcher: str | None = None, seed: int | None = None) -> pd.DataFrame:
+        """One row per trial: study, number, searcher, seed, state, reason, costs, scores, widths, bits, times."""
+        rows = []
+        for name, t in self._iter_trials(searcher, seed):
+            ua = t.user_attrs
+            rows.append({
+                "study": name, "number": t.number, "searcher": ua.get("searcher"), "seed": ua.get("seed"),
+                "state": ua.get("state", t.state.name.lower()), "reason": ua.get("reason", ""),
+                "accuracy": ua.get("accuracy"), "loss": ua.get("loss"), "reward": ua.get("reward"),
+                "macs": ua.get("macs"), "params": ua.get("params"), "bytes": ua.get("bytes"),
+                "feasible": ua.get("feasible"), "seconds": ua.get("seconds"), "key": ua.get("key"),
+                "widths": ua.get("widths"), "bits": ua.get("bits"),
+                "values": list(t.values) if t.values is not None else None,
+                "datetime_start": t.datetime_start, "datetime_complete": t.datetime_complete,
+            })
+        columns = ["study", "number", "searcher", "seed", "state", "reason", "accuracy", "loss", "reward", "macs",
+                   "params", "bytes", "feasible", "seconds", "key", "widths", "bits", "values", "datetime_start",
+                   "datetime_complete"]
+        return pd.DataFrame(rows, columns=columns)
+
+    # -- searcher state ------------------------------------------------------------------------------
+    def save_state(self, searcher: str, seed: int, key: str, value: Any) -> None:
+        """Store a JSON-friendly ``value`` of ``searcher``'s resumable state under ``key``."""
+        study = optuna.load_study(study_name=self.study_name(searcher, seed), storage=self.storage)
+        study.set_user_attr(_STATE_KEY + key, value)
+
+    def load_state(self, searcher: str, seed: int, key: str, default: Any = None) -> Any:
+        """The value saved by :meth:`save_state`, or ``default``."""
+        name = self.study_name(searcher, seed)
+        if name not in self.study_names():
+            return default
+        study = optuna.load_study(study_name=name, storage=self.storage)
+        return study.user_attrs.get(_STATE_KEY + key, default)
+
+    def artifact_dir(self, searcher: str, seed: int) -> Path:
+        """A directory (created) for ``searcher``'s files for ``seed`` (checkpoints, replay buffers)."""
+        path = self.artifact_root / searcher / f"seed{int(seed)}"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AutoPruneError(f"cannot create the artifact directory {path} ({exc.strerror or exc})",
+                                 hint="pass a writable artifact_root to TrialStore") from exc
+        return path
+
+
+def _set_constraints(study: optuna.Study, trial: optuna.Trial, named: Mapping[str, float]) -> None:
+    """Hand constraint values to Optuna: ``Trial.set_constraint`` (Optuna ≥ 5), else the system attribute
+    that ``constraints_func`` would have written (older Optuna; the samplers then get a ``constraints_func``)."""
+    if hasattr(trial, "set_constraint"):
+        for k, v in named.items():
+            trial.set_constraint(k, v)
+    else:
+        study._storage.set_trial_system_attr(trial._trial_id, "constraints", list(named.values()))
+
+
+def _record(t: FrozenTrial) -> TrialRecord:
+    ua = t.user_attrs
+    bits = ua.get("bits") or {}
+    cand = Candidate.from_dict({"widths": ua.get("widths") or {}, "bits": bits})
+    cost = CostReport(macs=int(ua.get("macs") or 0), params=int(ua.get("params") or 0),
+                      bytes=int(ua.get("bytes") or 0), bitops=int(ua.get("bitops") or 0))
+    result = None
+    if ua.get("accuracy") is not None:
+        result = EvalResult(accuracy=float(ua["accuracy"]), loss=float(ua.get("loss") or float("nan")),
+                            seconds=float(ua.get("eval_seconds") or 0.0), evaluator=ua.get("evaluator") or "")
+    return TrialRecord(number=t.number, candidate=cand, cost=cost, result=result, reward=ua.get("reward"),
+                       searcher=ua.get("searcher", ""), seed=int(ua.get("seed", -1)),
+                       state=ua.get("state", t.state.name.lower()), reason=ua.get("reason", ""))

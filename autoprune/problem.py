@@ -10,8 +10,9 @@ candidate key).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,6 +111,10 @@ class Problem:
         example_input: A representative input (batch 1) used for tracing and shape checks.
         importance: Channel-importance criterion used when building candidates.
         round_to: Channel rounding step used by the engine.
+        calib_loader: Training batches used to calibrate activation ranges of candidates with activation
+            bits (required only then).
+        calib_batches: Number of calibration batches.
+        calib_method: ``"minmax"``, ``"percentile"`` or ``"mse"`` (see :func:`autoprune.quantization.calibrate`).
     """
 
     model: nn.Module
@@ -119,6 +124,9 @@ class Problem:
     example_input: torch.Tensor
     importance: str = "l1"
     round_to: int = 1
+    calib_loader: Iterable[Any] | None = None
+    calib_batches: int = 8
+    calib_method: str = "minmax"
     _dense_cost: CostReport | None = field(default=None, init=False, repr=False)
     _cache: dict[str, tuple[EvalResult, CostReport]] = field(default_factory=dict, init=False, repr=False)
 
@@ -148,6 +156,12 @@ class Problem:
             from autoprune import quantization
 
             module = quantization.apply(module, dict(candidate.bits))
+            if any(spec.a_bits is not None for spec in candidate.bits.values()):
+                if self.calib_loader is None:
+                    raise ConfigError("candidates with activation bits need calibration data",
+                                      hint="pass calib_loader (training batches) to the Problem")
+                quantization.calibrate(module, self.calib_loader, batches=self.calib_batches,
+                                       method=self.calib_method)
         return module
 
     def evaluate(self, candidate: Candidate, *, report: Callable[[int, float], bool] | None = None

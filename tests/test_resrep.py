@@ -1,0 +1,288 @@
+"""ResRep: compactor sites, gradient resetting, global mask selection, exact conversion and the searcher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from autoprune import cost, graph
+from autoprune.agents import resrep
+from autoprune.agents.dmcp import legal_widths_of
+from autoprune.agents.resrep import CompactorNet, ResRepConfig, find_sites, reset_gradients, select_masks
+from autoprune.errors import ConfigError
+from autoprune.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models gain nothing from threads, and on a shared 2-core machine two threads thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def mobilenet() -> tuple[nn.Module, graph.GroupSet]:
+    torch.manual_seed(0)
+    model = _randomize_bn(build_model("mobilenetv2"))
+    return model, graph.analyze(model, torch.randn(1, 3, 16, 16))
+
+# ----------------------------------------------------------------------------------------------------------
+# Gradient resetting
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_reset_gradients_formula() -> None:
+    q = nn.Parameter(torch.randn(4, 4))
+    task = torch.randn(4, 4)
+    q.grad = task.clone()
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    lam, eps = 1e-2, 1e-8
+    reset_gradients([q], [mask], lam, eps)
+    norms = q.detach().norm(dim=1, keepdim=True)
+    lasso = lam * q.detach() / norms
+    kept = mask.bool()
+    assert torch.allclose(q.grad[kept], task[kept] + lasso[kept])
+    assert torch.allclose(q.grad[~kept], lasso[~kept])  # masked rows: only the lasso term
+
+
+def test_reset_gradients_is_nan_safe() -> None:
+    q = nn.Parameter(torch.eye(3))
+    with torch.no_grad():
+        q[1].zero_()
+    grad = torch.randn(3, 3)
+    grad[2, 0] = float("nan")  # a non-finite task gradient in a masked row is dropped
+    q.grad = grad
+    reset_gradients([q], [torch.tensor([1.0, 1.0, 0.0])], 1e-4, 1e-8)
+    assert torch.isfinite(q.grad).all()
+    assert torch.allclose(q.grad[1], grad[1])  # zero row: lasso term 0, not NaN
+    unused = nn.Parameter(torch.eye(2))  # no task gradient at all (e.g. an unused branch)
+    reset_gradients([unused], [torch.tensor([1.0, 0.0])], 0.5)
+    assert torch.allclose(unused.grad, 0.5 * torch.eye(2))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mask selection
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _linear_cost(widths: dict[str, int]) -> float:
+    return 10.0 * widths["a"] + 1.0 * widths["b"] + 100.0
+
+
+def test_select_masks_meets_the_target_from_the_global_ranking() -> None:
+    norms = [torch.linspace(0.1, 1.0, 8), torch.linspace(0.05, 2.0, 16)]
+    legal = {"a": tuple(range(1, 9)), "b": tuple(range(1, 17))}
+    target = 150.0
+    masks = select_masks(norms, ["a", "b"], legal, _linear_cost, target, step_cap=None)
+    widths = {"a": int(masks[0].sum()), "b": int(masks[1].sum())}
+    assert _linear_cost(widths) <= target
+    # the masked rows are a prefix of the global ranking: every masked row is weaker than every kept row
+    masked = torch.cat([n[m == 0] for n, m in zip(norms, masks)])
+    kept = torch.cat([n[m == 1] for n, m in zip(norms, masks)])
+    assert masked.max() <= kept.min()
+    # and the walk stopped as soon as the target was met: un-masking the strongest masked row misses it
+    strongest = max(((float(n[r]), i) for i, (n, m) in enumerate(zip(norms, masks)) for r in range(len(n))
+                     if m[r] == 0))
+    back = dict(widths)
+    back["ab"[strongest[1]]] += 1
+    assert _linear_cost(back) > target
+
+
+def test_select_masks_step_cap_and_minimum_width() -> None:
+    norms = [torch.rand(8), torch.rand(16)]
+    legal = {"a": tuple(range(3, 9)), "b": tuple(range(1, 17))}
+    current = [torch.ones(8), torch.ones(16)]
+    total_masked = 0
+    for _ in range(50):
+        new = select_masks(norms, ["a", "b"], legal, _linear_cost, 80.0, current=current, step_cap=4)
+        masked = sum(int((m == 0).sum()) for m in new)
+        assert masked <= total_masked + 4  # at most `step_cap` more rows while the target is missed
+        total_masked, current = masked, new
+    widths = {"a": int(current[0].sum()), "b": int(current[1].sum())}
+    assert widths["a"] >= 3  # never below the group's minimum legal width
+    assert widths == {"a": 3, "b": 1}  # the target (80) is unreachable: both groups end at their minimum
+
+
+def test_select_masks_keeps_widths_legal() -> None:
+    norms = [torch.rand(32)]
+    legal = {"a": (8, 16, 24, 32)}
+    for target in (10.0 * 30 + 100, 10.0 * 20 + 100, 10.0 * 9 + 100):
+        (mask,) = select_masks(norms, ["a"], legal, lambda w: 10.0 * w["a"] + 100, target, step_cap=None)
+        assert int(mask.sum()) in legal["a"]
+        assert 10.0 * int(mask.sum()) + 100 <= target
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sites and exact conversion
+# ----------------------------------------------------------------------------------------------------------
+
+
+class MLPNet(nn.Module):
+    """Conv with bias and BN, a conv without norm, flatten into a hidden Linear without norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1, bias=True)
+        self.fc1 = nn.Linear(6 * 4 * 4, 20)
+        self.fc2 = nn.Linear(20, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def _randomize_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.6 - 0.3)
+    return model.eval()
+
+
+def _convert_and_compare(model: nn.Module, size: int) -> tuple[float, CompactorNet, nn.Module, dict[str, int]]:
+    gs = graph.analyze(model, torch.randn(1, 3, size, size))
+    sites, _ = find_sites(model, gs, legal_widths_of(None, gs))
+    net = CompactorNet(model, sites).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for q in net.compactors:
+            q.add_(0.05 * torch.randn(q.shape, generator=g))
+        masks = []
+        for s in sites:
+            m = (torch.rand(s.size, generator=g) > 0.4).float()
+            m[0] = 1.0
+            masks.append(m)
+        net.set_masks(masks)
+        net.zero_masked = True
+        x = torch.rand(3, 3, size, size, generator=g)
+        ref = net(x)
+        small, widths = resrep.convert(net, gs)
+        out = small(x)
+    assert widths == {s.group_id: int(m.sum()) for s, m in zip(sites, masks)}
+    assert sum(p.numel() for p in small.parameters()) == cost.closed_form(gs, widths).params
+    assert cost.closed_form(gs, widths).macs < cost.closed_form(gs).macs
+    assert float(ref.abs().max()) > 0.1  # a meaningful output scale for the 1e-5 comparison
+    return float((ref - out).abs().max()), net, small, widths
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet20_b", "mobilenetv2", "vgg11_bn"])
+def test_conversion_is_exact_on_zoo_models(name: str) -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(build_model(name))
+    diff, _, small, _ = _convert_and_compare(model, 16 if name == "mobilenetv2" else 32)
+    assert diff <= 1e-5
+    # the result is the engine's standard module: original state-dict names, physically fewer parameters
+    assert set(small.state_dict()) == set(model.state_dict())
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_conversion_is_exact_with_biases_and_without_norms() -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(MLPNet())
+    diff, net, _, _ = _convert_and_compare(model, 4)
+    assert {s.producer: s.norm for s in net.sites} == {"conv1": "bn1", "conv2": None, "fc1": None}
+    assert diff <= 1e-5
+
+
+def test_sites_follow_the_engine_groups(mobilenet) -> None:
+    model = build_model("resnet20_b")
+    gs = graph.analyze(model, torch.randn(1, 3, 32, 32))
+    sites, skipped = find_sites(model, gs, legal_widths_of(None, gs))
+    assert {s.group_id for s in sites} == {f"layer{i}.{j}.conv1:out" for i in (1, 2, 3) for j in range(3)}
+    assert all(s.norm == s.producer.replace("conv1", "bn1") for s in sites)
+    assert len(skipped) == 3 and all("producers" in r for r in skipped.values())  # residual stage groups
+    mb, gs = mobilenet
+    with_dw, _ = find_sites(mb, gs, legal_widths_of(None, gs))
+    without_dw, reasons = find_sites(mb, gs, legal_widths_of(None, gs), include_depthwise=False)
+    assert len(without_dw) < len(with_dw)
+    assert any(s.cuts for s in with_dw) and not any(s.cuts for s in without_dw)
+    assert any("depthwise" in r for r in reasons.values())
+
+
+def test_masked_channels_are_cut_after_depthwise_followers(mobilenet) -> None:
+    mb, gs = mobilenet
+    sites, _ = find_sites(mb, gs, legal_widths_of(None, gs))
+    net = CompactorNet(mb, sites).eval()
+    i = next(k for k, s in enumerate(sites) if s.cuts)
+    seen = {}
+    dw_norm = sites[i].cuts[-1][0]
+    dict(net.model.named_modules())[dw_norm].register_forward_hook(lambda m, a, o: seen.setdefault("o", o))
+    masks = [torch.ones(s.size) for s in sites]
+    masks[i][:5] = 0.0
+    net.set_masks(masks)
+    with torch.no_grad():
+        net(torch.rand(2, 3, 16, 16))
+    assert float(seen["o"][:, :5].abs().max()) == 0.0 and float(seen["o"][:, 5:].abs().max()) > 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _data(n: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
+
+
+def test_search_meets_the_target_and_returns_the_converted_network() -> None:
+    torch.manual_seed(0)
+    model = TinyNet()
+    gs = graph.analyze(model, torch.randn(1, 3, 8, 8))
+    cfg = ResRepConfig(macs_target=0.5, iters=40, warmup_iters=5, mask_interval=2, step_cap=4, bn_batches=2)
+    res = resrep.search(model, gs, _data(), cfg, val_loader=_data(2, 1))
+    assert res.cost.macs <= 0.5 * res.dense_cost.macs
+    assert res.cost.macs == cost.count_macs(res.module, torch.randn(1, 3, 8, 8))
+    assert set(res.candidate.widths) == {"conv1:out", "conv2:out"}
+    assert res.accuracy is not None and 0.0 <= res.accuracy <= 1.0
+    assert res.history and res.history[-1]["masked_macs"] <= 0.5 * res.dense_cost.macs
+    assert not res.forced  # the capped updates reached the target within the run
+    with pytest.raises(ConfigError, match="unknown setting"):
+        ResRepConfig.from_mapping({"lassoo": 1.0})
+
+
+def test_searcher_presets(tmp_path) -> None:
+    from autoprune import pruning
+    from autoprune.agents.base import SEARCHERS
+    from autoprune.evaluate import AdaptiveBNEvaluator
+    from autoprune.problem import GroupChoice, Problem, SearchSpace
+
+    model = TinyNet()
+    gs = graph.analyze(model, torch.randn(1, 3, 8, 8))
+    space = SearchSpace(groups=tuple(GroupChoice(g.id, g.size, tuple(pruning.legal_widths(g)))
+                                     for g in gs.prunable()))
+    problem = Problem(model, gs, space, AdaptiveBNEvaluator(_data(3), _data(1, 1), batches=1, device="cpu"),
+                      torch.randn(1, 3, 8, 8))
+    cls = SEARCHERS.get("resrep")
+    paper = cls(problem, store=tmp_path / "a.db", n_trials=1, preset="paper", budget={"macs": 0.45})
+    cfg = paper.config
+    assert (cfg.iters, cfg.warmup_iters) == (480 * 3, 5 * 3)  # epochs of the 3-batch training loader
+    assert (cfg.mask_interval, cfg.step_cap, cfg.lasso, cfg.macs_target) == (200, 4, 1e-4, 0.45)
+    cpu = cls(problem, store=tmp_path / "a.db", n_trials=1, iters=7)
+    assert cpu.config.iters == 7 and cpu.config.macs_target == 0.5
+    with pytest.raises(ConfigError, match="unknown setting"):
+        cls(problem, store=tmp_path / "a.db", n_trials=1, lassoo=1.0)

@@ -1,0 +1,728 @@
+"""Candidate evaluators: score an (already pruned) network on the validation split.
+
+One small interface, :class:`Evaluator` (one abstract method), and implementations picked by name from
+:data:`EVALUATORS`:
+
+=========== ============================================================================================
+name        what it does before scoring on the validation split
+=========== ============================================================================================
+plain       nothing (dense BN statistics; the "vanilla evaluation" baseline of EagleEye)
+adaptive_bn re-estimates BN statistics on N training batches, cumulative average (ALGORITHMS.md §3)
+finetune    K steps of SGD fine-tuning
+infcop      fine-tunes until the information/gradient flow is consistent with the dense network's (§4)
+full        a fixed fine-tuning schedule (epochs, cosine LR) for final models
+=========== ============================================================================================
+
+:class:`CachedEvaluator` wraps any evaluator so that identical candidate keys are never evaluated twice.
+
+Contract shared by all evaluators:
+
+* ``evaluate(model, key=None, report=None)`` **never mutates the caller's model**: it deep-copies it first and
+  works on the copy (moved to the evaluator's device).
+* Scores use the validation loader given at construction; evaluators never see the test split.
+* ``EvalResult.samples`` counts forward passes on *training* data (BN calibration, fine-tuning, flow
+  measurements); ``seconds`` is the wall-clock time of the whole call, validation included.
+* ``report(step, value) -> bool`` is an optional callback for intermediate values (the validation accuracy
+  after ``step`` training steps or epochs). If it returns True, the evaluator stops at once and returns a
+  *pruned* result: ``extra["pruned"] is True``, ``extra["stop_reason"] == "pruned"`` and ``accuracy`` is the
+  last reported value. Pruned results are never cached. With Optuna::
+
+      result = evaluator.evaluate(m, report=lambda s, v: (trial.report(v, s), trial.should_prune())[1])
+      if was_pruned(result):
+          raise optuna.TrialPruned()
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import itertools
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from autoprune.errors import ConfigError, DataError
+from autoprune.infcop import DEFAULT_EPS, DISTANCE_FORMS, FLOW_KINDS, FlowReference
+from autoprune.registry import Registry
+from autoprune.train import SCHEDULES, lr_at, make_optimizer
+from autoprune.train import evaluate as evaluate_metrics
+from autoprune.types import EvalResult
+from autoprune.utils import default_device
+
+Batch = tuple[Tensor, Tensor]
+Loader = Iterable[Batch]
+ReportFn = Callable[[int, float], bool]
+
+PRUNED = "pruned"
+"""``extra["stop_reason"]`` of a result whose evaluation was stopped by the ``report`` callback."""
+
+EVALUATORS: Registry[type[Evaluator]] = Registry("evaluator")
+
+
+def was_pruned(result: EvalResult) -> bool:
+    """True if ``result`` was cut short by its ``report`` callback (see the module docstring)."""
+    return bool(result.extra.get("pruned", False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks: BN recalibration, validation, SGD steps
+# ----------------------------------------------------------------------------------------------------------
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """All BatchNorm modules of ``model`` (1d/2d/3d and SyncBatchNorm)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def recalibrate_bn(
+    model: nn.Module, loader: Loader, batches: int, *, device: torch.device | str | None = None
+) -> int:
+    """Adaptive batch normalisation (EagleEye, ALGORITHMS.md §3) on ``model`` **in place**.
+
+    Resets every BN layer's running statistics, sets ``momentum=None`` (cumulative average: every
+    calibration batch counts equally), forwards ``batches`` batches of ``loader`` under ``no_grad`` with the BN
+    layers in train mode and every other module in eval mode (dropout off, so the statistics are those seen at
+    test time), then restores each BN's momentum and every module's mode. Parameters are never touched.
+
+    Args:
+        model: Network to recalibrate (modified in place; evaluators pass their private copy).
+        loader: Training batches ``(x, y)`` (labels unused); re-iterated if it has fewer than ``batches``.
+        batches: Number of calibration batches (≥ 1).
+        device: Device of the forward passes (default: the model's).
+
+    Returns:
+        Number of samples forwarded.
+    """
+    if batches < 1:
+        raise ConfigError(f"BN calibration needs at least one batch, got {batches}", hint="use batches >= 1")
+    bns = batchnorm_layers(model)
+    if not bns:
+        return 0
+    device = _model_device(model, device)
+    modes = {m: m.training for m in model.modules()}
+    momenta = [bn.momentum for bn in bns]
+    samples = 0
+    try:
+        model.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        with torch.no_grad():
+            for x, _ in _take(_cycle(loader), batches):
+                model(x.to(device))
+                samples += int(x.shape[0])
+    finally:
+        for bn, mom in zip(bns, momenta):
+            bn.momentum = mom
+        for m, mode in modes.items():
+            m.training = mode
+    return samples
+
+
+def validate(
+    model: nn.Module, loader: Loader, *, device: torch.device | str | None = None, max_batches: int | None = None
+) -> tuple[float, float]:
+    """Top-1 accuracy in [0, 1] and mean cross-entropy of ``model`` on ``loader`` (:func:`autoprune.train.evaluate`).
+
+    Eval mode, no grad; the model's train/eval mode is restored afterwards.
+
+    Args:
+        model: The network.
+        loader: Validation batches.
+        device: Device (default: the model's).
+        max_batches: Use at most this many batches.
+
+    Raises:
+        ConfigError: The loader yields no samples.
+    """
+    batches = loader if max_batches is None else _Limited(loader, max_batches)
+    m = evaluate_metrics(model, batches, device=_model_device(model, device), desc="val")
+    return float(m.top1), float(m.loss)
+
+
+class _Limited:
+    """Re-iterable view of the first ``n`` batches of a loader."""
+
+    def __init__(self, loader: Loader, n: int) -> None:
+        self.loader, self.n = loader, n
+
+    def __iter__(self) -> Iterator[Batch]:
+        return itertools.islice(iter(self.loader), self.n)
+
+
+@dataclass(frozen=True)
+class SGDSettings:
+    """Optimizer settings shared by the fine-tuning evaluators and the IMP driver.
+
+    Attributes:
+        lr: Initial learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay of the conv/linear weights (none on BN parameters and biases, the
+            convention of :func:`autoprune.train.make_optimizer`).
+        nesterov: Nesterov momentum.
+        label_smoothing: Cross-entropy label smoothing.
+        schedule: ``"constant"``, ``"cosine"`` or ``"step"`` (:func:`autoprune.train.lr_at`, per step over the
+            planned steps).
+    """
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    label_smoothing: float = 0.0
+    schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"learning rate must be > 0, got {self.lr}", hint="e.g. lr=0.01")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ConfigError("momentum and weight_decay must be >= 0",
+                              hint=f"got momentum={self.momentum}, weight_decay={self.weight_decay}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown LR schedule {self.schedule!r}", hint=f"use one of {SCHEDULES}")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("Nesterov momentum needs momentum > 0", hint="set momentum=0.9 or nesterov=False")
+
+
+class StepTrainer:
+    """Runs SGD steps on a model, cycling through a training loader; can be resumed chunk by chunk.
+
+    Unlike :func:`autoprune.train.train_steps` (one call = one schedule, the loader restarted), a trainer keeps
+    its optimizer state, LR-schedule position and loader position between :meth:`run` calls, which the
+    evaluators and IMP need to check a criterion every R steps. Optimizer and schedule come from
+    :mod:`autoprune.train` (``make_optimizer``, ``lr_at``).
+
+    Args:
+        model: The network to train (in place).
+        loader: Re-iterable of training batches; restarted when exhausted.
+        settings: Optimizer settings.
+        total_steps: Length of the cosine schedule (ignored for ``"constant"``).
+        device: Device of the steps (default: the model's).
+        after_step: Optional callback run after every optimizer step (e.g. re-applying pruning masks).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loader: Loader,
+        settings: SGDSettings,
+        *,
+        total_steps: int | None = None,
+        device: torch.device | str | None = None,
+        after_step: Callable[[], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.device = _model_device(model, device)
+        self.after_step = after_step
+        self.optimizer = make_optimizer(model, lr=settings.lr, momentum=settings.momentum,
+                                        weight_decay=settings.weight_decay, nesterov=settings.nesterov)
+        self.total_steps = total_steps
+        self.steps = 0
+        self.samples = 0
+        self._batches = _cycle(loader)
+
+    def _lr(self) -> float:
+        s = self.settings
+        if s.schedule == "constant" or not self.total_steps:
+            return s.lr
+        return lr_at(s.lr, min(self.steps, self.total_steps) / self.total_steps, s.schedule)  # type: ignore[arg-type]
+
+    def run(self, steps: int) -> float:
+        """Run ``steps`` optimizer steps in train mode; return the mean training loss of the chunk."""
+        self.model.train()
+        total = 0.0
+        for _ in range(steps):
+            x, y = next(self._batches)
+            x, y = x.to(self.device), y.to(self.device)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._lr()
+            loss = F.cross_entropy(self.model(x), y, label_smoothing=self.settings.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.after_step is not None:
+                self.after_step()
+            self.steps += 1
+            self.samples += int(x.shape[0])
+            total += float(loss.detach())
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / max(steps, 1)
+
+
+def _cycle(loader: Loader) -> Iterator[Batch]:
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise DataError("the training loader yielded no batches", hint="pass a non-empty training loader")
+
+
+def _take(it: Iterator[Batch], n: int) -> Iterator[Batch]:
+    for _ in range(n):
+        yield next(it)
+
+
+def _model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The interface
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What :meth:`Evaluator._run` returns; :meth:`Evaluator.evaluate` adds timing and the evaluator name."""
+
+    accuracy: float
+    loss: float
+    samples: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Evaluator(ABC):
+    """Scores a candidate network on the validation split.
+
+    Subclasses implement :meth:`_run` (the only abstract method) on a private copy of the model.
+
+    Args:
+        train_loader: Training batches (BN calibration, fine-tuning, flow subsets); with test-time transforms
+            for calibration, with augmentation for fine-tuning as the caller sees fit.
+        val_loader: Validation batches (carved from the training set; never the test split).
+        device: Device on which candidates are evaluated (default: CUDA if present, else CPU).
+        val_batches: Score on at most this many validation batches (default: all).
+    """
+
+    name: ClassVar[str] = ""
+    needs_train: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        train_loader: Loader | None = None,
+        val_loader: Loader | None = None,
+        *,
+        device: torch.device | str | None = None,
+        val_batches: int | None = None,
+    ) -> None:
+        if val_loader is None:
+            raise ConfigError(f"evaluator {self.name!r} needs a validation loader",
+                              hint="pass val_loader= (a loader over the validation split)")
+        if self.needs_train and train_loader is None:
+            raise ConfigError(f"evaluator {self.name!r} needs a training loader",
+                              hint="pass train_loader= (a loader over the training split)")
+        if val_batches is not None and val_batches < 1:
+            raise ConfigError(f"val_batches must be >= 1, got {val_batches}", hint="or leave it unset (all)")
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.device = torch.device(device) if device is not None else default_device()
+        self.val_batches = val_batches
+
+    def evaluate(self, model: nn.Module, *, key: str | None = None, report: ReportFn | None = None) -> EvalResult:
+        """Score ``model`` on the validation split.
+
+        The caller's model is never mutated: the evaluator deep-copies it (to its device) and works on the
+        copy.
+
+        Args:
+            model: The candidate network (already pruned / quantized).
+            key: Candidate key (``Candidate.key()``), recorded in ``extra["key"]`` and used by caches.
+            report: Optional ``report(step, value) -> bool`` callback; see the module docstring.
+
+        Returns:
+            An :class:`~autoprune.types.EvalResult` (accuracy in [0, 1]).
+        """
+        start = time.perf_counter()
+        work = copy.deepcopy(model).to(self.device)
+        out = self._run(work, report)
+        extra = dict(out.extra)
+        extra.setdefault("pruned", False)
+        if key is not None:
+            extra["key"] = key
+        return EvalResult(float(out.accuracy), float(out.loss), time.perf_counter() - start, int(out.samples),
+                          self.name, extra)
+
+    @abstractmethod
+    def _run(self, model: nn.Module, report: ReportFn | None) -> Outcome:
+        """Score ``model`` (a private copy, free to modify) and return an :class:`Outcome`."""
+
+    def _validate(self, model: nn.Module) -> tuple[float, float]:
+        return validate(model, self.val_loader or [], device=self.device, max_batches=self.val_batches)
+
+    def _pruned(self, accuracy: float, loss: float, samples: int, step: int, **extra: Any) -> Outcome:
+        return Outcome(accuracy, loss, samples, {"pruned": True, "stop_reason": PRUNED, "steps": step, **extra})
+
+
+@EVALUATORS.register("plain")
+class PlainEvaluator(Evaluator):
+    """No recalibration: validation accuracy with the statistics the network carries."""
+
+    name = "plain"
+    needs_train = False
+
+    def _run(self, model: nn.Module, report: ReportFn | None) -> Outcome:
+        acc, loss = self._validate(model)
+        return Outcome(acc, loss, 0)
+
+
+@EVALUATORS.register("adaptive_bn")
+class AdaptiveBNEvaluator(Evaluator):
+    """EagleEye adaptive BN: re-estimate BN statistics on N training batches, then score (§3).
+
+    Args:
+        batches: Calibration batches (default 100, with the train loader's batch size, e.g. 128).
+        **kwargs: :class:`Evaluator` arguments.
+    """
+
+    name = "adaptive_bn"
+
+    def __init__(self, train_loader: Loader | None = None, val_loader: Loader | None = None, *,
+                 batches: int = 100, **kwargs: Any) -> None:
+        super().__init__(train_loader, val_loader, **kwargs)
+        if batches < 1:
+            raise ConfigError(f"adaptive_bn needs batches >= 1, got {batches}", hint="e.g. batches=100")
+        self.batches = batches
+
+    def _run(self, model: nn.Module, report: ReportFn | None) -> Outcome:
+        samples = recalibrate_bn(model, self.train_loader or [], self.batches, device=self.device)
+        acc, loss = self._validate(model)
+        return Outcome(acc, loss, samples, {"bn_layers": len(batchnorm_layers(model))})
+
+
+class _TrainingEvaluator(Evaluator):
+    """Shared set-up of the evaluators that train: optimizer settings and optional BN calibration first.
+
+    ``bn_calibration`` > 0 runs adaptive BN on that many batches of ``bn_loader`` (default: the training
+    loader; pass one with test-time transforms) before the first step.
+    """
+
+    def __init__(
+        self,
+        train_loader: Loader | None = None,
+        val_loader: Loader | None = None,
+        *,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        nesterov: bool = False,
+        label_smoothing: float = 0.0,
+        schedule: str = "constant",
+        bn_calibration: int = 0,
+        bn_loader: Loader | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(train_loader, val_loader, **kwargs)
+        self.sgd = SGDSettings(lr, momentum, weight_decay, nesterov, label_smoothing, schedule)
+        if bn_calibration < 0:
+            raise ConfigError(f"bn_calibration must be >= 0 batches, got {bn_calibration}", hint="0 disables it")
+        self.bn_calibration = bn_calibration
+        self.bn_loader = bn_loader if bn_loader is not None else train_loader
+
+    def _start(self, model: nn.Module, total_steps: int) -> StepTrainer:
+        trainer = StepTrainer(model, self.train_loader or [], self.sgd, total_steps=total_steps, device=self.device)
+        if self.bn_calibration:
+            trainer.samples += recalibrate_bn(model, self.bn_loader or [], self.bn_calibration, device=self.device)
+        return trainer
+
+
+@EVALUATORS.register("finetune")
+class FineTuneEvaluator(_TrainingEvaluator):
+    """K steps of SGD fine-tuning, then validation accuracy; reports every R steps.
+
+    Args:
+        steps: Fine-tuning steps K (≥ 1).
+        report_every: Report the validation accuracy every R steps (only when a ``report`` callback is given).
+        **kwargs: Optimizer settings (``lr``, ``momentum``, ``weight_decay``, ``nesterov``, ``label_smoothing``,
+            ``schedule``), ``bn_calibration`` batches (of ``bn_loader``) before training, and :class:`Evaluator`
+            arguments.
+    """
+
+    name = "finetune"
+
+    def __init__(self, train_loader: Loader | None = None, val_loader: Loader | None = None, *,
+                 steps: int = 200, report_every: int = 50, **kwargs: Any) -> None:
+        super().__init__(train_loader, val_loader, **kwargs)
+        if steps < 1 or report_every < 1:
+            raise ConfigError(f"finetune needs steps >= 1 and report_every >= 1, got {steps} and {report_every}",
+                              hint="e.g. steps=200, report_every=50")
+        self.steps = steps
+        self.report_every = report_every
+
+    def _run(self, model: nn.Module, report: ReportFn | None) -> Outcome:
+        trainer = self._start(model, self.steps)
+        while trainer.steps < self.steps:
+            trainer.run(min(self.report_every, self.steps - trainer.steps))
+            if report is not None:
+                acc, loss = self._validate(model)
+                if report(trainer.steps, acc):
+                    return self._pruned(acc, loss, trainer.samples, trainer.steps)
+        acc, loss = self._validate(model)
+        return Outcome(acc, loss, trainer.samples, {"steps": trainer.steps})
+
+
+@EVALUATORS.register("full")
+class FullFineTuneEvaluator(_TrainingEvaluator):
+    """Fixed-schedule fine-tuning for final models: ``epochs`` epochs, cosine LR; reports every epoch.
+
+    Args:
+        epochs: Number of epochs (each ``len(train_loader)`` steps, or ``steps_per_epoch``).
+        steps_per_epoch: Steps per epoch when the loader has no ``len()``.
+        **kwargs: Optimizer settings (schedule defaults to ``"cosine"``, lr to 0.01), :class:`Evaluator`
+            arguments.
+    """
+
+    name = "full"
+
+    def __init__(self, train_loader: Loader | None = None, val_loader: Loader | None = None, *,
+                 epochs: int = 30, steps_per_epoch: int | None = None, schedule: str = "cosine",
+                 **kwargs: Any) -> None:
+        super().__init__(train_loader, val_loader, schedule=schedule, **kwargs)
+        if epochs < 1:
+            raise ConfigError(f"full fine-tuning needs epochs >= 1, got {epochs}", hint="e.g. epochs=30")
+        if steps_per_epoch is None:
+            try:
+                steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+            except TypeError:
+                raise ConfigError("the training loader has no len()",
+                                  hint="pass steps_per_epoch= to the 'full' evaluator") from None
+        if steps_per_epoch < 1:
+            raise ConfigError("the training loader is empty", hint="pass a non-empty training loader")
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+
+    def _run(self, model: nn.Module, report: ReportFn | None) -> Outcome:
+        trainer = self._start(model, self.epochs * self.steps_per_epoch)
+        history: list[float] = []
+        for epoch in range(1, self.epochs + 1):
+            trainer.run(self.steps_per_epoch)
+            if report is not None:
+                acc, loss = self._validate(model)
+                history.append(acc)
+                if report(epoch, acc):
+                    return self._pruned(acc, loss, trainer.samples, trainer.steps, epochs=epoch, history=history)
+        acc, loss = self._validate(model)
+        return Outcome(acc, loss, trainer.samples, {"steps": trainer.steps, "epochs": self.epochs})
+
+
+@EVALUATORS.register("infcop")
+class InfCoPEvaluator(_TrainingEvaluator):
+    """Fine-tune until the candidate's flow is consistent with the dense network's, then score (§4).
+
+    Every ``check_every`` steps the candidate's information flow and/or gradient flow is measured on the
+    fixed flow subset and compared with the dense reference (hooks attached only while measuring). Training
+    stops at the earliest of: all flows consistent (``"consistent"``), validation accuracy ≥
+    ``target_accuracy`` (``"accuracy"``), ``max_steps`` used (``"budget"``). A NaN correlation counts as not
+    consistent. ``extra`` holds ``stop_reason``, ``steps`` and ``trajectory`` (one entry per check: step,
+    distance per flow kind — ``None`` for NaN —, consistency, and the validation accuracy when measured).
+
+    The dense references are computed once (lazily, from ``dense``) and reused for every candidate, or
+    passed in ready-made (``references``) to share them across evaluators.
+
+    Args:
+        dense: The dense network (needed unless ``references`` is given, or ``target_accuracy="dense"``).
+        flow: ``"IF"``, ``"GF"`` or ``"both"`` (both must be consistent).
+        references: Pre-computed :class:`~autoprune.infcop.FlowReference` objects (override ``flow``).
+        flow_loader: Source of the fixed flow subset (default: ``train_loader``; use test-time transforms).
+        flow_samples: Size of the flow subset.
+        eps: Tolerance; a float for one kind, or a mapping kind → ε (default 1.0 IF, 0.5 GF).
+        form: Distance form ``"l2"`` (reference), ``"rms"`` or ``"relative"``.
+        reduce: IF reduction per pair (``"mean"`` signed, or ``"abs"``).
+        stat: GF statistic (``"mean"`` or ``"fro"``).
+        check_every: Steps R between checks.
+        max_steps: Step budget.
+        target_accuracy: Stop when val accuracy ≥ this; ``"dense"`` = the dense network's val accuracy
+            (measured once); ``None`` disables the rule.
+        **kwargs: Optimizer settings, ``bn_calibration`` and :class:`Evaluator` arguments.
+    """
+
+    name = "infcop"
+
+    def __init__(
+        self,
+        train_loader: Loader | None = None,
+        val_loader: Loader | None = None,
+        *,
+        dense: nn.Module | None = None,
+        flow: str = "IF",
+        references: Sequence[FlowReference] | None = None,
+        flow_loader: Loader | None = None,
+        flow_samples: int = 2000,
+        eps: float | Mapping[str, float] | None = None,
+        form: str = "l2",
+        reduce: str = "mean",
+        stat: str = "mean",
+        check_every: int = 50,
+        max_steps: int = 1000,
+        target_accuracy: float | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(train_loader, val_loader, **kwargs)
+        kinds = ("IF", "GF") if flow == "both" else (flow,)
+        if any(k not in FLOW_KINDS for k in kinds):
+            raise ConfigError(f"unknown flow {flow!r}", hint="use 'IF', 'GF' or 'both'")
+        if form not in DISTANCE_FORMS:
+            raise ConfigError(f"unknown flow distance form {form!r}", hint=f"use one of {DISTANCE_FORMS}")
+        if check_every < 1 or max_steps < 1:
+            raise ConfigError(f"infcop needs check_every >= 1 and max_steps >= 1, got {check_every}, {max_steps}",
+                              hint="e.g. check_every=50, max_steps=1000")
+        if references is None and dense is None:
+            raise ConfigError("the infcop evaluator needs the dense network or pre-computed references",
+                              hint="pass dense=<the unpruned model> or references=[FlowReference, ...]")
+        if isinstance(target_accuracy, str) and target_accuracy != "dense":
+            raise ConfigError(f"unknown target_accuracy {target_accuracy!r}", hint="use a float, 'dense' or None")
+        if target_accuracy == "dense" and dense is None:
+            raise ConfigError("target_accuracy='dense' needs the dense network", hint="pass dense=")
+        self.kinds = tuple(r.kind for r in references) if references is not None else kinds
+        self._eps = {k: (eps.get(k, DEFAULT_EPS[k]) if isinstance(eps, Mapping)
+                         else DEFAULT_EPS[k] if eps is None else float(eps)) for k in self.kinds}
+        self._references: list[FlowReference] | None = list(references) if references is not None else None
+        self._dense = copy.deepcopy(dense) if dense is not None and (references is None or
+                                                                     target_accuracy == "dense") else None
+        self.flow_loader = flow_loader if flow_loader is not None else train_loader
+        self.flow_samples = flow_samples
+        self.form, self.reduce, self.stat = form, reduce, stat
+        self.check_every, self.max_steps = check_every, max_steps
+        self._target = target_accuracy
+
+    def references(self) -> list[FlowReference]:
+        """The dense flow references, computed on first use and cached for every later candidate."""
+        if self._references is None:
+            assert self._dense is not None
+            dense = self._dense.to(self.device)
+            self._references = [
+                FlowReference.compute(dense, self.flow_loader or [], kind, max_samples=self.flow_samples,
+                                      eps=self._eps[kind], form=self.form, reduce=self.reduce, stat=self.stat,
+                                      device=self.device)
+                for kind in self.kinds
+            ]
+        return self._references
+
+    def target_accuracy(self) -> float | None:
+        """The accuracy stop threshold (measured once on the dense network for ``"dense"``)."""
+        if self._target == "dense":
+            assert self._dense is not None
+            self._target = self._validate(self._dense.to(self.device))[0]
+        return None if self._target is None else float(self._target)
+
+    def _run(self, model: nn.Module, report: ReportFn | None) -> Outcome:
+        refs = self.references()
+        target = self.target_accuracy()
+        trainer = self._start(model, self.max_steps)
+        flow_samples = 0
+        trajectory: list[dict[str, Any]] = []
+        reason = "budget"
+        while trainer.steps < self.max_steps:
+            trainer.run(min(self.check_every, self.max_steps - trainer.steps))
+            checks = [ref.check(model, device=self.device) for ref in refs]
+            flow_samples += sum(c.samples for c in checks)
+            consistent = all(c.consistent for c in checks)
+            entry: dict[str, Any] = {
+                "step": trainer.steps,
+                "distance": {c.kind: (None if math.isnan(c.distance) else c.distance) for c in checks},
+                "consistent": consistent,
+            }
+            trajectory.append(entry)
+            if report is not None or target is not None:
+                acc, loss = self._validate(model)
+                entry["accuracy"] = acc
+                if report is not None and report(trainer.steps, acc):
+                    return self._pruned(acc, loss, trainer.samples + flow_samples, trainer.steps,
+                                        trajectory=trajectory)
+                if not consistent and target is not None and acc >= target:
+                    reason = "accuracy"
+                    break
+            if consistent:
+                reason = "consistent"
+                break
+        acc, loss = self._validate(model)
+        extra = {"stop_reason": reason, "steps": trainer.steps, "trajectory": trajectory,
+                 "train_samples": trainer.samples, "flow_samples": flow_samples,
+                 "eps": dict(self._eps), "form": self.form}
+        return Outcome(acc, loss, trainer.samples + flow_samples, extra)
+
+
+class CachedEvaluator(Evaluator):
+    """Wraps an evaluator so that identical candidate keys are evaluated once.
+
+    A call with a ``key`` seen before returns the stored :class:`EvalResult` unchanged (``hits`` += 1);
+    otherwise the inner evaluator runs (``misses`` += 1) and its result is stored, unless it was pruned.
+    Calls without a key are never cached (and count as misses).
+
+    Args:
+        inner: The evaluator doing the work.
+    """
+
+    needs_train = False
+
+    def __init__(self, inner: Evaluator) -> None:
+        self.inner = inner
+        self.name = inner.name  # type: ignore[misc]
+        self.device = inner.device
+        self._store: dict[str, EvalResult] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def evaluate(self, model: nn.Module, *, key: str | None = None, report: ReportFn | None = None) -> EvalResult:
+        """Return the cached result for ``key`` or evaluate with the inner evaluator."""
+        if key is not None and key in self._store:
+            self.hits += 1
+            return self._store[key]
+        self.misses += 1
+        result = self.inner.evaluate(model, key=key, report=report)
+        if key is not None and not was_pruned(result):
+            self._store[key] = result
+        return result
+
+    def _run(self, model: nn.Module, report: ReportFn | None) -> Outcome:
+        return self.inner._run(model, report)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._store
+
+
+def make_evaluator(name: str, train_loader: Loader | None = None, val_loader: Loader | None = None,
+                   **settings: Any) -> Evaluator:
+    """Build the evaluator registered as ``name``.
+
+    Raises:
+        ConfigError: Unknown name (lists the choices) or a setting the evaluator does not accept.
+    """
+    cls = EVALUATORS.get(name)
+    accepted = _accepted_settings(cls)
+    unknown = sorted(set(settings) - accepted)
+    if unknown:
+        raise ConfigError(f"evaluator {name!r} does not accept {unknown}",
+                          hint=f"accepted settings: {', '.join(sorted(accepted))}")
+    return cls(train_loader, val_loader, **settings)
+
+
+def _accepted_settings(cls: type[Evaluator]) -> set[str]:
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.kind is p.KEYWORD_ONLY:
+                names.add(p.name)
+    return names

@@ -1,0 +1,251 @@
+"""Candidate evaluators: adaptive BN, fine-tuning, full schedule, the shared contract and the cache."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoprune.errors import ConfigError, DataError
+from autoprune.evaluate import (
+    EVALUATORS,
+    AdaptiveBNEvaluator,
+    CachedEvaluator,
+    FineTuneEvaluator,
+    FullFineTuneEvaluator,
+    PlainEvaluator,
+    SGDSettings,
+    StepTrainer,
+    make_evaluator,
+    recalibrate_bn,
+    validate,
+    was_pruned,
+)
+from autoprune.types import Candidate
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    """Tiny models: one intra-op thread (two threads on a shared, loaded 2-core machine are ~40x slower)."""
+    torch.set_num_threads(1)
+
+
+
+class Normalize(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.full((3, 1, 1), 0.5))
+        self.register_buffer("std", torch.full((3, 1, 1), 0.25))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Net(nn.Module):
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.normalize = Normalize()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8, momentum=0.3)
+        self.fc1 = nn.Linear(8, 8)
+        self.bn3 = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        x = F.relu(self.bn2(self.conv2(x))).mean(dim=(2, 3))
+        return self.fc2(self.drop(F.relu(self.bn3(self.fc1(x)))))
+
+
+def _data(n: int = 96, bs: int = 16, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 6, 6, generator=g)
+    y = (x[:, 0].mean(dim=(1, 2)) > x[:, 1].mean(dim=(1, 2))).long()
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]
+
+
+def _stale(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.fill_(3.0)
+            m.running_var.fill_(0.01)
+    return model
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------- adaptive BN
+
+
+def test_recalibrate_bn_changes_only_bn_buffers_and_uses_the_cumulative_mean() -> None:
+    model = _stale(Net())
+    model.train()
+    data = _data()
+    # reference: BN inputs recorded in a copy with BN in train mode (batch statistics), dropout off
+    ref = copy.deepcopy(model).eval()
+    seen: dict[str, list[torch.Tensor]] = {"bn1": [], "bn2": [], "bn3": []}
+    for name in seen:
+        bn = getattr(ref, name)
+        bn.train()
+        bn.register_forward_pre_hook(lambda m, a, name=name: seen[name].append(a[0].detach().clone()))
+    calib = data  # 6 batches requested from a 6-batch loader: exactly one pass
+    with torch.no_grad():
+        for x, _ in calib:
+            ref(x)
+    before = _snapshot(model)
+    n = recalibrate_bn(model, data, batches=6)
+    assert n == 96
+    after = model.state_dict()
+    for k, v in before.items():
+        if k.startswith(("bn1.running", "bn2.running", "bn3.running", "bn1.num", "bn2.num", "bn3.num")):
+            continue
+        assert torch.equal(after[k], v), f"{k} changed"  # parameters and other buffers bit-identical
+    for name, inputs in seen.items():
+        bn = getattr(model, name)
+        dims = [0, 2, 3] if inputs[0].dim() == 4 else [0]
+        mean = torch.stack([t.mean(dim=dims) for t in inputs]).mean(0)
+        var = torch.stack([t.var(dim=dims, unbiased=True) for t in inputs]).mean(0)
+        torch.testing.assert_close(bn.running_mean, mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var, var, rtol=1e-5, atol=1e-6)
+        assert int(bn.num_batches_tracked) == 6
+    assert model.bn1.momentum == 0.1 and model.bn2.momentum == 0.3  # momentum restored
+    assert model.training and model.drop.training  # modes restored
+
+
+def test_recalibrate_bn_cycles_a_short_loader_and_validates_input() -> None:
+    model = Net()
+    assert recalibrate_bn(model, _data(32), batches=5) == 80  # 2-batch loader re-iterated
+    assert int(model.bn1.num_batches_tracked) == 5
+    with pytest.raises(ConfigError):
+        recalibrate_bn(model, _data(32), batches=0)
+    with pytest.raises(DataError):
+        recalibrate_bn(model, [], batches=2)
+    assert recalibrate_bn(nn.Linear(3, 2), [(torch.rand(2, 3), torch.zeros(2))], 3) == 0  # no BN: no-op
+
+
+def test_adaptive_bn_recovers_stale_statistics_and_never_mutates_the_caller() -> None:
+    data = _data()
+    model = Net()
+    FineTuneEvaluator(data, data, steps=60, lr=0.05, device="cpu")  # constructing is side-effect free
+    trainer = StepTrainer(model, data, SGDSettings(lr=0.05))
+    trainer.run(80)
+    good_acc, _ = validate(model, data)
+    _stale(model)
+    before = _snapshot(model)
+    plain = PlainEvaluator(val_loader=data, device="cpu").evaluate(model)
+    abn = AdaptiveBNEvaluator(data, data, batches=6, device="cpu").evaluate(model, key="k1")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # caller's model untouched
+    assert abn.evaluator == "adaptive_bn" and abn.samples == 96 and abn.extra["key"] == "k1"
+    assert abn.extra["bn_layers"] == 3 and not was_pruned(abn)
+    assert abn.accuracy > plain.accuracy
+    assert abn.accuracy >= good_acc - 0.1
+    assert plain.samples == 0 and abn.seconds > 0
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+
+
+def test_finetune_reports_every_r_steps_and_improves() -> None:
+    data = _data()
+    model = Net()
+    before = _snapshot(model)
+    reports: list[tuple[int, float]] = []
+    ev = FineTuneEvaluator(data, data, steps=50, report_every=20, lr=0.05, device="cpu")
+    r = ev.evaluate(model, report=lambda s, v: reports.append((s, v)) or False)
+    assert [s for s, _ in reports] == [20, 40, 50]
+    assert r.samples == 50 * 16 and r.extra["steps"] == 50 and not was_pruned(r)
+    assert r.accuracy == pytest.approx(reports[-1][1])
+    base = PlainEvaluator(val_loader=data, device="cpu").evaluate(model)
+    assert r.accuracy > base.accuracy or r.loss < base.loss
+    # the caller's model never trained
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_finetune_pruned_by_callback_and_not_cached() -> None:
+    data = _data()
+    inner = FineTuneEvaluator(data, data, steps=40, report_every=10, device="cpu")
+    cached = CachedEvaluator(inner)
+    r = cached.evaluate(Net(), key="a", report=lambda s, v: s >= 20)
+    assert was_pruned(r) and r.extra["stop_reason"] == "pruned" and r.extra["steps"] == 20
+    assert r.samples == 20 * 16
+    assert "a" not in cached and cached.misses == 1
+    r2 = cached.evaluate(Net(), key="a")
+    assert not was_pruned(r2) and "a" in cached and cached.misses == 2
+
+
+def test_full_schedule_reports_epochs_and_uses_cosine() -> None:
+    data = _data(64)
+    ev = FullFineTuneEvaluator(data, data, epochs=3, lr=0.05, device="cpu")
+    epochs: list[int] = []
+    r = ev.evaluate(Net(), report=lambda e, v: epochs.append(e) or False)
+    assert epochs == [1, 2, 3] and r.extra["steps"] == 12 and r.samples == 12 * 16
+    t = StepTrainer(Net(), data, SGDSettings(lr=0.1, schedule="cosine"), total_steps=4)
+    lrs = []
+    for _ in range(4):
+        lrs.append(t._lr())
+        t.run(1)
+    assert lrs[0] == pytest.approx(0.1) and lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.1
+    with pytest.raises(ConfigError, match="len"):
+        FullFineTuneEvaluator(iter(data), data, epochs=1)
+
+
+# ------------------------------------------------------------------------------------ registry and the cache
+
+
+def test_registry_and_make_evaluator() -> None:
+    assert {"plain", "adaptive_bn", "finetune", "infcop", "full"} <= set(EVALUATORS.names())
+    data = _data(32)
+    ev = make_evaluator("adaptive_bn", data, data, batches=3, device="cpu")
+    assert isinstance(ev, AdaptiveBNEvaluator) and ev.batches == 3
+    with pytest.raises(ConfigError, match="adaptive_bn"):
+        make_evaluator("adaptive-bn", data, data)
+    with pytest.raises(ConfigError, match="does not accept"):
+        make_evaluator("finetune", data, data, epochs=3)
+    with pytest.raises(ConfigError, match="validation loader"):
+        make_evaluator("plain")
+    with pytest.raises(ConfigError, match="training loader"):
+        make_evaluator("finetune", None, data)
+    with pytest.raises(ConfigError, match="learning rate"):
+        make_evaluator("finetune", data, data, lr=0.0)
+    with pytest.raises(ConfigError, match="schedule"):
+        make_evaluator("finetune", data, data, schedule="linear")
+
+
+def test_cached_evaluator_never_evaluates_a_key_twice() -> None:
+    data = _data(32)
+    calls: list[int] = []
+
+    class Counting(AdaptiveBNEvaluator):
+        def _run(self, model, report):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            return super()._run(model, report)
+
+    cached = CachedEvaluator(Counting(data, data, batches=2, device="cpu"))
+    a = Candidate(widths={"g": 3})
+    b = Candidate(widths={"g": 4})
+    r1 = cached.evaluate(Net(), key=a.key())
+    r2 = cached.evaluate(Net(), key=Candidate(widths={"g": 3}).key())
+    r3 = cached.evaluate(Net(), key=b.key())
+    cached.evaluate(Net())  # no key: never cached
+    assert r2 is r1 and r3 is not r1
+    assert (cached.hits, cached.misses, len(cached), len(calls)) == (1, 3, 2, 3)
+    assert cached.name == "adaptive_bn"
+
+
+def test_bn_calibration_before_finetuning_uses_its_own_loader() -> None:
+    train, calib = _data(64, bs=16), _data(64, bs=8, seed=3)
+    ev = FineTuneEvaluator(train, train, steps=3, bn_calibration=2, bn_loader=calib, device="cpu")
+    r = ev.evaluate(_stale(Net()))
+    assert r.samples == 2 * 8 + 3 * 16
+    with pytest.raises(ConfigError, match="bn_calibration"):
+        FineTuneEvaluator(train, train, bn_calibration=-1)

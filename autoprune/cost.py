@@ -7,18 +7,23 @@ conv/linear term is bilinear in two group widths, so
     cost(w) = Σ κ_ij·w_i·w_j + Σ λ_i·w_i + c0
 
 with coefficients built once by :func:`autoprune.graph.analyze` (:func:`build_terms`). Pricing a candidate
-(:func:`closed_form`) builds no model and takes microseconds. :func:`count_macs` (``FlopCounterMode``) is the
-test oracle; :func:`expected_cost` is the differentiable form for expected widths (DMCP).
+(:func:`closed_form`) builds no model and takes microseconds. With per-layer bits, ``bytes`` and ``payload_bits``
+equal what :func:`autoprune.quantization.export` stores for the pruned, BN-folded, quantized candidate, to the
+byte: the rows of every stored tensor (and of each layer's output channels) are derived once per GroupSet from
+the folded graph (cached), and a call combines them with the bit-widths. :func:`count_macs`
+(``FlopCounterMode``) is the test oracle; :func:`expected_cost` is the differentiable form for expected widths
+(DMCP).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from autoprune.errors import ConfigError
 from autoprune.types import Candidate, CostReport, QuantSpec
@@ -53,6 +58,26 @@ def _affine(shape_d: int, entries: list[tuple[str, int, int]] | None, idx: Mappi
             const -= sizes[g] * s
             coef[idx[g]] += s
     return const, coef
+
+
+def _factors(name: str, shape: tuple[int, ...], dims: Mapping[int, list[tuple[str, int, int]]],
+             idx: Mapping[str, int], sizes: Mapping[str, int], p: int,
+             ) -> tuple[float, float, np.ndarray, float, np.ndarray]:
+    """``numel`` of a tensor as ``k·(a·w + a0)·(b·w + b0)`` (at most two width-dependent dims)."""
+    k = 1.0
+    factors: list[tuple[float, np.ndarray]] = []
+    for d, n in enumerate(shape):
+        const, coef = _affine(n, dims.get(d), idx, sizes, p)
+        if coef.any():
+            factors.append((const, coef))
+        else:
+            k *= const
+    if len(factors) > 2:
+        raise RuntimeError(f"tensor {name} depends on more than two channel groups; cannot price it")
+    while len(factors) < 2:
+        factors.append((1.0, np.zeros(p)))
+    (a0, a), (b0, b) = factors
+    return k, a0, a, b0, b
 
 
 def build_terms(prunable: list[str], sizes: Mapping[str, int],
@@ -99,22 +124,7 @@ def build_terms(prunable: list[str], sizes: Mapping[str, int],
     def tensor_row(t: str) -> int:
         if t in rows:
             return rows[t]
-        shape = tensor_shapes[t]
-        dims = tensor_dims.get(t, {})
-        k = 1.0
-        factors: list[tuple[float, np.ndarray]] = []
-        for d, n in enumerate(shape):
-            const, coef = _affine(n, dims.get(d), idx, sizes, p)
-            if coef.any():
-                factors.append((const, coef))
-            else:
-                k *= const
-        if len(factors) > 2:
-            raise RuntimeError(f"tensor {t} depends on more than two channel groups; cannot price it")
-        while len(factors) < 2:
-            factors.append((1.0, np.zeros(p)))
-        (a0, a), (b0, b) = factors
-        return add_row(t, k, a0, a, b0, b)
+        return add_row(t, *_factors(t, tensor_shapes[t], tensor_dims.get(t, {}), idx, sizes, p))
 
     macs_coef: dict[int, float] = {}
     layers: dict[str, dict[str, Any]] = {}
@@ -155,7 +165,7 @@ def build_terms(prunable: list[str], sizes: Mapping[str, int],
     )
 
 
-def _quadratic(terms: CostTerms, coef: np.ndarray, const: float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
+def _quadratic(terms: CostTerms | _Rows, coef: np.ndarray, const: float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
     """``Σ_r coef_r·row_r(w)`` as ``(K, λ, c0)`` with ``w·K·w + λ·w + c0`` (K symmetric)."""
     ck = coef * terms.k
     kmat = (terms.A * ck[:, None]).T @ terms.B
@@ -246,18 +256,44 @@ def width_vector(groups: GroupSet, widths: Mapping[str, int] | Candidate | None)
 
 
 def closed_form(groups: GroupSet, widths: Mapping[str, int] | Candidate | None = None,
-                bits: Mapping[str, QuantSpec] | None = None) -> CostReport:
+                bits: Mapping[str, QuantSpec] | None = None, *, fold_bn: bool = True,
+                asym_below: int = 4) -> CostReport:
     """Price a candidate without building it.
+
+    Without ``bits`` (or with an empty map) the candidate is the float model as built by
+    :func:`autoprune.pruning.apply`: ``bytes = 4·params`` and ``payload_bits = 32·params``.
+
+    With ``bits`` the candidate is ``quantization.apply(pruning.apply(model, groups, widths), bits,
+    fold_bn=fold_bn, asym_below=asym_below)`` and ``bytes`` / ``payload_bits`` equal ``size_bytes`` /
+    ``payload_bits`` of its :func:`autoprune.quantization.export` exactly (ENGINE.md §5.3):
+
+    * a quantized weight (``w_bits`` set) costs ``⌈n·b/8⌉`` packed bytes + ``2·C_out`` fp16 scales
+      (+ ``C_out`` uint8 zero points when ``b < asym_below``);
+    * every other stored tensor costs its numel × element size: float conv/linear weights (layers missing from
+      ``bits`` or with ``w_bits=None``), biases (folded convs gain a ``C_out`` bias), BatchNorm parameters and
+      buffers that were *not* folded (``num_batches_tracked`` is 8 bytes), ``Normalize`` buffers, constants;
+      BatchNorms folded into their conv store nothing; input quantizer ranges live in the JSON, not in bytes;
+    * ``payload_bits = Σ b·n`` over conv/linear weights, 32 bits for float ones (HAQ's metric);
+    * ``params`` stays the parameter count of the pruned float model (BatchNorm included).
+
+    ``bitops = Σ MACs·b_w·b_a`` per conv/linear layer with 32 for a float operand; MACs outside conv/linear
+    modules (matmul, attention, functional conv) count as 32×32. First/last-layer floors are the search space's
+    business (:func:`autoprune.quantization.apply` raises on them; this function prices any map).
 
     Args:
         groups: The analysed model.
         widths: Group id → kept channels (a :class:`~autoprune.types.Candidate` also works; its bits are used
             when ``bits`` is None). Groups not listed keep their full width.
-        bits: Layer name → :class:`~autoprune.types.QuantSpec`. Quantized weights cost ``ceil(n·b/8)`` bytes
-            plus ``2·C_out`` bytes of fp16 scales; float parameters 4 bytes each.
+        bits: Layer name → :class:`~autoprune.types.QuantSpec` (an int or ``(w_bits, a_bits)`` pair also works).
+            Layers not listed stay float.
+        fold_bn: As in :func:`autoprune.quantization.apply`.
+        asym_below: As in :func:`autoprune.quantization.apply`.
 
     Returns:
         :class:`~autoprune.types.CostReport` with per-sample MACs, params, bytes, bitops and payload bits.
+
+    Raises:
+        ConfigError: Unknown groups or layers, illegal widths or bit-widths.
     """
     if isinstance(widths, Candidate):
         if bits is None and widths.bits:
@@ -273,36 +309,185 @@ def closed_form(groups: GroupSet, widths: Mapping[str, int] | Candidate | None =
     if not bits:
         return CostReport(macs=macs_i, params=params_i, bytes=4 * params_i,
                           bitops=macs_i * FLOAT_BITS * FLOAT_BITS, payload_bits=FLOAT_BITS * params_i)
-    return _with_bits(groups, forms, w, macs, params_i, bits)
+    qf = _quant_forms(groups, fold_bn)
+    wq, ab = qf.bit_vectors(bits)
+    kf, lf, cf = qf.float_bytes
+    rows = qf.k * (qf.A @ w + qf.a0) * (qf.B @ w + qf.b0)  # exact integers in float64
+    n, cout = rows[:qf.n_layers], rows[qf.n_layers:]
+    quant = wq > 0
+    wbits = np.where(quant, wq, float(FLOAT_BITS))
+    # quantized weight: packed codes + fp16 scale (+ uint8 zero point below asym_below) instead of its float bytes
+    packed = np.ceil(n * wq / 8) + quant * (cout * (2.0 + (wq < asym_below)) - qf.weight_size * n)
+    nbytes = float(w @ kf @ w + lf @ w + cf) + float(packed.sum())
+    bitops = macs * FLOAT_BITS * FLOAT_BITS + float((qf.layer_macs * n) @ (wbits * ab - FLOAT_BITS * FLOAT_BITS))
+    return CostReport(macs=macs_i, params=params_i, bytes=round(nbytes), bitops=round(bitops),
+                      payload_bits=round(float(n @ wbits)))
 
 
-def _with_bits(groups: GroupSet, forms: dict[str, Any], w: np.ndarray, macs: float, params: int,
-               bits: Mapping[str, QuantSpec]) -> CostReport:
-    t = groups.cost_terms
-    assert t is not None
-    index = forms["layer_index"]
-    n_layers = len(index)
-    wb = np.full(n_layers, float(FLOAT_BITS))
-    ab = np.full(n_layers, float(FLOAT_BITS))
-    for layer, spec in bits.items():
-        i = index.get(layer)
-        if i is None:
-            close = ", ".join(sorted(index)[:8])
-            raise ConfigError(f"bits given for {layer!r}, which is not a conv/linear layer of the model",
-                              hint=f"quantizable layers include: {close}")
-        if spec.w_bits is not None:
-            wb[i] = spec.w_bits
-        if spec.a_bits is not None:
-            ab[i] = spec.a_bits
-    rows = t.k * (t.A @ w + t.a0) * (t.B @ w + t.b0)
-    n = np.rint(rows[forms["layer_weight"]])
-    cout = np.rint(rows[forms["layer_cout"]])
-    quant = wb < FLOAT_BITS
-    layer_macs = forms["layer_macs"] * rows[forms["layer_weight"]]
-    bitops = macs * FLOAT_BITS * FLOAT_BITS + float(layer_macs @ (wb * ab - FLOAT_BITS * FLOAT_BITS))
-    nbytes = 4 * params + int(np.sum(np.where(quant, np.ceil(n * wb / 8) + 2 * cout - 4 * n, 0.0)))
-    payload = FLOAT_BITS * params + int(np.sum((wb - FLOAT_BITS) * n))
-    return CostReport(macs=round(macs), params=params, bytes=nbytes, bitops=round(bitops), payload_bits=payload)
+# ----------------------------------------------------------------------------------------------------------------
+# Exact size of the exported quantized artifact
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Rows:
+    """Rows ``k·(A·w + a0)·(B·w + b0)`` (numel of a tensor, or a channel count, as a function of the widths)."""
+
+    k: np.ndarray
+    A: np.ndarray
+    a0: np.ndarray
+    B: np.ndarray
+    b0: np.ndarray
+
+    @classmethod
+    def stack(cls, rows: list[tuple[float, float, np.ndarray, float, np.ndarray]], p: int) -> _Rows:
+        """Rows from :func:`_factors` tuples."""
+        k, a0, a, b0, b = zip(*rows, strict=True) if rows else ((), (), (), (), ())
+        return cls(k=np.asarray(k, dtype=np.float64), A=np.asarray(a, dtype=np.float64).reshape(len(rows), p),
+                   a0=np.asarray(a0, dtype=np.float64), B=np.asarray(b, dtype=np.float64).reshape(len(rows), p),
+                   b0=np.asarray(b0, dtype=np.float64))
+
+
+@dataclass
+class _QuantForms(_Rows):
+    """What the quantized export stores, as functions of the widths (built once per GroupSet and ``fold_bn``).
+
+    ``float_bytes`` is the quadratic form ``(K, λ, c0)`` of the bytes of every stored tensor kept in float (all of
+    them, weights included). The rows are the weight numels of the quantizable layers (in
+    :func:`autoprune.quantization.quantizable_layers` order) followed by their output-channel counts.
+    """
+
+    float_bytes: tuple[np.ndarray, np.ndarray, float] = (np.zeros((0, 0)), np.zeros(0), 0.0)
+    names: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+    weight_size: np.ndarray = field(default_factory=lambda: np.zeros(0))  # element size of each float weight
+    layer_macs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per-sample MACs per weight element
+
+    @property
+    def n_layers(self) -> int:
+        """Number of quantizable layers."""
+        return len(self.names)
+
+    def bit_vectors(self, bits: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-layer weight bits (0 = float) and input bits (32 = float) of a bit assignment."""
+        index = self.index
+        if not index.keys() >= bits.keys():
+            raise _unknown_layer(next(k for k in bits if k not in index), self.names)
+        specs = [v if isinstance(v, QuantSpec) else _as_spec(k, v) for k, v in bits.items()]
+        cols = np.array([index[k] for k in bits], dtype=np.intp)
+        wq = np.zeros(len(index))
+        ab = np.full(len(index), float(FLOAT_BITS))
+        wq[cols] = np.array([s.w_bits or 0 for s in specs], dtype=np.float64)
+        ab[cols] = np.array([s.a_bits or FLOAT_BITS for s in specs], dtype=np.float64)
+        return wq, ab
+
+
+def _unknown_layer(layer: str, names: list[str]) -> ConfigError:
+    import difflib
+
+    close = difflib.get_close_matches(str(layer), names, n=1)
+    return ConfigError(
+        f"bits given for {layer!r}, which is not a conv/linear layer of the model"
+        + (f"; did you mean {close[0]!r}?" if close else ""),
+        hint=f"quantizable layers: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+
+
+def _as_spec(layer: str, value: Any) -> QuantSpec:
+    """Accept what :func:`autoprune.quantization.apply` accepts: a QuantSpec, an int / None, or a pair."""
+    try:
+        if value is None or isinstance(value, int):
+            return QuantSpec(value, None)
+        if isinstance(value, Mapping):
+            return QuantSpec(value.get("w_bits", 8), value.get("a_bits"))
+        if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+            return QuantSpec(value[0], value[1])
+    except ValueError as exc:
+        raise ConfigError(f"bits for layer {layer!r}: {exc}", hint="bit-widths are integers in 2..8 or None") from exc
+    raise ConfigError(f"bits for layer {layer!r} must be a QuantSpec, got {value!r}",
+                      hint="use QuantSpec(w_bits=4, a_bits=8)")
+
+
+def _stored_tensors(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
+    """What :func:`autoprune.serialize.encode_module` stores: parameters and buffers of every called module and
+    every ``get_attr`` tensor, tied tensors once (under their first name)."""
+    seen: set[int] = set()
+    out: list[tuple[str, torch.Tensor]] = []
+
+    def add(name: str, t: Any) -> None:
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            out.append((name, t))
+
+    done: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target not in done:
+            done.add(node.target)
+            sub = gm.get_submodule(node.target)
+            for n, t in [*sub.named_parameters(remove_duplicate=False), *sub.named_buffers(remove_duplicate=False)]:
+                add(f"{node.target}.{n}", t)
+        elif node.op == "get_attr":
+            obj: Any = gm
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            add(str(node.target), obj)
+    return out
+
+
+def _quant_forms(groups: GroupSet, fold_bn: bool) -> _QuantForms:
+    """Build (once per GroupSet and ``fold_bn``) the rows of the exported quantized artifact."""
+    key = f"quant:{fold_bn}"
+    cache = groups._cost_cache
+    if key in cache:
+        return cache[key]
+    import copy
+
+    from autoprune import quantization
+
+    forms = _forms(groups)
+    terms = groups.cost_terms
+    assert terms is not None
+    idx, p = forms["index"], len(groups.prunable_ids)
+    sizes = {g.id: g.size for g in groups}
+    gm = groups.graph_module
+    prepared = quantization.fold_batchnorm(gm) if fold_bn else copy.deepcopy(gm)
+    dims_of = groups.tensor_dims
+
+    def dims_for(name: str, t: torch.Tensor) -> dict[int, list[tuple[str, int, int]]]:
+        canon = groups.canonical(name)
+        if canon in groups.tensor_shapes and groups.tensor_shapes[canon] == tuple(t.shape):
+            return dims_of.get(canon, {})
+        module, _, leaf = name.rpartition(".")
+        if leaf == "bias" and t.dim() == 1:  # bias created by BN folding: follows the conv's output channels
+            wcanon = groups.canonical(f"{module}.weight")
+            if groups.tensor_shapes.get(wcanon, (None,))[0] == t.shape[0]:
+                return {0: dims_of.get(wcanon, {}).get(0, [])}
+        return {}  # not sliced by pruning: constant size
+
+    stored: list[tuple[float, float, np.ndarray, float, np.ndarray]] = []
+    esize: list[float] = []
+    for name, t in _stored_tensors(prepared):
+        stored.append(_factors(name, tuple(t.shape), dims_for(name, t), idx, sizes, p))
+        esize.append(float(t.element_size()))
+    names = quantization.quantizable_layers(prepared)
+    weights: list[tuple[float, float, np.ndarray, float, np.ndarray]] = []
+    couts: list[tuple[float, float, np.ndarray, float, np.ndarray]] = []
+    wsize, lmacs = [], []
+    for layer in names:
+        weight = prepared.get_submodule(layer).weight
+        wdims = dims_for(f"{layer}.weight", weight)
+        weights.append(_factors(f"{layer}.weight", tuple(weight.shape), wdims, idx, sizes, p))
+        couts.append(_factors(f"{layer}.weight#cout", (weight.shape[0],), {0: wdims.get(0, [])}, idx, sizes, p))
+        wsize.append(float(weight.element_size()))
+        info = terms.layers.get(layer)
+        lmacs.append(float(info["macs"]) if info is not None else 0.0)
+    rows = _Rows.stack(weights + couts, p)
+    qf = _QuantForms(
+        k=rows.k, A=rows.A, a0=rows.a0, B=rows.B, b0=rows.b0,
+        float_bytes=_quadratic(_Rows.stack(stored, p), np.asarray(esize, dtype=np.float64)),
+        names=names, index={n: i for i, n in enumerate(names)}, weight_size=np.asarray(wsize, dtype=np.float64),
+        layer_macs=np.asarray(lmacs, dtype=np.float64))
+    cache[key] = qf
+    return qf
 
 
 def min_cost(groups: GroupSet, *, round_to: int = 1, bits: Mapping[str, QuantSpec] | None = None) -> CostReport:

@@ -75,12 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse, also accepting the global ``--quiet`` after the subcommand."""
+    """Parse, also accepting the global ``--quiet`` after the subcommand, and ``key=value`` config overrides
+    of the campaign commands after their options (argparse stops collecting positionals at the first option)."""
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if a not in _GLOBAL_FLAGS]
+    if unknown and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in unknown):
+        args.overrides = [*args.overrides, *unknown]
+        unknown = []
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if extra:
+    if any(a in _GLOBAL_FLAGS for a in extra):
         args.quiet = True
     return args
 
@@ -114,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(
-            "\ninterrupted (checkpoints written so far are kept; `--resume` continues a training run)", file=sys.stderr
+            "\ninterrupted (what was written so far is kept: `--resume` continues a training run, the same "
+            "search/compare/worker command resumes a campaign)",
+            file=sys.stderr,
         )
         return EXIT_INTERRUPTED
 

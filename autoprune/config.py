@@ -42,12 +42,23 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """The data: ``val`` is carved from the training set; ``test`` is used only by final reports."""
+    """The data: ``val`` is carved from the training set; ``test`` is used only by final reports.
+
+    Attributes:
+        name: Dataset name (``autoprune list datasets``).
+        data_dir: Where the files are (relative paths are relative to the working directory).
+        val_size: Validation samples carved from the training set: a count (int) or a fraction (float < 1);
+            ``null`` takes the dataset's default (5000 for CIFAR, 10 % otherwise).
+        batch_size: Batch size of the training/calibration loader.
+        eval_batch_size: Batch size of the validation and test loaders.
+        seed: Seed of the validation split and of the loaders.
+    """
 
     name: str
     data_dir: str | None = None
-    val_size: float = 5000
+    val_size: int | float | None = None
     batch_size: int = 128
+    eval_batch_size: int = 512
     seed: int = 0
 
 
@@ -97,20 +108,64 @@ class EvaluatorConfig:
 
 @dataclass(frozen=True)
 class SearcherConfig:
-    """The searcher and its hyper-parameters (override the defaults in ``agents/hyperparams``)."""
+    """The searcher and its hyper-parameters (override the defaults in ``agents/hyperparams``).
+
+    Attributes:
+        name: Searcher name (``autoprune list searchers``).
+        kwargs: Hyper-parameters of ``name``.
+        agent_kwargs: Hyper-parameters per searcher name, for ``autoprune compare`` (``{ddpg: {...}}``);
+            ``kwargs`` still applies to ``name``.
+    """
 
     name: str = "tpe"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    agent_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def kwargs_for(self, agent: str) -> dict[str, Any]:
+        """Hyper-parameters of searcher ``agent``: ``agent_kwargs[agent]``, plus ``kwargs`` if it is ``name``."""
+        out = dict(self.agent_kwargs.get(agent) or {})
+        if agent == self.name:
+            out.update(self.kwargs)
+        return out
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """Final fine-tune and artifacts of ``autoprune export``."""
+    """Final fine-tune and artifacts of ``autoprune export``.
+
+    Attributes:
+        finetune: ``fixed`` (``epochs`` of SGD with a cosine schedule: the ``full`` evaluator), ``infcop``
+            (fine-tune until the flow is consistent with the dense network's: the ``infcop`` evaluator) or
+            ``none``.
+        epochs: Epochs of the ``fixed`` fine-tune (a fraction runs part of an epoch).
+        lr: Peak learning rate of the fine-tune.
+        kwargs: More settings of the fine-tuning evaluator (e.g. ``max_steps`` for ``infcop``).
+        calibration_batches: Training batches used to re-estimate BN statistics and to calibrate activation
+            quantizers.
+        formats: Deployment artifacts (``pt2``, ``torchscript``, ``onnx``); empty for none.
+        latency: Measure CPU latency of the original and the exported model for the model card.
+    """
 
     finetune: Literal["fixed", "infcop", "none"] = "fixed"
     epochs: float = 1.0
     lr: float = 0.01
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    calibration_batches: int = 20
     formats: list[str] = field(default_factory=lambda: ["pt2"])
+    latency: bool = True
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    """How processes sharing one campaign recognise each other's dead trials.
+
+    Every running trial carries its worker's host, process id and a heartbeat refreshed every
+    ``heartbeat_seconds``. A running trial counts as abandoned (and is marked ``interrupted``) when its
+    process is gone (same host) or its heartbeat is older than ``stale_seconds``.
+    """
+
+    heartbeat_seconds: float = 10.0
+    stale_seconds: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -129,7 +184,9 @@ class CampaignConfig:
     seed: int = 0
     storage: str | None = None
     output_dir: str | None = None
+    device: str | None = None
     export: ExportConfig = field(default_factory=ExportConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
 
     @property
     def out_dir(self) -> Path:
@@ -247,8 +304,13 @@ def _check_values(cfg: CampaignConfig) -> None:
         raise ConfigError(f"search_space.round_to: must be ≥ 1, got {cfg.search_space.round_to}")
     if cfg.dataset.batch_size < 1:
         raise ConfigError(f"dataset.batch_size: must be ≥ 1, got {cfg.dataset.batch_size}")
-    if cfg.dataset.val_size <= 0:
-        raise ConfigError(f"dataset.val_size: must be > 0 (a count or a fraction), got {cfg.dataset.val_size}")
+    if cfg.dataset.eval_batch_size < 1:
+        raise ConfigError(f"dataset.eval_batch_size: must be ≥ 1, got {cfg.dataset.eval_batch_size}")
+    val = cfg.dataset.val_size
+    if val is not None and (val <= 0 or (isinstance(val, float) and val >= 1)):
+        raise ConfigError(f"dataset.val_size: must be a count ≥ 1 or a fraction in (0, 1), got {val}",
+                          hint="e.g. 5000 or 0.1, or null for the dataset's default")
+    _check_campaign_extras(cfg)
     for b in cfg.search_space.w_bits:
         if not 2 <= b <= 8:
             raise ConfigError(f"search_space.w_bits: {b} is outside 2..8")
@@ -261,6 +323,22 @@ def _check_values(cfg: CampaignConfig) -> None:
     if not cfg.name or any(c in cfg.name for c in "/\\\0") or cfg.name in (".", ".."):
         raise ConfigError(f"name: {cfg.name!r} cannot be used as a directory name",
                           hint="use letters, digits, '-', '_' and '.'")
+
+
+def _check_campaign_extras(cfg: CampaignConfig) -> None:
+    """Checks of the searcher, export and workers sections."""
+    for agent, kw in cfg.searcher.agent_kwargs.items():
+        if not isinstance(kw, Mapping):
+            raise ConfigError(f"searcher.agent_kwargs.{agent}: expected a mapping of hyper-parameters, got {kw!r}")
+    if cfg.export.epochs <= 0:
+        raise ConfigError(f"export.epochs: must be > 0, got {cfg.export.epochs}")
+    if cfg.export.lr <= 0:
+        raise ConfigError(f"export.lr: must be > 0, got {cfg.export.lr}")
+    if cfg.export.calibration_batches < 1:
+        raise ConfigError(f"export.calibration_batches: must be ≥ 1, got {cfg.export.calibration_batches}")
+    if cfg.workers.heartbeat_seconds <= 0 or cfg.workers.stale_seconds <= cfg.workers.heartbeat_seconds:
+        raise ConfigError("workers: need heartbeat_seconds > 0 and stale_seconds > heartbeat_seconds, got "
+                          f"{cfg.workers.heartbeat_seconds} and {cfg.workers.stale_seconds}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -322,7 +400,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> CampaignConf
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(f"{p}: malformed YAML{where}: {getattr(exc, 'problem', exc)}",
+                          hint="fix the syntax there (indentation, brackets, quotes); see configs/ for examples"
+                          ) from None
     except RecursionError:
         raise ConfigError(f"{p}: YAML nesting is too deep") from None
     return config_from_dict(data, overrides)

@@ -1,0 +1,53 @@
+"""``autoprune compare CONFIG --agents a,b,c --seeds N``: several searchers on the identical problem.
+
+Every agent runs for every seed (``seed``, ``seed + 1``, ...) with the campaign's budget, evaluator and
+``n_trials``; the uniform baseline runs too. The leaderboard (best reward, best validation accuracy within the
+budget, candidates and time to reach the baseline's accuracy; mean ± std over seeds) is printed and saved as
+``leaderboard.csv`` and ``leaderboard.md`` in the campaign directory. Re-running resumes unfinished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from autoprune.commands.search import EXIT_INTERRUPTED, add_campaign_args, campaign_argv
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``autoprune compare``."""
+    p = subparsers.add_parser("compare", help="compare searchers × seeds on one campaign (leaderboard)",
+                              description=__doc__)
+    add_campaign_args(p)
+    p.add_argument("--agents", required=True, help="comma-separated searcher names, e.g. tpe,random,ddpg")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per agent (default: %(default)s)")
+    p.add_argument("--reference", default="uniform", help="baseline searcher to reach (default: %(default)s)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every agent × seed, then print and save the leaderboard."""
+    import sys
+
+    from autoprune.campaign import compare, open_campaign, summarize
+    from autoprune.config import load_config
+    from autoprune.errors import ConfigError
+    from autoprune.report import leaderboard_markdown, write_leaderboard
+
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be ≥ 1, got {args.seeds}")
+    agents = [a.strip() for a in args.agents.split(",") if a.strip()]
+    cfg = load_config(args.config, args.overrides)
+    argv = campaign_argv("compare", args, "--agents", ",".join(agents), "--seeds", str(args.seeds))
+    camp, store = open_campaign(cfg, argv=argv, role="compare")
+    dense = camp.problem.dense_cost.macs
+    board = compare(camp, store, agents, list(range(cfg.seed, cfg.seed + args.seeds)), quiet=args.quiet,
+                    reference=args.reference, on_result=lambda r: print(summarize(r, dense), flush=True))
+    csv, md = write_leaderboard(board, cfg.out_dir)
+    print()
+    print(leaderboard_markdown(board))
+    print(f"leaderboard: {md} and {csv}")
+    if board.attrs.get("interrupted"):
+        print("interrupted: finished trials are stored; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0

@@ -1,0 +1,441 @@
+"""Exporting a campaign's candidate: final fine-tune, standalone model, deployment artifact and model card.
+
+:func:`export_trial` takes one trial of a campaign (the best, or a given number), rebuilds its physically
+smaller network from the dense model, fine-tunes it (``export.finetune``: ``fixed`` epochs with the ``full``
+evaluator, ``infcop`` until the flow is consistent, or ``none``), quantizes and calibrates it when the
+candidate has bits, and measures its test accuracy. It then writes, under ``<campaign>/export/<trial>/``:
+
+* ``model/`` — the architecture as data (``arch.json`` + ``weights.pt``; :func:`autoprune.pruning.save_pruned`
+  or :func:`autoprune.quantization.save_quantized`), loadable with :func:`autoprune.serialize.load_module`
+  without the original model code;
+* ``deploy/`` — optional deployment artifacts (:func:`autoprune.serialize.export_deployment`);
+* ``MODEL_CARD.md`` and ``export.json`` — accuracy, MACs, parameters, size, CPU latency before and after,
+  per-layer widths and bits, and the commands that reproduce the model.
+
+Before reporting anything the export **reloads** the written model, re-evaluates it on the test split and
+compares: a different accuracy (or outputs that differ beyond float tolerance) raises
+:class:`ExportCheckError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from autoprune.errors import AutoPruneError, ConfigError
+from autoprune.types import Candidate, QuantSpec
+
+log = logging.getLogger("autoprune.export")
+
+EXPORT_DIR = "export"
+#: Largest tolerated difference between the in-memory and the reloaded model's logits.
+LOGIT_TOLERANCE = 1e-4
+
+
+class ExportCheckError(RuntimeError):
+    """The reloaded model does not reproduce the accuracy measured before saving (a bug, not a user error)."""
+
+
+@dataclass(frozen=True)
+class SelectedTrial:
+    """The trial being exported.
+
+    Attributes:
+        searcher: Searcher of its study.
+        seed: Seed of its study.
+        number: Trial number in the study.
+        candidate: Its candidate.
+        accuracy: Validation accuracy found during the search.
+        reward: Its reward.
+        macs: Closed-form MACs.
+    """
+
+    searcher: str
+    seed: int
+    number: int
+    candidate: Candidate
+    accuracy: float
+    reward: float | None
+    macs: int
+
+    @property
+    def label(self) -> str:
+        """``<searcher>-seed<seed>-trial<number>`` (the export's directory name)."""
+        return f"{self.searcher}-seed{self.seed}-trial{self.number}"
+
+
+_TRIAL_RE = re.compile(r"^(?:(?P<searcher>[A-Za-z0-9_.\-]+)/(?:seed(?P<seed>\d+)/)?)?(?P<number>\d+)$")
+
+
+def select_trial(df: pd.DataFrame, spec: str = "best", *, searcher: str | None = None,
+                 seed: int | None = None) -> SelectedTrial:
+    """Pick a trial from the campaign's trial table.
+
+    Args:
+        df: :meth:`~autoprune.store.TrialStore.to_dataframe` of the campaign.
+        spec: ``best`` (highest reward among completed, feasible trials of every study, ties to higher accuracy),
+            ``N`` (trial ``N`` of the study of ``searcher``/``seed``), ``SEARCHER/N`` or ``SEARCHER/seedS/N``.
+        searcher: Default searcher for ``N`` (and a filter for ``best``).
+        seed: Default seed for ``N`` (and a filter for ``best``).
+
+    Raises:
+        ConfigError: Malformed spec, no such trial, or a trial without a usable evaluation.
+    """
+    from autoprune.report import evaluated
+
+    ok = evaluated(df)
+    if spec == "best":
+        pick = ok
+        if searcher is not None:
+            pick = pick[pick["searcher"] == searcher]
+        if seed is not None:
+            pick = pick[pick["seed"] == seed]
+        if pick.empty:
+            raise ConfigError("the campaign has no completed candidate within the budget to export",
+                              hint="run (or resume) the search first: autoprune search CONFIG")
+        pick = pick.assign(_r=pick["reward"].astype(float).fillna(-math.inf), _a=pick["accuracy"].astype(float))
+        row = pick.sort_values(["_r", "_a", "macs", "number"], ascending=[False, False, True, True]).iloc[0]
+        return _selected(row)
+    m = _TRIAL_RE.match(spec.strip())
+    if m is None:
+        raise ConfigError(f"--trial {spec!r} is not 'best', a trial number, SEARCHER/N or SEARCHER/seedS/N",
+                          hint="e.g. --trial best, --trial 12, --trial tpe/seed0/12")
+    s = m.group("searcher") or searcher
+    sd = int(m.group("seed")) if m.group("seed") is not None else seed
+    number = int(m.group("number"))
+    rows = df[(df["searcher"] == s) & (df["seed"] == sd) & (df["number"] == number)]
+    if rows.empty:
+        studies = sorted({f"{a}/seed{b}" for a, b in zip(df["searcher"], df["seed"], strict=True)})
+        raise ConfigError(f"no trial {number} in study {s}/seed{sd}", hint=f"studies: {', '.join(studies)}")
+    if evaluated(rows).empty:
+        row = rows.iloc[0]
+        raise ConfigError(f"trial {s}/seed{sd}/{number} is {row['state']} (feasible: {row['feasible']}), "
+                          "not a completed candidate within the budget", hint="pick another trial, or --trial best")
+    return _selected(rows.iloc[0])
+
+
+def _selected(row: Any) -> SelectedTrial:
+    cand = Candidate.from_dict({"widths": row["widths"] or {}, "bits": row["bits"] or {}})
+    reward = None if row["reward"] is None or pd.isna(row["reward"]) else float(row["reward"])
+    return SelectedTrial(str(row["searcher"]), int(row["seed"]), int(row["number"]), cand, float(row["accuracy"]),
+                         reward, int(row["macs"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Steps
+
+
+def finetune(camp: Any, module: nn.Module, *, method: str, epochs: float, lr: float,
+             settings: Mapping[str, Any] | None = None, bn_batches: int = 20) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune a copy of ``module`` with the campaign's training data; return it and what was done.
+
+    BN statistics of the pruned network are re-estimated on ``bn_batches`` training batches before training
+    (the running statistics of the dense network no longer fit) and again at the end (the candidate was
+    scored that way during the search, and a short fine-tune leaves the running averages behind).
+
+    Args:
+        camp: The :class:`~autoprune.campaign.Campaign`.
+        module: The pruned network (not modified).
+        method: ``fixed`` (the ``full`` evaluator: ``epochs`` epochs, cosine schedule; a fractional number
+            of epochs runs that share of one epoch), ``infcop`` (the ``infcop`` evaluator) or ``none`` (only
+            the BN re-estimation).
+        epochs: Epochs for ``fixed``.
+        lr: Peak learning rate.
+        settings: More evaluator settings (``momentum``, ``max_steps`` for ``infcop``, ...).
+        bn_batches: Batches of the BN re-estimation.
+    """
+    from autoprune.campaign import make_evaluator
+    from autoprune.evaluate import recalibrate_bn
+    from autoprune.train import evaluate
+
+    def recalibrate(model: nn.Module) -> None:
+        camp.calib_loader.set_epoch(0)
+        recalibrate_bn(model, camp.calib_loader, bn_batches)
+
+    if method == "none":
+        work = copy.deepcopy(module)
+        recalibrate(work)
+        return work.eval(), {"method": "none", "bn_batches": bn_batches}
+    kw: dict[str, Any] = {"lr": lr, "bn_calibration": bn_batches, **dict(settings or {})}
+    if method == "fixed":
+        name = "full"
+        if float(epochs).is_integer():
+            kw.setdefault("epochs", int(epochs))
+        else:
+            kw.setdefault("epochs", 1)
+            kw.setdefault("steps_per_epoch", max(1, round(len(camp.train_loader) * float(epochs))))
+    elif method == "infcop":
+        name = "infcop"
+    else:
+        raise ConfigError(f"unknown fine-tune method {method!r}", hint="use fixed, infcop or none")
+    ev = make_evaluator(camp.config, name, kw, model=camp.model, train_loader=camp.train_loader,
+                        calib_loader=camp.calib_loader, val_loader=camp.val_loader)
+    work = copy.deepcopy(module).to(ev.device)
+    torch.manual_seed(camp.config.seed)
+    camp.train_loader.set_epoch(0)
+    camp.calib_loader.set_epoch(0)
+    outcome = ev._run(work, None)  # the evaluator's training, on our own copy (we keep the weights)
+    work = work.cpu()
+    recalibrate(work)
+    val = evaluate(work, camp.val_loader, desc="val")
+    info = {"method": method, "evaluator": name, "settings": {k: v for k, v in kw.items() if _plain(v)},
+            "val_accuracy": float(val.top1), "bn_batches": bn_batches,
+            **{k: v for k, v in outcome.extra.items() if k in ("steps", "epochs", "stop_reason")}}
+    return work.eval(), info
+
+
+def _plain(v: Any) -> bool:
+    return isinstance(v, str | int | float | bool | type(None)) or (
+        isinstance(v, list | tuple) and all(isinstance(x, str | int | float) for x in v))
+
+
+def quantize(camp: Any, module: nn.Module, bits: Mapping[str, QuantSpec], batches: int) -> nn.Module:
+    """Fake-quantize ``module`` with ``bits``, calibrate its input quantizers and freeze its weight scales."""
+    from autoprune import quantization
+
+    qm = quantization.apply(module, dict(bits), first_last_min_bits=camp.config.search_space.first_last_min_bits)
+    camp.calib_loader.set_epoch(0)
+    quantization.calibrate(qm, camp.calib_loader, batches=batches)
+    quantization.freeze(qm)
+    return qm.eval()
+
+
+def _test(model: nn.Module, loader: Any) -> tuple[float, float, int]:
+    from autoprune.train import evaluate
+
+    m = evaluate(model, loader, desc="test")
+    return float(m.top1), float(m.loss), int(m.samples)
+
+
+def _max_logit_diff(a: nn.Module, b: nn.Module, loader: Any) -> float:
+    x, _ = next(iter(loader))
+    with torch.inference_mode():
+        return float((a.eval()(x) - b.eval()(x)).abs().max())
+
+
+def _latency(models: Mapping[str, nn.Module], example: torch.Tensor) -> dict[str, dict[str, float]]:
+    from autoprune.latency import compare_latency
+
+    res = compare_latency(dict(models), example, rounds=3, threads=1, min_run_time=0.1)
+    return {k: {"median_ms": v.median_ms, "iqr_ms": v.iqr_ms} for k, v in res.items()}
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_trial` wrote and measured.
+
+    Attributes:
+        out_dir: The export directory.
+        model_dir: The standalone model (``arch.json`` + ``weights.pt``).
+        card: ``MODEL_CARD.md``.
+        metrics: Everything in ``export.json``.
+        deployment: Deployment format → file.
+    """
+
+    out_dir: Path
+    model_dir: Path
+    card: Path
+    metrics: dict[str, Any]
+    deployment: dict[str, Path] = field(default_factory=dict)
+
+
+def export_trial(camp: Any, trial: SelectedTrial, *, out_dir: str | os.PathLike[str] | None = None,
+                 finetune_method: str | None = None, epochs: float | None = None,
+                 formats: Sequence[str] | None = None, measure_latency: bool | None = None,
+                 command: str = "", search_command: str = "") -> ExportResult:
+    """Fine-tune, save, reload-check and describe ``trial`` of the campaign ``camp``.
+
+    Args:
+        camp: The :class:`~autoprune.campaign.Campaign`.
+        trial: The trial (:func:`select_trial`).
+        out_dir: Export directory (default ``<campaign>/export/<searcher>-seed<S>-trial<N>``).
+        finetune_method: Override of ``export.finetune``.
+        epochs: Override of ``export.epochs``.
+        formats: Override of ``export.formats`` (deployment artifacts; empty for none).
+        measure_latency: Override of ``export.latency``.
+        command: The export command line (for the model card).
+        search_command: The search command line (for the model card).
+
+    Raises:
+        ExportCheckError: If the reloaded model does not reproduce the measured accuracy.
+    """
+    from autoprune import pruning, serialize
+
+    cfg = camp.config
+    ecfg = cfg.export
+    out = Path(out_dir) if out_dir is not None else cfg.out_dir / EXPORT_DIR / trial.label
+    out.mkdir(parents=True, exist_ok=True)
+    cand = trial.candidate
+    camp.space.validate(cand)
+    log.info("exporting %s: val accuracy %.4f during the search", trial.label, trial.accuracy)
+
+    pruned = pruning.apply(camp.model, camp.groups, dict(cand.widths), importance=cfg.search_space.importance,
+                           round_to=cfg.search_space.round_to)
+    tuned, ft_info = finetune(camp, pruned, method=finetune_method or ecfg.finetune,
+                              epochs=ecfg.epochs if epochs is None else epochs, lr=ecfg.lr, settings=ecfg.kwargs,
+                              bn_batches=ecfg.calibration_batches)
+    final = quantize(camp, tuned, cand.bits, ecfg.calibration_batches) if cand.bits else tuned
+    test_acc, test_loss, n_test = _test(final, camp.test_loader)
+    dense_acc, dense_loss, _ = _test(camp.model, camp.test_loader)
+
+    cost, dense_cost = camp.problem.cost(cand), camp.problem.dense_cost
+    meta = {"campaign": cfg.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "trial": trial.label,
+            "candidate": cand.to_dict(), "test_accuracy": test_acc, "cost": cost.to_dict()}
+    model_dir = out / "model"
+    if cand.bits:
+        from autoprune import quantization
+
+        quantization.save_quantized(final, model_dir, camp.example_input, metadata=meta)
+    else:
+        pruning.save_pruned(final, model_dir, camp.example_input, metadata=meta)
+
+    reloaded = serialize.load_module(model_dir)
+    re_acc, _, _ = _test(reloaded, camp.test_loader)
+    diff = _max_logit_diff(final, reloaded, camp.test_loader)
+    check = {"test_accuracy": test_acc, "reloaded_test_accuracy": re_acc, "max_logit_difference": diff,
+             "passed": re_acc == test_acc and diff <= LOGIT_TOLERANCE}
+
+    deployment: dict[str, Path] = {}
+    deploy_error = None
+    fmts = list(ecfg.formats if formats is None else formats)
+    if fmts:
+        try:
+            deployment = serialize.export_deployment(reloaded, camp.example_input, out / "deploy", formats=fmts)
+        except AutoPruneError as exc:
+            deploy_error = exc.message.strip().splitlines()[0]
+            log.warning("deployment export failed: %s", exc.message)
+    latency = _latency({"original": camp.model, "exported": reloaded}, camp.example_input) \
+        if (ecfg.latency if measure_latency is None else measure_latency) else {}
+
+    metrics: dict[str, Any] = {
+        "campaign": cfg.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "trial": trial.label,
+        "searcher": trial.searcher, "seed": trial.seed, "number": trial.number,
+        "search_val_accuracy": trial.accuracy, "search_reward": trial.reward,
+        "finetune": ft_info, "test_samples": n_test,
+        "original": {"test_accuracy": dense_acc, "test_loss": dense_loss, **dense_cost.to_dict()},
+        "exported": {"test_accuracy": test_acc, "test_loss": test_loss, **cost.to_dict(),
+                     "file_bytes": _dir_bytes(model_dir)},
+        "check": check, "latency": latency,
+        "deployment": {k: str(v) for k, v in deployment.items()}, "deployment_error": deploy_error,
+        "candidate": cand.to_dict(), "command": command, "search_command": search_command,
+        "files": {"model": str(model_dir), "card": str(out / "MODEL_CARD.md")},
+    }
+    (out / "export.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")
+    if not check["passed"]:
+        raise ExportCheckError(
+            f"the exported model in {model_dir} does not reproduce the measured accuracy: test accuracy "
+            f"{test_acc:.6f} before saving, {re_acc:.6f} after reloading (max logit difference {diff:.3g})")
+    card = out / "MODEL_CARD.md"
+    card.write_text(model_card(camp, trial, metrics), encoding="utf-8")
+    return ExportResult(out, model_dir, card, metrics, deployment)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model card
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f} %"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.1%}" if b else "–"
+
+
+def layer_table(camp: Any, cand: Candidate) -> pd.DataFrame:
+    """Per searched group: its producing layers, original and kept width, keep ratio (and bits per layer)."""
+    from autoprune.search_spaces import producers
+
+    gs = {g.id: g for g in camp.groups.prunable()}
+    rows = []
+    for g in camp.space.groups:
+        kept = int(cand.widths.get(g.group_id, g.size))
+        layers = producers(gs[g.group_id]) if g.group_id in gs else []
+        rows.append({"group": g.group_id, "layers": ", ".join(layers), "original": g.size, "kept": kept,
+                     "keep ratio": f"{kept / g.size:.2f}"})
+    table = pd.DataFrame(rows, columns=["group", "layers", "original", "kept", "keep ratio"])
+    if cand.bits:
+        bits_rows = [{"layer": name, "w_bits": spec.w_bits, "a_bits": spec.a_bits if spec.a_bits else "float"}
+                     for name, spec in cand.bits.items()]
+        table.attrs["bits"] = pd.DataFrame(bits_rows, columns=["layer", "w_bits", "a_bits"])
+    return table
+
+
+def model_card(camp: Any, trial: SelectedTrial, m: Mapping[str, Any]) -> str:
+    """The Markdown model card of an export."""
+    from autoprune.report import to_markdown
+
+    o, e = m["original"], m["exported"]
+    lat = m.get("latency") or {}
+    ft = m["finetune"]
+    rows = [
+        ("test accuracy", _pct(o["test_accuracy"]), _pct(e["test_accuracy"]), ""),
+        ("MACs", f"{o['macs']:,}", f"{e['macs']:,}", _ratio(e["macs"], o["macs"])),
+        ("parameters", f"{o['params']:,}", f"{e['params']:,}", _ratio(e["params"], o["params"])),
+        ("size (bytes, closed form)", f"{o['bytes']:,}", f"{e['bytes']:,}", _ratio(e["bytes"], o["bytes"])),
+        ("files on disk (bytes)", "", f"{e['file_bytes']:,}", ""),
+    ]
+    if lat:
+        ol, el = lat["original"], lat["exported"]
+        rows.append(("CPU latency, batch 1, 1 thread (ms)", f"{ol['median_ms']:.3f} ± {ol['iqr_ms']:.3f}",
+                     f"{el['median_ms']:.3f} ± {el['iqr_ms']:.3f}", _ratio(el["median_ms"], ol["median_ms"])))
+    summary = pd.DataFrame(rows, columns=["", "original", "exported", "exported / original"])
+    layers = layer_table(camp, trial.candidate)
+    ft_text = {"none": "none",
+               "fixed": f"{ft.get('epochs', '?')} epoch(s), {ft.get('steps', '?')} SGD steps in all, cosine LR "
+                        f"from {ft.get('settings', {}).get('lr', '?')} (`full` evaluator)",
+               "infcop": f"InfCoP, {ft.get('steps', '?')} steps, stopped by `{ft.get('stop_reason', '?')}`",
+               }[ft["method"]]
+    check = m["check"]
+    parts = [
+        f"# Model card: {m['model']} compressed on {m['dataset']} ({m['campaign']})\n",
+        f"Candidate **{trial.label}** (searcher `{trial.searcher}`, seed {trial.seed}, trial {trial.number}); "
+        f"validation accuracy during the search {_pct(trial.accuracy)}"
+        + (f", reward {trial.reward:.4f}" if trial.reward is not None else "") + ".\n",
+        f"Final fine-tune: {ft_text}" + (f"; validation accuracy after it {_pct(ft.get('val_accuracy'))}"
+                                          if "val_accuracy" in ft else "") + ".\n",
+        "## Results (test split)\n",
+        to_markdown(summary),
+        f"Reload check: the saved model was reloaded without the model code and re-evaluated: test accuracy "
+        f"{_pct(check['reloaded_test_accuracy'])}, largest logit difference {check['max_logit_difference']:.2e} "
+        f"({'passed' if check['passed'] else 'FAILED'}). {m['test_samples']} test images.\n",
+        "## Per-layer widths\n",
+        to_markdown(layers),
+    ]
+    if "bits" in layers.attrs:
+        parts += ["## Per-layer bits", to_markdown(layers.attrs["bits"])]
+    files = [
+        f"- `model/` — architecture as data (`arch.json`) and weights (`weights.pt`). Load with "
+        f"`from autoprune.serialize import load_module; model = load_module(\"{m['files']['model']}\")` "
+        "(no model code needed; tensors are read with `weights_only=True`). Inputs are images in [0, 1] of "
+        f"shape {tuple(camp.example_input.shape[1:])}; the model normalises them itself."]
+    files += [f"- `deploy/{Path(path).name}` — deployment artifact ({fmt})."
+              for fmt, path in (m.get("deployment") or {}).items()]
+    if m.get("deployment_error"):
+        files.append(f"- deployment export failed: {m['deployment_error']}")
+    files.append("- `export.json` — every number on this card.")
+    commands = [c for c in (m.get("search_command"), m.get("command")) if c]
+    parts += ["## Files", "\n".join(files)]
+    if commands:
+        parts += ["## Reproduce", "```sh\n" + "\n".join(commands) + "\n```"]
+    return "\n".join(p.strip("\n") + "\n" for p in parts)

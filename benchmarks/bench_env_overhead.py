@@ -18,16 +18,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from autoprune.envs import LayerwiseCompressionEnv
-from autoprune.search_spaces import build_space
 
 from autoprune import graph
 from autoprune._imports import is_available
 from autoprune.data import load_dataset, make_loader
+from autoprune.envs import LayerwiseCompressionEnv
 from autoprune.evaluate import AdaptiveBNEvaluator
 from autoprune.models import build_model
 from autoprune.models.checkpoint import load_checkpoint
 from autoprune.problem import Problem
+from autoprune.search_spaces import build_space
 from autoprune.types import Candidate, CostReport, EvalResult
 from benchmarks._common import CIFAR10_DIR, WEIGHTS_DIR, write_result
 

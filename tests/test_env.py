@@ -10,9 +10,6 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from autoprune.envs import ENV_IDS, LayerwiseCompressionEnv, legalize_bits, make_env
-from autoprune.envs.embedding import PRUNE_STATIC, QUANT_STATIC, StateEmbedding, collect_layer_stats
-from autoprune.envs.layerwise import keep_ratio, pick_bits
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +17,9 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from torch import nn
 
 from autoprune._imports import is_available
+from autoprune.envs import ENV_IDS, LayerwiseCompressionEnv, legalize_bits, make_env
+from autoprune.envs.embedding import PRUNE_STATIC, QUANT_STATIC, StateEmbedding, collect_layer_stats
+from autoprune.envs.layerwise import keep_ratio, pick_bits
 from autoprune.errors import ConfigError
 from autoprune.objectives import Budget, make_reward
 from autoprune.problem import GroupChoice, LayerChoice, SearchSpace
@@ -488,11 +488,10 @@ class ConstantEvaluator:
 
 
 def _real_problem(model_name: str = "resnet20", quantize: bool = False, round_to: int = 1):
-    from autoprune.search_spaces import build_space
-
     from autoprune import graph
     from autoprune.models import build_model
     from autoprune.problem import Problem
+    from autoprune.search_spaces import build_space
 
     model = build_model(model_name).eval()
     x = torch.rand(1, 3, 32, 32)

@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from autoprune.envs import LayerwiseCompressionEnv, make_env
-from autoprune.search_spaces import build_space
 
 from autoprune import graph
 from autoprune._imports import is_available
 from autoprune.data import load_dataset, make_loader
+from autoprune.envs import LayerwiseCompressionEnv, make_env
 from autoprune.evaluate import AdaptiveBNEvaluator, PlainEvaluator
 from autoprune.models import build_model
 from autoprune.models.checkpoint import load_checkpoint
 from autoprune.problem import Problem
+from autoprune.search_spaces import build_space
 from autoprune.types import Candidate
 
 pytestmark = pytest.mark.slow

@@ -8,6 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
+
+from autoprune import graph, pruning
+from autoprune.errors import ConfigError
+from autoprune.models import build_model
+from autoprune.problem import SearchSpace
 from autoprune.search_spaces import (
     SEARCH_SPACES,
     build_space,
@@ -16,12 +22,6 @@ from autoprune.search_spaces import (
     producers,
     quantizable_layers,
 )
-from torch import nn
-
-from autoprune import graph, pruning
-from autoprune.errors import ConfigError
-from autoprune.models import build_model
-from autoprune.problem import SearchSpace
 
 
 @cache

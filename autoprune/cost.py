@@ -6,7 +6,8 @@ conv/linear term is bilinear in two group widths, so
 
     cost(w) = Σ κ_ij·w_i·w_j + Σ λ_i·w_i + c0
 
-with coefficients built once by :func:`autoprune.graph.analyze` (:func:`build_terms`). Pricing a candidate
+with coefficients built once by :func:`autoprune.graph.analyze` (:func:`build_terms`); a grouped conv's weight
+numel is ``k_h·k_w/g · C_out(w) · C_in(w)`` (widths not divisible by a group's divisor are refused). Pricing a candidate
 (:func:`closed_form`) builds no model and takes microseconds. With per-layer bits, ``bytes`` and ``payload_bits``
 equal what :func:`autoprune.quantization.export` stores for the pruned, BN-folded, quantized candidate, to the
 byte: the rows of every stored tensor (and of each layer's output channels) are derived once per GroupSet from
@@ -61,13 +62,19 @@ def _affine(shape_d: int, entries: list[tuple[str, int, int]] | None, idx: Mappi
 
 
 def _factors(name: str, shape: tuple[int, ...], dims: Mapping[int, list[tuple[str, int, int]]],
-             idx: Mapping[str, int], sizes: Mapping[str, int], p: int,
+             idx: Mapping[str, int], sizes: Mapping[str, int], p: int, grouped: Mapping[int, int] | None = None,
              ) -> tuple[float, float, np.ndarray, float, np.ndarray]:
-    """``numel`` of a tensor as ``k·(a·w + a0)·(b·w + b0)`` (at most two width-dependent dims)."""
+    """``numel`` of a tensor as ``k·(a·w + a0)·(b·w + b0)`` (at most two width-dependent dims).
+
+    A dim in ``grouped`` (``dim -> g``, the input dim of a grouped conv weight) holds ``C_in/g`` entries while its
+    ``dims`` entries count along the virtual ``C_in`` axis: it enters as ``C_in(w) / g`` (the ``1/g`` goes to ``k``).
+    """
     k = 1.0
     factors: list[tuple[float, np.ndarray]] = []
     for d, n in enumerate(shape):
-        const, coef = _affine(n, dims.get(d), idx, sizes, p)
+        g = (grouped or {}).get(d, 1)
+        const, coef = _affine(n * g, dims.get(d), idx, sizes, p)
+        k /= g
         if coef.any():
             factors.append((const, coef))
         else:
@@ -84,7 +91,8 @@ def build_terms(prunable: list[str], sizes: Mapping[str, int],
                 tensor_dims: Mapping[str, Mapping[int, list[tuple[str, int, int]]]],
                 tensor_shapes: Mapping[str, tuple[int, ...]], mac_terms: list[tuple[str, float]],
                 macs_const: float, batch: int, param_names: set[str],
-                module_roles: Mapping[tuple[str, str], Any], canon: Mapping[str, str]) -> CostTerms:
+                module_roles: Mapping[tuple[str, str], Any], canon: Mapping[str, str], *,
+                grouped: Mapping[str, Mapping[int, int]] | None = None) -> CostTerms:
     """Build the per-tensor cost rows of a model (see :class:`autoprune.graph.CostTerms`).
 
     Args:
@@ -98,8 +106,11 @@ def build_terms(prunable: list[str], sizes: Mapping[str, int],
         param_names: Canonical names of the parameters (counted in ``params``).
         module_roles: ``(module, role) -> (full, entries)`` from the analysis (unused here, kept for layers).
         canon: Any tensor name -> canonical name.
+        grouped: ``tensor -> {dim: groups}`` for the input dims of grouped conv weights (see :func:`_factors`).
     """
     from autoprune.graph import CostTerms
+
+    grouped = grouped or {}
 
     idx = {g: i for i, g in enumerate(prunable)}
     p = len(prunable)
@@ -124,7 +135,7 @@ def build_terms(prunable: list[str], sizes: Mapping[str, int],
     def tensor_row(t: str) -> int:
         if t in rows:
             return rows[t]
-        return add_row(t, *_factors(t, tensor_shapes[t], tensor_dims.get(t, {}), idx, sizes, p))
+        return add_row(t, *_factors(t, tensor_shapes[t], tensor_dims.get(t, {}), idx, sizes, p, grouped.get(t)))
 
     macs_coef: dict[int, float] = {}
     layers: dict[str, dict[str, Any]] = {}
@@ -184,6 +195,7 @@ def _forms(gs: GroupSet) -> dict[str, Any]:
         cache["params"] = _quadratic(t, t.params_coef)
         cache["index"] = {g: i for i, g in enumerate(gs.prunable_ids)}
         cache["full"] = np.asarray([gs[g].size for g in gs.prunable_ids], dtype=np.float64)
+        cache["divisor"] = [gs[g].divisor for g in gs.prunable_ids]
         names = list(t.layers)
         cache["layer_index"] = {name: i for i, name in enumerate(names)}
         cache["layer_weight"] = np.asarray([t.layers[n]["weight"] for n in names], dtype=np.int64)
@@ -251,6 +263,8 @@ def width_vector(groups: GroupSet, widths: Mapping[str, int] | Candidate | None)
         if not 1 <= v <= forms["full"][i]:
             raise ConfigError(f"width {v} for group {gid!r} is outside 1..{int(forms['full'][i])}",
                               hint="widths count kept channels; use a value between 1 and the group size")
+        if v % forms["divisor"][i]:
+            groups[gid].check_width(int(v))
         w[i] = v
     return w
 
@@ -312,7 +326,7 @@ def closed_form(groups: GroupSet, widths: Mapping[str, int] | Candidate | None =
     qf = _quant_forms(groups, fold_bn)
     wq, ab = qf.bit_vectors(bits)
     kf, lf, cf = qf.float_bytes
-    rows = qf.k * (qf.A @ w + qf.a0) * (qf.B @ w + qf.b0)  # exact integers in float64
+    rows = np.rint(qf.k * (qf.A @ w + qf.a0) * (qf.B @ w + qf.b0))  # integers (k = k_h·k_w/g for grouped convs)
     n, cout = rows[:qf.n_layers], rows[qf.n_layers:]
     quant = wq > 0
     wbits = np.where(quant, wq, float(FLOAT_BITS))
@@ -463,10 +477,16 @@ def _quant_forms(groups: GroupSet, fold_bn: bool) -> _QuantForms:
                 return {0: dims_of.get(wcanon, {}).get(0, [])}
         return {}  # not sliced by pruning: constant size
 
+    def grouped_for(name: str, t: torch.Tensor) -> Mapping[int, int] | None:
+        canon = groups.canonical(name)
+        if groups.tensor_shapes.get(canon) == tuple(t.shape):
+            return groups.grouped_dims.get(canon)
+        return None
+
     stored: list[tuple[float, float, np.ndarray, float, np.ndarray]] = []
     esize: list[float] = []
     for name, t in _stored_tensors(prepared):
-        stored.append(_factors(name, tuple(t.shape), dims_for(name, t), idx, sizes, p))
+        stored.append(_factors(name, tuple(t.shape), dims_for(name, t), idx, sizes, p, grouped_for(name, t)))
         esize.append(float(t.element_size()))
     names = quantization.quantizable_layers(prepared)
     weights: list[tuple[float, float, np.ndarray, float, np.ndarray]] = []
@@ -475,7 +495,8 @@ def _quant_forms(groups: GroupSet, fold_bn: bool) -> _QuantForms:
     for layer in names:
         weight = prepared.get_submodule(layer).weight
         wdims = dims_for(f"{layer}.weight", weight)
-        weights.append(_factors(f"{layer}.weight", tuple(weight.shape), wdims, idx, sizes, p))
+        weights.append(_factors(f"{layer}.weight", tuple(weight.shape), wdims, idx, sizes, p,
+                                grouped_for(f"{layer}.weight", weight)))
         couts.append(_factors(f"{layer}.weight#cout", (weight.shape[0],), {0: wdims.get(0, [])}, idx, sizes, p))
         wsize.append(float(weight.element_size()))
         info = terms.layers.get(layer)

@@ -9,8 +9,29 @@ union-find. An atom can be refined into sub-ranges when only part of it is coupl
 zero-pad on channels (option-A shortcuts: the pad amounts follow the widths of the padded ranges), ``split`` with
 explicit sizes (rewritten on apply) and ``chunk`` (the equal pieces are tied). Anything without a rule freezes
 the channels it touches, so a missing rule makes pruning less aggressive but never produces a broken model.
-Submodules that ``torch.fx`` cannot trace become opaque leaves with frozen boundaries (there is no
-``torch.export`` front-end yet).
+
+Grouped convolutions (``1 < groups``, not depthwise; ``groups == out_channels != in_channels`` is grouped, and a
+conv with ``out_channels == 1`` has ``groups == 1``) require the same number of kept channels in each of their
+``g`` input blocks and ``g`` output blocks. These constraints become group divisors (legal widths are multiples,
+:func:`autoprune.pruning.plan` keeps the top ``width / divisor`` channels of every block, and each output block
+of the conv keeps the columns of its own input block). When a conv's blocks mix channel groups unevenly (e.g. a
+concat straddling the blocks) the channels are frozen with a reason, as is a group whose divisor leaves no
+smaller width (one channel per block, e.g. the input of a depth-multiplier conv).
+
+**torch.export front-end.** When ``torch.fx`` fails on the model or on a submodule (e.g. ``list(x.chunk(2, 1))``
+in a YOLOv8 C2f block: "Proxy object cannot be iterated"), that module is exported with ``torch.export.export``
+(on the inputs of its first call, batch repeated twice so that the batch size stays symbolic) and rebuilt as an
+fx graph: each call of a ``torch.nn`` leaf (or opaque) module, found through ``node.meta["nn_module_stack"]``,
+becomes a ``call_module`` of the same submodule, and the other ATen ops are mapped to torch functions the rules
+know (activations, arithmetic, cat/chunk/split, reductions, reshape/view, permute, pooling, pad, slicing,
+functional conv/linear, symbolic ``size``). The rebuilt module must reproduce the original outputs on every
+captured call and on the doubled batch; the model is then traced again with it inlined, so it yields the same
+groups as a traceable equivalent (``a, b = x.split(c, 1)``). Not supported, hence still opaque leaves with
+frozen boundaries and the failure in the reason: data-dependent control flow (torch.export cannot guard on it
+either), keyword or non-tensor inputs, ATen ops outside the table (``cumsum``, in-place writes such as
+``fill_``/``copy_``, interpolation, ``batch_norm`` called functionally, …), modules that create tensor
+constants, and leaf modules whose ATen ops are used outside the call. ``analyze(..., use_export=False)``
+switches the front-end off.
 
 The analysis also records, for every parameter and buffer, how each of its dimensions depends on the group
 widths. :mod:`autoprune.pruning` slices tensors with it and :mod:`autoprune.cost` prices candidates with it
@@ -78,6 +99,10 @@ class TensorSlice:
 
     Channel ``c`` of the group occupies positions ``offset + c·stride … offset + (c+1)·stride − 1`` of
     dimension ``dim`` of the tensor ``tensor`` (a qualified name in the traced graph module).
+
+    ``groups > 1`` marks the input dim of a grouped conv weight ``[C_out, C_in/g, …]``: positions then count
+    along the *virtual* input axis of ``C_in`` channels (block ``i`` of ``C_in/g`` input channels feeds only the
+    output rows of block ``i``), not along the stored dim.
     """
 
     tensor: str
@@ -86,6 +111,7 @@ class TensorSlice:
     stride: int
     role: str
     module: str
+    groups: int = 1
 
     @property
     def param_name(self) -> str:
@@ -103,7 +129,8 @@ class ChannelGroup:
         members: Every module (and role) the group appears in, in execution order.
         frozen: True when the group may not be pruned; ``reason`` says why.
         reason: Why the group is frozen (empty for prunable groups).
-        divisor: Legal widths are multiples of this (1 unless a grouped op requires otherwise).
+        divisor: Legal widths are multiples of this (1 unless a grouped conv requires otherwise): the channels
+            form ``divisor`` equal consecutive blocks and every block keeps ``width / divisor`` channels.
         min_width: Smallest legal width.
         macs: MACs (per sample) whose value depends on this group's width, at full width.
         params: Parameters whose count depends on this group's width, at full width.
@@ -135,6 +162,22 @@ class ChannelGroup:
     def prunable(self) -> bool:
         """True when the group has a producer and no frozen atom."""
         return not self.frozen and any(m.role == "out" for m in self.members)
+
+    def check_width(self, width: int) -> None:
+        """Raise unless ``width`` is a multiple of :attr:`divisor` (range checks are the caller's business).
+
+        Raises:
+            ConfigError: Naming the divisor and the legal multiples.
+        """
+        d = self.divisor
+        if width % d == 0:
+            return
+        legal = list(range(d, self.size + 1, d))
+        shown = ", ".join(map(str, legal[:8])) + (" …" if len(legal) > 8 else "")
+        raise ConfigError(
+            f"width {width} for group {self.id!r} is not a multiple of {d}: a grouped conv needs the same number "
+            f"of kept channels in each of the group's {d} channel blocks",
+            hint=f"use a multiple of {d} (legal widths: {shown}; pruning.legal_widths(group) lists them)")
 
     def layers(self, role: str | None = None) -> list[str]:
         """Module names of the members (optionally of one role), without duplicates, in order."""
@@ -294,8 +337,270 @@ def _normalize_type() -> tuple[type, ...]:
     return (Normalize,)
 
 
-def _trace(model: nn.Module, opaque: Sequence[Any]) -> tuple[fx.GraphModule, dict[str, str]]:
-    """Trace ``model``; untraceable submodules become leaves. Returns the graph module and leaf reasons."""
+# ----------------------------------------------------------------------------------------------------------------
+# torch.export front-end (for modules torch.fx cannot trace)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _ExportFailure(Exception):
+    """The torch.export front-end cannot rebuild a module (the reason is the message)."""
+
+
+def _aten_table() -> dict[str, Any]:
+    """ATen op name -> the torch callable (or ``"method:<name>"``) the fx rules understand."""
+    funcs: dict[str, Any] = {
+        "relu": torch.relu, "relu_": torch.relu_, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+        "silu": F.silu, "gelu": F.gelu, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid,
+        "leaky_relu": F.leaky_relu, "hardtanh": F.hardtanh, "abs": torch.abs, "neg": torch.neg, "exp": torch.exp,
+        "sqrt": torch.sqrt, "clamp": torch.clamp, "clone": torch.clone, "dropout": torch.dropout,
+        "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "cat": torch.cat,
+        "chunk": torch.chunk, "split": torch.split, "split_with_sizes": torch.split, "mean": torch.mean,
+        "sum": torch.sum, "amax": torch.amax, "flatten": torch.flatten, "permute": torch.permute,
+        "transpose": torch.transpose, "unsqueeze": torch.unsqueeze, "squeeze": torch.squeeze,
+        "softmax": torch.softmax, "log_softmax": torch.log_softmax, "max_pool2d": torch.max_pool2d,
+        "avg_pool2d": F.avg_pool2d, "adaptive_avg_pool2d": F.adaptive_avg_pool2d, "pad": F.pad,
+        "matmul": torch.matmul, "conv1d": F.conv1d, "conv2d": F.conv2d, "linear": F.linear,
+    }
+    funcs.update({"view": "method:view", "reshape": "method:reshape", "_unsafe_view": "method:reshape",
+                  "contiguous": "method:contiguous", "add_": "method:add_", "mul_": "method:mul_"})
+    return funcs
+
+
+_ATEN: dict[str, Any] = _aten_table()
+
+
+def _aten_name(target: Any) -> str | None:
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
+        return target.overloadpacket.__name__
+    return None
+
+
+def _capture_calls(model: nn.Module, path: str, args: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], dict]]:
+    """Inputs of every call of submodule ``path`` during one eval forward of ``model`` on ``args``."""
+    if not path:
+        return [(args, {})]
+    sub = model.get_submodule(path)
+    calls: list[tuple[tuple[Any, ...], dict]] = []
+
+    def hook(_m: nn.Module, a: tuple[Any, ...], kw: dict) -> None:
+        calls.append((tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in a), dict(kw)))
+
+    flags = {m: m.training for m in model.modules()}
+    handle = sub.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+    except Exception as exc:
+        raise _ExportFailure(f"running the model failed ({type(exc).__name__})") from exc
+    finally:
+        handle.remove()
+        for m, t in flags.items():
+            m.training = t
+    return calls
+
+
+def _quiet_export(mod: nn.Module, args: tuple[Any, ...]) -> Any:
+    """``torch.export.export`` with torch's logging silenced (failures print whole graphs otherwise)."""
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    logger = logging.getLogger("torch")
+    level = logger.level
+    saved = {n: lg.level for n, lg in logging.root.manager.loggerDict.items()
+             if n.startswith("torch") and isinstance(lg, logging.Logger)}
+    try:
+        for n in saved:
+            logging.getLogger(n).setLevel(logging.CRITICAL)
+        logger.setLevel(logging.CRITICAL)
+        dynamic = tuple({0: torch.export.Dim.AUTO} if a.dim() > 0 else None for a in args)  # batch stays symbolic
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return torch.export.export(mod, args, dynamic_shapes=dynamic)
+    finally:
+        logger.setLevel(level)
+        for n, lv in saved.items():
+            logging.getLogger(n).setLevel(lv)
+
+
+def _leaf_calls(sub: nn.Module, ep: Any, is_leaf: Any) -> dict[fx.Node, tuple[str, list[fx.Node]]]:
+    """Exported nodes that belong to one call of a leaf module: node -> (module path, nodes of that call)."""
+    calls: dict[str, tuple[str, list[fx.Node]]] = {}
+    for n in ep.graph.nodes:
+        stack = n.meta.get("nn_module_stack") or {}
+        if n.op != "call_function" or not stack:
+            continue
+        # the outermost leaf on the stack owns the op (a leaf's internals are not analysed)
+        for key, (path, _) in stack.items():
+            try:
+                mod = sub.get_submodule(path) if path else None
+            except AttributeError:  # e.g. bookkeeping entries of symbolic-shape nodes
+                continue
+            if mod is not None and is_leaf(path, mod):
+                calls.setdefault(key, (path, []))[1].append(n)
+                break
+    return {n: call for call in calls.values() for n in call[1]}
+
+
+def _rebuild_from_export(sub: nn.Module, ep: Any, is_leaf: Any) -> fx.GraphModule:
+    """An fx graph module equivalent to ``sub`` built from its exported ATen graph.
+
+    Each call of a leaf module (torch.nn layers, opaque modules; found through ``nn_module_stack``) becomes one
+    ``call_module`` node of the same submodule, so parameter names and the per-module rules stay as in an fx
+    trace; the remaining ATen ops are mapped to the torch functions the analysis rules know. Anything else
+    raises :class:`_ExportFailure`.
+    """
+    from torch.utils import _pytree as pytree
+
+    sig = ep.graph_signature
+    tensors = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    if getattr(sig, "inputs_to_lifted_tensor_constants", None):
+        raise _ExportFailure("the module creates tensor constants")
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    attrs: dict[str, fx.Node] = {}
+    leaf_of = _leaf_calls(sub, ep, is_leaf)
+
+    def one(n: fx.Node) -> Any:
+        if n.name in tensors:
+            name = tensors[n.name]
+            if name not in attrs:
+                attrs[name] = graph.get_attr(name)
+            return attrs[name]
+        if n not in env:
+            raise _ExportFailure(f"an intermediate value of module {leaf_of[n][0]} is used outside it"
+                                 if n in leaf_of else f"node {n.name} is used before it is defined")
+        return env[n]
+
+    def value(a: Any) -> Any:
+        return fx.node.map_arg(a, one)
+
+    for n in ep.graph.nodes:
+        if n.op == "placeholder":
+            if n.name not in tensors:
+                env[n] = graph.placeholder(n.name)
+        elif n.op == "output":
+            spec = ep.call_spec.out_spec
+            flat = [value(o) for o in n.args[0]]
+            graph.output(pytree.tree_unflatten(flat, spec) if spec is not None else tuple(flat))
+        elif n in leaf_of:
+            path, nodes = leaf_of[n]
+            if n is not nodes[-1]:
+                continue
+            inside = set(nodes)
+            found = [a for m in nodes for a in _node_args(m)]
+            inputs = list(dict.fromkeys(a for a in found if a not in inside and a.name not in tensors))
+            if len(inputs) != 1:
+                raise _ExportFailure(f"module {path} is called with {len(inputs)} tensor inputs")
+            env[n] = graph.call_module(path, (value(inputs[0]),))
+        else:
+            env[n] = _aten_node(graph, n, value)
+    return fx.GraphModule(sub, graph, type(sub).__name__)
+
+
+def _aten_node(graph: fx.Graph, n: fx.Node, value: Any) -> fx.Node:
+    """The fx node (torch function, tensor method or indexing) for one exported ATen node."""
+    if n.target in (operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv):
+        return graph.call_function(n.target, value(n.args))  # tuple items and symbolic size arithmetic
+    aten = _aten_name(n.target)
+    if aten == "sym_size":
+        return graph.call_method("size", value(n.args))
+    if aten == "slice":
+        x, dim, start, end, step = (*n.args, *(0, None, None, 1)[len(n.args) - 1:])[:5]
+        end = None if isinstance(end, int) and end >= 2 ** 62 else end
+        idx = (slice(None),) * _norm_dim(dim, n.meta["val"].dim()) + (slice(start, end, step),)
+        return graph.call_function(operator.getitem, (value(x), idx))
+    fn = _ATEN.get(aten) if aten else None
+    if fn is None:
+        raise _ExportFailure(f"no rule for {n.target}")
+    if isinstance(fn, str):
+        return graph.call_method(fn.split(":", 1)[1], value(n.args), value(n.kwargs))
+    return graph.call_function(fn, value(n.args), value(n.kwargs))
+
+
+def _same_outputs(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_outputs(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_outputs(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _export_front_end(model: nn.Module, path: str, args: tuple[Any, ...], leaf_types: tuple[type, ...],
+                      leaf_names: set[str]) -> fx.GraphModule:
+    """Rebuild submodule ``path`` (``""``: the model) as an fx graph module through ``torch.export``.
+
+    The module is exported on the inputs of its first call; the rebuilt module must reproduce the original
+    outputs on the inputs of *every* call (eval mode), otherwise :class:`_ExportFailure` is raised.
+    """
+    sub = model.get_submodule(path) if path else model
+    calls = _capture_calls(model, path, args)
+    if not calls:
+        raise _ExportFailure("the module is never called")
+    if any(kw or not all(isinstance(a, torch.Tensor) for a in a_) for a_, kw in calls):
+        raise _ExportFailure("only positional tensor inputs are supported")
+    flags = {m: m.training for m in sub.modules()}
+    # exported on the first call's inputs repeated twice along the batch dim (a batch of one would be
+    # specialised); checked on every original call, so a graph that hard-codes the batch size is refused
+    double = tuple(torch.cat([t, t]) if t.dim() > 0 else t for t in calls[0][0])
+    try:
+        sub.eval()
+        try:
+            ep = _quiet_export(sub, double)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise _ExportFailure(f"{type(exc).__name__}: {first[:60]}") from exc
+        prefix = f"{path}." if path else ""
+
+        def is_leaf(rel: str, mod: nn.Module) -> bool:
+            if prefix + rel in leaf_names or (leaf_types and isinstance(mod, leaf_types)):
+                return True
+            name = type(mod).__module__
+            return (name.startswith("torch.nn") or name.startswith("torch.ao.nn")) and not isinstance(
+                mod, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+        try:
+            rebuilt = _rebuild_from_export(sub, ep, is_leaf)
+        except _ExportFailure:
+            raise
+        except Exception as exc:
+            raise _ExportFailure(f"rebuilding the graph failed ({type(exc).__name__}: {exc})") from exc
+        rebuilt.eval()
+        with torch.no_grad():
+            for a in [double] + [a for a, _ in calls]:
+                try:
+                    same = _same_outputs(rebuilt(*a), sub(*a))
+                except Exception:
+                    same = False
+                if not same:
+                    raise _ExportFailure("the rebuilt graph does not reproduce the module's outputs (batch size "
+                                         "specialised?)")
+    finally:
+        for m, t in flags.items():
+            m.training = t
+    return rebuilt
+
+
+def _with_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """A shallow copy of ``root`` whose submodule ``path`` is ``new`` (``root`` itself is not modified)."""
+    head, _, rest = path.partition(".")
+    out = copy.copy(root)
+    out._modules = dict(root._modules)
+    out._modules[head] = _with_submodule(root._modules[head], rest, new) if rest else new
+    return out
+
+
+def _trace(model: nn.Module, opaque: Sequence[Any], args: tuple[Any, ...] | None = None,
+           exported: list[str] | None = None) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Trace ``model``; untraceable submodules go through torch.export or become leaves.
+
+    Returns the graph module and the leaf reasons; the names of the modules rebuilt through ``torch.export``
+    are appended to ``exported``. Without ``args`` the torch.export front-end is not tried.
+    """
     names = dict(model.named_modules())
     leaf_types = tuple(o for o in opaque if isinstance(o, type)) + _normalize_type()
     patterns = [o for o in opaque if isinstance(o, str)]
@@ -314,24 +619,40 @@ def _trace(model: nn.Module, opaque: Sequence[Any]) -> tuple[fx.GraphModule, dic
             reasons.setdefault(n, f"opaque module {n} ({type(m).__name__})")
     if isinstance(model, fx.GraphModule):
         return model, reasons
+    exported = exported if exported is not None else []
+    work = model
     last_error: Exception | None = None
     for _ in range(_MAX_RETRACES):
         tracer = _Tracer(leaf_names, leaf_types)
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(work)
         except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError … depending on the construct
             last_error = exc
             bad = tracer.failed
-            if not bad or bad in leaf_names:
+            if bad in leaf_names:
+                bad = None
+            why = "torch.export front-end not tried"
+            if args is not None and bad not in exported:
+                try:
+                    rebuilt = _export_front_end(model, bad or "", args, leaf_types, leaf_names)
+                except _ExportFailure as fail:
+                    why = f"torch.export front-end: {fail}"
+                else:
+                    exported.append(bad or "")
+                    if not bad:
+                        return rebuilt, reasons
+                    work = _with_submodule(work, bad, rebuilt)
+                    continue
+            if not bad:
                 raise AutoPruneError(
-                    f"torch.fx cannot trace {type(model).__name__}.forward: {type(exc).__name__}: {exc}",
+                    f"torch.fx cannot trace {type(model).__name__}.forward: {type(exc).__name__}: {exc}\n({why})",
                     hint="move the data-dependent code into a submodule (it is then analysed as an opaque "
                     "leaf), or pass opaque=(...) with the offending module class or name",
                 ) from exc
             leaf_names.add(bad)
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             reasons[bad] = f"untraceable module {bad} ({type(names[bad]).__name__}: {type(exc).__name__}: " \
-                           f"{first_line[:80]}) analysed as an opaque leaf"
+                           f"{first_line[:80]}; {why}) analysed as an opaque leaf"
             continue
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         return gm, reasons
@@ -383,6 +704,7 @@ class _Use:
     entries: list[tuple[int, int, int]]  # (atom, offset, stride)
     tensors: list[tuple[str, int]]  # (tensor name, dim)
     full: int
+    groups: int = 1  # > 1: the dims are the virtual input axis of a grouped conv weight (see TensorSlice)
 
 
 def _shape_meta(value: Any) -> Any:
@@ -443,6 +765,8 @@ class _Analysis(fx.Interpreter):
         self.macs_const = 0.0
         self.literals: list[tuple[str, tuple[Any, ...], int, tuple[tuple[int, int], ...]]] = []
         self.output_meta: Any = None
+        # grouped convs: (module, groups, layout entries, full width, where) for their input and output layouts
+        self.blocks: list[tuple[str, int, list[tuple[int, int, int]], int, str]] = []
         self.batch = 1
         self.batch_found = False
 
@@ -644,7 +968,7 @@ class _Analysis(fx.Interpreter):
         return [(self.new_atom(size, f"{label}:in", f"input layout not understood {where}"), 0, 1)]
 
     def add_use(self, module: str, role: str, entries: list[tuple[int, int, int]],
-                tensors: Sequence[tuple[str, int]], full: int) -> None:
+                tensors: Sequence[tuple[str, int]], full: int, groups: int = 1) -> None:
         mod = self.mods.get(module)
         present = []
         for tname, dim in tensors:
@@ -654,7 +978,7 @@ class _Analysis(fx.Interpreter):
                 present.append((f"{module}.{tname}", dim))
             else:
                 present.append((tname, dim))
-        self.uses.append(_Use(module, role, list(entries), present, int(full)))
+        self.uses.append(_Use(module, role, list(entries), present, int(full), groups))
 
     # -- interpreter hook ------------------------------------------------------------------------------------
 
@@ -758,11 +1082,16 @@ class _Analysis(fx.Interpreter):
                 and _norm_dim(info.cdim, len(meta)) == 1 and all(s == 1 for _, s in info.segs):
             self.add_use(name, "dw", self.entries(info), [("weight", 0), ("bias", 0)], cout)
             return _Info(1, info.segs)
-        reason = f"grouped conv (groups={g}, in={cin}, out={cout}) {where}"
+        # Grouped conv (1 < g, not depthwise; a conv with out_channels == 1 has g == 1, and g == out != in is
+        # grouped too): input block i (C_in/g channels) feeds only output block i (C_out/g channels). Both
+        # layouts get an "equal kept count per block" constraint, resolved into group divisors by _finalize.
         entries = self.layout_for(info, meta, 1, cin, name, where, allow_stride=False)
-        self.freeze_atoms((a for a, _, _ in entries), reason)
-        atom = self.new_atom(cout, f"{name}:out", reason)
+        self.add_use(name, "in", entries, [("weight", 1)], cin, groups=g)
+        atom = self.new_atom(cout, f"{name}:out")
         self.add_use(name, "out", [(atom, 0, 1)], [("weight", 0), ("bias", 0)], cout)
+        label = f"grouped conv {name} (groups={g}, in={cin}, out={cout})"
+        self.blocks.append((label, g, list(entries), cin, "input"))
+        self.blocks.append((label, g, [(atom, 0, 1)], cout, "output"))
         return _Info(1, ((atom, 1),))
 
     def linear(self, n: fx.Node, name: str, mod: nn.Linear) -> Any:
@@ -1291,6 +1620,9 @@ class GroupSet:
         example_input: The example input the analysis ran on.
         output_shapes: Shapes of the model outputs (nested like the outputs).
         tensor_dims: ``tensor name -> {dim: [(group id, offset, stride), ...]}`` for every sliced tensor.
+        grouped_dims: ``tensor name -> {dim: groups}`` for the input dim of grouped conv weights, whose
+            ``tensor_dims`` entries count along the virtual ``C_in`` axis (see :class:`TensorSlice`).
+        exported_modules: Modules rebuilt through the ``torch.export`` front-end (``""`` = the whole model).
         module_roles: ``(module, role) -> [(group id, offset, stride), ...]`` and the full size, per role.
         literals: Literal sizes in ``view``/``reshape`` calls that depend on widths.
         cost_terms: Closed-form cost rows (see :class:`CostTerms`).
@@ -1302,7 +1634,7 @@ class GroupSet:
                  tensor_shapes: dict[str, tuple[int, ...]],
                  module_roles: dict[tuple[str, str], tuple[int, list[tuple[str, int, int]]]],
                  literals: Sequence[LiteralSite], cost_terms: CostTerms | None, batch_size: int,
-                 aliases: dict[str, list[str]]) -> None:
+                 aliases: dict[str, list[str]], grouped_dims: dict[str, dict[int, int]] | None = None) -> None:
         self._groups = list(groups)
         self._by_id = {g.id: g for g in self._groups}
         self.graph_module = graph_module
@@ -1315,6 +1647,8 @@ class GroupSet:
         self.cost_terms = cost_terms
         self.batch_size = batch_size
         self.aliases = aliases
+        self.grouped_dims = dict(grouped_dims or {})
+        self.exported_modules: list[str] = []  # modules rebuilt through torch.export ("" = the whole model)
         self._canon = {n: c for c, names in aliases.items() for n in names}
         self.prunable_ids = [g.id for g in self._groups if g.prunable]
         self._cost_cache: dict[str, Any] = {}
@@ -1472,7 +1806,7 @@ class GroupSet:
         """A readable table: one row per group (id, size, prunable, members, MACs, params, reason)."""
         rows = [("id", "size", "state", "members", "MACs", "params", "reason")]
         for g in self._groups:
-            state = "prunable" if g.prunable else "frozen"
+            state = ("prunable" + (f" (step {g.divisor})" if g.divisor > 1 else "")) if g.prunable else "frozen"
             mem = ", ".join(f"{m.module}:{m.role}" for m in g.members[:4]) + (
                 f" (+{len(g.members) - 4})" if len(g.members) > 4 else "")
             rows.append((g.id, str(g.size), state, mem, f"{g.macs:,}", f"{g.params:,}", g.reason))
@@ -1509,7 +1843,7 @@ class GroupSet:
 
 
 def analyze(model: nn.Module, example_input: Any, *, keep_widths_of: Iterable[str] = (),
-            opaque: Iterable[Any] = ()) -> GroupSet:
+            opaque: Iterable[Any] = (), use_export: bool = True) -> GroupSet:
     """Find the channel groups of ``model``.
 
     Args:
@@ -1520,6 +1854,8 @@ def analyze(model: nn.Module, example_input: Any, *, keep_widths_of: Iterable[st
         keep_widths_of: Module names (``fnmatch`` patterns) or group ids whose channel group must keep its
             width, e.g. ``["linear"]`` for a classifier.
         opaque: Module classes or names (patterns) analysed as leaves whose boundary channels are frozen.
+        use_export: When ``torch.fx`` cannot trace the model or a submodule, try rebuilding it from
+            ``torch.export`` (see the module docstring) before falling back to an opaque leaf.
 
     Returns:
         The :class:`GroupSet`.
@@ -1531,7 +1867,8 @@ def analyze(model: nn.Module, example_input: Any, *, keep_widths_of: Iterable[st
     if not isinstance(model, nn.Module):
         raise ConfigError(f"analyze() needs an nn.Module, got {type(model).__name__}")
     args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-    gm, leaf_reasons = _trace(model, list(opaque))
+    exported: list[str] = []
+    gm, leaf_reasons = _trace(model, list(opaque), args if use_export else None, exported)
     flags = {m: m.training for m in gm.modules()}
     flags.update({m: m.training for m in model.modules()})
     run_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
@@ -1551,7 +1888,9 @@ def analyze(model: nn.Module, example_input: Any, *, keep_widths_of: Iterable[st
         for m, t in flags.items():
             m.training = t
     _apply_keep(an, list(keep_widths_of))
-    return _finalize(an, gm, example_input)
+    gs = _finalize(an, gm, example_input)
+    gs.exported_modules = exported
+    return gs
 
 
 def _apply_keep(an: _Analysis, keep: list[str]) -> None:
@@ -1619,9 +1958,54 @@ def _leaf_entries(an: _Analysis, entries: Iterable[tuple[int, int, int]]) -> lis
     return [(leaf, off + start * s, s) for a, off, s in entries for leaf, start in an.leaves(a)]
 
 
+def _resolve_blocks(an: _Analysis) -> dict[int, int]:
+    """Turn the grouped convs' "equal kept count per block" constraints into group divisors (by class root).
+
+    A layout of ``full`` channels split into ``g`` blocks is a list of (group, range of the group's channels)
+    pieces. If every group's pieces have the same total length in every block and every piece is a union of the
+    group's own equal blocks (divisor ``d``: blocks of ``size / d`` channels, each keeping ``width / d``), every
+    block keeps the same number of channels whatever the widths: the group's divisor becomes ``lcm`` of what its
+    pieces need. Otherwise (e.g. a concat whose parts straddle the conv's blocks unevenly) the channels of the
+    layout are frozen with a reason, and so is a group whose divisor leaves no width below its size.
+    """
+    divisors: dict[int, int] = {}
+    why: dict[int, str] = {}
+    for label, g, entries, full, side in an.blocks:
+        q = full // g
+        leaves = _leaf_entries(an, entries)
+        lens: dict[int, list[int]] = {}
+        cuts: dict[int, set[int]] = {}
+        for leaf, off, _s in leaves:
+            r, size = an.find(leaf), an.size[leaf]
+            per, cut = lens.setdefault(r, [0] * g), cuts.setdefault(r, {size})
+            pos = off
+            while pos < off + size:
+                i = pos // q
+                end = min(off + size, (i + 1) * q)
+                per[i] += end - pos
+                cut.add(pos - off)
+                pos = end
+        if any(s != 1 for _, _, s in leaves) or any(len(set(v)) > 1 for v in lens.values()):
+            an.freeze_atoms([leaf for leaf, _, _ in leaves],
+                            f"{label}: its {side} channel blocks mix channel groups unevenly, so equal per-group "
+                            f"pruning cannot be expressed")
+            continue
+        for r, cut in cuts.items():
+            d = an.size[r] // math.gcd(*cut)
+            if d > 1 and math.lcm(divisors.get(r, 1), d) != divisors.get(r, 1):
+                divisors[r] = math.lcm(divisors.get(r, 1), d)
+                why[r] = f"{label} {side}"
+    for r, d in divisors.items():
+        if d == an.size[r]:
+            an.freeze_atoms([r], f"{why[r]}: equal per-group pruning leaves no width below {d} (one channel per "
+                                 f"block)")
+    return divisors
+
+
 def _finalize(an: _Analysis, gm: fx.GraphModule, example_input: Any) -> GroupSet:
     _, canon, aliases = _canonical_names(gm)
     _tied_unions(an, canon)
+    divisors = _resolve_blocks(an)
     leaves = [a for a in range(len(an.parent)) if a not in an.children]
     classes: dict[int, list[int]] = {}
     for leaf in leaves:
@@ -1638,16 +2022,20 @@ def _finalize(an: _Analysis, gm: fx.GraphModule, example_input: Any) -> GroupSet
     members: dict[int, dict[Member, None]] = {r: {} for r in order}
     slices: dict[int, dict[TensorSlice, None]] = {r: {} for r in order}
     tensor_dims: dict[str, dict[int, dict[tuple[str, int, int], None]]] = {}
+    grouped_dims: dict[str, dict[int, int]] = {}
     module_roles: dict[tuple[str, str], tuple[int, list[tuple[str, int, int]]]] = {}
     for u in an.uses:
         ents = _leaf_entries(an, u.entries)
         module_roles.setdefault((u.module, u.role), (u.full, [(gid[an.find(a)], off, s) for a, off, s in ents]))
+        if u.groups > 1:
+            for tname, dim in u.tensors:
+                grouped_dims.setdefault(canon.get(tname, tname), {})[dim] = u.groups
         for a, off, s in ents:
             r = an.find(a)
             members[r].setdefault(Member(u.module, u.role, off, s), None)
             for tname, dim in u.tensors:
                 c = canon.get(tname, tname)
-                slices[r].setdefault(TensorSlice(c, dim, off, s, u.role, u.module), None)
+                slices[r].setdefault(TensorSlice(c, dim, off, s, u.role, u.module, u.groups), None)
                 tensor_dims.setdefault(c, {}).setdefault(dim, {}).setdefault((gid[r], off, s), None)
     tshapes = {c: tuple(t.shape) for c, t in ((canon[n], t) for n, t in list(gm.named_parameters())
                                                 + list(gm.named_buffers()))}
@@ -1659,7 +2047,7 @@ def _finalize(an: _Analysis, gm: fx.GraphModule, example_input: Any) -> GroupSet
         reason = "; ".join(reasons[:_MAX_REASONS]) + (f" (+{len(reasons) - _MAX_REASONS} more)"
                                                       if len(reasons) > _MAX_REASONS else "")
         groups.append(ChannelGroup(id=gid[r], size=sizes[gid[r]], members=tuple(members[r]), frozen=bool(reasons),
-                                   reason=reason, slices=tuple(slices[r]), index=k))
+                                   reason=reason, divisor=divisors.get(r, 1), slices=tuple(slices[r]), index=k))
     prunable = {g.id for g in groups if g.prunable}
     literals = []
     for node, path, base, segs in an.literals:
@@ -1673,9 +2061,10 @@ def _finalize(an: _Analysis, gm: fx.GraphModule, example_input: Any) -> GroupSet
 
     prunable_ids = [g.id for g in groups if g.prunable]
     terms_obj = _cost.build_terms(prunable_ids, sizes, tdims, tshapes, an.mac_terms, an.macs_const / an.batch,
-                                  an.batch, {canon[n] for n, _ in gm.named_parameters()}, module_roles, canon)
+                                  an.batch, {canon[n] for n, _ in gm.named_parameters()}, module_roles, canon,
+                                  grouped=grouped_dims)
     gs = GroupSet(groups, gm, example_input, output_shapes=an.output_meta, tensor_dims=tdims,
                   tensor_shapes=tshapes, module_roles=module_roles, literals=literals, cost_terms=terms_obj,
-                  batch_size=an.batch, aliases=aliases)
+                  batch_size=an.batch, aliases=aliases, grouped_dims=grouped_dims)
     _cost.annotate_groups(gs)
     return gs

@@ -67,7 +67,16 @@ IMPORTANCE: Registry[Criterion] = Registry("importance criterion")
 
 
 def channel_rows(t: torch.Tensor, sl: TensorSlice, size: int) -> torch.Tensor:
-    """The part of tensor ``t`` that belongs to each channel of a group, as ``[size, -1]`` rows."""
+    """The part of tensor ``t`` that belongs to each channel of a group, as ``[size, -1]`` rows.
+
+    For the input dim of a grouped conv weight (``sl.groups > 1``, ``t`` of shape ``[C_out, C_in/g, …]``) the
+    rows follow the virtual ``C_in`` axis: input channel ``i·C_in/g + j`` owns column ``j`` of the output rows of
+    block ``i``.
+    """
+    if sl.groups > 1:
+        g, x = sl.groups, t.detach()
+        x = x.reshape(g, x.shape[0] // g, x.shape[1], -1).permute(0, 2, 1, 3).reshape(g * x.shape[1], -1)
+        return x[sl.offset: sl.offset + size * sl.stride].reshape(size, -1).float()
     x = t.detach().movedim(sl.dim, 0)
     x = x[sl.offset: sl.offset + size * sl.stride]
     return x.reshape(size, -1).float()
@@ -231,10 +240,26 @@ def group_scores(model: nn.Module, groups: GroupSet, ids: Iterable[str] | None =
     return out
 
 
-def select(scores: torch.Tensor, width: int) -> tuple[int, ...]:
-    """Indices of the ``width`` highest scores, ascending (ties keep the lower index)."""
-    order = torch.argsort(-scores, stable=True)[:width]
-    return tuple(sorted(int(i) for i in order))
+def select(scores: torch.Tensor, width: int, blocks: int = 1) -> tuple[int, ...]:
+    """Indices of the ``width`` highest scores, ascending (ties keep the lower index).
+
+    With ``blocks > 1`` the scores form that many equal consecutive blocks and each block contributes its
+    ``width / blocks`` highest scores (a group's ``divisor``: grouped convs need equal counts per block).
+
+    Raises:
+        ConfigError: If ``blocks`` does not divide both the number of scores and ``width``.
+    """
+    if blocks <= 1:
+        order = torch.argsort(-scores, stable=True)[:width]
+        return tuple(sorted(int(i) for i in order))
+    n = scores.numel()
+    if n % blocks or width % blocks:
+        raise ConfigError(f"cannot keep {width} of {n} channels equally in {blocks} blocks",
+                          hint=f"use a width that is a multiple of {blocks}")
+    q, k = n // blocks, width // blocks
+    order = torch.argsort(-scores.reshape(blocks, q), dim=1, stable=True)[:, :k]
+    order = order + torch.arange(blocks)[:, None] * q
+    return tuple(sorted(int(i) for i in order.flatten()))
 
 
 def normalized(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

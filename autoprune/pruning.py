@@ -5,9 +5,12 @@ This module owns the step from "a width per channel group" to a new, physically 
 legal group widths, :func:`plan` picks the kept channels with an importance criterion
 (:mod:`autoprune.importance`), and :func:`apply` slices every parameter and buffer, updates the module
 hyper-parameters, rewrites width-dependent literals and checks the result on the example input. The caller's
-model is never modified. Optional least-squares reconstruction of the consumers (AMC, ALGORITHMS.md §1.4) is
-available with ``reconstruct=True``. :func:`save_pruned` / :func:`load_pruned` store the result as
-architecture-as-data through :mod:`autoprune.serialize`.
+model is never modified. Groups with a ``divisor`` (grouped convs) take widths that are multiples of it and keep
+equally many channels per block; a grouped conv's weight keeps, for each kept output row, the kept input columns
+of its own block (different blocks may keep different input channels; ``groups`` is unchanged). Optional
+least-squares reconstruction of the consumers (AMC, ALGORITHMS.md §1.4) is available with ``reconstruct=True``.
+:func:`save_pruned` / :func:`load_pruned` store the result as architecture-as-data through
+:mod:`autoprune.serialize`.
 """
 
 from __future__ import annotations
@@ -159,9 +162,25 @@ def _resolve_widths(groups: GroupSet, widths: Mapping[str, int] | Candidate | No
                 raise ConfigError(f"group {gid!r} is frozen ({g.reason}); it cannot be pruned to {w}",
                                   hint="leave frozen groups out of the widths")
             continue
+        g.check_width(w)
         legal = legal_widths(g, round_to)
         out[gid] = w if w in legal else nearest_legal(g, w, round_to)
     return out
+
+
+def _check_blocks(groups: GroupSet, keep: Mapping[str, Iterable[int]]) -> None:
+    """Every group with ``divisor > 1`` must keep the same number of channels in each of its blocks."""
+    for gid, kept in keep.items():
+        g = groups[gid]
+        if g.divisor == 1:
+            continue
+        q = g.size // g.divisor
+        counts = np.bincount(np.asarray(list(kept), dtype=np.int64) // q, minlength=g.divisor)
+        if len(set(counts.tolist())) > 1:
+            raise ConfigError(
+                f"the kept channels of group {gid!r} are spread unevenly over its {g.divisor} blocks of {q} "
+                f"channels (kept per block: {counts.tolist()}); a grouped conv needs equal counts",
+                hint="choose the kept channels per block (importance.select(scores, width, blocks=group.divisor))")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,13 +229,15 @@ def plan(model: nn.Module | GroupSet, groups: GroupSet | Mapping[str, int] | Can
     """Choose the kept channels of every prunable group.
 
     ``plan(model, groups, widths)`` scores ``model``'s current weights; ``plan(groups, widths)`` scores the
-    analysed model's weights.
+    analysed model's weights. A group with ``divisor > 1`` (grouped convs) keeps the ``width / divisor``
+    best channels of each of its ``divisor`` blocks.
 
     Args:
         model: The model (or the :class:`GroupSet`, see above).
         groups: Its analysis.
         widths: Group id → width, or a :class:`~autoprune.types.Candidate`; missing groups keep full width.
-            Widths are snapped to legal widths (see :func:`legal_widths`).
+            Widths are snapped to legal widths (see :func:`legal_widths`); a width that is not a multiple of
+            the group's ``divisor`` is an error.
         importance: Criterion name (see :mod:`autoprune.importance`) or callable.
         round_to: Width multiple.
         loader, loss_fn, batches: For ``taylor``.
@@ -231,7 +252,8 @@ def plan(model: nn.Module | GroupSet, groups: GroupSet | Mapping[str, int] | Can
     pruned_ids = [gid for gid, w in resolved.items() if w < groups[gid].size]
     scores = group_scores(model, groups, pruned_ids, importance, loader=loader, loss_fn=loss_fn, batches=batches,
                           reduce=reduce, seed=seed) if pruned_ids else {}
-    keep = {gid: (select(scores[gid], w) if gid in scores else tuple(range(w))) for gid, w in resolved.items()}
+    keep = {gid: (select(scores[gid], w, blocks=groups[gid].divisor) if gid in scores else tuple(range(w)))
+            for gid, w in resolved.items()}
     name = importance if isinstance(importance, str) else getattr(importance, "__name__", "custom")
     return PruningPlan(widths=resolved, keep=keep, importance=name, round_to=round_to, groups=groups)
 
@@ -288,7 +310,7 @@ def _resize(mod: nn.Module, role: str, n: int) -> None:
             mod.in_channels = mod.out_channels = mod.groups = n
         elif role == "out":
             mod.out_channels = n
-        elif role == "in" and mod.groups == 1:
+        elif role == "in":  # grouped convs keep ``groups``: every block shrinks by the same count
             mod.in_channels = n
     elif isinstance(mod, nn.Linear):
         if role == "out":
@@ -394,15 +416,25 @@ def apply(model: nn.Module, groups: GroupSet | PruningPlan, widths: Mapping[str,
                  batches=batches, seed=seed)
     gs = p.groups
     assert gs is not None
+    _check_blocks(gs, p.keep)
     kept_cache: dict[tuple[str, int], torch.Tensor | None] = {}
     positions = _Positions(gs, p.keep)
 
     def slicer(name: str, t: torch.Tensor) -> torch.Tensor:
-        for dim, entries in gs.tensor_dims.get(name, {}).items():
+        grouped = gs.grouped_dims.get(name, {})
+        dims = gs.tensor_dims.get(name, {})
+        for dim, entries in dims.items():
+            if dim in grouped:
+                continue
             idx = positions.kept(gs.tensor_shapes[name][dim], entries)
             kept_cache[(name, dim)] = idx
             if idx is not None:
                 t = t.index_select(dim, idx.to(t.device))
+        for dim, g in grouped.items():
+            kin = positions.kept(gs.tensor_shapes[name][dim] * g, dims.get(dim, []))
+            kept_cache[(name, dim)] = kin
+            if kin is not None:
+                t = _grouped_columns(t, g, kin, kept_cache.get((name, 0)), gs.tensor_shapes[name])
         return t
 
     new = gs.instantiate(model, slicer)
@@ -417,6 +449,26 @@ def apply(model: nn.Module, groups: GroupSet | PruningPlan, widths: Mapping[str,
         _check_outputs(new, gs)
     new.meta[META_KEY] = p.provenance()
     return new
+
+
+def _grouped_columns(t: torch.Tensor, groups: int, kin: torch.Tensor, kout: torch.Tensor | None,
+                     full_shape: tuple[int, ...]) -> torch.Tensor:
+    """Slice the input dim (1) of a grouped conv weight whose output rows (dim 0) were already sliced.
+
+    ``kin`` are the kept positions along the virtual ``C_in`` axis (block ``i`` = input channels of conv group
+    ``i``) and ``kout`` the kept rows of the original ``C_out`` (None: all). Each kept row keeps the columns of
+    its own block, so different blocks may keep different input channels.
+    """
+    c_out, per_in = full_shape[0], full_shape[1]
+    per_out = c_out // groups
+    blocks = kin // per_in
+    local = [kin[blocks == i] - i * per_in for i in range(groups)]
+    if len({len(x) for x in local}) != 1:
+        raise RuntimeError(f"internal error: unequal kept input channels per conv group {[len(x) for x in local]}")
+    rows = kout if kout is not None else torch.arange(c_out)
+    idx = torch.stack(local)[rows // per_out].to(t.device)  # [rows, kept per block]
+    idx = idx.reshape(*idx.shape, *([1] * (t.dim() - 2))).expand(idx.shape[0], idx.shape[1], *t.shape[2:])
+    return torch.gather(t, 1, idx)
 
 
 def _cast_inputs(example: Any, module: nn.Module) -> tuple[Any, ...]:

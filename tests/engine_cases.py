@@ -61,8 +61,8 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def half_widths(groups: graph.GroupSet, ratio: float = 0.5) -> dict[str, int]:
-    """Every prunable group at ``ratio`` of its width (at least 1)."""
-    return {g.id: max(1, int(g.size * ratio)) for g in groups.prunable()}
+    """Every prunable group at ``ratio`` of its width (at least 1; rounded down to a multiple of its divisor)."""
+    return {g.id: pruning.nearest_legal(g, max(1, int(g.size * ratio)), rounding="down") for g in groups.prunable()}
 
 
 def masked_reference(model: nn.Module, groups: graph.GroupSet, plan: pruning.PruningPlan) -> nn.Module:
@@ -295,6 +295,95 @@ class GroupedConvNet(nn.Module):
         return self.c4(self.one(y)).mean((2, 3))
 
 
+class GroupedChain(nn.Module):
+    """§9.7: a grouped conv (g = 4, in 8 → out 12) with BN between two normal convs, then flatten → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.g = nn.Conv2d(8, 12, 3, stride=2, padding=1, groups=4)
+        self.bg = nn.BatchNorm2d(12)
+        self.c2 = nn.Conv2d(12, 6, 1, bias=False)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.b1(self.c1(x)))
+        y = F.relu(self.bg(self.g(y)))
+        return self.fc(F.relu(self.c2(y)).flatten(1))
+
+
+class ResNeXtBlock(nn.Module):
+    """ResNeXt bottleneck: 1×1 → grouped 3×3 (cardinality ``groups``) → 1×1, identity or 1×1-conv shortcut."""
+
+    def __init__(self, cin: int, width: int, cout: int, groups: int, stride: int = 1) -> None:
+        super().__init__()
+        self.reduce = bn_block(cin, width, 1)
+        self.grouped = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.expand = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn_out = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) \
+            if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(self.grouped(self.reduce(x))))
+        return F.relu(self.bn_out(self.expand(y)) + self.shortcut(x))
+
+
+class TinyResNeXt(nn.Module):
+    """§9.7: ResNeXt-style blocks, the grouped 3×3 inside a residual block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = bn_block(3, 16)
+        self.layer1 = ResNeXtBlock(16, 8, 16, groups=4)
+        self.layer2 = ResNeXtBlock(16, 16, 24, groups=4, stride=2)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer2(self.layer1(self.stem(x))).mean((2, 3)))
+
+
+class GroupsEqOut(nn.Module):
+    """§9.7: ``groups == out_channels`` with ``in_channels != out_channels`` (8 → 4, two inputs per output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.red = nn.Conv2d(8, 4, 3, padding=1, groups=4)
+        self.c2 = nn.Conv2d(4, 6, 1)
+        self.c3 = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c3(F.relu(self.c2(F.relu(self.red(F.relu(self.c1(x))))))).mean((2, 3))
+
+
+class GroupedMix(nn.Module):
+    """§9.7 couplings: an uneven concat into a grouped conv (frozen), two grouped convs in a row (divisors
+    combine), a grouped conv on a residual stream (the stream takes its divisor), a channel chunk of that stream
+    and the same tensor concatenated twice into a grouped conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.g1 = nn.Conv2d(12, 8, 3, padding=1, groups=2)  # blocks of 6: a[0:6] | a[6:8] + b → uneven
+        self.g2 = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.c = nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.gcat = nn.Conv2d(8, 4, 1, groups=2)  # input cat(u, u)
+        self.head = nn.Conv2d(4, 3, 1)
+        self.tail = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.g1(torch.cat([self.a(x), self.b(x)], 1)))
+        s = F.relu(self.bn(self.g2(y) + self.c(x)))
+        u, v = s.chunk(2, dim=1)
+        z = F.relu(self.gcat(torch.cat([u, u], 1)))
+        return (self.head(z) + self.tail(v)).mean((2, 3))
+
+
 class ConcatNet(nn.Module):
     """§9.8: concat on channels — two branches, the same tensor twice, nested concat, concat → flatten → linear."""
 
@@ -494,6 +583,45 @@ class UntraceableNet(nn.Module):
         return self.c3(F.relu(self.c2(self.gate(self.c1(x))))).mean((2, 3))
 
 
+class C2f(nn.Module):
+    """YOLOv8-style C2f block: ``list(x.chunk(2, 1))`` (fx: "Proxy object cannot be iterated"), a growing list
+    of bottleneck outputs, concat, 1×1 fusion. ``split=True`` is the fx-traceable ``a, b = x.split(c, 1)``
+    variant of the same computation."""
+
+    def __init__(self, cin: int, cout: int, n: int = 2, split: bool = False) -> None:
+        super().__init__()
+        self.c = cout // 2
+        self.split = split
+        self.cv1 = bn_block(cin, 2 * self.c, 1)
+        self.m = nn.ModuleList(nn.Sequential(bn_block(self.c, self.c), bn_block(self.c, self.c)) for _ in range(n))
+        self.cv2 = bn_block((2 + n) * self.c, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.split:
+            a, b = self.cv1(x).split(self.c, 1)
+            y = [a, b]
+        else:
+            y = list(self.cv1(x).chunk(2, 1))
+        for m in self.m:
+            y.append(y[-1] + m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class TinyYolo(nn.Module):
+    """§9.17: stem → C2f → strided conv → C2f → head; the C2f blocks need the torch.export front-end."""
+
+    def __init__(self, split: bool = False) -> None:
+        super().__init__()
+        self.stem = bn_block(3, 8)
+        self.c2f1 = C2f(8, 8, 1, split)
+        self.down = bn_block(8, 16, 3, 2)
+        self.c2f2 = C2f(16, 16, 2, split)
+        self.head = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.c2f2(self.down(self.c2f1(self.stem(x))))).mean((2, 3))
+
+
 class CustomOpNet(nn.Module):
     """§9.18: an op without a rule (``torch.cumsum`` over channels) and channel slicing are frozen."""
 
@@ -658,6 +786,10 @@ CASES: dict[str, Callable[[], Case]] = {
     "bottleneck": lambda: _mk(BottleneckNet(), _img()),
     "mobilenet": lambda: _mk(TinyMobileNet(), _img()),
     "grouped_conv": lambda: _mk(GroupedConvNet(), _img()),
+    "grouped_chain": lambda: _mk(GroupedChain(), _img()),
+    "grouped_resnext": lambda: _mk(TinyResNeXt(), _img()),
+    "grouped_eq_out": lambda: _mk(GroupsEqOut(), _img()),
+    "grouped_mix": lambda: _mk(GroupedMix(), _img()),
     "concat": lambda: _mk(ConcatNet(), _img()),
     "cat_other_dim": lambda: _mk(CatOtherDim(), _img()),
     "split_chunk": lambda: _mk(SplitNet(), _img()),
@@ -667,6 +799,8 @@ CASES: dict[str, Callable[[], Case]] = {
     "in_place": lambda: _mk(InPlaceNet(), _img()),
     "multi_io": lambda: _mk(MultiIO(), (_img(), {"depth": _img(c=1), "meta": torch.randn(2, 4)})),
     "untraceable": lambda: _mk(UntraceableNet(), _img().abs()),
+    "c2f_chunk_list": lambda: _mk(TinyYolo(), _img()),
+    "c2f_split": lambda: _mk(TinyYolo(split=True), _img()),
     "custom_op": lambda: _mk(CustomOpNet(), _img()),
     "mlp": lambda: _mk(MLP(), torch.randn(3, 20)),
     "transformer": lambda: _mk(TinyViT(), _img(s=16), exact=False),

@@ -62,14 +62,23 @@ def test_width_errors() -> None:
     assert cost.closed_form(gs, {"linear:out": 10}) == cost.closed_form(gs)
 
 
-@pytest.mark.parametrize("name", ["concat", "mobilenet", "se_block", "pool_heads", "shared_module"])
+def _legal_random(gs: graph.GroupSet, g: torch.Generator) -> dict[str, int]:
+    out = {}
+    for grp in gs.prunable():
+        legal = pruning.legal_widths(grp)
+        out[grp.id] = legal[int(torch.randint(0, len(legal), (1,), generator=g))]
+    return out
+
+
+@pytest.mark.parametrize("name", ["concat", "mobilenet", "se_block", "pool_heads", "shared_module",
+                                  "grouped_resnext", "grouped_mix"])
 def test_bilinear_coefficients_reproduce_the_closed_form(name: str) -> None:
     c = CASES[name]()
     gs = graph.analyze(c.model, c.x)
     g = torch.Generator().manual_seed(0)
     full = cost.closed_form(gs)
     for _ in range(5):
-        w = {grp.id: int(torch.randint(1, grp.size + 1, (1,), generator=g)) for grp in gs.prunable()}
+        w = _legal_random(gs, g)
         # c0 from the full-width cost: c0 = cost(full) − Σκ·full·full − Σλ·full
         for what in ("macs", "params"):
             def poly(widths: dict[str, int], attr: str = what) -> float:
@@ -115,6 +124,47 @@ def test_oracle_agrees_on_random_widths() -> None:
         r = cost.closed_form(gs, w)
         assert r.macs * 2 == cost.count_macs(pruned, c.x)  # example batch is 2
         assert r.params == cost.count_params(pruned)
+
+
+@pytest.mark.parametrize("name", ["grouped_conv", "grouped_chain", "grouped_resnext", "grouped_eq_out"])
+def test_grouped_conv_cost_matches_the_oracle(name: str) -> None:
+    c = CASES[name]()
+    x = c.x[:1]
+    gs = graph.analyze(c.model, x)
+    assert cost.closed_form(gs).macs == cost.count_macs(c.model, x)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        w = _legal_random(gs, g)
+        pruned = pruning.apply(c.model, gs, w)
+        r = cost.closed_form(gs, w)
+        assert (r.macs, r.params) == (cost.count_macs(pruned, x), cost.count_params(pruned))
+
+
+@pytest.mark.parametrize("name", ["grouped_resnext", "groups3"])
+def test_grouped_conv_quantized_bytes_equal_the_export(name: str) -> None:
+    quantization = pytest.importorskip("autoprune.quantization")
+    if name == "groups3":  # 1×1 conv with 3 groups: the weight numel carries a factor 1/3 in the closed form
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 9, 3, padding=1), nn.BatchNorm2d(9), nn.ReLU(),
+                              nn.Conv2d(9, 6, 1, groups=3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 1)).eval()
+        x = torch.rand(1, 3, 6, 6)
+    else:
+        c = CASES[name]()
+        model, x = c.model, c.x[:1]
+    gs = graph.analyze(model, x)
+    for pick in (0, -1):
+        w = {gid: pruning.legal_widths(gs[gid])[pick] for gid in gs.prunable_ids}
+        pruned = pruning.apply(model, gs, w)
+        layers = quantization.quantizable_layers(pruned)
+        for a_bits in (None, 4):
+            bits = {n: QuantSpec(8, 8) if n in (layers[0], layers[-1]) else QuantSpec(3 + k % 4, a_bits)
+                    for k, n in enumerate(layers)}
+            qm = quantization.apply(pruned, bits)
+            quantization.calibrate(qm, [x], batches=1)
+            art = quantization.export(qm)
+            r = cost.closed_form(gs, w, bits)
+            assert (r.bytes, r.payload_bits) == (art.size_bytes, art.payload_bits)
+            assert r.macs == cost.count_macs(pruned, x)
 
 
 def test_attention_macs_formula() -> None:

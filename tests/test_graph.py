@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from engine_cases import CASES, BasicBlock, TinyResNet, randomize
 from torch import nn
 
-from autoprune import graph
+from autoprune import graph, pruning
 from autoprune.errors import AutoPruneError, ConfigError
 
 
@@ -125,12 +126,62 @@ def test_depthwise_and_inverted_residual() -> None:
     assert proj.prunable
 
 
-def test_grouped_convs_are_frozen_and_single_output_conv_is_not_depthwise() -> None:
+def test_grouped_convs_get_divisors_and_single_output_conv_is_not_depthwise() -> None:
     gs = _analyze("grouped_conv")
-    assert "grouped conv (groups=2" in gs["g:out"].reason and "grouped conv" in gs["c1:out"].reason
-    assert "groups=4, in=4, out=8" in gs["mult:out"].reason  # groups == in != out: not depthwise
-    assert ("one", "out") in _members(gs, "one:out") and gs["one:out"].prunable
-    assert gs["c3:out"].prunable
+    # g (8 -> 8, groups=2): its input and output groups are pruned in steps of 2 (equal count per conv group)
+    assert gs["c1:out"].prunable and gs["c1:out"].divisor == 2 and ("g", "in") in _members(gs, "c1:out")
+    assert gs["g:out"].prunable and gs["g:out"].divisor == 2 and ("g", "out") in _members(gs, "g:out")
+    assert ("g", "dw") not in _members(gs, "c1:out")
+    # mult (4 -> 8, groups == in != out): not depthwise; one input channel per block leaves nothing to prune
+    assert ("mult", "out") in _members(gs, "mult:out") and gs["mult:out"].divisor == 4 and gs["mult:out"].prunable
+    assert "grouped conv mult (groups=4, in=4, out=8) input" in gs["c2:out"].reason
+    assert "no width below 4" in gs["c2:out"].reason
+    assert ("one", "out") in _members(gs, "one:out") and gs["one:out"].prunable  # out_channels == 1: a plain conv
+    assert gs["c3:out"].prunable and gs["c3:out"].divisor == 1
+    assert "prunable (step 2)" in gs.describe() and gs.to_dict()["groups"][1]["divisor"] == 2
+
+
+def test_grouped_conv_slices_follow_the_virtual_input_axis() -> None:
+    gs = _analyze("grouped_chain")
+    assert (gs["c1:out"].divisor, gs["g:out"].divisor, gs["c2:out"].divisor) == (4, 4, 1)
+    assert gs.grouped_dims == {"g.weight": {1: 4}}
+    (sl,) = [s for s in gs["c1:out"].slices if s.module == "g"]
+    assert (sl.tensor, sl.dim, sl.offset, sl.stride, sl.groups) == ("g.weight", 1, 0, 1, 4)
+    assert gs.tensor_dims["g.weight"] == {1: [("c1:out", 0, 1)], 0: [("g:out", 0, 1)]}
+
+
+def test_resnext_block_groups() -> None:
+    gs = _analyze("grouped_resnext")
+    for layer in ("layer1", "layer2"):
+        red, grp = gs.group_of(f"{layer}.reduce.0"), gs.group_of(f"{layer}.grouped")
+        assert red.prunable and grp.prunable and red.divisor == grp.divisor == 4
+        assert ({(f"{layer}.grouped", "in")} <= _members(gs, red.id)
+                and {(f"{layer}.bn", "norm"), (f"{layer}.expand", "in")} <= _members(gs, grp.id))
+    stream = gs["stem.0:out"]  # the identity shortcut couples the stem and layer1's expand conv
+    assert stream.prunable and stream.divisor == 1 and ("layer1.expand", "out") in _members(gs, stream.id)
+
+
+def test_groups_equal_out_channels_is_not_depthwise() -> None:
+    gs = _analyze("grouped_eq_out")
+    assert gs["c1:out"].prunable and gs["c1:out"].divisor == 4  # red: 8 -> 4, blocks of two input channels
+    assert ("red", "dw") not in _members(gs, "c1:out") and ("red", "in") in _members(gs, "c1:out")
+    assert "grouped conv red (groups=4, in=8, out=4) output" in gs["red:out"].reason
+    assert pruning.legal_widths(gs["c1:out"]) == [4, 8]
+
+
+def test_grouped_conv_couplings() -> None:
+    gs = _analyze("grouped_mix")
+    # cat(a: 8, b: 4) into g1 (blocks of 6): block 0 = a[0:6], block 1 = a[6:8] + b -> frozen with a reason
+    for gid in ("a:out", "b:out"):
+        assert "grouped conv g1 (groups=2, in=12, out=8): its input channel blocks mix channel groups unevenly" \
+            in gs[gid].reason
+    assert gs["g1:out"].divisor == 4  # lcm of g1's output (2 blocks) and g2's input (4 blocks)
+    # g2 + c on a stream chunked in two tied halves: each half holds two of g2's four blocks
+    half = gs.group_of("c")
+    assert half.id == "g2:out[0:4]" and half.prunable and half.divisor == 2 and half.size == 4
+    assert sorted(m.offset for m in _member(gs, half.id, "g2", "out")) == [0, 4]
+    # cat(u, u) into gcat (2 blocks): each block is the whole half group, no extra divisor
+    assert ("gcat", "in") in _members(gs, half.id) and gs["gcat:out"].divisor == 2
 
 
 def test_concat_offsets() -> None:
@@ -203,6 +254,79 @@ def test_untraceable_submodule_becomes_opaque_leaf() -> None:
     gs = _analyze("untraceable")
     assert "untraceable module gate" in gs["c1:out"].reason and "TraceError" in gs["c1:out"].reason
     assert gs["c2:out"].prunable
+
+
+def _structure(gs: graph.GroupSet) -> list[tuple[object, ...]]:
+    return [(g.id, g.size, g.prunable, g.divisor, g.members) for g in gs]
+
+
+def test_chunk_list_goes_through_torch_export_and_matches_the_split_variant() -> None:
+    c = CASES["c2f_chunk_list"]()
+    before = {k: v.clone() for k, v in c.model.state_dict().items()}
+    gs = graph.analyze(c.model, c.x)
+    assert gs.exported_modules == ["c2f1", "c2f2"]
+    split = _analyze("c2f_split")
+    assert split.exported_modules == []  # a, b = x.split(c, 1): plain fx
+    assert _structure(gs) == _structure(split)
+    # chunk(2): tied halves; the residual bottlenecks keep the second half's layout: cv2 reads it four times
+    halves = gs["c2f2.cv1.0:out[0:8]"]
+    assert halves.prunable and sorted(m.offset for m in _member(gs, halves.id, "c2f2.cv2.0", "in")) == [0, 8, 16, 24]
+    assert type(c.model.c2f1).__name__ == "C2f"  # the model itself is not rebuilt
+    assert all(torch.equal(before[k], v) for k, v in c.model.state_dict().items())
+    assert set(dict(gs.graph_module.named_parameters())) <= set(before)
+
+
+def test_export_front_end_can_be_switched_off_and_reports_why_it_fails() -> None:
+    c = CASES["c2f_chunk_list"]()
+    gs = graph.analyze(c.model, c.x, use_export=False)
+    assert gs.exported_modules == []
+    assert "untraceable module c2f1 (C2f: TraceError" in gs["stem.0:out"].reason
+    assert "torch.export front-end not tried" in gs["stem.0:out"].reason
+    u = _analyze("untraceable")  # data-dependent `if`: torch.export cannot guard on it either
+    assert "torch.export front-end: GuardOnDataDependentSymNode" in u["c1:out"].reason
+
+    class Cumsum(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat(list(x.chunk(2, 1)), 1).cumsum(1)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.odd = Cumsum()
+            self.b = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.odd(self.a(x)))
+
+    gs2 = graph.analyze(Net(), torch.randn(1, 3, 4, 4))
+    assert "torch.export front-end: no rule for aten.cumsum" in gs2["a:out"].reason
+
+
+def test_untraceable_root_goes_through_torch_export() -> None:
+    class Root(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.b = nn.Conv2d(4, 6, 1)
+            self.fc = nn.Linear(6 * 4, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            u, v = list(F.relu(self.bn(self.a(x))).chunk(2, 1))
+            y = F.max_pool2d(self.b(u * v)[:, :, 1:], 2)
+            return self.fc(y.reshape(y.shape[0], -1))
+
+    model = randomize(Root())
+    gs = graph.analyze(model, torch.randn(1, 3, 5, 4))  # a batch of one: exported with a symbolic batch
+    assert gs.exported_modules == [""]
+    assert gs["a:out[0:4]"].prunable and ("bn", "norm") in _members(gs, "a:out[0:4]")
+    assert gs["b:out"].prunable and [(m.offset, m.stride) for m in _member(gs, "b:out", "fc", "in")] == [(0, 4)]
+    pruned = pruning.apply(model, gs, {"a:out[0:4]": 2, "b:out": 3})
+    x = torch.randn(7, 3, 5, 4)
+    assert pruned.get_submodule("fc").in_features == 12 and pruned.eval()(x).shape == (7, 5)
+    masked = pruning.mask(model, gs, {"a:out[0:4]": 2, "b:out": 3})
+    assert torch.allclose(pruned(x), masked.eval()(x), atol=1e-5)
 
 
 def test_unknown_op_is_frozen_and_named() -> None:

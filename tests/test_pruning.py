@@ -38,8 +38,13 @@ def _max_diff(a: object, b: object) -> float:
 
 
 def _random_widths(gs: graph.GroupSet, seed: int) -> dict[str, int]:
+    """A random legal width per prunable group (any width, or a multiple of the divisor for grouped convs)."""
     g = torch.Generator().manual_seed(seed)
-    return {grp.id: int(torch.randint(1, grp.size + 1, (1,), generator=g)) for grp in gs.prunable()}
+    out = {}
+    for grp in gs.prunable():
+        legal = pruning.legal_widths(grp)
+        out[grp.id] = legal[int(torch.randint(0, len(legal), (1,), generator=g))]
+    return out
 
 
 def _check(model: nn.Module, x: object, gs: graph.GroupSet, widths: dict[str, int], exact: bool = True,
@@ -69,7 +74,7 @@ def test_cases_equivalence_shape_cost(name: str) -> None:
     gs = graph.analyze(c.model, c.x)
     _check(c.model, c.x, gs, half_widths(gs), exact=c.exact)
     _check(c.model, c.x, gs, _random_widths(gs, 1), exact=c.exact)
-    _check(c.model, c.x, gs, {g.id: 1 for g in gs.prunable()}, exact=c.exact)
+    _check(c.model, c.x, gs, {g.id: pruning.legal_widths(g)[0] for g in gs.prunable()}, exact=c.exact)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -311,7 +316,7 @@ def test_least_squares_reconstruction_reduces_consumer_error() -> None:
 
 def test_save_and_load_round_trip(tmp_path: object) -> None:
     pytest.importorskip("autoprune.serialize")
-    for name in ("resnet_identity_b", "concat", "mobilenet", "pool_heads"):
+    for name in ("resnet_identity_b", "concat", "mobilenet", "pool_heads", "c2f_chunk_list"):
         c = CASES[name]()
         gs = graph.analyze(c.model, c.x)
         pruned = pruning.apply(c.model, gs, _random_widths(gs, 2))
@@ -370,3 +375,85 @@ def test_zoo_half_width(name: str, tmp_path: object) -> None:
     if name in ("resnet20", "mobilenetv2", "vgg11_bn"):
         pruning.save_pruned(pruned, tmp_path, x)
         assert _max_diff(run(pruning.load_pruned(tmp_path), x), run(pruned, x)) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grouped convolutions (ENGINE.md §2.4, §9 case 7)
+# ----------------------------------------------------------------------------------------------------------------
+
+GROUPED = ("grouped_conv", "grouped_chain", "grouped_resnext", "grouped_eq_out", "grouped_mix")
+
+
+@pytest.mark.parametrize("name", GROUPED)
+def test_grouped_every_legal_width_combination_sample(name: str, tmp_path: object) -> None:
+    """E, S, C on several random legal candidates, hyper-parameters consistent, and the R round trip."""
+    c = CASES[name]()
+    gs = graph.analyze(c.model, c.x)
+    assert any(g.divisor > 1 for g in gs.prunable())
+    for seed in range(4):
+        pruned = _check(c.model, c.x, gs, _random_widths(gs, 10 + seed), importance="l1")
+        for mod_name, mod in pruned.named_modules():
+            if isinstance(mod, nn.Conv2d):
+                orig = c.model.get_submodule(mod_name)
+                assert mod.groups == orig.groups
+                assert mod.in_channels % mod.groups == 0 and mod.out_channels % mod.groups == 0
+                assert tuple(mod.weight.shape[:2]) == (mod.out_channels, mod.in_channels // mod.groups)
+    pytest.importorskip("autoprune.serialize")
+    pruning.save_pruned(pruned, tmp_path, c.x)  # type: ignore[arg-type]
+    loaded = pruning.load_pruned(tmp_path)  # type: ignore[arg-type]
+    assert _max_diff(run(loaded, c.x), run(pruned, c.x)) == 0.0
+    convs = {n: m for n, m in loaded.named_modules() if isinstance(m, nn.Conv2d)}
+    assert {n: m.groups for n, m in convs.items()} == {n: c.model.get_submodule(n).groups for n in convs}
+
+
+def test_grouped_selection_is_per_block() -> None:
+    c = CASES["grouped_chain"]()  # c1:out (8 channels, 4 blocks of 2) feeds g (groups=4)
+    gs = graph.analyze(c.model, c.x)
+    assert pruning.plan(c.model, gs, {"c1:out": 4}, importance="prefix").keep["c1:out"] == (0, 2, 4, 6)
+    with torch.no_grad():
+        c.model.c1.weight.mul_(0.01)
+        c.model.c1.weight[[0, 1, 2, 3]] *= 1000.0  # globally, the four best channels are blocks 0 and 1
+    keep = pruning.plan(c.model, gs, {"c1:out": 4}, importance="l2").keep["c1:out"]
+    assert [k // 2 for k in keep] == [0, 1, 2, 3]  # one channel from each block
+    scores = torch.tensor([5.0, 1.0, 0.0, 2.0, 3.0, 4.0])
+    assert importance.select(scores, 3, blocks=3) == (0, 3, 5)
+    assert importance.select(scores, 2) == (0, 5)
+    with pytest.raises(ConfigError, match="equally in 3 blocks"):
+        importance.select(scores, 4, blocks=3)
+
+
+def test_grouped_widths_not_divisible_are_rejected() -> None:
+    c = CASES["grouped_chain"]()
+    gs = graph.analyze(c.model, c.x)
+    assert pruning.legal_widths(gs["g:out"]) == [4, 8, 12]
+    assert pruning.legal_widths(gs["g:out"], round_to=8) == [8, 12]  # lcm(8, 4)
+    for bad in ({"g:out": 6}, {"c1:out": 3}):
+        with pytest.raises(ConfigError, match=r"not a multiple of 4: a grouped conv needs the same number"):
+            pruning.apply(c.model, gs, bad)
+        with pytest.raises(ConfigError, match="legal widths: 4, 8"):
+            cost.closed_form(gs, bad)
+    assert pruning.widths_from_ratios(gs, {"g:out": 0.4}) == {"g:out": 4}  # ratios snap to multiples
+    assert pruning.apply(c.model, gs, {"g:out": 8}).get_submodule("g").out_channels == 8
+
+
+def test_grouped_plan_with_uneven_blocks_is_refused() -> None:
+    c = CASES["grouped_chain"]()
+    gs = graph.analyze(c.model, c.x)
+    full = gs.full_widths()
+    keep = {gid: tuple(range(w)) for gid, w in full.items()}
+    keep["c1:out"] = (0, 1, 2, 3)  # blocks 0 and 1 whole, blocks 2 and 3 empty
+    bad = pruning.PruningPlan(widths={**full, "c1:out": 4}, keep=keep, groups=gs)
+    with pytest.raises(ConfigError, match=r"spread unevenly over its 4 blocks .* \[2, 2, 0, 0\]"):
+        pruning.apply(c.model, bad)
+
+
+def test_grouped_importance_rows_follow_the_conv_blocks() -> None:
+    c = CASES["grouped_chain"]()
+    gs = graph.analyze(c.model, c.x)
+    (sl,) = [s for s in gs["c1:out"].slices if s.module == "g"]
+    w = c.model.g.weight  # [12, 2, 3, 3]: block i = rows 3i..3i+2, input channels 2i, 2i+1
+    rows = importance.channel_rows(w, sl, 8)
+    assert rows.shape == (8, 3 * 9)
+    assert torch.equal(rows[5], w[6:9, 1].reshape(-1))  # input channel 5 = block 2, local column 1
+    p = pruning.plan(c.model, gs, {"c1:out": 4, "g:out": 8})
+    assert _max_diff(run(pruning.mask(c.model, p), c.x), run(pruning.apply(c.model, p), c.x)) < 1e-5

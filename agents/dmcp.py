@@ -701,9 +701,15 @@ def _kd(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
 
 def make_chains(groups: Any, legal: Mapping[str, Sequence[int]],
                 grid: tuple[float, float, float] = (0.1, 1.0, 0.1)) -> list[MarkovChain]:
-    """One chain per prunable group that has more than one legal width, in the engine's order."""
+    """One chain per prunable group that has more than one legal width, in the engine's order.
+
+    Groups that feed or leave a grouped convolution (``divisor > 1``) get no chain and keep their full width:
+    their channels are pruned per conv block, while DMCP's chains keep a prefix of the whole group.
+    """
     chains = []
     for g in prunable_groups(groups):
+        if int(getattr(g, "divisor", 1)) > 1:
+            continue
         if g.id in legal and len(legal[g.id]) > 1:
             chain = MarkovChain.build(g.id, int(g.size), legal[g.id], grid)
             if chain.num_blocks:

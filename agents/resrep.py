@@ -120,6 +120,9 @@ def find_sites(model: nn.Module, groups: Any, legal: Mapping[str, Sequence[int]]
         if legal is not None and len(legal.get(g.id, ())) < 2:
             skipped[g.id] = "a single legal width"
             continue
+        if int(getattr(g, "divisor", 1)) > 1:
+            skipped[g.id] = f"channels pruned per block of a grouped convolution (divisor {g.divisor})"
+            continue
         members = list(g.members)
         producers = [m for m in members if m.role == "out"]
         if len(producers) != 1:

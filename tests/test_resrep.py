@@ -286,3 +286,20 @@ def test_searcher_presets(tmp_path) -> None:
     assert cpu.config.iters == 7 and cpu.config.macs_target == 0.5
     with pytest.raises(ConfigError, match="unknown setting"):
         cls(problem, store=tmp_path / "a.db", n_trials=1, lassoo=1.0)
+
+
+def test_grouped_conv_groups_get_neither_compactors_nor_dmcp_chains() -> None:
+    """Groups pruned per grouped-conv block (divisor > 1) are left to the engine, not to prefix/compactor logic."""
+    from engine_cases import GroupedChain
+
+    from autoprune.agents.dmcp import make_chains
+
+    model = GroupedChain().eval()
+    gs = graph.analyze(model, torch.randn(1, 3, 8, 8))
+    blocked = [g.id for g in gs.prunable() if g.divisor > 1]
+    assert blocked, "the grouped conv should give groups with a divisor"
+    legal = legal_widths_of(None, gs)
+    _, skipped = find_sites(model, gs, legal)
+    assert all("grouped convolution" in skipped[gid] for gid in blocked)
+    chained = {c.group_id for c in make_chains(gs, legal)}
+    assert chained and not chained & set(blocked)

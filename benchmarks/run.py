@@ -21,8 +21,8 @@ from benchmarks._common import write_result
 
 HERE = Path(__file__).resolve().parent
 # Cheap, engine-level benchmarks first; search-level ones (which train and evaluate networks) last.
-ORDER = ["data_loading", "engine", "env_overhead", "quantization", "fidelity", "infcop_imp", "searchers",
-         "differentiable"]
+ORDER = ["data_loading", "engine", "env_overhead", "quantization", "deployment", "search_cost", "fidelity",
+         "infcop_imp", "searchers", "differentiable", "search_quality"]
 
 
 def discover() -> list[str]:

@@ -1,0 +1,607 @@
+"""Benchmark: search quality — every searcher, the same candidate budget and the same final fine-tune.
+
+Grid: models (pretrained akamaster ResNet-20 and ResNet-56 on CIFAR-10) × MACs targets (50 % and 30 % of the
+dense closed-form MACs) × searchers (every name in :data:`autoprune.agents.SEARCHERS`, or a subset) × seeds.
+One grid point is a *cell*. In every cell the searcher gets the same problem (``cifar_resnet`` search space,
+min keep ratio 0.2, L1 channel selection), the same evaluator (adaptive BN on fixed training batches, top-1
+on the selection split) and the same candidate budget; the best feasible candidate is then built, its BN
+statistics re-estimated and fine-tuned with the same schedule, and its test accuracy reported with its MACs,
+parameters and fp32 size. ``dmcp`` and ``resrep`` train a network instead of proposing candidates: they get
+their own training schedule (the ``cpu`` preset of their hyper-parameter files), emit one architecture with
+its own weights, and are then fine-tuned exactly like the others; their extra training samples are reported.
+
+Protocol (splits). The akamaster checkpoints were trained on all 50,000 CIFAR-10 training images, so a
+validation split carved from the training set is memorised (≈ 96 % accuracy) and cannot rank candidates.
+The 10,000 test images are therefore split once into two disjoint, stratified halves (seed 0):
+
+* **half A — selection**: scores every candidate (a subset of ``val_images``), is the differentiable
+  searchers' validation set, and picks each cell's finalist;
+* **half B — report**: used only for the accuracies reported after the fine-tune (and the dense reference);
+  nothing is ever selected on it.
+
+BN calibration, search-time training and fine-tuning use training images only.
+
+Published results (``benchmarks/published.py``, ALGORITHMS.md §7) are printed beside each model's table
+with their (much longer) training budgets and caveats: absolute numbers are not comparable with a CPU-sized
+fine-tune; the ranking of searchers within one table is what this benchmark measures.
+
+Run as ``python -m benchmarks.bench_search_quality [--quick] [--resume] [--max-minutes M] [--searchers a,b]
+[--models resnet20] [--targets 0.5]``. The raw results (``results/benchmarks/search_quality.json``,
+``search_quality_quick.json`` with ``--quick``) are rewritten after every finished cell, and the table
+(``search_quality.md``) is rebuilt from them; ``--resume`` skips finished cells and continues an interrupted
+search from its trial store (``results/benchmarks/search_quality_work/``, not versioned). ``--max-minutes``
+stops starting new cells after that many minutes, so a long run can be split into short parts on a shared
+machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoprune.utils import configure_threads, seed_everything
+from benchmarks import published
+from benchmarks._common import CIFAR10_DIR, RESULTS, WEIGHTS_DIR, write_result
+
+CHECKPOINTS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th",
+               "resnet44": "resnet44-014dd654.th", "resnet56": "resnet56-4bfd9763.th"}
+#: Searchers that train a network (one architecture with its own weights) instead of proposing candidates.
+TRAINING = ("dmcp", "resrep")
+QUICK_SEARCHERS = ("uniform", "tpe")
+WORKDIR = RESULTS / "search_quality_work"
+SPLIT_SEED = 0
+#: Forward+backward passes per training iteration of a differentiable searcher (DMCP's sandwich rule: 4).
+PASSES_PER_ITER = {"dmcp": 4, "resrep": 1}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything that defines (and scales) a run; a resumed run must use the same sizes."""
+
+    models: tuple[str, ...]
+    targets: tuple[float, ...]
+    candidates: int
+    seeds: int
+    calib_batches: int
+    calib_batch: int
+    val_images: int
+    test_images: int
+    ft_steps: int
+    ft_batch: int
+    ft_lr: float
+
+
+FULL = Sizes(models=("resnet20", "resnet56"), targets=(0.5, 0.3), candidates=32, seeds=1, calib_batches=10,
+             calib_batch=128, val_images=2000, test_images=5000, ft_steps=391, ft_batch=128, ft_lr=0.01)
+QUICK = Sizes(models=("resnet20",), targets=(0.5,), candidates=3, seeds=1, calib_batches=2, calib_batch=64,
+              val_images=256, test_images=500, ft_steps=5, ft_batch=32, ft_lr=0.01)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cell_key(model: str, target: float, searcher: str, seed: int) -> str:
+    """The key of one grid cell in the results JSON."""
+    return f"{model}|{target:g}|{searcher}|{seed}"
+
+
+def searcher_options(name: str, sizes: Sizes, n_groups: int) -> dict[str, Any]:
+    """Per-searcher settings that make the candidate budget fit (everything else: the defaults)."""
+    k = sizes.candidates
+    if name in ("ddpg", "td3", "sac"):
+        return {"warmup_episodes": max(1, k // 4)}  # AMC's 100-episode warm-up does not fit in k episodes
+    if name == "ppo":
+        return {"rollout_episodes": max(1, min(8, k // 5)), "batch_size": n_groups}
+    if name in ("tpe", "gp"):
+        return {"n_startup_trials": max(2, min(10, k // 4))}
+    if name == "nsga2":
+        return {"population_size": max(4, min(20, k // 4))}
+    if name == "sensitivity":  # dense + groups × ratios + the allocation must fit in k
+        n = max(1, min(3, (k - 2) // max(1, n_groups)))
+        return {"ratios": (0.5, 0.3, 0.7)[:n]}
+    return {}
+
+
+def default_searchers() -> list[str]:
+    """Every registered searcher whose optional dependencies are installed."""
+    from autoprune._imports import is_available
+    from autoprune.agents.base import SEARCHERS, load_builtin_searchers
+
+    load_builtin_searchers()
+    return [n for n in SEARCHERS.names() if not (n == "cmaes" and not is_available("cmaes"))]
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def split_test(test: Any, seed: int = SPLIT_SEED) -> tuple[Any, Any]:
+    """Two disjoint stratified halves of the test set: (A: selection, B: report)."""
+    from autoprune.data import stratified_indices
+
+    half_a = stratified_indices(test.labels, len(test) // 2, seed=seed)
+    in_a = torch.zeros(len(test), dtype=torch.bool)
+    in_a[half_a] = True
+    return test.take(half_a), test.take(torch.nonzero(~in_a).flatten())
+
+
+def setup(model_name: str, sizes: Sizes, splits: Any, seed: int = 0) -> dict[str, Any]:
+    """Model, groups, search space and loaders of one model."""
+    from autoprune import graph
+    from autoprune.data import make_loader, subset
+    from autoprune.models import build_model
+    from autoprune.models.checkpoint import load_checkpoint
+    from autoprune.search_spaces import build_space
+
+    part_a, part_b = split_test(splits.test)
+    model = build_model(model_name, num_classes=10, mean=splits.info.mean, std=splits.info.std)
+    load_checkpoint(model, WEIGHTS_DIR / CHECKPOINTS[model_name])
+    model.eval()
+    example = torch.rand(1, 3, 32, 32)
+    groups = graph.analyze(model, example)
+    space = build_space(groups, model_name=model_name, min_ratio=0.2)
+    calib = subset(splits.train, sizes.calib_batches * sizes.calib_batch, seed=seed + 1)
+    return {
+        "name": model_name, "model": model, "groups": groups, "space": space, "example": example,
+        "calib": make_loader(calib, sizes.calib_batch),  # the same batches for every candidate
+        "select": make_loader(subset(part_a, sizes.val_images, seed=seed), 500),
+        "report": make_loader(subset(part_b, sizes.test_images, seed=seed), 500),
+        "train_set": splits.train,
+    }
+
+
+def make_problem(ctx: Mapping[str, Any], sizes: Sizes) -> Any:
+    """A fresh problem (own evaluation cache, so every searcher pays for its own evaluations)."""
+    from autoprune.evaluate import AdaptiveBNEvaluator
+    from autoprune.problem import Problem
+
+    ev = AdaptiveBNEvaluator(ctx["calib"], ctx["select"], batches=sizes.calib_batches, device="cpu")
+    return Problem(ctx["model"], ctx["groups"], ctx["space"], ev, ctx["example"], importance="l1")
+
+
+def train_loader(ctx: Mapping[str, Any], sizes: Sizes, seed: int) -> Any:
+    """Shuffled, augmented training batches (a fresh loader: the same batches in the same order per seed)."""
+    from autoprune.data import make_loader
+
+    return make_loader(ctx["train_set"], sizes.ft_batch, shuffle=True, augment=True, seed=seed)
+
+
+# ------------------------------------------------------------------------------------------------ one cell
+
+
+def finetune_and_report(ctx: Mapping[str, Any], sizes: Sizes, module: torch.nn.Module, seed: int
+                        ) -> dict[str, float]:
+    """Re-estimate BN, report accuracy on half B, fine-tune ``ft_steps`` steps, report again."""
+    from autoprune.evaluate import recalibrate_bn, validate
+    from autoprune.train import train_steps
+
+    recalibrate_bn(module, ctx["calib"], sizes.calib_batches, device="cpu")
+    before = float(validate(module, ctx["report"], device="cpu")[0])
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    train_steps(module, train_loader(ctx, sizes, seed), sizes.ft_steps, lr=sizes.ft_lr, momentum=0.9,
+                weight_decay=5e-4, schedule="cosine", device="cpu")
+    ft_seconds = time.perf_counter() - t0
+    after = float(validate(module, ctx["report"], device="cpu")[0])
+    return {"test_before_ft": before, "test_after_ft": after, "ft_seconds": ft_seconds}
+
+
+def run_cell(ctx: Mapping[str, Any], sizes: Sizes, target: float, name: str, seed: int, store_dir: Path
+             ) -> dict[str, Any]:
+    """Search, pick the best feasible candidate on half A, fine-tune it, report it on half B."""
+    from autoprune import serialize
+    from autoprune.agents.base import make_searcher
+    from autoprune.store import TrialStore
+
+    problem = make_problem(ctx, sizes)
+    campaign = f"sq-{ctx['name']}-{round(100 * target)}"
+    store = TrialStore(store_dir / "trials.db", campaign=campaign)
+    opts = searcher_options(name, sizes, len(ctx["space"].groups))
+    if name in TRAINING:
+        opts = {**opts, "train_loader": train_loader(ctx, sizes, seed + 7), "val_loader": ctx["select"],
+                "device": "cpu"}
+    seed_everything(seed)
+    t0 = time.perf_counter()
+    searcher = make_searcher(name, problem, store=store, budget={"macs": target}, n_trials=sizes.candidates,
+                             seed=seed, **opts)
+    res = searcher.run()
+    wall = time.perf_counter() - t0
+    dense = problem.dense_cost
+    limit = target * dense.macs
+    ok = [t for t in res.trials if t.state == "complete" and t.result is not None and t.cost.macs <= limit]
+    record: dict[str, Any] = {
+        "model": ctx["name"], "target": target, "searcher": name, "seed": seed, "stop_reason": res.stop_reason,
+        "trials": len(res.trials), "evaluated": len(ok), "options": {k: v for k, v in opts.items()
+                                                                      if k not in ("train_loader", "val_loader")},
+        "search_seconds": float(store.to_dataframe(searcher=name, seed=seed)["seconds"].fillna(0.0).sum()),
+        "search_wall_this_run": wall,
+    }
+    if name in TRAINING:
+        outcome = getattr(searcher, "outcome", None)
+        record["search_train_samples"] = None if outcome is None else int(outcome.samples)
+    else:  # forward-only calibration samples of the evaluated candidates
+        record["search_train_samples"] = len(ok) * sizes.calib_batches * sizes.calib_batch
+    if not ok:
+        record["error"] = "no feasible evaluated candidate"
+        return record
+    best = max(ok, key=lambda t: (t.result.accuracy, -t.number))
+    cost = problem.cost(best.candidate)
+    if name in TRAINING:
+        module = serialize.load_module(store.artifact_dir(name, seed) / "model")
+    else:
+        module = problem.build(best.candidate)
+    record.update({
+        "best_val": float(best.result.accuracy), "best_trial": best.number,
+        "macs": cost.macs, "macs_fraction": cost.macs / dense.macs, "params": cost.params,
+        "params_built": int(sum(p.numel() for p in module.parameters())), "bytes": cost.bytes,
+        "widths": dict(best.candidate.widths),
+    })
+    record.update(finetune_and_report(ctx, sizes, module, seed=1234 + seed))
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ the grid
+
+
+def load_results(path: Path, sizes: Sizes, resume: bool) -> dict[str, Any]:
+    """Existing results to continue (``resume``), or a fresh record; refuses to clobber a full run silently."""
+    from autoprune.errors import ConfigError
+
+    fresh: dict[str, Any] = {"sizes": asdict(sizes), "dense": {}, "cells": {}, "created": time.time(),
+                             "runs": []}
+    if not path.exists():
+        return fresh
+    old = json.loads(path.read_text())
+    if not resume:
+        if old.get("cells") and not old.get("quick"):
+            raise ConfigError(f"{path} already holds {len(old['cells'])} finished cells",
+                              hint="pass --resume to continue that run, or --fresh to discard it")
+        return fresh
+    if old.get("sizes") != json.loads(json.dumps(asdict(sizes))):
+        raise ConfigError(f"the sizes of {path} differ from this run's; a resumed run must use the same ones",
+                          hint="rerun with the same options, or --fresh to start over")
+    return old
+
+
+def grid(sizes: Sizes, names: Sequence[str]) -> list[tuple[str, float, str, int]]:
+    """Every cell, cheapest model first."""
+    return [(m, t, n, s) for m in sizes.models for t in sizes.targets for n in names for s in range(sizes.seeds)]
+
+
+def run(sizes: Sizes, names: Sequence[str], out_json: Path, store_dir: Path, *, resume: bool, quick: bool,
+        max_minutes: float | None, on_update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Run (or continue) the grid; ``on_update`` receives the results after every finished cell."""
+    from autoprune.data import load_dataset
+    from autoprune.evaluate import validate
+
+    t0 = time.perf_counter()
+    raw = load_results(out_json, sizes, resume)
+    raw["quick"] = quick
+    raw["searchers"] = list(dict.fromkeys([*raw.get("searchers", []), *names]))
+    run_info = {"started": time.time(), "cells": 0, "seconds": 0.0}
+    raw.setdefault("runs", []).append(run_info)
+    splits = load_dataset("cifar10", CIFAR10_DIR, val_size=0, seed=0)
+    cells = grid(sizes, names)
+    todo = [c for c in cells if cell_key(*c) not in raw["cells"]]
+    _log(f"{len(cells) - len(todo)} of {len(cells)} cells already done")
+    ctx: dict[str, Any] | None = None
+    for model_name, target, name, seed in todo:
+        if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
+            _log(f"stopping after {max_minutes} min: continue with --resume")
+            break
+        if ctx is None or ctx["name"] != model_name:
+            ctx = setup(model_name, sizes, splits)
+            if model_name not in raw["dense"]:
+                dense_cost = make_problem(ctx, sizes).dense_cost
+                raw["dense"][model_name] = {
+                    "select": float(validate(ctx["model"], ctx["select"], device="cpu")[0]),
+                    "report": float(validate(ctx["model"], ctx["report"], device="cpu")[0]),
+                    "macs": dense_cost.macs, "params": dense_cost.params, "bytes": dense_cost.bytes}
+        rec = run_cell(ctx, sizes, target, name, seed, store_dir)
+        raw["cells"][cell_key(model_name, target, name, seed)] = rec
+        run_info["cells"] += 1
+        run_info["seconds"] = time.perf_counter() - t0
+        _log(f"{cell_key(model_name, target, name, seed)}: val {rec.get('best_val', float('nan')):.4f}, "
+             f"MACs {rec.get('macs_fraction', float('nan')):.3f}, test after FT "
+             f"{rec.get('test_after_ft', float('nan')):.4f} ({rec['search_seconds']:.0f}s search, "
+             f"{rec.get('ft_seconds', 0):.0f}s FT)")
+        on_update(raw)
+    if quick and ctx is not None and "rates" not in raw:
+        raw["rates"] = measure_rates(ctx, FULL)  # for the estimate of the full form's duration
+    run_info["seconds"] = time.perf_counter() - t0
+    raw["complete"] = all(cell_key(*c) in raw["cells"] for c in cells)
+    raw["total_cells"] = len(cells)
+    on_update(raw)
+    return raw
+
+
+# ------------------------------------------------------------------------------------------------ estimate
+
+
+def measure_rates(ctx: Mapping[str, Any], sizes: Sizes, repeats: int = 2) -> dict[str, float]:
+    """Single-thread rates of the dense model at ``sizes``' batch sizes: forward s/sample, training s/step."""
+    from autoprune.train import train_steps
+
+    model = copy.deepcopy(ctx["model"]).eval()
+    x = torch.rand(sizes.calib_batch, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            model(x)
+        forward = (time.perf_counter() - t0) / (repeats * sizes.calib_batch)
+    batch = [(torch.rand(sizes.ft_batch, 3, 32, 32), torch.randint(0, 10, (sizes.ft_batch,)))]
+    train_steps(model, batch, 1, lr=0.01)
+    t0 = time.perf_counter()
+    train_steps(model, batch, repeats, lr=0.01)
+    return {"model": ctx["name"], "forward_per_sample": forward, "train_step": (time.perf_counter() - t0) / repeats,
+            "calib_batch": sizes.calib_batch, "ft_batch": sizes.ft_batch}
+
+
+def estimate_full(raw: Mapping[str, Any], full: Sizes = FULL, searchers: Sequence[str] | None = None,
+                  overhead_per_candidate: float = 0.2) -> dict[str, Any] | None:
+    """Duration of the full grid, extrapolated from the dense-model rates measured in ``raw["rates"]``.
+
+    Returns ``{"hours": total, "cell_minutes": {model: mean minutes per cell}}`` (``None`` without rates).
+
+    A candidate costs its calibration and selection forwards plus ``overhead_per_candidate`` seconds (build,
+    repair, searcher logic); a finalist costs ``ft_steps`` training steps at the *dense* model's step time (an
+    upper bound) plus two passes over half B; ``dmcp``/``resrep`` cost ``iters`` steps (DMCP: four sub-networks
+    per step, priced as four dense steps). Other models scale with their dense MACs relative to the measured
+    model (×3.1 for ResNet-56 when not measured).
+    """
+    from autoprune.agents.base import load_hyperparams
+
+    rates = raw.get("rates")
+    if not rates:
+        return None
+    fwd, step = rates["forward_per_sample"], rates["train_step"] * full.ft_batch / rates["ft_batch"]
+    dense = raw.get("dense", {})
+    base_macs = dense.get(rates["model"], {}).get("macs")
+    names = list(searchers) if searchers is not None else default_searchers()
+    per_candidate = fwd * (full.calib_batches * full.calib_batch + full.val_images) + overhead_per_candidate
+    finetune = step * full.ft_steps + fwd * (2 * full.test_images + full.calib_batches * full.calib_batch)
+    seconds, cell_minutes = 0.0, {}
+    for model in full.models:
+        macs = dense.get(model, {}).get("macs")
+        scale = macs / base_macs if macs and base_macs else (1.0 if model == rates["model"] else 3.1)
+        cells = []
+        for name in names:
+            if name in TRAINING:
+                search = step * int(load_hyperparams(name).get("iters", 300)) * PASSES_PER_ITER[name]
+            else:
+                search = per_candidate * full.candidates
+            cells.append(scale * (search + finetune))
+        cell_minutes[model] = statistics.fmean(cells) / 60 if cells else 0.0
+        seconds += sum(cells) * len(full.targets) * full.seeds
+    return {"hours": seconds / 3600.0, "cell_minutes": cell_minutes}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _pct(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "—"
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def _mean_std(xs: Sequence[float], signed: bool = False) -> str:
+    if not xs:
+        return "—"
+    if len(xs) == 1:
+        return _pct(xs[0], signed)
+    return f"{_pct(statistics.fmean(xs), signed)} ± {100 * statistics.stdev(xs):.2f}"
+
+
+def cell_table(raw: Mapping[str, Any], model: str, target: float) -> list[str]:
+    """Rows of one (model, target): one per searcher, aggregated over seeds."""
+    dense = raw["dense"].get(model, {})
+    lines = ["| searcher | seeds | candidates evaluated | best val % (half A) | MACs kept | params | size (KiB, fp32) "
+             "| test % before FT | **test % after FT** (half B) | Δ vs dense (points) | search s | FT s "
+             "| search training samples |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in raw["searchers"]:
+        recs = [c for c in raw["cells"].values() if c["model"] == model and c["target"] == target
+                and c["searcher"] == name]
+        if not recs:
+            continue
+        done = [r for r in recs if "test_after_ft" in r]
+        if not done:
+            lines.append(f"| {name} | {len(recs)} | {statistics.fmean(r['evaluated'] for r in recs):.0f} | "
+                         f"{recs[0].get('error', '—')} |" + " — |" * 9)
+            continue
+        after = [r["test_after_ft"] for r in done]
+        delta = [a - dense["report"] for a in after] if dense else []
+        samples = [r["search_train_samples"] for r in done if r.get("search_train_samples") is not None]
+        mean = {k: statistics.fmean(r[k] for r in done)
+                for k in ("evaluated", "macs_fraction", "params", "bytes", "search_seconds", "ft_seconds")}
+        lines.append(
+            f"| {name} | {len(done)} | {mean['evaluated']:.0f} | {_mean_std([r['best_val'] for r in done])} | "
+            f"{mean['macs_fraction']:.3f} | {mean['params']:,.0f} | {mean['bytes'] / 1024:,.1f} | "
+            f"{_mean_std([r['test_before_ft'] for r in done])} | **{_mean_std(after)}** | "
+            f"{_mean_std(delta, signed=True)} | {mean['search_seconds']:.0f} | {mean['ft_seconds']:.0f} | "
+            f"{f'{statistics.fmean(samples):,.0f}' if samples else '—'} |")
+    return lines
+
+
+def published_block(model: str, target: float, ft_epochs: float) -> list[str]:
+    """Published rows for ``model`` near ``target`` (within 15 points of FLOPs↓), with budgets and caveats."""
+    setting = published.setting_of(model)
+    if setting is None:
+        return []
+    rows = [r for r in published.rows_for(setting) if r.has_result and r.flops_reduction is not None
+            and abs(r.flops_reduction - (1 - target)) <= 0.15]
+    if not rows:
+        return ["", f"Published results for {model} near {100 * (1 - target):.0f} % FLOPs↓: none "
+                "(see `published.md`)."]
+    return ["", f"Published results for {model} near {100 * (1 - target):.0f} % FLOPs↓ (from `published.py`; their "
+            f"baselines, recipes and training budgets, not ours — our fine-tune is {ft_epochs:.2f} epochs; compare "
+            "Δ, and only loosely):", "", published.render_table(rows)]
+
+
+def summarise(raw: Mapping[str, Any], command: str) -> str:
+    """The markdown body."""
+    s = raw["sizes"]
+    epochs = s["ft_steps"] * s["ft_batch"] / 50000
+    n_done, n_total = len(raw["cells"]), raw.get("total_cells", len(raw["cells"]))
+    lines = [
+        "**Protocol.** The akamaster checkpoints were trained on all 50,000 training images, so a validation split "
+        "carved from them is memorised (≈ 96 % accuracy). The 10,000 CIFAR-10 test images are split once into two "
+        f"disjoint stratified halves (seed {SPLIT_SEED}): **half A (selection)** scores every candidate "
+        f"({s['val_images']} images), is the differentiable searchers' validation set and picks each cell's "
+        f"finalist; **half B (report)** ({s['test_images']} images) is used only for the accuracies reported "
+        "after the fine-tune. BN calibration, search-time training and fine-tuning use training images only.",
+        "",
+        f"**Budgets.** Every candidate-proposing searcher gets **{s['candidates']} candidates** per seed "
+        f"({s['seeds']} seed(s)), scored by adaptive BN ({s['calib_batches']} fixed training batches of "
+        f"{s['calib_batch']}); `dmcp`/`resrep` train instead (the `cpu` preset of their hyper-parameter files) and "
+        "emit one architecture with its own weights. Every finalist then gets the **same fine-tune**: BN "
+        f"re-estimated, {s['ft_steps']} SGD steps × batch {s['ft_batch']} ({epochs:.2f} epochs), lr {s['ft_lr']} "
+        "cosine, momentum 0.9, wd 5e-4, CIFAR augmentation. Search space `cifar_resnet` (block-internal widths; "
+        "residual streams kept), min keep ratio 0.2, L1 channel selection. MACs are the closed-form "
+        "multiply-accumulates of conv and linear layers (batch 1); size = fp32 bytes of the parameters and buffers.",
+        "",
+        f"Status: {n_done} of {n_total} cells done" + (" (complete)." if raw.get("complete") else
+                                                         f" — continue with `{resume_command(command)}`."),
+    ]
+    if raw.get("quick"):
+        est = estimate_full(raw)
+        per_cell = "" if est is None else " (" + ", ".join(
+            f"≈ {m:.0f} min per {k} cell" for k, m in est["cell_minutes"].items()) + ")"
+        lines += ["", "_Quick form: a smoke test of the pipeline (tiny budgets), not a measurement of the searchers. "
+                  "**The full form has not been run yet**: `python -m benchmarks.bench_search_quality --resume` "
+                  "(add `--max-minutes M` to stop starting new cells after M minutes, and repeat until the status "
+                  "says complete), estimated "
+                  + (f"**≈ {est['hours']:.0f} h** of single-thread CPU time on this machine{per_cell}" if est
+                     else "several hours")
+                  + f" for {len(default_searchers())} searchers × {len(FULL.models)} models × "
+                  f"{len(FULL.targets)} targets × {FULL.seeds} seed ({FULL.candidates} candidates, "
+                  f"{FULL.ft_steps} fine-tune steps × {FULL.ft_batch}; extrapolated from the dense ResNet-20's "
+                  "single-thread forward and training rates measured in this run, ResNet-56 scaled by its MACs)._"]
+    for model in dict.fromkeys(c["model"] for c in raw["cells"].values()):
+        d = raw["dense"].get(model, {})
+        lines += ["", f"## {model}", "",
+                  f"Dense: {d.get('macs', 0) / 1e6:.2f} M MACs, {d.get('params', 0):,} params, "
+                  f"{d.get('bytes', 0) / 1024:,.1f} KiB; top-1 {_pct(d.get('select'))} % on half A, "
+                  f"**{_pct(d.get('report'))} %** on half B."]
+        for target in dict.fromkeys(c["target"] for c in raw["cells"].values() if c["model"] == model):
+            lines += ["", f"### {model} at {100 * target:.0f} % of the dense MACs", "", *cell_table(raw, model, target),
+                      *published_block(model, target, epochs)]
+    opts = {c["searcher"]: c["options"] for c in raw["cells"].values() if c.get("options")}
+    lines += ["", "Searcher settings changed from the defaults to fit the candidate budget: "
+              + ("; ".join(f"{k}: {v}" for k, v in opts.items()) or "none") + ". `uniform` and "
+              "`global_magnitude` propose a single candidate; `sensitivity` spends its budget on a scan and ends "
+              "with one allocation.",
+              "", "Runs: " + "; ".join(f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(r['started']))} UTC: "
+                                       f"{r['cells']} cells in {r['seconds'] / 60:.1f} min" for r in raw["runs"])]
+    return "\n".join(lines)
+
+
+def resume_command(command: str) -> str:
+    """The command that continues this run."""
+    return command if "--resume" in command else command + " --resume"
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def parse_sizes(args: argparse.Namespace) -> Sizes:
+    """Sizes from the preset and the overriding options."""
+    sizes = QUICK if args.quick else FULL
+    over: dict[str, Any] = {}
+    if args.models:
+        over["models"] = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if args.targets:
+        over["targets"] = tuple(float(t) for t in args.targets.split(",") if t.strip())
+    for key in ("candidates", "seeds", "ft_steps"):
+        if getattr(args, key) is not None:
+            over[key] = getattr(args, key)
+    return replace(sizes, **over)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (2 searchers, ResNet-20, 50 %%)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the results JSON")
+    parser.add_argument("--fresh", action="store_true", help="discard earlier full results and trial stores")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new cells after this")
+    parser.add_argument("--searchers", default=None, help="comma-separated subset (default: every searcher)")
+    parser.add_argument("--models", default=None, help=f"comma-separated subset of {', '.join(CHECKPOINTS)}")
+    parser.add_argument("--targets", default=None, help="comma-separated MACs fractions, e.g. 0.5,0.3")
+    parser.add_argument("--candidates", type=int, default=None, help="candidates per searcher and seed")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per searcher")
+    parser.add_argument("--ft-steps", type=int, default=None, help="fine-tune steps of every finalist")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args(argv)
+
+    import optuna
+
+    from autoprune.agents.base import SEARCHERS, load_builtin_searchers
+    from autoprune.errors import AutoPruneError
+
+    load_builtin_searchers()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    configure_threads(args.threads)
+    sizes = parse_sizes(args)
+    unknown = sorted(set(sizes.models) - set(CHECKPOINTS))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(CHECKPOINTS)}")
+    if any(not 0.0 < t < 1.0 for t in sizes.targets):
+        parser.error("targets must be fractions of the dense MACs in (0, 1)")
+    names = ([n.strip() for n in args.searchers.split(",") if n.strip()] if args.searchers
+             else list(QUICK_SEARCHERS) if args.quick else default_searchers())
+    try:
+        for n in names:
+            SEARCHERS.get(n)  # unknown names fail before anything runs
+    except AutoPruneError as exc:
+        parser.error(str(exc))
+    name = "search_quality_quick" if args.quick else "search_quality"
+    out_json = RESULTS / f"{name}.json"
+    if args.quick:
+        store_dir = Path(tempfile.mkdtemp(prefix="bench-search-quality-"))
+    else:
+        store_dir = WORKDIR
+        if args.fresh:
+            shutil.rmtree(store_dir, ignore_errors=True)
+            out_json.unlink(missing_ok=True)
+        store_dir.mkdir(parents=True, exist_ok=True)
+    from benchmarks._common import command_line
+
+    command = command_line()
+    title = "Search quality: every searcher at equal budgets (CIFAR-10 ResNets)" + (" (quick)" if args.quick else "")
+
+    def on_update(raw: dict[str, Any]) -> None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        tmp = out_json.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(raw, indent=1, default=str))
+        tmp.replace(out_json)
+        write_result(name, title, summarise(raw, command), command=command)
+
+    try:
+        run(sizes, names, out_json, store_dir, resume=args.resume, quick=args.quick, max_minutes=args.max_minutes,
+            on_update=on_update)
+    except AutoPruneError as exc:
+        parser.error(str(exc))
+    finally:
+        if args.quick:
+            shutil.rmtree(store_dir, ignore_errors=True)
+    _log(f"wrote {RESULTS / (name + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""Smoke tests of the benchmark suite: modules import, the runner rejects bad names, the published table renders,
+and the search-cost, deployment and search-quality cores produce well-formed output on tiny inputs.
+
+Nothing here touches the real CIFAR-10 data or asserts timings (the machine is shared): the end-to-end calls
+use ``small_cnn`` on the bundled ``digits`` data.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoprune.data import load_dataset, make_loader, subset
+from autoprune.errors import ConfigError
+from autoprune.models import build_model
+from benchmarks import published
+from benchmarks import run as bench_run
+
+
+@pytest.mark.parametrize("name", bench_run.discover())
+def test_every_benchmark_module_imports_and_has_main(name: str) -> None:
+    mod = importlib.import_module(f"benchmarks.bench_{name}")
+    assert callable(mod.main)
+    assert mod.__doc__  # the module docstring says what the benchmark measures
+
+
+def test_run_registers_the_new_benchmarks() -> None:
+    names = bench_run.discover()
+    for new in ("search_cost", "deployment", "search_quality"):
+        assert new in names
+    # search quality (hours in its full form) runs last
+    assert names.index("search_quality") > names.index("search_cost")
+
+
+def test_runner_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench_run.main(["--only", "no_such_benchmark"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no_such_benchmark" in err and "search_cost" in err
+
+
+# ------------------------------------------------------------------------------------------------ published
+
+
+def test_published_renders_every_row_with_source_and_caveat() -> None:
+    text = published.render_markdown()
+    for r in published.PUBLISHED:
+        assert r.source and r.caveat and r.training
+        assert published._esc(r.source) in text
+        assert published._esc(r.caveat) in text
+    for title in published.SETTINGS.values():
+        assert f"## {title}" in text
+    n_rows = sum(1 for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method"))
+    assert n_rows == len(published.PUBLISHED)
+
+
+def test_published_records_are_consistent() -> None:
+    for key in published.SETTINGS:
+        assert published.rows_for(key)
+    resrep = next(r for r in published.rows_for("resnet56-cifar10") if r.method.startswith("ResRep"))
+    assert "480 epochs" in resrep.training
+    hrank = next(r for r in published.rows_for("resnet56-cifar10") if r.method.startswith("HRank ("))
+    assert hrank.delta == pytest.approx(93.17 - 93.26)
+    depgraph = next(r for r in published.PUBLISHED if r.printed_delta == 0.38)
+    assert "(printed +0.38)" in published.render_table([depgraph])
+    assert published.setting_of("resnet20") == "resnet20-cifar10"
+    assert published.setting_of("vgg16_bn") is None
+    with pytest.raises(ValueError, match="unknown setting"):
+        published.rows_for("mnist")
+
+
+def test_published_record_requires_source_and_caveat() -> None:
+    with pytest.raises(ValueError, match="source and a caveat"):
+        published.PublishedResult("imagenet", "ResNet-50", "X", 76.0, 75.0, None, "2G", "?", "", "none")
+    with pytest.raises(ValueError, match="fraction"):
+        published.PublishedResult("imagenet", "ResNet-50", "X", 76.0, 75.0, 50.0, "2G", "?", "src", "none")
+
+
+# ------------------------------------------------------------------------------------------------ search cost
+
+
+@pytest.fixture(scope="module")
+def digits_ctx():
+    from benchmarks.bench_search_cost import Context
+
+    torch.manual_seed(0)
+    splits = load_dataset("digits")
+    model = build_model("small_cnn", num_classes=10, in_channels=1, mean=splits.info.mean, std=splits.info.std)
+    model.eval()
+    return Context(
+        name="small_cnn", model=model, example=torch.rand(1, 1, 8, 8),
+        calib=make_loader(subset(splits.train, 64, seed=1), 32),
+        train=make_loader(splits.train, 32, shuffle=True, seed=2),
+        val=make_loader(splits.val, 72),
+    )
+
+
+TINY_COST = dict(candidates=2, batch=32, calib_batches=2, val_images=72, ft_steps=2, infcop_check=1, flow_images=32,
+                 depth_models=(), repeats=1, closed_form_calls=10)
+
+
+def test_search_cost_core_on_digits(digits_ctx) -> None:
+    from benchmarks import bench_search_cost as bsc
+
+    sizes = bsc.Sizes(**TINY_COST)
+    setup, rows = bsc.throughput_rows(digits_ctx, sizes)
+    assert setup["analysis"] > 0 and setup["infcop_reference"] > 0
+    assert [r["evaluator"] for r in rows] == list(bsc.EVALUATORS)
+    for r in rows:
+        assert r["candidates"] == 2
+        for key in ("repair_ms", "price_ms", "build_ms", "evaluate_s", "total_s", "per_minute", "overhead_share"):
+            assert math.isfinite(r[key]) and r[key] > 0, key
+        assert r["total_s"] >= r["evaluate_s"]
+        assert r["macs_fraction"] <= 0.5 + 1e-9  # repaired to the budget
+    by = {r["evaluator"]: r for r in rows}
+    assert by["plain"]["samples"] == 0
+    assert by["adaptive_bn"]["samples"] == sizes.calib_batches * sizes.batch
+    assert by["finetune"]["samples"] > by["adaptive_bn"]["samples"]
+
+    depth = bsc.depth_row("small_cnn", digits_ctx.model, digits_ctx.example, digits_ctx.calib, digits_ctx.val, sizes)
+    assert depth["prunable"] > 0 and depth["macs_fraction"] <= 0.5 + 1e-9
+    assert all(depth[k] > 0 for k in ("analyze_s", "apply_ms", "closed_form_us", "abn_eval_s"))
+
+    text = bsc.summarise({"sizes": TINY_COST, "setup": setup, "evaluators": rows, "depth": [depth, depth],
+                          "threads": 1, "seconds": 1.0})
+    table = [line for line in text.splitlines() if line.startswith("| ") and "candidates / min" not in line]
+    assert len(table) == len(rows) + 1 + 2  # evaluator rows, the depth header, two depth rows
+    for r in rows:
+        assert r["label"] in text
+
+
+def test_search_cost_rejects_unknown_evaluator(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import bench_search_cost as bsc
+
+    with pytest.raises(SystemExit):
+        bsc.main(["--evaluators", "plain,bogus"])
+    assert "bogus" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ deployment
+
+
+def test_deployment_export_sizes_on_small_cnn(digits_ctx, tmp_path: Path) -> None:
+    from autoprune import graph, pruning
+    from benchmarks import bench_deployment as bd
+    from benchmarks.bench_search_cost import uniform_widths
+
+    dense = digits_ctx.model
+    groups = graph.analyze(dense, digits_ctx.example)
+    widths, _ = uniform_widths(groups, 0.5)
+    pruned = pruning.apply(dense, groups, widths)
+    records, timed, checked = bd.export_variants("cnn", dense, pruned, digits_ctx.example, list(digits_ctx.calib),
+                                                 tmp_path, calib_batches=2)
+    assert records["pruned fp32"]["bytes"] < records["dense fp32"]["bytes"]
+    assert records["dense w8 packed"]["bytes"] < records["dense fp32"]["bytes"]
+    assert records["pruned w8 packed"]["bytes"] < records["pruned fp32"]["bytes"]
+    assert records["pruned fp32"]["max_abs_diff"] < 1e-5
+    assert {"dense fp32", "pruned fp32"} <= set(timed) <= set(checked)
+    if "error" not in records["pruned int8"]:
+        assert "pruned int8" in timed and records["pruned int8"]["bytes"] > 0
+    fake = {"model": "cnn", "keep_ratio": 0.7, "macs": {"dense": 100, "pruned": 50},
+            "params": {"dense": 1, "pruned": 1}, "variants": records,
+            "latency": {"1": {k: {"median_ms": 1.0, "iqr_ms": 0.1} for k in timed}}}
+    lines = bd.model_table(fake, [1])
+    assert len(lines) == 2 + len(records)
+    assert "not timed" in "\n".join(lines)  # the packed 8-bit artifacts are storage formats
+
+
+# ------------------------------------------------------------------------------------------------ search quality
+
+
+def _cell(model: str, searcher: str, after: float) -> dict:
+    return {"model": model, "target": 0.5, "searcher": searcher, "seed": 0, "trials": 3, "evaluated": 3,
+            "options": {}, "search_seconds": 10.0, "search_train_samples": 384, "best_val": 0.5,
+            "macs_fraction": 0.49, "params": 1000, "bytes": 4000, "test_before_ft": 0.4, "test_after_ft": after,
+            "ft_seconds": 5.0}
+
+
+def test_search_quality_report_and_estimate() -> None:
+    from benchmarks import bench_search_quality as bsq
+
+    sizes = bsq.QUICK
+    raw = {"sizes": bsq.asdict(sizes), "quick": True, "searchers": ["uniform", "tpe"], "total_cells": 2,
+           "complete": True, "runs": [{"started": 0.0, "cells": 2, "seconds": 60.0}],
+           "dense": {"resnet20": {"select": 0.92, "report": 0.91, "macs": 40_000_000, "params": 270_000,
+                                  "bytes": 1_080_000}},
+           "cells": {bsq.cell_key("resnet20", 0.5, "uniform", 0): _cell("resnet20", "uniform", 0.6),
+                     bsq.cell_key("resnet20", 0.5, "tpe", 0): _cell("resnet20", "tpe", 0.7)},
+           "rates": {"model": "resnet20", "forward_per_sample": 1e-3, "train_step": 0.5, "calib_batch": 128,
+                     "ft_batch": 128}}
+    text = bsq.summarise(raw, "python -m benchmarks.bench_search_quality --quick")
+    assert "half A (selection)" in text and "half B (report)" in text
+    assert "full form has not been run yet" in text
+    assert "**70.00**" in text and "-21.00" in text  # after-FT accuracy and Δ vs the dense half-B accuracy
+    assert "AMC" in text  # the published comparison block
+    est = bsq.estimate_full(raw, searchers=["uniform", "tpe"])
+    assert est is not None and est["hours"] > 0
+    assert est["cell_minutes"]["resnet56"] > est["cell_minutes"]["resnet20"]
+
+
+def test_search_quality_refuses_to_clobber_full_results(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks import bench_search_quality as bsq
+
+    path = tmp_path / "search_quality.json"
+    path.write_text(json.dumps({"sizes": bsq.asdict(bsq.FULL), "cells": {"k": {}}, "dense": {}, "runs": []}))
+    with pytest.raises(ConfigError, match="finished cells"):
+        bsq.load_results(path, bsq.FULL, resume=False)
+    assert bsq.load_results(path, bsq.FULL, resume=True)["cells"] == {"k": {}}
+    with pytest.raises(ConfigError, match="differ"):
+        bsq.load_results(path, bsq.QUICK, resume=True)
+    grid = bsq.grid(bsq.FULL, ["uniform", "tpe"])
+    assert len(grid) == len(bsq.FULL.models) * len(bsq.FULL.targets) * 2 * bsq.FULL.seeds
+    assert len({bsq.cell_key(*c) for c in grid}) == len(grid)

@@ -65,6 +65,10 @@ OBJECTIVE_METRICS: dict[str, str] = {
 _COST_ATTR = {"macs": "macs", "params": "params", "size_bytes": "bytes", "bitops": "bitops"}
 
 
+class TooManyFailures(AutoPruneError, RuntimeError):
+    """The search stopped because ``max_failures`` candidate evaluations failed in a row."""
+
+
 def derive_seed(seed: int, index: int) -> int:
     """A 32-bit seed that depends only on ``(seed, index)`` (used to re-seed per trial)."""
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(1)[0])
@@ -546,13 +550,8 @@ class Searcher(ABC):
                 self._record(trial, candidate, cost, None, None, started, "failed", "user error", constraints, extra)
                 raise
             except Exception as exc:  # an evaluation bug must not lose the campaign: record and go on
-                self._consecutive_failures += 1
-                msg = f"{type(exc).__name__}: {exc}"
-                rec = self._record(trial, candidate, cost, None, self.failure_value(), started, "failed", msg,
-                                   constraints, extra)
-                if self._consecutive_failures >= self.max_failures:
-                    raise RuntimeError(f"{self.max_failures} evaluations failed in a row; last: {msg}") from exc
-                return rec
+                return self.record_failure(trial, candidate, started, f"{type(exc).__name__}: {exc}", extra,
+                                           cause=exc)
             self._consecutive_failures = 0
             from autoprune.evaluate import was_pruned
 
@@ -565,6 +564,28 @@ class Searcher(ABC):
         elif result is None:
             reward = self.failure_value()
         return self._record(trial, candidate, cost, result, reward, started, state, reason, constraints, extra)
+
+    def record_failure(self, trial: optuna.Trial, candidate: Candidate, started: float, reason: str,
+                       extra: Mapping[str, Any] | None = None, *, cause: BaseException | None = None
+                       ) -> TrialRecord:
+        """Record ``candidate`` as a ``failed`` trial (reward :meth:`failure_value`, Optuna state FAIL).
+
+        The evaluation raised (diverged, crashed, ran out of its per-trial time limit); the search goes on
+        unless ``max_failures`` evaluations failed in a row.
+
+        Raises:
+            TooManyFailures: After ``max_failures`` consecutive failures (the trials are recorded first).
+        """
+        self._consecutive_failures += 1
+        cost = self.problem.cost(candidate)
+        rec = self._record(trial, candidate, cost, None, self.failure_value(), started, "failed", reason,
+                           self.guard.constraints(cost), extra)
+        if self._consecutive_failures >= self.max_failures:
+            raise TooManyFailures(
+                f"{self.max_failures} evaluations failed in a row (all recorded as failed trials); last: {reason}",
+                hint="check the evaluator settings and the model (e.g. a lower learning rate if losses diverge), "
+                "then run the same command again to resume; raise max_failures to tolerate more") from cause
+        return rec
 
     def _record(self, trial: optuna.Trial, candidate: Candidate, cost: CostReport, result: EvalResult | None,
                 reward: float | None, started: float, state: str, reason: str, constraints: dict[str, float],

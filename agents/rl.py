@@ -38,8 +38,13 @@ bit-for-bit reproducible across a resume (the agent is re-seeded from ``(seed, t
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
+import logging
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -53,11 +58,13 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.utils import update_learning_rate
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from autoprune.errors import ConfigError
+from autoprune.errors import AutoPruneError, ConfigError
 from autoprune.problem import Problem
-from autoprune.types import Candidate, EvalResult
+from autoprune.types import Candidate, CostReport, EvalResult
 
 from .base import SEARCHERS, Searcher, derive_seed, load_hyperparams
+
+log = logging.getLogger("autoprune.agents.rl")
 
 # ---------------------------------------------------------------------------------------------------------
 # AMC pieces as SB3 / Gymnasium extensions
@@ -195,6 +202,89 @@ class MovingAverageBaseline(gym.Wrapper):
         return obs, float(reward), terminated, truncated, info
 
 
+class _GuardedProblem:
+    """The searcher's problem as the environment sees it: a failed evaluation becomes a scored failure.
+
+    An evaluation that raises (a diverging fine-tune, a forward that fails, a per-trial timeout) would
+    otherwise escape from the environment's ``step`` and end the whole search. Here it returns a result with
+    accuracy 0 and ``extra["failed"]`` holding the reason; :class:`_EpisodeRecorder` then gives the agent the
+    objective's failure reward and records the trial as ``failed``. User errors (:class:`AutoPruneError`)
+    still propagate.
+    """
+
+    def __init__(self, problem: Problem) -> None:
+        self._problem = problem
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._problem, name)
+
+    def evaluate(self, candidate: Candidate, **kwargs: Any) -> tuple[EvalResult, CostReport]:
+        try:
+            return self._problem.evaluate(candidate, **kwargs)
+        except AutoPruneError:
+            raise
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            return (EvalResult(accuracy=0.0, loss=float("nan"), extra={"failed": reason}),
+                    self._problem.cost(candidate))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_save(path: Path, save: Any) -> str:
+    """Write ``path`` through ``save(tmp_path)`` then ``os.replace`` (a kill never leaves half a file).
+
+    Returns:
+        The SHA-256 of the written file.
+    """
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        save(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        digest = _sha256(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return digest
+
+
+def _remove_stale_checkpoints(directory: Path, *, keep: set[Path], also: set[Path]) -> None:
+    """Delete checkpoint files the store no longer points at: older checkpoints (``also``, and any left by a
+    process killed between switching the store's state and deleting them) and temporary files of writers that
+    no longer run."""
+    for path in [*directory.iterdir(), *also]:
+        if path in keep or not path.is_file():
+            continue
+        name = path.name
+        if name.startswith((".agent-", ".replay_buffer-")) and ".tmp" in name:
+            parts = name.split(".")
+            pid = int(parts[-3]) if len(parts) >= 3 and parts[-3].isdigit() else None
+            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                continue  # another process is writing it right now
+        elif not (name.startswith(("agent-", "replay_buffer-")) or path in also):
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class _EpisodeRecorder(gym.Wrapper):
     """Records every finished episode's candidate as a trial of the searcher."""
 
@@ -208,11 +298,14 @@ class _EpisodeRecorder(gym.Wrapper):
         return self.env.reset(**kwargs)
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
-        out = self.env.step(action)
-        _, _, terminated, truncated, info = out
+        obs, reward, terminated, truncated, info = self.env.step(action)
         if (terminated or truncated) and "candidate" in info:
+            failed = (info.get("eval", {}).get("extra") or {}).get("failed")
+            if failed:  # the agent learns the objective's penalty for a candidate that could not be scored
+                reward = self.searcher.failure_value()
+                info = {**info, "reward": reward, "failed": failed}
             self.searcher.record_episode(info, self._started)
-        return out
+        return obs, reward, terminated, truncated, info
 
 
 class _SearchCallback(BaseCallback):
@@ -301,7 +394,8 @@ class RLSearcher(Searcher):
         """The environment with the episode recorder (and the reward baseline, when configured)."""
         from autoprune.envs import LayerwiseCompressionEnv
 
-        env: gym.Env = LayerwiseCompressionEnv(self.problem, mode=self.mode, reward=self.objective.reward,
+        env: gym.Env = LayerwiseCompressionEnv(_GuardedProblem(self.problem), mode=self.mode,
+                                               reward=self.objective.reward,
                                                reward_kwargs=dict(self.objective.kwargs), budget=self.budget,
                                                legal_actions=bool(self.hp.get("legal_actions", True)))
         self._episode_len = env.episode_length
@@ -312,9 +406,11 @@ class RLSearcher(Searcher):
             env = self._baseline_env = MovingAverageBaseline(env, float(alpha), saved)
         return env
 
-    def _paths(self) -> tuple[Path, Path]:
+    def _paths(self, episodes: int) -> tuple[Path, Path]:
+        """New, unique checkpoint file names (a checkpoint never overwrites the one the store points at)."""
         d = self.store.artifact_dir(self.name, self.seed)
-        return d / "agent.zip", d / "replay_buffer.pkl"
+        tag = f"{episodes}-{uuid.uuid4().hex[:8]}"
+        return d / f"agent-{tag}.zip", d / f"replay_buffer-{tag}.pkl"
 
     def _sb3_kwargs(self, env: gym.Env) -> dict[str, Any]:
         kw = {k: v for k, v in self.hp.items() if k not in _SPECIAL}
@@ -347,10 +443,8 @@ class RLSearcher(Searcher):
         """A new agent, or the saved one when the study already has a checkpoint."""
         venv = DummyVecEnv([lambda: env])
         state = self.store.load_state(self.name, self.seed, "agent") or {}
-        if state.get("agent") and Path(state["agent"]).is_file():
-            model = self.algo_cls.load(state["agent"], env=venv, device=self.hp.get("device", "cpu"))
-            if isinstance(model, OffPolicyAlgorithm) and state.get("replay") and Path(state["replay"]).is_file():
-                model.load_replay_buffer(state["replay"])
+        model = self._load_agent(state, venv) if state.get("agent") else None
+        if model is not None:
             model.set_random_seed(derive_seed(self.seed, self.n_done))
             self.resumed_from = state
         else:
@@ -362,6 +456,39 @@ class RLSearcher(Searcher):
             self.resumed_from = {}
         noise = getattr(model, "action_noise", None)
         self._noise = noise if isinstance(noise, TruncatedNormalDecayNoise) else None
+        return model
+
+    def _verified(self, state: dict[str, Any], key: str) -> Path | None:
+        """The checkpoint file ``state[key]`` if it exists and matches its recorded SHA-256, else ``None``."""
+        path = Path(state[key])
+        want = state.get(f"{key}_sha256")
+        if not path.is_file():
+            log.warning("%s: checkpoint %s is missing; the agent is rebuilt", self.name, path)
+            return None
+        if want is None or _sha256(path) != want:
+            log.warning("%s: checkpoint %s does not match its recorded checksum (truncated or changed); "
+                        "it is not loaded and the agent is rebuilt", self.name, path)
+            return None
+        return path
+
+    def _load_agent(self, state: dict[str, Any], venv: Any) -> BaseAlgorithm | None:
+        """The saved agent (and replay buffer), or ``None`` when it is missing, tampered with or unreadable.
+
+        SB3 checkpoints hold pickled Python objects, so only files whose SHA-256 matches the one this searcher
+        recorded in the store when it wrote them are loaded.
+        """
+        agent = self._verified(state, "agent")
+        if agent is None:
+            return None
+        try:
+            model = self.algo_cls.load(str(agent), env=venv, device=self.hp.get("device", "cpu"))
+            if isinstance(model, OffPolicyAlgorithm) and state.get("replay"):
+                replay = self._verified(state, "replay")
+                if replay is not None:
+                    model.load_replay_buffer(str(replay))
+        except Exception as exc:  # a checkpoint of another SB3 version, a corrupt zip: start over
+            log.warning("%s: cannot load checkpoint %s (%s); the agent is rebuilt", self.name, agent, exc)
+            return None
         return model
 
     def sync_noise(self) -> None:
@@ -382,8 +509,12 @@ class RLSearcher(Searcher):
         extra = {"episode": self.n_done, "legalized": bool(info.get("legalized", False))}
         if self._noise is not None:
             extra["noise_sigma"] = self._noise.sigma
-        self.evaluate_and_record(trial, Candidate.from_dict(info["candidate"]), started=started,
-                                 result=result, reward=float(info["reward"]), extra=extra)
+        candidate = Candidate.from_dict(info["candidate"])
+        if info.get("failed"):
+            self.record_failure(trial, candidate, started, str(info["failed"]), extra)
+        else:
+            self.evaluate_and_record(trial, candidate, started=started, result=result, reward=float(info["reward"]),
+                                     extra=extra)
         self._since_save += 1
 
     def due_for_checkpoint(self) -> bool:
@@ -394,14 +525,21 @@ class RLSearcher(Searcher):
         """Save the agent, its replay buffer and the reward baseline; remember their paths in the store."""
         if self.model is None or self.study is None:
             return
-        agent_path, replay_path = self._paths()
-        self.model.save(agent_path)
+        agent_path, replay_path = self._paths(self.n_done)
+        previous = self.store.load_state(self.name, self.seed, "agent") or {}
+        model = self.model
         state: dict[str, Any] = {"agent": str(agent_path), "episodes": self.n_done,
-                                 "num_timesteps": int(self.model.num_timesteps)}
-        if isinstance(self.model, OffPolicyAlgorithm):
-            self.model.save_replay_buffer(replay_path)
+                                 "num_timesteps": int(model.num_timesteps)}
+        # Each file is written under a new name (temporary, fsync'ed, renamed); the store's state switches to it
+        # (with the checksums) in one write, and only then the previous files go. A kill at any point leaves the
+        # store pointing at a complete checkpoint.
+        state["agent_sha256"] = _atomic_save(agent_path, lambda p: model.save(p))
+        if isinstance(model, OffPolicyAlgorithm):
+            state["replay_sha256"] = _atomic_save(replay_path, lambda p: model.save_replay_buffer(p))
             state["replay"] = str(replay_path)
         self.store.save_state(self.name, self.seed, "agent", state)
+        _remove_stale_checkpoints(agent_path.parent, keep={agent_path, replay_path},
+                                  also={Path(previous[k]) for k in ("agent", "replay") if previous.get(k)})
         if self._baseline_env is not None and self._baseline_env.baseline is not None:
             self.store.save_state(self.name, self.seed, "reward_baseline", self._baseline_env.baseline)
         self._since_save = 0

@@ -62,7 +62,7 @@ from torch import nn
 
 from autoprune.config import CampaignConfig, load_config
 from autoprune.errors import AutoPruneError, CheckpointError, ConfigError
-from autoprune.store import COUNTED_STATES, TrialStore
+from autoprune.store import COUNTED_STATES, TrialStore, storage_error
 from autoprune.types import TrialRecord
 
 log = logging.getLogger("autoprune.campaign")
@@ -115,27 +115,15 @@ def storage_location(cfg: CampaignConfig) -> str:
 def open_store(cfg: CampaignConfig) -> TrialStore:
     """Open (creating if needed) the campaign's trial store; RL artifacts go to ``<out_dir>/artifacts``.
 
+    Processes opening a new store at the same moment are serialised by the store itself.
+
     Raises:
-        AutoPruneError: Unwritable location, missing database driver, or a server that cannot be reached.
+        AutoPruneError: Unwritable location, missing database driver, a server that cannot be reached, or a
+            database locked by another program for longer than ``storage_timeout`` seconds.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for attempt in range(5):
-        try:
-            return TrialStore(storage_location(cfg), campaign=cfg.name, artifact_root=cfg.out_dir / "artifacts")
-        except AutoPruneError as exc:
-            if attempt == 4 or not _concurrent_creation(exc.__cause__):
-                raise
-            time.sleep(0.5 + attempt)  # another process is creating the same database schema right now
-    raise AssertionError("unreachable")
-
-
-def _concurrent_creation(exc: BaseException | None) -> bool:
-    """True for the errors two processes get when they create the same Optuna schema at the same time."""
-    from sqlalchemy import exc as sa_exc
-
-    if isinstance(exc, sa_exc.IntegrityError):
-        return True
-    return isinstance(exc, sa_exc.ProgrammingError | sa_exc.OperationalError) and "already exists" in str(exc)
+    return TrialStore(storage_location(cfg), campaign=cfg.name, artifact_root=cfg.out_dir / "artifacts",
+                      timeout=cfg.storage_timeout)
 
 
 def _identity(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -451,6 +439,8 @@ def make_evaluator(cfg: CampaignConfig, name: str, settings: Mapping[str, Any], 
     kw = dict(settings)
     if cfg.device is not None:
         kw.setdefault("device", cfg.device)
+    if cfg.time_limit_per_trial is not None:
+        kw.setdefault("timeout", cfg.time_limit_per_trial)
     params = set()
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
@@ -580,8 +570,13 @@ def open_campaign(cfg: CampaignConfig, *, argv: Sequence[str] | None = None, rol
     store = open_store(cfg)
     camp = build_campaign(cfg)
     check_identity(cfg)
-    write_provenance(cfg, argv, role=role)
-    _atomic_text(cfg.out_dir / SPACE_FILE, json.dumps(space_summary(camp), indent=2) + "\n")
+    try:
+        write_provenance(cfg, argv, role=role)
+        _atomic_text(cfg.out_dir / SPACE_FILE, json.dumps(space_summary(camp), indent=2) + "\n")
+    except OSError as exc:  # a full disk or a directory that became read-only: nothing in the store changed
+        raise (storage_error(exc, str(cfg.out_dir)) or AutoPruneError(
+            f"cannot write the campaign files in {cfg.out_dir}: {exc.strerror or exc}",
+            hint="check the disk space and permissions of the output directory")) from exc
     log.info("campaign %s: %s on %s, %d groups / %d layers searched, dense %s MACs, val accuracy %.4f",
              cfg.name, cfg.model.name, cfg.dataset.name, len(camp.space.groups), len(camp.space.layers),
              f"{camp.problem.dense_cost.macs:,}", camp.dense_accuracy or float("nan"))
@@ -938,6 +933,11 @@ def run_search(camp: Campaign, store: TrialStore, *, searcher: str | None = None
     try:
         with sigterm_as_interrupt():
             return s.run()
+    except Exception as exc:  # a locked database, a full disk, a lost server: a clear error, trials kept
+        err = storage_error(exc, repr(store))
+        if err is None:
+            raise
+        raise err from exc
     finally:
         utils.set_quiet(inner_quiet)
         bar.close()

@@ -23,6 +23,11 @@ from autoprune.errors import ConfigError
 
 # Numbers bigger than this are certainly a typo (and would overflow torch/numpy ints downstream).
 _MAX_INT = 2**53
+#: Bounds on a config document: its text, and the values it expands to (YAML anchors/aliases are counted at
+#: every place they are used, so a "billion laughs" document is refused instead of expanding downstream).
+MAX_CONFIG_BYTES = 1_000_000
+MAX_CONFIG_NODES = 100_000
+MAX_CONFIG_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,12 @@ class WorkersConfig:
 
 @dataclass(frozen=True)
 class CampaignConfig:
-    """A whole search campaign."""
+    """A whole search campaign.
+
+    ``time_limit_per_trial`` (seconds, default none) stops an evaluation that runs longer and records the
+    candidate as a failed trial; ``storage_timeout`` (seconds) bounds the wait for a database lock held by
+    another program or for a server to answer before the command fails with a clear error.
+    """
 
     name: str
     model: ModelConfig
@@ -181,8 +191,10 @@ class CampaignConfig:
     searcher: SearcherConfig = field(default_factory=SearcherConfig)
     n_trials: int = 20
     time_limit: float | None = None
+    time_limit_per_trial: float | None = None
     seed: int = 0
     storage: str | None = None
+    storage_timeout: float = 60.0
     output_dir: str | None = None
     device: str | None = None
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -326,7 +338,12 @@ def _check_values(cfg: CampaignConfig) -> None:
 
 
 def _check_campaign_extras(cfg: CampaignConfig) -> None:
-    """Checks of the searcher, export and workers sections."""
+    """Checks of the searcher, export, workers and time-limit settings."""
+    if cfg.time_limit_per_trial is not None and cfg.time_limit_per_trial <= 0:
+        raise ConfigError(f"time_limit_per_trial: must be > 0 seconds, got {cfg.time_limit_per_trial}",
+                          hint="or null for no limit (a trial over the limit is recorded as failed)")
+    if cfg.storage_timeout <= 0:
+        raise ConfigError(f"storage_timeout: must be > 0 seconds, got {cfg.storage_timeout}")
     for agent, kw in cfg.searcher.agent_kwargs.items():
         if not isinstance(kw, Mapping):
             raise ConfigError(f"searcher.agent_kwargs.{agent}: expected a mapping of hyper-parameters, got {kw!r}")
@@ -353,6 +370,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"override {key!r}: value nests too deeply") from None
     return parts, value
 
 
@@ -370,12 +389,44 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
+def check_bounded(data: Any, where: str = "config") -> None:
+    """Refuse data that expands to more than :data:`MAX_CONFIG_NODES` values or nests deeper than
+    :data:`MAX_CONFIG_DEPTH` (shared sub-objects, i.e. YAML aliases, count once per use).
+
+    Raises:
+        ConfigError: Naming the limit that was hit.
+    """
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    nodes = 0
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_CONFIG_NODES:
+            raise ConfigError(f"{where} expands to more than {MAX_CONFIG_NODES:,} values (YAML anchors/aliases "
+                              "repeated too often?)", hint="write the config out without nested aliases")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{where} nests deeper than {MAX_CONFIG_DEPTH} levels",
+                              hint="campaign configs need only a few levels")
+        if isinstance(node, Mapping):
+            stack.extend((v, depth + 1) for v in node.values())
+            nodes += len(node)
+        elif isinstance(node, list | tuple):
+            stack.extend((v, depth + 1) for v in node)
+
+
 def config_from_dict(data: Any, overrides: Sequence[str] = ()) -> CampaignConfig:
-    """Validate plain data (e.g. parsed YAML) into a :class:`CampaignConfig`."""
+    """Validate plain data (e.g. parsed YAML) into a :class:`CampaignConfig`.
+
+    Raises:
+        ConfigError: Anything wrong with the data, including documents that expand too much
+            (:func:`check_bounded`).
+    """
     if not isinstance(data, Mapping):
         raise ConfigError(f"a campaign config must be a YAML mapping, got {type(data).__name__}",
                           hint="see configs/ for examples")
+    check_bounded(data)
     data = apply_overrides(dict(data), overrides)
+    check_bounded(data)
     cfg = _build(CampaignConfig, data, "")
     _check_values(cfg)
     return cfg
@@ -395,6 +446,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> CampaignConf
         raise ConfigError(f"config file {str(p)!r} does not exist", hint="see configs/ for examples") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {str(p)!r}: {exc}") from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {str(p)!r} is {len(text):,} characters; the limit is {MAX_CONFIG_BYTES:,}",
+                          hint="a campaign config is a few dozen lines; check that this is the right file")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

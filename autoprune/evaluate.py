@@ -66,6 +66,21 @@ PRUNED = "pruned"
 EVALUATORS: Registry[type[Evaluator]] = Registry("evaluator")
 
 
+class TrialTimeout(TimeoutError):
+    """An evaluation ran past its evaluator's ``timeout`` (checked before every forward pass)."""
+
+
+class DivergedError(FloatingPointError):
+    """Training or validation produced a non-finite loss (the candidate cannot be scored)."""
+
+
+def _deadline_hook(deadline: float, timeout: float) -> Callable[..., None]:
+    def check(module: nn.Module, args: Any) -> None:
+        if time.perf_counter() > deadline:
+            raise TrialTimeout(f"evaluation exceeded the per-trial time limit of {timeout:g} s")
+    return check
+
+
 def was_pruned(result: EvalResult) -> bool:
     """True if ``result`` was cut short by its ``report`` callback (see the module docstring)."""
     return bool(result.extra.get("pruned", False))
@@ -246,6 +261,8 @@ class StepTrainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = self._lr()
             loss = F.cross_entropy(self.model(x), y, label_smoothing=self.settings.label_smoothing)
+            if not torch.isfinite(loss):
+                raise DivergedError(f"fine-tuning diverged: loss {float(loss.detach())} at step {self.steps + 1}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -309,6 +326,11 @@ class Evaluator(ABC):
         val_loader: Validation batches (carved from the training set; never the test split).
         device: Device on which candidates are evaluated (default: CUDA if present, else CPU).
         val_batches: Score on at most this many validation batches (default: all).
+        timeout: Per-evaluation time limit in seconds (default: none). It is checked before every forward
+            pass of the candidate; an evaluation past it raises :class:`TrialTimeout` (a searcher records the
+            candidate as a failed trial and goes on).
+
+    A non-finite training or validation loss raises :class:`DivergedError` (also a failed trial).
     """
 
     name: ClassVar[str] = ""
@@ -321,7 +343,11 @@ class Evaluator(ABC):
         *,
         device: torch.device | str | None = None,
         val_batches: int | None = None,
+        timeout: float | None = None,
     ) -> None:
+        if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+            raise ConfigError(f"timeout must be > 0 seconds, got {timeout}", hint="or leave it unset (no limit)")
+        self.timeout = timeout
         if val_loader is None:
             raise ConfigError(f"evaluator {self.name!r} needs a validation loader",
                               hint="pass val_loader= (a loader over the validation split)")
@@ -351,7 +377,12 @@ class Evaluator(ABC):
         """
         start = time.perf_counter()
         work = copy.deepcopy(model).to(self.device)
+        timeout = getattr(self, "timeout", None)
+        if timeout is not None:
+            work.register_forward_pre_hook(_deadline_hook(start + timeout, timeout))
         out = self._run(work, report)
+        if not math.isfinite(out.loss):
+            raise DivergedError(f"the candidate's validation loss is {out.loss} (diverged or non-finite outputs)")
         extra = dict(out.extra)
         extra.setdefault("pruned", False)
         if key is not None:

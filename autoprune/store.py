@@ -14,10 +14,12 @@ Nothing here knows how candidates are proposed; the searchers (``autoprune.agent
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -121,31 +123,129 @@ def _tune_sqlite(storage: optuna.storages.RDBStorage) -> None:
     storage.engine.dispose()  # connections opened while creating the tables predate the listener
 
 
-def _open_storage(url: str) -> optuna.storages.RDBStorage:
+#: Errors two processes get when they create the same Optuna schema at the same moment.
+_CREATION_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key", "IntegrityError")
+
+
+def _is_creation_race(exc: BaseException) -> bool:
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, sa_exc.IntegrityError):
+        return True
+    return isinstance(exc, sa_exc.SQLAlchemyError) and any(m in str(exc) for m in _CREATION_RACE)
+
+
+@contextlib.contextmanager
+def _creation_lock(url: str, timeout: float) -> Iterator[None]:
+    """Serialise schema creation of one SQLite file across processes (``fcntl`` lock on ``<file>.lock``).
+
+    Two processes opening a new store at the same moment would otherwise both create Optuna's tables and
+    both insert its alembic version row (an ``IntegrityError`` for one of them). A no-op for server URLs and
+    where ``fcntl`` is missing (then :func:`_open_storage`'s bounded retries cover the race).
+    """
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    lock_path = url[len("sqlite:///"):] + ".lock"
+    try:
+        fh = open(lock_path, "a+")  # noqa: SIM115 - held for the duration of the block
+    except OSError:
+        yield  # an unwritable location is reported by the open itself
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise AutoPruneError(
+                        f"timed out after {timeout:g} s waiting for another process to create the trial store "
+                        f"{_redact(url)}", hint="check for a hung autoprune process, or raise storage_timeout"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        fh.close()  # releases the lock
+
+
+def _open_storage(url: str, *, timeout: float = 60.0, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """Open (creating the schema if needed) the Optuna storage at ``url``.
+
+    SQLite waits up to ``timeout`` seconds for a lock held by another process; PostgreSQL gives up connecting
+    after ``min(timeout, 10)`` seconds. A schema being created by another process at the same moment is
+    retried (``attempts`` times, with back-off); any other failure is an :class:`AutoPruneError`.
+    """
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
-        # Several processes may write one SQLite file: wait for the lock instead of failing at once.
-        engine_kwargs = {"connect_args": {"timeout": 60}}
+        # Several processes may write one SQLite file: wait for the lock (bounded) instead of failing at once.
+        engine_kwargs = {"connect_args": {"timeout": float(timeout)}}
     elif url.startswith(("postgresql", "postgres")):
-        engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
+        engine_kwargs = {"connect_args": {"connect_timeout": max(1, int(min(timeout, 10)))}, "pool_pre_ping": True}
         url = _postgres_driver(url)
-    try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-        if url.startswith("sqlite"):
-            _tune_sqlite(storage)
-        return storage
-    except ImportError as exc:
-        raise AutoPruneError(f"the trial store URL {_redact(url)} needs a database driver that cannot be imported "
-                             f"({exc.__cause__ or exc})",
-                             hint="for PostgreSQL install the `postgres` extra: pip install autoprune[postgres]"
-                             ) from exc
-    except Exception as exc:  # sqlalchemy OperationalError/ArgumentError, driver errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AutoPruneError(
-            f"cannot open the trial store {_redact(url)}: {first}",
-            hint="check that the database server is running and reachable and the URL (user, host, port, "
-            "database) is right; or use a SQLite file path instead",
-        ) from exc
+    for attempt in range(attempts):
+        try:
+            with _creation_lock(url, timeout):
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+                if url.startswith("sqlite"):
+                    _tune_sqlite(storage)
+            return storage
+        except ImportError as exc:
+            raise AutoPruneError(f"the trial store URL {_redact(url)} needs a database driver that cannot be "
+                                 f"imported ({exc.__cause__ or exc})",
+                                 hint="for PostgreSQL install the `postgres` extra: pip install autoprune[postgres]"
+                                 ) from exc
+        except AutoPruneError:
+            raise
+        except Exception as exc:  # sqlalchemy OperationalError/ArgumentError, driver errors
+            if attempt + 1 < attempts and _is_creation_race(exc):
+                time.sleep(0.2 * (attempt + 1))  # another process is creating the same schema right now
+                continue
+            raise AutoPruneError(
+                f"cannot open the trial store {_redact(url)}: {_first_line(exc)}",
+                hint="check that the database server is running and reachable and the URL (user, host, port, "
+                "database) is right, and that no other program holds a lock on it; or use a SQLite file path",
+            ) from exc
+    raise AssertionError("unreachable")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def storage_error(exc: BaseException, where: str) -> AutoPruneError | None:
+    """The user-facing error for a failed store write/read (locked database, full disk, read-only file,
+    lost server), or ``None`` when ``exc`` is not a storage problem.
+
+    Every trial that finished before the failure stays in the store; the trial being written is left
+    running and is marked ``interrupted`` (and proposed again) by the next run.
+    """
+    import errno
+
+    from sqlalchemy import exc as sa_exc
+
+    hint = ("finished trials are kept; free the disk / release the lock / restore access to the database, then "
+            "run the same command again to resume")
+    if isinstance(exc, AutoPruneError):
+        return None
+    if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # Optuna wraps the database's own error
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.DatabaseError):
+        text = _first_line(getattr(exc, "orig", None) or exc)
+        if "locked" in text:
+            return AutoPruneError(f"the trial store {where} stayed locked by another connection: {text}", hint=hint)
+        return AutoPruneError(f"writing to the trial store {where} failed: {text}", hint=hint)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EIO):
+        return AutoPruneError(f"writing campaign files failed ({exc.strerror or exc}): {exc.filename or where}",
+                              hint=hint)
+    return None
 
 
 def _finite(x: float | None) -> float | None:
@@ -167,13 +267,15 @@ class TrialStore:
         artifact_root: Directory for searcher files (RL checkpoints, replay buffers). Defaults to
             ``<dir of the SQLite file>/artifacts``, for a server URL ``./results/<campaign>/artifacts``, and a
             fresh temporary directory for ``":memory:"``.
+        timeout: Seconds to wait for a database lock held by another process (SQLite) or for a server to
+            answer (PostgreSQL, at most 10) before failing with an :class:`AutoPruneError`.
 
     Raises:
         AutoPruneError: If the location is unwritable or the database cannot be reached.
     """
 
     def __init__(self, location: str | os.PathLike[str], *, campaign: str = "default",
-                 artifact_root: str | os.PathLike[str] | None = None) -> None:
+                 artifact_root: str | os.PathLike[str] | None = None, timeout: float = 60.0) -> None:
         if not _NAME_RE.match(campaign):
             raise ConfigError(f"campaign name {campaign!r} may use only letters, digits, '_', '-' and '.'",
                               hint="rename the campaign, e.g. resnet20-c10-50pct")
@@ -192,7 +294,7 @@ class TrialStore:
                 self.url = _sqlite_url(Path(location[len("sqlite:///"):]))
         else:
             self.url = _sqlite_url(Path(location))
-        self.storage = _open_storage(self.url)
+        self.storage = _open_storage(self.url, timeout=timeout)
         if artifact_root is not None:
             root = Path(artifact_root)
         elif self.url.startswith("sqlite:///"):

@@ -51,6 +51,13 @@ def resolve_model_args(
     from autoprune.errors import ConfigError
 
     saved_name = meta.get("model_name")
+    if not args_model and isinstance(saved_name, str) and ":" in saved_name:
+        # Import strings come from the user's own command line or config only, never from a file.
+        raise ConfigError(
+            f"{meta['path']} names its model by the import string {saved_name!r}; a checkpoint never decides "
+            "which code is imported",
+            hint=f"pass --model {saved_name} yourself if you trust that code",
+        )
     name = args_model or saved_name
     if not name:
         raise ConfigError(

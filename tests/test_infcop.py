@@ -328,16 +328,19 @@ def test_infcop_stops_on_budget_when_never_consistent() -> None:
     assert [x.kind for x in refs] == ["IF", "GF"] and ev.references() is refs  # computed once
 
 
-def test_infcop_nan_counts_as_not_consistent() -> None:
+def test_infcop_nan_network_is_a_failed_candidate_not_a_consistent_one() -> None:
+    """NaN flows never count as consistent (see the FlowMeasure test above); a NaN network's loss diverges, so
+    the evaluator raises DivergedError (the searcher records a failed trial) instead of returning a score."""
+    from autoprune.evaluate import DivergedError
+
     train, val = _loaders()
     dense = TinyNet()
     ev = InfCoPEvaluator(train, val, dense=dense, flow="IF", eps=1e9, check_every=2, max_steps=4, lr=1e-3)
     broken = TinyNet()
     with torch.no_grad():
         broken.conv1.bias.fill_(float("nan"))
-    r = ev.evaluate(broken)
-    assert r.extra["stop_reason"] == "budget"
-    assert all(t["distance"]["IF"] is None and not t["consistent"] for t in r.extra["trajectory"])
+    with pytest.raises(DivergedError, match="diverged"):
+        ev.evaluate(broken)
 
 
 def test_infcop_accuracy_stop_and_pruning_callback() -> None:

@@ -31,7 +31,7 @@ import math
 import random
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoprune.errors import ConfigError
+from autoprune.evaluate import cycle_batches
 from autoprune.problem import Problem
 from autoprune.types import Candidate, CostReport, EvalResult
 from autoprune.utils import progress
@@ -91,16 +92,6 @@ def legal_widths_of(problem_space: Any, groups: Any, min_ratio: float | None = N
         legal = {gid: tuple(w for w in ws if w >= min_ratio * sizes[gid] - 1e-9) or (ws[-1],)
                  for gid, ws in legal.items()}
     return legal
-
-
-def _iter_forever(loader: Iterable[Batch]) -> Iterator[Batch]:
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ConfigError("the training loader yielded no batches", hint="pass a non-empty training loader")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -822,7 +813,7 @@ def search(
     p_uniform = 1.0
     samples = 0
     history: list[dict[str, float]] = []
-    batches = _iter_forever(train_loader)
+    batches = cycle_batches(train_loader)
     for it in progress(range(cfg.iters), desc="dmcp", total=cfg.iters):
         x, y = next(batches)
         x, y = x.to(device), y.to(device)

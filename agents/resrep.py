@@ -38,11 +38,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoprune.errors import ConfigError
+from autoprune.evaluate import cycle_batches
 from autoprune.types import Candidate, CostReport
 from autoprune.utils import progress
 
 from .base import SEARCHERS
-from .dmcp import DifferentiableSearcher, _iter_forever, channel_dim, legal_widths_of, prunable_groups
+from .dmcp import DifferentiableSearcher, channel_dim, legal_widths_of, prunable_groups
 
 Batch = tuple[Tensor, Tensor]
 CostFn = Callable[[Mapping[str, int]], float]
@@ -591,7 +592,7 @@ def search(
     net = CompactorNet(model, sites).to(device)
     net.train()
     opt = _optimizer(net, cfg)
-    batches = _iter_forever(train_loader)
+    batches = cycle_batches(train_loader)
     history: list[dict[str, float]] = []
     samples = 0
     for it in progress(range(cfg.iters), desc="resrep", total=cfg.iters):

@@ -131,7 +131,7 @@ def recalibrate_bn(
             bn.momentum = None
             bn.train()
         with torch.no_grad():
-            for x, _ in _take(_cycle(loader), batches):
+            for x, _ in _take(cycle_batches(loader), batches):
                 model(x.to(device))
                 samples += int(x.shape[0])
     finally:
@@ -243,7 +243,7 @@ class StepTrainer:
         self.total_steps = total_steps
         self.steps = 0
         self.samples = 0
-        self._batches = _cycle(loader)
+        self._batches = cycle_batches(loader)
 
     def _lr(self) -> float:
         s = self.settings
@@ -275,7 +275,8 @@ class StepTrainer:
         return total / max(steps, 1)
 
 
-def _cycle(loader: Loader) -> Iterator[Batch]:
+def cycle_batches(loader: Loader) -> Iterator[Batch]:
+    """Iterate ``loader`` forever (re-iterating it each pass); raise :class:`DataError` if it is empty."""
     while True:
         empty = True
         for batch in loader:

@@ -56,7 +56,12 @@ def _module_name() -> str:
 
 
 def write_result(name: str, title: str, body_md: str, *, command: str | None = None) -> Path:
-    """Write ``results/benchmarks/<name>.md`` with a header (date, commit, machine, command) and ``body_md``."""
+    """Write ``results/benchmarks/<name>.md`` with a header (date, commit, machine, command) and ``body_md``.
+
+    A run with ``--quick`` writes ``<name>_quick.md`` instead, so smoke runs never replace the full tables.
+    """
+    if "--quick" in sys.argv[1:] and not name.endswith("_quick"):
+        name += "_quick"
     RESULTS.mkdir(parents=True, exist_ok=True)
     header = (
         f"# {title}\n\n"

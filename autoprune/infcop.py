@@ -210,7 +210,7 @@ def information_flow(
     (``reduce="mean"``, signed) or mean |C_ℓ[i, j]| (``reduce="abs"``). Population statistics throughout, so
     C_ℓ equals the Pearson correlation matrix.
 
-    The model runs in ``eval()`` mode under ``no_grad`` (its mode is restored); hooks exist only during the
+    The model runs in evaluation mode under ``no_grad`` (its mode is restored); hooks exist only during the
     call. Pooled activations of pass 1 are kept in memory when they fit in ``max_cache_floats`` floats, so
     pass 2 needs no second forward; otherwise the loader is iterated again and must yield the same data.
 
@@ -350,7 +350,7 @@ def gradient_flow(
     G_ℓ = (1/B) Σ_b stat((∇_{W_ℓ} L(x_b)) ⊙ M_ℓ) for every parameter with ``dim > 1``, where ``stat`` is the
     mean absolute value (``"mean"``) or the Frobenius norm (``"fro"``). Each batch gets a fresh forward and
     backward pass (``torch.autograd.grad``: no optimizer step, nothing accumulated in ``.grad``). The model
-    runs in ``eval()`` mode so that BN running statistics are not touched; its mode is restored.
+    runs in evaluation mode (``model.eval()``) so that BN running statistics are not touched; its mode is restored.
 
     Args:
         model: Network to measure (not modified).

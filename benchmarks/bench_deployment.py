@@ -38,10 +38,9 @@ import torch
 from torch import nn
 
 from autoprune.utils import configure_threads, seed_everything
+from benchmarks._cifar import CHECKPOINTS
 from benchmarks._common import CIFAR10_DIR, RESULTS, WEIGHTS_DIR, write_result
 
-CHECKPOINTS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th",
-               "resnet44": "resnet44-014dd654.th", "resnet56": "resnet56-4bfd9763.th"}
 TARGET = 0.5
 
 
@@ -140,7 +139,7 @@ def run_model(name: str, sizes: Sizes, splits: Any, out: Path, seed: int = 0) ->
     from autoprune.latency import compare_latency
     from autoprune.models import build_model
     from autoprune.models.checkpoint import load_checkpoint
-    from benchmarks.bench_search_cost import uniform_widths
+    from benchmarks._cifar import uniform_widths
 
     t0 = time.perf_counter()
     dense = build_model(name, num_classes=10, mean=splits.info.mean, std=splits.info.std)

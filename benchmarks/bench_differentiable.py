@@ -11,14 +11,18 @@ the dense closed-form MACs:
 * ``resrep`` — :func:`autoprune.agents.resrep.search` with a CPU-sized schedule; the exactly converted network
   with its trained weights.
 
-Every network then gets the *same short fine-tune* (SGD, cosine, ``ft_steps`` steps). Reported: closed-form
-MACs, test accuracy before and after the fine-tune, the training samples each method consumed before the
-fine-tune, and wall-clock seconds. Uniform pruning and DMCP search every prunable group (the option-A residual
-streams included, through the engine's pad rule); ResRep, as in its paper, places compactors on
-single-producer groups only (the block-internal widths, §6.3.6). Keep ratios stay ≥ 0.2 for all methods.
+Every network then gets the *same fine-tune* as the finalists of ``bench_searchers`` (BN re-estimated, then
+``ft_steps`` SGD steps × ``ft_batch``, lr 0.01 cosine, momentum 0.9, wd 5e-4, seed 1234), so the table is
+printed beside theirs (read from ``results/benchmarks/searchers.json`` when its fine-tune and report set
+match). Reported: closed-form MACs, test accuracy before and after the fine-tune, the training samples each
+method consumed before the fine-tune, and wall-clock seconds. Here uniform pruning and DMCP search *every*
+prunable group (the option-A residual streams included, through the engine's pad rule); ResRep, as in its
+paper, places compactors on single-producer groups only (the block-internal widths, §6.3.6). Keep ratios stay
+≥ 0.2 for all methods. (``bench_search_quality`` runs DMCP and ResRep in the candidate searchers' smaller
+``cifar_resnet`` space instead.)
 
-Splits: search, calibration and fine-tuning use training images only; accuracy is measured on a stratified
-subset of the CIFAR-10 test set (all 10,000 images without ``--quick``).
+Splits (``benchmarks/_cifar.py``): search, calibration and fine-tuning use training images only; accuracy is
+reported on test half B (5,000 images; 500 with ``--quick``), the half no searcher ever selects on.
 
 Run as ``python -m benchmarks.bench_differentiable [--quick] [--threads 1] [--methods uniform,dmcp,resrep]``
 (methods may be run in separate invocations; their rows are merged); the table goes to
@@ -36,15 +40,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from autoprune.utils import configure_threads, seed_everything
-from benchmarks._common import CIFAR10_DIR, RESULTS, WEIGHTS_DIR, write_result
+from benchmarks import _cifar
+from benchmarks._cifar import MIN_RATIO
+from benchmarks._common import RESULTS, write_result
 
 TARGET = 0.5
-MIN_RATIO = 0.2  # the search space's default lower bound on keep ratios (both searchers respect it)
-SHARED = ("batch", "test_images", "bn_batches", "ft_steps", "ft_lr")
+SHARED = ("batch", "test_images", "bn_batches", "ft_steps", "ft_batch", "ft_lr")
+FT_SEED = 1234  # the finalists' fine-tune seed in bench_searchers
 
 
 @dataclass(frozen=True)
@@ -55,62 +60,32 @@ class Sizes:
     test_images: int
     bn_batches: int
     ft_steps: int
+    ft_batch: int
     ft_lr: float
     dmcp: dict[str, Any]
     resrep: dict[str, Any]
 
 
-FULL = Sizes(batch=64, test_images=10000, bn_batches=20, ft_steps=300, ft_lr=0.01,
+FULL = Sizes(batch=64, test_images=5000, bn_batches=20, ft_steps=300, ft_batch=128, ft_lr=0.01,
              dmcp={"iters": 300, "lr": 0.02, "lr_min": 0.002, "bn_batches": 20},
              resrep={"iters": 600, "warmup_iters": 100, "mask_interval": 10, "step_cap": 8, "lasso": 0.01,
                      "bn_batches": 20})
-QUICK = Sizes(batch=32, test_images=1000, bn_batches=10, ft_steps=40, ft_lr=0.01,
-              dmcp={"iters": 40, "lr": 0.01, "lr_min": 0.001, "bn_batches": 10, "p_uniform_decay": 0.9},
-              resrep={"iters": 150, "warmup_iters": 30, "mask_interval": 3, "step_cap": 16, "lasso": 0.03,
-                      "bn_batches": 10})
+QUICK = Sizes(batch=32, test_images=500, bn_batches=5, ft_steps=20, ft_batch=32, ft_lr=0.01,
+              dmcp={"iters": 20, "lr": 0.01, "lr_min": 0.001, "bn_batches": 5, "p_uniform_decay": 0.8},
+              resrep={"iters": 80, "warmup_iters": 15, "mask_interval": 3, "step_cap": 16, "lasso": 0.03,
+                      "bn_batches": 5})
 
 
 # ------------------------------------------------------------------------------------------------ set-up
 
 
 def _setup(sizes: Sizes, seed: int) -> dict[str, Any]:
-    from autoprune import graph
-    from autoprune.data import load_dataset, make_loader, stratified_indices
-    from autoprune.models import build_model
-    from autoprune.models.checkpoint import load_checkpoint
-
-    splits = load_dataset("cifar10", CIFAR10_DIR, val_size=0, seed=seed)
-    test = splits.test
-    if sizes.test_images < len(test):
-        test = test.take(stratified_indices(test.labels, sizes.test_images, seed=seed))
-    model = build_model("resnet20", num_classes=10, mean=splits.info.mean, std=splits.info.std)
-    load_checkpoint(model, WEIGHTS_DIR / "resnet20-12fca82f.th")
-    model.eval()
-    groups = graph.analyze(model, torch.rand(1, 3, 32, 32))
-    return {
-        "model": model,
-        "groups": groups,
-        "test": make_loader(test, 500),
-        "train": make_loader(splits.train, sizes.batch, shuffle=True, augment=True, seed=seed + 1),
-        "calib": make_loader(splits.train, sizes.batch, shuffle=True, seed=seed + 2),
-    }
-
-
-def uniform_widths(groups: Any, target: float) -> dict[str, int]:
-    """The largest common keep ratio whose legal widths meet ``target`` × dense MACs (bisection)."""
-    from autoprune import cost, pruning
-
-    dense = cost.closed_form(groups, {}).macs
-    lo, hi = 0.0, 1.0
-    best = pruning.widths_from_ratios(groups, 0.05)
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        widths = pruning.widths_from_ratios(groups, mid)
-        if cost.closed_form(groups, widths).macs <= target * dense:
-            lo, best = mid, widths
-        else:
-            hi = mid
-    return best
+    """The shared CIFAR context (half A selects, half B reports) plus the search-time training loader."""
+    ctx = _cifar.context("resnet20", _cifar.load_cifar10(seed), calib_batches=sizes.bn_batches,
+                         calib_batch=sizes.batch, select_images=sizes.test_images, report_images=sizes.test_images,
+                         seed=seed)
+    ctx["train"] = _cifar.train_loader(ctx, sizes.batch, seed + 1)
+    return ctx
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -120,7 +95,7 @@ def _uniform(ctx: dict[str, Any], sizes: Sizes, seed: int) -> tuple[nn.Module, d
     from autoprune import pruning
     from autoprune.evaluate import recalibrate_bn
 
-    widths = uniform_widths(ctx["groups"], TARGET)
+    widths, _ = _cifar.uniform_widths(ctx["groups"], TARGET)
     net = pruning.apply(ctx["model"], ctx["groups"], widths, importance="l1")
     samples = recalibrate_bn(net, ctx["calib"], sizes.bn_batches)
     return net, widths, samples
@@ -155,13 +130,12 @@ def run(sizes: Sizes, seed: int, methods: list[str], log: Callable[[str], None])
     """Run every method, fine-tune each result with the same budget, and measure test accuracy."""
     from autoprune import cost
     from autoprune.evaluate import validate
-    from autoprune.train import train_steps
 
     seed_everything(seed)
     t0 = time.perf_counter()
     ctx = _setup(sizes, seed)
     dense_macs = cost.closed_form(ctx["groups"], {}).macs
-    dense_acc = validate(ctx["model"], ctx["test"])[0]
+    dense_acc = validate(ctx["model"], ctx["report"])[0]
     log(f"setup {time.perf_counter() - t0:.0f}s; dense: {dense_macs / 1e6:.2f} M MACs, test accuracy {dense_acc:.4f}")
     rows: dict[str, Any] = {}
     for name in methods:
@@ -170,12 +144,10 @@ def run(sizes: Sizes, seed: int, methods: list[str], log: Callable[[str], None])
         net, widths, samples = METHODS[name](ctx, sizes, seed)
         seconds = time.perf_counter() - start
         macs = cost.closed_form(ctx["groups"], widths).macs
-        acc = validate(net, ctx["test"])[0]
-        seed_everything(seed + 7)
-        ft_start = time.perf_counter()
-        train_steps(net, ctx["train"], sizes.ft_steps, lr=sizes.ft_lr, schedule="cosine", desc=f"{name} ft")
-        ft_seconds = time.perf_counter() - ft_start
-        acc_ft = validate(net, ctx["test"])[0]
+        acc = validate(net, ctx["report"])[0]
+        ft = _cifar.finetune_and_report(ctx, net, steps=sizes.ft_steps, batch=sizes.ft_batch, lr=sizes.ft_lr,
+                                        seed=FT_SEED)
+        acc_ft, ft_seconds = ft["test_after_ft"], ft["ft_seconds"]
         schedule = {"uniform": {"importance": "l1", "bn_batches": sizes.bn_batches}, "dmcp": sizes.dmcp,
                     "resrep": sizes.resrep}[name]
         rows[name] = {"macs": macs, "macs_fraction": macs / dense_macs, "widths": widths, "test_acc": acc,
@@ -196,10 +168,10 @@ def render(data: dict[str, Any], quick: bool) -> str:
     dense = data["dense"]
     lines = [
         f"Pretrained ResNet-20 (akamaster, option A) on CIFAR-10, target ≤ {TARGET:.0%} of the dense closed-form "
-        f"MACs ({dense['macs'] / 1e6:.2f} M). Test accuracy on {s['test_images']} test images "
-        f"({'stratified subset' if s['test_images'] < 10000 else 'full test set'}); dense: "
-        f"**{dense['test_acc']:.2%}**. Every result then gets the same fine-tune: {s['ft_steps']} SGD steps, "
-        f"batch {s['batch']}, lr {s['ft_lr']} cosine, wd 5e-4.",
+        f"MACs ({dense['macs'] / 1e6:.2f} M). Test accuracy on {s['test_images']} images of test half B (never "
+        f"selected on); dense: **{dense['test_acc']:.2%}**. Every result then gets the same fine-tune as the "
+        f"candidate searchers' finalists: BN re-estimated, {s['ft_steps']} SGD steps × batch {s['ft_batch']}, "
+        f"lr {s['ft_lr']} cosine, momentum 0.9, wd 5e-4, CIFAR augmentation, seed {FT_SEED}.",
         "",
         "| method | MACs (M) | MACs kept | test acc (own weights) | test acc after fine-tune | Δ vs dense | "
         "training samples before fine-tune | seconds |",
@@ -222,11 +194,34 @@ def render(data: dict[str, Any], quick: bool) -> str:
     gids = list(next(iter(data["methods"].values()))["widths"])
     for g in gids:
         lines.append(f"| {g} | " + " | ".join(str(r["widths"].get(g, "")) for r in data["methods"].values()) + " |")
+    lines += beside_searchers(data)
     if quick:
-        lines += ["", "_Quick form: a few dozen search iterations on a 1,000-image test subset — a smoke test of "
+        lines += ["", "_Quick form: a few dozen search iterations on a 500-image test subset — a smoke test of "
                   "the pipeline, not a measurement of the methods._"]
     lines += ["", f"Total wall time {data['seconds']:.0f}s."]
     return "\n".join(lines)
+
+
+def beside_searchers(data: dict[str, Any], path: Any = None) -> list[str]:
+    """The candidate searchers' fine-tuned finalists (``searchers.json``) when their protocol matches ours."""
+    path = path or RESULTS / "searchers.json"
+    try:
+        other = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    s, o = data["sizes"], other.get("sizes", {})
+    if (o.get("ft_steps"), o.get("ft_batch"), o.get("test_images")) != (s["ft_steps"], s["ft_batch"],
+                                                                        s["test_images"]):
+        return []
+    finalists = sorted(other.get("finalists", {}).items(), key=lambda kv: -kv[1]["test"])
+    if not finalists:
+        return []
+    lines = ["", f"Beside: the candidate searchers' finalists from `searchers.md` (same fine-tune, same half B; "
+             f"`cifar_resnet` space — block-internal widths only; best of {o['seeds']} × {o['candidates']} "
+             f"adaptive-BN-scored candidates; dense there: {other['dense']['test']:.2%}):", "",
+             "| searcher | MACs kept | test acc after fine-tune |", "|---|---|---|"]
+    lines += [f"| {n} | {f['macs']:.1%} | {f['test']:.2%} |" for n, f in finalists]
+    return lines
 
 
 def _merge(path: Any, data: dict[str, Any], methods: list[str]) -> dict[str, Any]:
@@ -247,7 +242,7 @@ def _merge(path: Any, data: dict[str, Any], methods: list[str]) -> dict[str, Any
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny schedules and a 1,000-image test subset")
+    ap.add_argument("--quick", action="store_true", help="tiny schedules and a 500-image test subset")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default=",".join(METHODS),
@@ -258,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    if not (CIFAR10_DIR / "test_batch.bin").is_file() or not (WEIGHTS_DIR / "resnet20-12fca82f.th").is_file():
-        print(f"needs CIFAR-10 at {CIFAR10_DIR} and the ResNet-20 weights at {WEIGHTS_DIR}", file=sys.stderr)
+    missing = _cifar.missing_data()
+    if missing:
+        print(missing, file=sys.stderr)
         return 2
     configure_threads(args.threads)
     sizes = QUICK if args.quick else FULL

@@ -42,7 +42,8 @@ from typing import Any
 import torch
 
 from autoprune.utils import configure_threads, seed_everything
-from benchmarks._common import CIFAR10_DIR, RESULTS, WEIGHTS_DIR, command_line, write_result
+from benchmarks import _cifar
+from benchmarks._common import RESULTS, command_line, write_result
 
 TITLE = "Evaluator fidelity: cheap scores vs fine-tuned accuracy (ResNet-20, CIFAR-10)"
 
@@ -180,24 +181,13 @@ def sample_candidates(groups: Any, n: int, target: float, tol: float, seed: int)
 
 
 def _setup(sizes: Sizes, seed: int) -> dict[str, Any]:
-    from autoprune import graph
-    from autoprune.data import load_dataset, make_loader, stratified_indices, subset
-    from autoprune.models import build_model
-    from autoprune.models.checkpoint import load_checkpoint
+    from autoprune.data import make_loader, subset
 
-    splits = load_dataset("cifar10", CIFAR10_DIR, val_size=0, seed=seed)
-    test = splits.test
-    half_a = stratified_indices(test.labels, len(test) // 2, seed=seed)
-    in_a = torch.zeros(len(test), dtype=torch.bool)
-    in_a[half_a] = True
-    part_a = test.take(half_a)
-    part_b = test.take(torch.nonzero(~in_a).flatten())
+    splits = _cifar.load_cifar10(seed)
+    part_a, part_b = _cifar.split_test(splits.test, seed)
     score_set = subset(part_a, sizes.score_images, seed=seed)
     truth_set = subset(part_b, sizes.truth_images, seed=seed)
-    model = build_model("resnet20", num_classes=10, mean=splits.info.mean, std=splits.info.std)
-    load_checkpoint(model, WEIGHTS_DIR / "resnet20-12fca82f.th")
-    model.eval()
-    groups = graph.analyze(model, torch.rand(1, 3, 32, 32))
+    model, groups, _ = _cifar.load_pretrained("resnet20", splits)
     return {
         "model": model,
         "groups": groups,
@@ -353,8 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = Path(args.summarise).name.split(".")[0]  # evaluator_fidelity[_quick](.partial).json
         print(f"wrote {write_result(name, TITLE, summarise(raw), command=raw.get('command'))}")
         return 0
-    if not (CIFAR10_DIR / "test_batch.bin").is_file() or not (WEIGHTS_DIR / "resnet20-12fca82f.th").is_file():
-        print(f"needs CIFAR-10 at {CIFAR10_DIR} and the ResNet-20 weights in {WEIGHTS_DIR}", file=sys.stderr)
+    missing = _cifar.missing_data()
+    if missing:
+        print(missing, file=sys.stderr)
         return 1
     configure_threads(args.threads)
     sizes = QUICK if args.quick else FULL

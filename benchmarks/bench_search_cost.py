@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from autoprune.utils import configure_threads, seed_everything
+from benchmarks._cifar import uniform_widths
 from benchmarks._common import CIFAR10_DIR, RESULTS, WEIGHTS_DIR, write_result
 
 EVALUATORS = ("plain", "adaptive_bn", "finetune", "infcop")
@@ -179,21 +180,6 @@ def throughput_rows(ctx: Context, sizes: Sizes, evaluators: Sequence[str] = EVAL
         _log(f"{name}: {rows[-1]['per_minute']:.1f} candidates/min, overhead "
              f"{100 * rows[-1]['overhead_share']:.2f} % of evaluation")
     return setup, rows
-
-
-def uniform_widths(groups: Any, target: float) -> tuple[dict[str, int], float]:
-    """The largest common keep ratio whose widths meet ``target`` × dense closed-form MACs (bisection)."""
-    from autoprune import cost, pruning
-
-    dense = cost.closed_form(groups, {}).macs
-    lo, hi = 0.05, 1.0
-    for _ in range(30):
-        mid = 0.5 * (lo + hi)
-        if cost.closed_form(groups, pruning.widths_from_ratios(groups, mid)).macs <= target * dense:
-            lo = mid
-        else:
-            hi = mid
-    return pruning.widths_from_ratios(groups, lo), lo
 
 
 def depth_row(name: str, model: nn.Module, example: torch.Tensor, calib: Iterable[Batch], val: Iterable[Batch],

@@ -52,16 +52,14 @@ from typing import Any
 import torch
 
 from autoprune.utils import configure_threads, seed_everything
-from benchmarks import published
-from benchmarks._common import CIFAR10_DIR, RESULTS, WEIGHTS_DIR, write_result
+from benchmarks import _cifar, published
+from benchmarks._cifar import CHECKPOINTS, SPLIT_SEED
+from benchmarks._common import RESULTS, write_result
 
-CHECKPOINTS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th",
-               "resnet44": "resnet44-014dd654.th", "resnet56": "resnet56-4bfd9763.th"}
 #: Searchers that train a network (one architecture with its own weights) instead of proposing candidates.
 TRAINING = ("dmcp", "resrep")
 QUICK_SEARCHERS = ("uniform", "tpe")
 WORKDIR = RESULTS / "search_quality_work"
-SPLIT_SEED = 0
 #: Forward+backward passes per training iteration of a differentiable searcher (DMCP's sandwich rule: 4).
 PASSES_PER_ITER = {"dmcp": 4, "resrep": 1}
 
@@ -100,19 +98,10 @@ def cell_key(model: str, target: float, searcher: str, seed: int) -> str:
 
 def searcher_options(name: str, sizes: Sizes, n_groups: int) -> dict[str, Any]:
     """Per-searcher settings that make the candidate budget fit (everything else: the defaults)."""
-    k = sizes.candidates
-    if name in ("ddpg", "td3", "sac"):
-        return {"warmup_episodes": max(1, k // 4)}  # AMC's 100-episode warm-up does not fit in k episodes
-    if name == "ppo":
-        return {"rollout_episodes": max(1, min(8, k // 5)), "batch_size": n_groups}
-    if name in ("tpe", "gp"):
-        return {"n_startup_trials": max(2, min(10, k // 4))}
-    if name == "nsga2":
-        return {"population_size": max(4, min(20, k // 4))}
     if name == "sensitivity":  # dense + groups × ratios + the allocation must fit in k
-        n = max(1, min(3, (k - 2) // max(1, n_groups)))
+        n = max(1, min(3, (sizes.candidates - 2) // max(1, n_groups)))
         return {"ratios": (0.5, 0.3, 0.7)[:n]}
-    return {}
+    return _cifar.searcher_options(name, sizes.candidates, n_groups)
 
 
 def default_searchers() -> list[str]:
@@ -127,75 +116,13 @@ def default_searchers() -> list[str]:
 # ------------------------------------------------------------------------------------------------ set-up
 
 
-def split_test(test: Any, seed: int = SPLIT_SEED) -> tuple[Any, Any]:
-    """Two disjoint stratified halves of the test set: (A: selection, B: report)."""
-    from autoprune.data import stratified_indices
-
-    half_a = stratified_indices(test.labels, len(test) // 2, seed=seed)
-    in_a = torch.zeros(len(test), dtype=torch.bool)
-    in_a[half_a] = True
-    return test.take(half_a), test.take(torch.nonzero(~in_a).flatten())
-
-
 def setup(model_name: str, sizes: Sizes, splits: Any, seed: int = 0) -> dict[str, Any]:
-    """Model, groups, search space and loaders of one model."""
-    from autoprune import graph
-    from autoprune.data import make_loader, subset
-    from autoprune.models import build_model
-    from autoprune.models.checkpoint import load_checkpoint
-    from autoprune.search_spaces import build_space
-
-    part_a, part_b = split_test(splits.test)
-    model = build_model(model_name, num_classes=10, mean=splits.info.mean, std=splits.info.std)
-    load_checkpoint(model, WEIGHTS_DIR / CHECKPOINTS[model_name])
-    model.eval()
-    example = torch.rand(1, 3, 32, 32)
-    groups = graph.analyze(model, example)
-    space = build_space(groups, model_name=model_name, min_ratio=0.2)
-    calib = subset(splits.train, sizes.calib_batches * sizes.calib_batch, seed=seed + 1)
-    return {
-        "name": model_name, "model": model, "groups": groups, "space": space, "example": example,
-        "calib": make_loader(calib, sizes.calib_batch),  # the same batches for every candidate
-        "select": make_loader(subset(part_a, sizes.val_images, seed=seed), 500),
-        "report": make_loader(subset(part_b, sizes.test_images, seed=seed), 500),
-        "train_set": splits.train,
-    }
-
-
-def make_problem(ctx: Mapping[str, Any], sizes: Sizes) -> Any:
-    """A fresh problem (own evaluation cache, so every searcher pays for its own evaluations)."""
-    from autoprune.evaluate import AdaptiveBNEvaluator
-    from autoprune.problem import Problem
-
-    ev = AdaptiveBNEvaluator(ctx["calib"], ctx["select"], batches=sizes.calib_batches, device="cpu")
-    return Problem(ctx["model"], ctx["groups"], ctx["space"], ev, ctx["example"], importance="l1")
-
-
-def train_loader(ctx: Mapping[str, Any], sizes: Sizes, seed: int) -> Any:
-    """Shuffled, augmented training batches (a fresh loader: the same batches in the same order per seed)."""
-    from autoprune.data import make_loader
-
-    return make_loader(ctx["train_set"], sizes.ft_batch, shuffle=True, augment=True, seed=seed)
+    """Model, groups, search space and loaders of one model (see :func:`benchmarks._cifar.context`)."""
+    return _cifar.context(model_name, splits, calib_batches=sizes.calib_batches, calib_batch=sizes.calib_batch,
+                          select_images=sizes.val_images, report_images=sizes.test_images, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------ one cell
-
-
-def finetune_and_report(ctx: Mapping[str, Any], sizes: Sizes, module: torch.nn.Module, seed: int
-                        ) -> dict[str, float]:
-    """Re-estimate BN, report accuracy on half B, fine-tune ``ft_steps`` steps, report again."""
-    from autoprune.evaluate import recalibrate_bn, validate
-    from autoprune.train import train_steps
-
-    recalibrate_bn(module, ctx["calib"], sizes.calib_batches, device="cpu")
-    before = float(validate(module, ctx["report"], device="cpu")[0])
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    train_steps(module, train_loader(ctx, sizes, seed), sizes.ft_steps, lr=sizes.ft_lr, momentum=0.9,
-                weight_decay=5e-4, schedule="cosine", device="cpu")
-    ft_seconds = time.perf_counter() - t0
-    after = float(validate(module, ctx["report"], device="cpu")[0])
-    return {"test_before_ft": before, "test_after_ft": after, "ft_seconds": ft_seconds}
 
 
 def run_cell(ctx: Mapping[str, Any], sizes: Sizes, target: float, name: str, seed: int, store_dir: Path
@@ -205,12 +132,12 @@ def run_cell(ctx: Mapping[str, Any], sizes: Sizes, target: float, name: str, see
     from autoprune.agents.base import make_searcher
     from autoprune.store import TrialStore
 
-    problem = make_problem(ctx, sizes)
+    problem = _cifar.make_problem(ctx)
     campaign = f"sq-{ctx['name']}-{round(100 * target)}"
     store = TrialStore(store_dir / "trials.db", campaign=campaign)
     opts = searcher_options(name, sizes, len(ctx["space"].groups))
     if name in TRAINING:
-        opts = {**opts, "train_loader": train_loader(ctx, sizes, seed + 7), "val_loader": ctx["select"],
+        opts = {**opts, "train_loader": _cifar.train_loader(ctx, sizes.ft_batch, seed + 7), "val_loader": ctx["select"],
                 "device": "cpu"}
     seed_everything(seed)
     t0 = time.perf_counter()
@@ -248,15 +175,33 @@ def run_cell(ctx: Mapping[str, Any], sizes: Sizes, target: float, name: str, see
         "params_built": int(sum(p.numel() for p in module.parameters())), "bytes": cost.bytes,
         "widths": dict(best.candidate.widths),
     })
-    record.update(finetune_and_report(ctx, sizes, module, seed=1234 + seed))
+    record.update(_cifar.finetune_and_report(ctx, module, steps=sizes.ft_steps, batch=sizes.ft_batch, lr=sizes.ft_lr,
+                                             seed=1234 + seed))
     return record
 
 
 # ------------------------------------------------------------------------------------------------ the grid
 
 
+#: The grid's axes: a resumed (or concurrent) run may cover other models, targets and seeds than the first one.
+AXES = ("models", "targets", "seeds")
+
+
+def cell_settings(sizes: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings every cell of one results file must share (everything but the grid's axes)."""
+    return {k: v for k, v in json.loads(json.dumps(dict(sizes))).items() if k not in AXES}
+
+
+def _union(*seqs: Sequence[Any]) -> list[Any]:
+    return list(dict.fromkeys(x for seq in seqs for x in seq))
+
+
 def load_results(path: Path, sizes: Sizes, resume: bool) -> dict[str, Any]:
-    """Existing results to continue (``resume``), or a fresh record; refuses to clobber a full run silently."""
+    """Existing results to continue (``resume``), or a fresh record; refuses to clobber a full run silently.
+
+    A resumed run may name other models, targets or seeds (the grid grows; ``sizes`` records the union), but
+    the per-cell settings (candidates, evaluator and fine-tune sizes) must be the same.
+    """
     from autoprune.errors import ConfigError
 
     fresh: dict[str, Any] = {"sizes": asdict(sizes), "dense": {}, "cells": {}, "created": time.time(),
@@ -269,10 +214,66 @@ def load_results(path: Path, sizes: Sizes, resume: bool) -> dict[str, Any]:
             raise ConfigError(f"{path} already holds {len(old['cells'])} finished cells",
                               hint="pass --resume to continue that run, or --fresh to discard it")
         return fresh
-    if old.get("sizes") != json.loads(json.dumps(asdict(sizes))):
-        raise ConfigError(f"the sizes of {path} differ from this run's; a resumed run must use the same ones",
+    if cell_settings(old.get("sizes", {})) != cell_settings(asdict(sizes)):
+        raise ConfigError(f"the per-cell settings of {path} differ from this run's; a resumed run must use the same "
+                          "candidates, evaluator and fine-tune sizes",
                           hint="rerun with the same options, or --fresh to start over")
+    old["sizes"] = merged_sizes(old["sizes"], asdict(sizes))
     return old
+
+
+def merged_sizes(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """``a`` with the grid axes widened to cover ``b``'s."""
+    return {**json.loads(json.dumps(dict(a))), "models": _union(a.get("models", ()), b.get("models", ())),
+            "targets": _union(a.get("targets", ()), b.get("targets", ())),
+            "seeds": max(int(a.get("seeds", 1)), int(b.get("seeds", 1)))}
+
+
+def merge_results(disk: Mapping[str, Any], mine: Mapping[str, Any]) -> dict[str, Any]:
+    """Combine the results file as another process left it (``disk``) with this process's (``mine``).
+
+    Cells, dense references, searchers and runs are unions (a cell finished by both keeps ``mine``); used when
+    several processes (``--models resnet56`` beside ``--models resnet20``) share one results file. A file with
+    other per-cell settings (or a quick run's) is replaced, as a fresh run replaces it.
+    """
+    if not disk or disk.get("quick") or cell_settings(disk.get("sizes", {})) != cell_settings(mine["sizes"]):
+        return dict(mine)
+    runs = {r["started"]: r for r in [*disk.get("runs", []), *mine.get("runs", [])]}
+    return {**disk, **mine, "sizes": merged_sizes(disk["sizes"], mine["sizes"]),
+            "cells": {**disk.get("cells", {}), **mine.get("cells", {})},
+            "dense": {**disk.get("dense", {}), **mine.get("dense", {})},
+            "searchers": _union(disk.get("searchers", []), mine.get("searchers", [])),
+            "runs": sorted(runs.values(), key=lambda r: r["started"])}
+
+
+def write_merged(path: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``raw`` into the results file under an exclusive lock, write it atomically, return the merge."""
+    import fcntl
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".json.lock"), "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        try:
+            disk = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            disk = {}
+        merged = dict(raw) if raw.get("quick") else merge_results(disk, raw)
+        tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, indent=1, default=str))
+        tmp.replace(path)
+    return merged
+
+
+def full_grid(raw: Mapping[str, Any]) -> list[tuple[str, float, str, int]]:
+    """The cells the status line counts: the full form's models and targets (a quick run: its own) × searchers."""
+    s = raw["sizes"]
+    if raw.get("quick"):
+        models, targets, names = s["models"], s["targets"], raw["searchers"]
+    else:
+        models, targets = _union(FULL.models, s["models"]), _union(FULL.targets, s["targets"])
+        names = _union(default_searchers(), raw.get("searchers", []))
+    return [(m, float(t), n, sd) for m in models for t in targets for n in names for sd in range(int(s["seeds"]))]
 
 
 def grid(sizes: Sizes, names: Sequence[str]) -> list[tuple[str, float, str, int]]:
@@ -281,9 +282,12 @@ def grid(sizes: Sizes, names: Sequence[str]) -> list[tuple[str, float, str, int]
 
 
 def run(sizes: Sizes, names: Sequence[str], out_json: Path, store_dir: Path, *, resume: bool, quick: bool,
-        max_minutes: float | None, on_update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Run (or continue) the grid; ``on_update`` receives the results after every finished cell."""
-    from autoprune.data import load_dataset
+        max_minutes: float | None, on_update: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """Run (or continue) the grid.
+
+    ``on_update`` receives the results after every finished cell and returns them merged with what other
+    processes wrote meanwhile (cells they finished are skipped here).
+    """
     from autoprune.evaluate import validate
 
     t0 = time.perf_counter()
@@ -292,19 +296,21 @@ def run(sizes: Sizes, names: Sequence[str], out_json: Path, store_dir: Path, *, 
     raw["searchers"] = list(dict.fromkeys([*raw.get("searchers", []), *names]))
     run_info = {"started": time.time(), "cells": 0, "seconds": 0.0}
     raw.setdefault("runs", []).append(run_info)
-    splits = load_dataset("cifar10", CIFAR10_DIR, val_size=0, seed=0)
+    splits = _cifar.load_cifar10()
     cells = grid(sizes, names)
     todo = [c for c in cells if cell_key(*c) not in raw["cells"]]
     _log(f"{len(cells) - len(todo)} of {len(cells)} cells already done")
     ctx: dict[str, Any] | None = None
     for model_name, target, name, seed in todo:
+        if cell_key(model_name, target, name, seed) in raw["cells"]:
+            continue  # finished by a concurrent process
         if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
             _log(f"stopping after {max_minutes} min: continue with --resume")
             break
         if ctx is None or ctx["name"] != model_name:
             ctx = setup(model_name, sizes, splits)
             if model_name not in raw["dense"]:
-                dense_cost = make_problem(ctx, sizes).dense_cost
+                dense_cost = _cifar.make_problem(ctx).dense_cost
                 raw["dense"][model_name] = {
                     "select": float(validate(ctx["model"], ctx["select"], device="cpu")[0]),
                     "report": float(validate(ctx["model"], ctx["report"], device="cpu")[0]),
@@ -317,14 +323,11 @@ def run(sizes: Sizes, names: Sequence[str], out_json: Path, store_dir: Path, *, 
              f"MACs {rec.get('macs_fraction', float('nan')):.3f}, test after FT "
              f"{rec.get('test_after_ft', float('nan')):.4f} ({rec['search_seconds']:.0f}s search, "
              f"{rec.get('ft_seconds', 0):.0f}s FT)")
-        on_update(raw)
+        raw = on_update(raw)
     if quick and ctx is not None and "rates" not in raw:
         raw["rates"] = measure_rates(ctx, FULL)  # for the estimate of the full form's duration
     run_info["seconds"] = time.perf_counter() - t0
-    raw["complete"] = all(cell_key(*c) in raw["cells"] for c in cells)
-    raw["total_cells"] = len(cells)
-    on_update(raw)
-    return raw
+    return on_update(raw)
 
 
 # ------------------------------------------------------------------------------------------------ estimate
@@ -456,7 +459,9 @@ def summarise(raw: Mapping[str, Any], command: str) -> str:
     """The markdown body."""
     s = raw["sizes"]
     epochs = s["ft_steps"] * s["ft_batch"] / 50000
-    n_done, n_total = len(raw["cells"]), raw.get("total_cells", len(raw["cells"]))
+    cells = full_grid(raw)
+    n_done = sum(cell_key(*c) in raw["cells"] for c in cells)
+    complete = n_done == len(cells)
     lines = [
         "**Protocol.** The akamaster checkpoints were trained on all 50,000 training images, so a validation split "
         "carved from them is memorised (≈ 96 % accuracy). The 10,000 CIFAR-10 test images are split once into two "
@@ -474,16 +479,18 @@ def summarise(raw: Mapping[str, Any], command: str) -> str:
         "residual streams kept), min keep ratio 0.2, L1 channel selection. MACs are the closed-form "
         "multiply-accumulates of conv and linear layers (batch 1); size = fp32 bytes of the parameters and buffers.",
         "",
-        f"Status: {n_done} of {n_total} cells done" + (" (complete)." if raw.get("complete") else
+        f"Status: {n_done} of {len(cells)} cells done" + (" (complete)." if complete else
                                                          f" — continue with `{resume_command(command)}`."),
+        *status_blocks(raw, cells),
     ]
     if raw.get("quick"):
         est = estimate_full(raw)
         per_cell = "" if est is None else " (" + ", ".join(
             f"≈ {m:.0f} min per {k} cell" for k, m in est["cell_minutes"].items()) + ")"
         lines += ["", "_Quick form: a smoke test of the pipeline (tiny budgets), not a measurement of the searchers. "
-                  "**The full form has not been run yet**: `python -m benchmarks.bench_search_quality --resume` "
-                  "(add `--max-minutes M` to stop starting new cells after M minutes, and repeat until the status "
+                  "**The full form** (status and tables in `search_quality.md`): "
+                  "`python -m benchmarks.bench_search_quality --resume` (add `--max-minutes M` to stop starting new "
+                  "cells after M minutes, and repeat until the status "
                   "says complete), estimated "
                   + (f"**≈ {est['hours']:.0f} h** of single-thread CPU time on this machine{per_cell}" if est
                      else "several hours")
@@ -508,6 +515,22 @@ def summarise(raw: Mapping[str, Any], command: str) -> str:
               "", "Runs: " + "; ".join(f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(r['started']))} UTC: "
                                        f"{r['cells']} cells in {r['seconds'] / 60:.1f} min" for r in raw["runs"])]
     return "\n".join(lines)
+
+
+def status_blocks(raw: Mapping[str, Any], cells: Sequence[tuple[str, float, str, int]]) -> list[str]:
+    """One line per (model, target) of the grid: how many of its cells are done, and which are missing."""
+    if raw.get("quick"):
+        return []
+    lines = [""]
+    for model in dict.fromkeys(c[0] for c in cells):
+        for target in dict.fromkeys(c[1] for c in cells if c[0] == model):
+            block = [c for c in cells if c[0] == model and c[1] == target]
+            todo = [c for c in block if cell_key(*c) not in raw["cells"]]
+            missing = ", ".join(f"`{n}`" for n in dict.fromkeys(c[2] for c in todo))
+            state = "complete" if not todo else "not started" if len(todo) == len(block) else f"missing {missing}"
+            lines.append(f"- {model} at {100 * target:.0f} % MACs: {len(block) - len(todo)} of {len(block)} cells "
+                         f"— {state}")
+    return lines
 
 
 def resume_command(command: str) -> str:
@@ -560,6 +583,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(sizes.models) - set(CHECKPOINTS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {', '.join(CHECKPOINTS)}")
+    missing = _cifar.missing_data(sizes.models)
+    if missing:
+        parser.error(missing)
     if any(not 0.0 < t < 1.0 for t in sizes.targets):
         parser.error("targets must be fractions of the dense MACs in (0, 1)")
     names = ([n.strip() for n in args.searchers.split(",") if n.strip()] if args.searchers
@@ -584,12 +610,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = command_line()
     title = "Search quality: every searcher at equal budgets (CIFAR-10 ResNets)" + (" (quick)" if args.quick else "")
 
-    def on_update(raw: dict[str, Any]) -> None:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        tmp = out_json.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(raw, indent=1, default=str))
-        tmp.replace(out_json)
-        write_result(name, title, summarise(raw, command), command=command)
+    def on_update(raw: dict[str, Any]) -> dict[str, Any]:
+        merged = write_merged(out_json, raw)
+        write_result(name, title, summarise(merged, command), command=command)
+        return merged
 
     try:
         run(sizes, names, out_json, store_dir, resume=args.resume, quick=args.quick, max_minutes=args.max_minutes,

@@ -37,14 +37,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from autoprune.utils import configure_threads, seed_everything
-from benchmarks._common import CIFAR10_DIR, RESULTS, WEIGHTS_DIR, write_result
+from benchmarks import _cifar
+from benchmarks._common import RESULTS, write_result
 
 BUDGET = {"macs": 0.5}
 #: Searchers that train a network instead of proposing candidates (benchmarked in bench_differentiable).
 TRAINING = ("dmcp", "resrep")
+#: The quick form's searchers: one of each kind (baseline, Optuna, RL); the contract tests cover the others.
+QUICK_SEARCHERS = ("uniform", "random", "tpe", "ddpg")
 
 
 @dataclass(frozen=True)
@@ -67,64 +68,11 @@ QUICK = Sizes(candidates=3, seeds=1, calib_batches=2, calib_batch=64, val_images
               ft_steps=3, ft_batch=32)
 
 
-def searcher_options(name: str, sizes: Sizes, n_groups: int) -> dict[str, Any]:
-    """Per-searcher settings that make the candidate budget fit (everything else: the defaults)."""
-    k = sizes.candidates
-    if name in ("ddpg", "td3", "sac"):
-        return {"warmup_episodes": max(1, k // 4)}  # AMC's 100-episode warm-up does not fit in k episodes
-    if name == "ppo":
-        return {"rollout_episodes": max(1, min(8, k // 5)), "batch_size": n_groups}
-    if name in ("tpe", "gp"):
-        return {"n_startup_trials": max(2, min(10, k // 4))}
-    if name == "nsga2":
-        return {"population_size": max(4, min(20, k // 4))}
-    if name == "sensitivity":  # as many scan ratios as the budget allows: dense + groups × ratios + allocation
-        n = max(1, min(3, (k - 2) // max(1, n_groups)))
-        return {"ratios": (0.5, 0.3, 0.7)[:n]}
-    return {}
-
-
-# ------------------------------------------------------------------------------------------------ set-up
-
-
 def setup(sizes: Sizes, seed: int = 0) -> dict[str, Any]:
     """Model, groups, search space, loaders (fixed calibration batches, val on test half A, test on half B)."""
-    from autoprune import graph
-    from autoprune.data import load_dataset, make_loader, stratified_indices, subset
-    from autoprune.models import build_model
-    from autoprune.models.checkpoint import load_checkpoint
-    from autoprune.search_spaces import build_space
-
-    splits = load_dataset("cifar10", CIFAR10_DIR, val_size=0, seed=seed)
-    test = splits.test
-    half_a = stratified_indices(test.labels, len(test) // 2, seed=seed)
-    in_a = torch.zeros(len(test), dtype=torch.bool)
-    in_a[half_a] = True
-    part_a = test.take(half_a)
-    part_b = test.take(torch.nonzero(~in_a).flatten())
-    model = build_model("resnet20", num_classes=10, mean=splits.info.mean, std=splits.info.std)
-    load_checkpoint(model, WEIGHTS_DIR / "resnet20-12fca82f.th")
-    model.eval()
-    example = torch.rand(1, 3, 32, 32)
-    groups = graph.analyze(model, example)
-    space = build_space(groups, model_name="resnet20", min_ratio=0.2)
-    calib = subset(splits.train, sizes.calib_batches * sizes.calib_batch, seed=seed + 1)
-    return {
-        "model": model, "groups": groups, "space": space, "example": example,
-        "calib": make_loader(calib, sizes.calib_batch),  # the same batches for every candidate
-        "val": make_loader(subset(part_a, sizes.val_images, seed=seed), 500),
-        "test": make_loader(subset(part_b, sizes.test_images, seed=seed), 500),
-        "train_set": splits.train,
-    }
-
-
-def make_problem(ctx: Mapping[str, Any], sizes: Sizes) -> Any:
-    """A fresh problem (own evaluation cache, so every searcher pays for its own evaluations)."""
-    from autoprune.evaluate import AdaptiveBNEvaluator
-    from autoprune.problem import Problem
-
-    ev = AdaptiveBNEvaluator(ctx["calib"], ctx["val"], batches=sizes.calib_batches, device="cpu")
-    return Problem(ctx["model"], ctx["groups"], ctx["space"], ev, ctx["example"], importance="l1")
+    return _cifar.context("resnet20", _cifar.load_cifar10(seed), calib_batches=sizes.calib_batches,
+                          calib_batch=sizes.calib_batch, select_images=sizes.val_images,
+                          report_images=sizes.test_images, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -134,11 +82,11 @@ def run_searcher(name: str, seed: int, ctx: Mapping[str, Any], sizes: Sizes, sto
     """One search; returns the trial sequence (validation accuracy, feasibility, MACs, widths)."""
     from autoprune.agents.base import make_searcher
 
-    problem = make_problem(ctx, sizes)
+    problem = _cifar.make_problem(ctx)
     seed_everything(seed)
     t0 = time.perf_counter()
     searcher = make_searcher(name, problem, store=store, budget=BUDGET, n_trials=sizes.candidates, seed=seed,
-                             **searcher_options(name, sizes, len(ctx["space"].groups)))
+                             **_cifar.searcher_options(name, sizes.candidates, len(ctx["space"].groups)))
     res = searcher.run()
     dense = problem.dense_cost.macs
     trials = [{"number": t.number, "state": t.state, "accuracy": t.result.accuracy if t.result else None,
@@ -171,18 +119,11 @@ def to_reach(trials: Sequence[Mapping[str, Any]], target: float) -> int | None:
 def finetune_test(ctx: Mapping[str, Any], sizes: Sizes, widths: Mapping[str, int], seed: int) -> float:
     """Build ``widths``, re-estimate BN, fine-tune ``ft_steps`` SGD steps, return test (half B) accuracy."""
     from autoprune import pruning
-    from autoprune.data import make_loader
-    from autoprune.evaluate import recalibrate_bn, validate
-    from autoprune.train import train_steps
 
-    torch.manual_seed(seed)
     net = pruning.apply(ctx["model"], ctx["groups"], dict(widths), importance="l1")
-    recalibrate_bn(net, ctx["calib"], sizes.calib_batches, device="cpu")
     # A fresh loader per finalist: every finalist sees the same fine-tuning batches in the same order.
-    train = make_loader(ctx["train_set"], sizes.ft_batch, shuffle=True, augment=True, seed=seed)
-    train_steps(net, train, sizes.ft_steps, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine",
-                device="cpu")
-    return float(validate(net, ctx["test"], device="cpu")[0])
+    return _cifar.finetune_and_report(ctx, net, steps=sizes.ft_steps, batch=sizes.ft_batch, lr=0.01,
+                                      seed=seed)["test_after_ft"]
 
 
 def run(sizes: Sizes, names: Sequence[str], store_path: Path, log: Callable[[str], None]) -> dict[str, Any]:
@@ -193,8 +134,8 @@ def run(sizes: Sizes, names: Sequence[str], store_path: Path, log: Callable[[str
     t0 = time.perf_counter()
     ctx = setup(sizes)
     store = TrialStore(store_path, campaign="bench-searchers")
-    dense_val = float(validate(ctx["model"], ctx["val"], device="cpu")[0])
-    dense_test = float(validate(ctx["model"], ctx["test"], device="cpu")[0])
+    dense_val = float(validate(ctx["model"], ctx["select"], device="cpu")[0])
+    dense_test = float(validate(ctx["model"], ctx["report"], device="cpu")[0])
     log(f"set-up {time.perf_counter() - t0:.0f}s; {len(ctx['space'].groups)} groups; dense val {dense_val:.4f}, "
         f"test {dense_test:.4f}")
     runs = []
@@ -216,7 +157,7 @@ def run(sizes: Sizes, names: Sequence[str], store_path: Path, log: Callable[[str
         log(f"{name}: fine-tuned test accuracy {acc:.4f} (val {best['accuracy']:.4f}, MACs {best['macs']:.3f})")
     return {"sizes": asdict(sizes), "budget": BUDGET, "dense": {"val": dense_val, "test": dense_test},
             "groups": len(ctx["space"].groups), "runs": runs, "finalists": finalists,
-            "options": {n: searcher_options(n, sizes, len(ctx["space"].groups)) for n in names},
+            "options": {n: _cifar.searcher_options(n, sizes.candidates, len(ctx["space"].groups)) for n in names},
             "seconds": time.perf_counter() - t0}
 
 
@@ -287,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run, minutes)")
     parser.add_argument("--searchers", default=None,
-                        help="comma-separated names (default: every available one except dmcp and resrep)")
+                        help="comma-separated names (default: every available one except dmcp and resrep; "
+                        f"with --quick: {','.join(QUICK_SEARCHERS)})")
     parser.add_argument("--candidates", type=int, default=None, help="candidates per searcher and seed")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds")
     parser.add_argument("--store", type=Path, default=None, help="SQLite file for the trials (resumable)")
@@ -300,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from autoprune.agents.base import SEARCHERS, load_builtin_searchers
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    missing = _cifar.missing_data()
+    if missing:
+        parser.error(missing)
     configure_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     if args.candidates is not None:
@@ -307,8 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seeds is not None:
         sizes = replace(sizes, seeds=args.seeds)
     load_builtin_searchers()
-    names = args.searchers.split(",") if args.searchers else [
-        n for n in SEARCHERS.names() if n not in TRAINING and not (n == "cmaes" and not is_available("cmaes"))]
+    if args.searchers:
+        names = [n.strip() for n in args.searchers.split(",") if n.strip()]
+    elif args.quick:
+        names = list(QUICK_SEARCHERS)
+    else:
+        names = [n for n in SEARCHERS.names()
+                 if n not in TRAINING and not (n == "cmaes" and not is_available("cmaes"))]
     if "uniform" not in names:
         names = ["uniform", *names]
     names = ["uniform", *[n for n in names if n != "uniform"]]

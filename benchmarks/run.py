@@ -1,7 +1,8 @@
 """Run every benchmark (``make bench``) or their quick forms (``make bench-quick``), one subprocess each.
 
 Each ``benchmarks/bench_<name>.py`` writes its own table under ``results/benchmarks/``; this runner only
-sequences them (never in parallel: timings on a 2-core machine would interfere), and writes
+sequences them (never in parallel: timings on a 2-core machine would interfere), draws the figures from their
+JSON files (``benchmarks/figures.py``, into ``results/benchmarks/figures/``), and writes
 ``results/benchmarks/index.md`` listing what ran, how long it took and whether it succeeded.
 
 Usage::
@@ -61,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         failed += rc != 0
         status = "ok" if rc == 0 else f"FAILED ({rc})"
         rows.append(f"| {name} | `python {' '.join(cmd[1:])}` | {seconds:.0f} | {status} |")
+    if rows and "figures" not in skip:  # the figures are drawn from the JSON files the benchmarks just wrote
+        cmd = [sys.executable, "-m", "benchmarks.figures", *(["--quick"] if args.quick else [])]
+        print(f"== {' '.join(cmd[1:])}", flush=True)
+        start = time.perf_counter()
+        rc = subprocess.call(cmd, cwd=HERE.parent)
+        status = "ok" if rc == 0 else f"no figures ({rc})"
+        rows.append(f"| figures | `python {' '.join(cmd[1:])}` | {time.perf_counter() - start:.0f} | {status} |")
     body = "| benchmark | command | seconds | status |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
     write_result("index" + ("_quick" if args.quick else ""), "Benchmark runs", body)
     return 1 if failed else 0

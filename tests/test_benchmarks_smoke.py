@@ -148,7 +148,7 @@ def test_search_cost_rejects_unknown_evaluator(capsys: pytest.CaptureFixture[str
 def test_deployment_export_sizes_on_small_cnn(digits_ctx, tmp_path: Path) -> None:
     from autoprune import graph, pruning
     from benchmarks import bench_deployment as bd
-    from benchmarks.bench_search_cost import uniform_widths
+    from benchmarks._cifar import uniform_widths
 
     dense = digits_ctx.model
     groups = graph.analyze(dense, digits_ctx.example)
@@ -195,7 +195,7 @@ def test_search_quality_report_and_estimate() -> None:
                      "ft_batch": 128}}
     text = bsq.summarise(raw, "python -m benchmarks.bench_search_quality --quick")
     assert "half A (selection)" in text and "half B (report)" in text
-    assert "full form has not been run yet" in text
+    assert "**The full form**" in text and "--resume" in text
     assert "**70.00**" in text and "-21.00" in text  # after-FT accuracy and Δ vs the dense half-B accuracy
     assert "AMC" in text  # the published comparison block
     est = bsq.estimate_full(raw, searchers=["uniform", "tpe"])
@@ -218,3 +218,35 @@ def test_search_quality_refuses_to_clobber_full_results(tmp_path: Path) -> None:
     grid = bsq.grid(bsq.FULL, ["uniform", "tpe"])
     assert len(grid) == len(bsq.FULL.models) * len(bsq.FULL.targets) * 2 * bsq.FULL.seeds
     assert len({bsq.cell_key(*c) for c in grid}) == len(grid)
+
+
+def test_search_quality_concurrent_writers_merge(tmp_path: Path) -> None:
+    """Two processes (e.g. ``--models resnet20`` and ``--models resnet56``) share one results file."""
+    import json
+
+    from benchmarks import bench_search_quality as bsq
+
+    path = tmp_path / "search_quality.json"
+    a = bsq.load_results(path, bsq.replace(bsq.FULL, models=("resnet20",), targets=(0.5,)), resume=True)
+    b = bsq.load_results(path, bsq.replace(bsq.FULL, models=("resnet56",)), resume=True)
+    a["cells"][bsq.cell_key("resnet20", 0.5, "uniform", 0)] = _cell("resnet20", "uniform", 0.6)
+    a["runs"].append({"started": 1.0, "cells": 1, "seconds": 1.0})
+    bsq.write_merged(path, a)
+    b["cells"][bsq.cell_key("resnet56", 0.5, "tpe", 0)] = _cell("resnet56", "tpe", 0.7)
+    b["runs"].append({"started": 2.0, "cells": 1, "seconds": 1.0})
+    merged = bsq.write_merged(path, b)
+    assert set(merged["cells"]) == {"resnet20|0.5|uniform|0", "resnet56|0.5|tpe|0"}
+    assert set(merged["sizes"]["models"]) == {"resnet20", "resnet56"}
+    assert [r["started"] for r in merged["runs"]] == [1, 2]
+    assert json.loads(path.read_text())["cells"] == merged["cells"]
+    # the first process writes again (another cell): the second one's cell survives
+    a["cells"][bsq.cell_key("resnet20", 0.5, "tpe", 0)] = _cell("resnet20", "tpe", 0.65)
+    assert len(bsq.write_merged(path, a)["cells"]) == 3
+    # resuming with other axes is allowed, with other per-cell settings it is refused
+    resumed = bsq.load_results(path, bsq.replace(bsq.FULL, targets=(0.3,)), resume=True)
+    assert len(resumed["cells"]) == 3 and 0.3 in resumed["sizes"]["targets"]
+    with pytest.raises(ConfigError, match="per-cell settings"):
+        bsq.load_results(path, bsq.replace(bsq.FULL, candidates=5), resume=True)
+    text = bsq.summarise(resumed, "python -m benchmarks.bench_search_quality --resume")
+    assert "3 of " in text and "resnet56 at 30 % MACs: 0 of" in text and "not started" in text
+    assert "missing `" in text  # resnet20 at 50 %: some searchers missing

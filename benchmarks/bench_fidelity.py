@@ -272,6 +272,30 @@ def run(sizes: Sizes, seed: int, log: Callable[[str], None],
             "evaluators": list(factories), "seconds": time.perf_counter() - t0}
 
 
+def spearman_interval(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0
+                      ) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of Spearman's ρ (candidates resampled with replacement)."""
+    import random
+
+    rng = random.Random(seed)
+    n, stats = len(a), []
+    for _ in range(n_boot):
+        idx = [rng.randrange(n) for _ in range(n)]
+        xa, xb = [a[i] for i in idx], [b[i] for i in idx]
+        if len(set(xa)) > 1 and len(set(xb)) > 1:
+            stats.append(spearman(xa, xb))
+    if not stats:
+        return float("nan"), float("nan")
+    stats.sort()
+    return stats[int(0.025 * (len(stats) - 1))], stats[int(0.975 * (len(stats) - 1))]
+
+
+def pick_regret(scores: Sequence[float], truth: Sequence[float]) -> float:
+    """Ground-truth points lost by keeping the evaluator's top-scored candidate instead of the truly best one."""
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    return max(truth) - truth[best]
+
+
 def summarise(raw: Mapping[str, Any]) -> str:
     """The markdown body: evaluator table, spread of the ground truth, per-candidate table."""
     recs = raw["records"]
@@ -290,18 +314,20 @@ def summarise(raw: Mapping[str, Any]) -> str:
         f"CIFAR augmentation), accuracy on half B: mean {100 * statistics.fmean(truth):.2f} %, range "
         f"{100 * min(truth):.2f}–{100 * max(truth):.2f} %; mean cost {t_sec:.1f} s, {t_smp:.0f} training samples.",
         "",
-        "| evaluator | seconds | % of long FT (s) | train samples | % of long FT (samples) | Spearman | Kendall |"
-        " mean score |",
-        "|---|---|---|---|---|---|---|---|",
+        "| evaluator | seconds | % of long FT (s) | train samples | % of long FT (samples) | Spearman | "
+        "Spearman 95 % CI (bootstrap) | Kendall | regret of its top pick (points) | mean score |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in raw["evaluators"]:
         acc = [r["scores"][name]["accuracy"] for r in recs]
         label = name.replace("|", "\\|")
         sec = statistics.fmean(r["scores"][name]["seconds"] for r in recs)
         smp = statistics.fmean(r["scores"][name]["samples"] for r in recs)
+        lo, hi = spearman_interval(acc, truth)
         lines.append(
             f"| {label} | {sec:.2f} | {100 * sec / t_sec:.1f} % | {smp:.0f} | {100 * smp / t_smp:.1f} % | "
-            f"{spearman(acc, truth):+.3f} | {kendall(acc, truth):+.3f} | {100 * statistics.fmean(acc):.2f} % |"
+            f"{spearman(acc, truth):+.3f} | [{lo:+.2f}, {hi:+.2f}] | {kendall(acc, truth):+.3f} | "
+            f"{100 * pick_regret(acc, truth):.2f} | {100 * statistics.fmean(acc):.2f} % |"
         )
     lines += ["", f"InfCoP variants calibrate BN on {s['abn_small']} batches first, then fine-tune and check the "
               f"information flow (fixed subset of {s['flow_images']} training images) every {s['infcop_check']} "
@@ -314,7 +340,10 @@ def summarise(raw: Mapping[str, Any]) -> str:
                      f"{statistics.fmean(steps):.1f}.")
     lines += ["", "Seconds include scoring on half A (evaluators) or half B (ground truth); samples count training "
               "images forwarded (calibration, fine-tuning, flow measurement), so a forward-only sample is cheaper "
-              "than a fine-tuning one. Spearman/Kendall: scipy.stats.", "",
+              "than a fine-tuning one. Spearman/Kendall: scipy.stats; the interval resamples the candidates (2,000 "
+              "bootstrap draws), so with a few dozen candidates it is wide. Regret: the best ground truth minus the "
+              "ground truth of the candidate the evaluator scores highest (what a search keeping its top pick "
+              "loses).", "",
               "Per candidate (accuracy %):", "",
               "| # | MACs | truth | " + " | ".join(n.replace("|", "\\|") for n in raw["evaluators"]) + " |",
               "|---|---|---|" + "---|" * len(raw["evaluators"])]

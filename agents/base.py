@@ -646,4 +646,10 @@ def make_searcher(name: str, problem: Problem, **kwargs: Any) -> Searcher:
     except TypeError as exc:
         raise ConfigError(f"bad arguments for searcher {name!r}: {exc}", hint=f"{name}: {SEARCHERS.help(name)}"
                           ) from None
-    return cls(problem, **kwargs)
+    try:
+        return cls(problem, **kwargs)
+    except TypeError as exc:  # a **kwargs constructor handed an unknown name on to its base class
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise ConfigError(f"bad arguments for searcher {name!r}: {exc}", hint=f"{name}: {SEARCHERS.help(name)}"
+                          ) from None

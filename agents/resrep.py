@@ -435,6 +435,11 @@ class ResRepConfig:
         warmup_iters: Iterations before the first mask update (reference: 5 epochs).
         mask_interval: Iterations between mask updates (reference: 200).
         step_cap: Rows added per mask update while the target is missed (reference: 4).
+        step_cap_auto: Raise the cap (never lower it) so that the target is reachable by the middle of the
+            mask-update phase: ``ceil(rows_needed / (updates / 2))``, with ``rows_needed`` the rows a uniform
+            keep ratio would mask. Short schedules on deep models otherwise miss the target until the final
+            forced update, which prunes the missing rows abruptly, untrained (measured on ResNet-56 at 50 %
+            MACs with the CPU schedule: 77 % after a 1-epoch fine-tune, vs 91.5 % for uniform L1 pruning).
         lasso: λ of the group lasso (reference 1e-4 over ~375k iterations; larger for short schedules, see the
             yaml).
         eps: Floor of the row norm in the lasso term.
@@ -458,6 +463,7 @@ class ResRepConfig:
     warmup_iters: int = 100
     mask_interval: int = 10
     step_cap: int = 8
+    step_cap_auto: bool = True
     lasso: float = 1e-2
     eps: float = 1e-8
     lr: float = 0.01
@@ -506,6 +512,7 @@ class ResRepResult:
         seconds: Wall-clock seconds.
         samples: Training samples seen.
         forced: True if the final uncapped mask update was needed to meet the target.
+        step_cap: The cap on rows added per mask update that was used (after ``step_cap_auto``).
         sites: Group ids that carried compactors.
         skipped: Prunable groups without a compactor, with the reason.
         history: Periodic records.
@@ -521,9 +528,43 @@ class ResRepResult:
     seconds: float = 0.0
     samples: int = 0
     forced: bool = False
+    step_cap: int = 0
     sites: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+def rows_to_target(sizes: Mapping[str, int], legal: Mapping[str, Sequence[int]], cost_fn: CostFn,
+                   target: float) -> int:
+    """Rows a uniform keep ratio over ``sizes``' groups masks to meet ``target`` (an estimate of the work).
+
+    The keep ratio is the largest (bisection) whose legal widths (rounded up) cost at most ``target``; if even
+    the smallest legal widths miss it, all the rows down to those widths are counted.
+    """
+    order = {g: sorted(int(w) for w in legal[g]) for g in sizes}
+
+    def widths_at(ratio: float) -> dict[str, int]:
+        return {g: _snap_up(order[g], max(1, math.ceil(ratio * n))) for g, n in sizes.items()}
+
+    best = widths_at(0.0)
+    if cost_fn(best) <= target:
+        lo, hi = 0.0, 1.0
+        for _ in range(30):
+            mid = 0.5 * (lo + hi)
+            w = widths_at(mid)
+            if cost_fn(w) <= target:
+                lo, best = mid, w
+            else:
+                hi = mid
+    return sum(n - best[g] for g, n in sizes.items())
+
+
+def effective_step_cap(cfg: ResRepConfig, rows_needed: int) -> int:
+    """``cfg.step_cap``, raised (``step_cap_auto``) so ``rows_needed`` fit in half of the mask updates."""
+    if not cfg.step_cap_auto:
+        return cfg.step_cap
+    updates = max(1, math.ceil(max(0, cfg.iters - cfg.warmup_iters) / cfg.mask_interval))
+    return max(cfg.step_cap, math.ceil(rows_needed / max(1, updates // 2)))
 
 
 def _optimizer(net: CompactorNet, cfg: ResRepConfig) -> torch.optim.SGD:
@@ -589,6 +630,7 @@ def search(
     def cost_fn(widths: Mapping[str, int]) -> float:
         return float(cost_model.closed_form(groups, dict(widths)).macs)
 
+    step_cap = effective_step_cap(cfg, rows_to_target({s.group_id: s.size for s in sites}, legal, cost_fn, target))
     net = CompactorNet(model, sites).to(device)
     net.train()
     opt = _optimizer(net, cfg)
@@ -598,7 +640,7 @@ def search(
     for it in progress(range(cfg.iters), desc="resrep", total=cfg.iters):
         if it >= cfg.warmup_iters and (it - cfg.warmup_iters) % cfg.mask_interval == 0:
             net.set_masks(select_masks(net.row_norms(), ids, legal, cost_fn, target,
-                                       current=[m.cpu() for m in net.masks], step_cap=cfg.step_cap))
+                                       current=[m.cpu() for m in net.masks], step_cap=step_cap))
         lr = 0.5 * cfg.lr * (1.0 + math.cos(math.pi * it / cfg.iters))
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_factor"]
@@ -633,7 +675,8 @@ def search(
     candidate = Candidate(widths=widths)
     return ResRepResult(candidate=candidate, module=small, cost=cost_model.closed_form(groups, dict(widths)),
                         dense_cost=dense, target_macs=target, accuracy=accuracy, loss=loss_val,
-                        seconds=time.perf_counter() - start, samples=samples, forced=forced, sites=ids,
+                        seconds=time.perf_counter() - start, samples=samples, forced=forced, step_cap=step_cap,
+                        sites=ids,
                         skipped=skipped, history=history)
 
 
@@ -647,7 +690,8 @@ class ResRepSearcher(DifferentiableSearcher):
         "cpu": {},
         # Ding et al., CIFAR-10 ResNet-56 script (§6.2): 480 epochs, lr 0.01 cosine to 0, λ = 1e-4, masks every
         # 200 iterations after 5 warm-up epochs, 4 rows per update, minimum width 1 (from the search space).
-        "paper": {"epochs": 480, "warmup_epochs": 5, "mask_interval": 200, "step_cap": 4, "lasso": 1e-4,
+        "paper": {"epochs": 480, "warmup_epochs": 5, "mask_interval": 200, "step_cap": 4, "step_cap_auto": False,
+                  "lasso": 1e-4,
                   "lr": 0.01, "momentum": 0.9, "compactor_momentum": 0.99, "weight_decay": 1e-4,
                   "bias_lr_factor": 2.0},
     }
@@ -660,4 +704,5 @@ class ResRepSearcher(DifferentiableSearcher):
 
     def _extra(self, outcome: Any) -> dict[str, Any]:
         return {"target_macs": float(outcome.target_macs), "forced_final_mask": bool(outcome.forced),
+                "step_cap_used": int(outcome.step_cap),
                 "compactor_groups": list(outcome.sites), "skipped_groups": dict(outcome.skipped)}

@@ -737,24 +737,48 @@ def make_evaluator(name: str, train_loader: Loader | None = None, val_loader: Lo
     """Build the evaluator registered as ``name``.
 
     Raises:
-        ConfigError: Unknown name (lists the choices) or a setting the evaluator does not accept.
+        ConfigError: Unknown name (lists the choices), a setting the evaluator does not accept, or a value whose
+            type does not match the setting's default (e.g. ``batches: null`` or ``steps: "ten"``).
     """
     cls = EVALUATORS.get(name)
-    accepted = _accepted_settings(cls)
-    unknown = sorted(set(settings) - accepted)
+    defaults = _setting_defaults(cls)
+    unknown = sorted(set(settings) - set(defaults))
     if unknown:
         raise ConfigError(f"evaluator {name!r} does not accept {unknown}",
-                          hint=f"accepted settings: {', '.join(sorted(accepted))}")
+                          hint=f"accepted settings: {', '.join(sorted(defaults))}")
+    for key, value in settings.items():
+        expected = _expected_type(defaults[key], value)
+        if expected is not None:
+            raise ConfigError(f"evaluator {name!r}: {key} must be {expected}, got {value!r}",
+                              hint=f"the default is {key}={defaults[key]!r}")
     return cls(train_loader, val_loader, **settings)
 
 
-def _accepted_settings(cls: type[Evaluator]) -> set[str]:
-    names: set[str] = set()
-    for klass in cls.__mro__:
+def _setting_defaults(cls: type[Evaluator]) -> dict[str, Any]:
+    """Keyword-only constructor settings of ``cls`` and its bases, with their defaults (subclass wins)."""
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
         for p in inspect.signature(init).parameters.values():
             if p.kind is p.KEYWORD_ONLY:
-                names.add(p.name)
-    return names
+                defaults[p.name] = p.default
+    return defaults
+
+
+def _expected_type(default: Any, value: Any) -> str | None:
+    """What a setting with ``default`` must be when ``value`` does not fit it (``None``: it fits or is unchecked).
+
+    Only scalar defaults are checked: a bool needs a bool, an int an int (not a bool), a float any number, a
+    string a string. Settings whose default is ``None`` or a collection are left to the evaluator.
+    """
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if isinstance(default, float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    return None

@@ -264,9 +264,10 @@ class TrialStore:
             lives only in this process (Optuna's in-memory storage; for tests and quick experiments — its
             trials are lost when the process ends).
         campaign: Campaign name; study names are ``"<campaign>/<searcher>/seed<seed>"``.
-        artifact_root: Directory for searcher files (RL checkpoints, replay buffers). Defaults to
-            ``<dir of the SQLite file>/artifacts``, for a server URL ``./results/<campaign>/artifacts``, and a
-            fresh temporary directory for ``":memory:"``.
+        artifact_root: Directory for searcher files (RL checkpoints, replay buffers, trained networks).
+            Defaults to ``<dir of the SQLite file>/artifacts/<campaign>`` (campaigns sharing one database never
+            share files), for a server URL ``./results/<campaign>/artifacts``, and a fresh temporary directory
+            for ``":memory:"``.
         timeout: Seconds to wait for a database lock held by another process (SQLite) or for a server to
             answer (PostgreSQL, at most 10) before failing with an :class:`AutoPruneError`.
 
@@ -298,7 +299,7 @@ class TrialStore:
         if artifact_root is not None:
             root = Path(artifact_root)
         elif self.url.startswith("sqlite:///"):
-            root = Path(self.url[len("sqlite:///"):]).parent / "artifacts"
+            root = Path(self.url[len("sqlite:///"):]).parent / "artifacts" / campaign
         else:
             root = Path("results") / campaign / "artifacts"
         self.artifact_root = root

@@ -5,7 +5,7 @@ clipping (bisection over the closed-form cost), the final cost and legalizer, an
 pruned (and, in joint mode, fake-quantized) network. It is compared with one adaptive-BN evaluation of a
 pruned ResNet-20 on CIFAR-10 (the evaluator an AMC-style search calls once per episode). Target: < 5 %.
 
-Run: ``python -m benchmarks.bench_env_overhead [--episodes 20] [--calib-batches 20] [--val-images 2000]``
+Run: ``python -m benchmarks.bench_env_overhead [--quick] [--episodes 20] [--calib-batches 20] [--val-images 2000]``
 Writes ``results/benchmarks/env_overhead.md``.
 """
 
@@ -82,7 +82,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--val-images", type=int, default=2000)
     ap.add_argument("--evals", type=int, default=3, help="adaptive-BN evaluations to time")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true",
+                    help="5 episodes, 1 timed evaluation; writes env_overhead_quick.md (the full table stays)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.episodes, args.evals = min(args.episodes, 5), 1
     torch.set_num_threads(args.threads)
 
     splits = load_dataset("cifar10", CIFAR10_DIR, val_size=5000, seed=0)

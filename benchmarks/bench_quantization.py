@@ -187,7 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = {"weights": args.weights.name, "test_images": n_test, "calib_batches": args.calib_batches,
                 "budget_ratio": args.budget_ratio}
-    parts: dict[str, Any] = json.loads(PARTS.read_text()) if PARTS.is_file() else {}
+    # A quick run keeps its rows apart, so it never replaces the full run's.
+    parts_path = PARTS.with_name("quantization_parts_quick.json") if args.quick else PARTS
+    parts: dict[str, Any] = json.loads(parts_path.read_text()) if parts_path.is_file() else {}
     if parts.get("settings") != settings:
         parts = {"settings": settings, "rows": {}, "runs": {}}
     assignments = _assignments(model, args.budget_ratio)
@@ -207,8 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             row = _quantized_row(model, label, bits, calib, test, args.calib_batches)
         parts["rows"][key] = row
         parts["runs"][key] = f"{time.strftime('%Y-%m-%d %H:%M')} ({threads} threads)"
-        PARTS.parent.mkdir(parents=True, exist_ok=True)
-        PARTS.write_text(json.dumps(parts, indent=1))
+        parts_path.parent.mkdir(parents=True, exist_ok=True)
+        parts_path.write_text(json.dumps(parts, indent=1))
         _log(f"{key}: top-1 {row.get('top1', float('nan')):.2%} ({time.perf_counter() - t0:.0f} s)")
 
     body = _render(parts)

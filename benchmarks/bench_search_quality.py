@@ -506,7 +506,8 @@ def summarise(raw: Mapping[str, Any], command: str) -> str:
                   f"**{_pct(d.get('report'))} %** on half B."]
         for target in dict.fromkeys(c["target"] for c in raw["cells"].values() if c["model"] == model):
             lines += ["", f"### {model} at {100 * target:.0f} % of the dense MACs", "", *cell_table(raw, model, target),
-                      *published_block(model, target, epochs)]
+                      "", f"Figure: `figures/search_quality_{model}_{100 * target:.0f}.png` "
+                      "(`python -m benchmarks.figures`).", *published_block(model, target, epochs)]
     opts = {c["searcher"]: c["options"] for c in raw["cells"].values() if c.get("options")}
     lines += ["", "Searcher settings changed from the defaults to fit the candidate budget: "
               + ("; ".join(f"{k}: {v}" for k, v in opts.items()) or "none") + ". `uniform` and "

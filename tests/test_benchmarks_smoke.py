@@ -250,3 +250,18 @@ def test_search_quality_concurrent_writers_merge(tmp_path: Path) -> None:
     text = bsq.summarise(resumed, "python -m benchmarks.bench_search_quality --resume")
     assert "3 of " in text and "resnet56 at 30 % MACs: 0 of" in text and "not started" in text
     assert "missing `" in text  # resnet20 at 50 %: some searchers missing
+
+
+def test_fidelity_interval_and_regret() -> None:
+    from benchmarks import bench_fidelity as bf
+
+    truth = [0.80, 0.82, 0.78, 0.85, 0.81, 0.79, 0.83, 0.84]
+    perfect = [t * 0.5 for t in truth]
+    lo, hi = bf.spearman_interval(perfect, truth, n_boot=200)
+    assert lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
+    assert bf.pick_regret(perfect, truth) == 0.0
+    reversed_scores = [-t for t in truth]
+    assert bf.pick_regret(reversed_scores, truth) == pytest.approx(0.85 - 0.78)
+    lo, hi = bf.spearman_interval([0.1, 0.3, 0.2, 0.5, 0.4, 0.6, 0.8, 0.7], truth, n_boot=300)
+    rho = bf.spearman([0.1, 0.3, 0.2, 0.5, 0.4, 0.6, 0.8, 0.7], truth)
+    assert -1.0 <= lo <= rho <= hi <= 1.0 and hi - lo > 0.05  # a real interval around the point estimate

@@ -211,6 +211,12 @@ def test_registry_and_make_evaluator() -> None:
         make_evaluator("adaptive-bn", data, data)
     with pytest.raises(ConfigError, match="does not accept"):
         make_evaluator("finetune", data, data, epochs=3)
+    # values of the wrong type (YAML null, strings, booleans for counts) are user errors, not TypeErrors
+    for name, key, bad in (("adaptive_bn", "batches", None), ("adaptive_bn", "batches", "ten"),
+                           ("adaptive_bn", "batches", True), ("finetune", "steps", 2.5), ("finetune", "lr", "fast")):
+        with pytest.raises(ConfigError, match=f"{key} must be"):
+            make_evaluator(name, data, data, **{key: bad})
+    assert make_evaluator("finetune", data, data, lr=1, steps=2).sgd.lr == 1  # an int where a float is expected is fine
     with pytest.raises(ConfigError, match="validation loader"):
         make_evaluator("plain")
     with pytest.raises(ConfigError, match="training loader"):

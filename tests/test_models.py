@@ -187,6 +187,8 @@ def test_bad_model_option_is_a_config_error() -> None:
         CifarResNet(depth=21)
     with pytest.raises(ConfigError, match="width_mult"):
         build_model("mobilenetv2", width_mult=0)
+    with pytest.raises(ConfigError, match="bad option values"):  # torch's ValueError from a layer constructor
+        build_model("small_cnn", width=2.5)
 
 
 @pytest.fixture

@@ -106,6 +106,28 @@ def test_select_masks_step_cap_and_minimum_width() -> None:
     assert widths == {"a": 3, "b": 1}  # the target (80) is unreachable: both groups end at their minimum
 
 
+def test_automatic_step_cap_makes_the_target_reachable_by_mid_schedule() -> None:
+    sizes = {"a": 8, "b": 16}
+    legal = {"a": tuple(range(1, 9)), "b": tuple(range(1, 17))}
+    # cost 10a + b + 100 <= 120 under one keep ratio r: a = ceil(8r) = 1, b = ceil(16r) = 2, so 7 + 14 rows
+    rows = resrep.rows_to_target(sizes, legal, _linear_cost, 120.0)
+    assert rows == 21
+    assert resrep.rows_to_target(sizes, legal, _linear_cost, 1e9) == 0  # met already: nothing to mask
+    assert resrep.rows_to_target(sizes, {"a": (4, 8), "b": (8, 16)}, _linear_cost, 0.0) == 12  # down to minima
+    # 600 iterations, 100 warm-up, every 10: 50 updates; half of them must suffice
+    cfg = ResRepConfig(step_cap=8)
+    assert resrep.effective_step_cap(cfg, 177) == 8  # ResNet-20's need: the CPU default is enough
+    assert resrep.effective_step_cap(cfg, 513) == 21  # ResNet-56's: raised (8 x 50 updates < 513 rows)
+    assert resrep.effective_step_cap(ResRepConfig(step_cap=8, step_cap_auto=False), 513) == 8
+    # with the raised cap the capped updates alone reach the target within half of the updates
+    norms = [torch.rand(8), torch.rand(16)]
+    current = [torch.ones(8), torch.ones(16)]
+    cap = resrep.effective_step_cap(ResRepConfig(iters=10, warmup_iters=0, mask_interval=1, step_cap=1), rows)
+    for _ in range(5):
+        current = select_masks(norms, ["a", "b"], legal, _linear_cost, 120.0, current=current, step_cap=cap)
+    assert _linear_cost({"a": int(current[0].sum()), "b": int(current[1].sum())}) <= 120.0
+
+
 def test_select_masks_keeps_widths_legal() -> None:
     norms = [torch.rand(32)]
     legal = {"a": (8, 16, 24, 32)}

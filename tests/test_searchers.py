@@ -253,6 +253,8 @@ def test_registry_and_errors() -> None:
         make_searcher("random", make_problem(), store=store, n_trials=1, budget={"macs": 0.01})
     with pytest.raises(ConfigError, match="unknown option"):
         make_searcher("tpe", make_problem(), store=store, n_trials=1, population_size=3)
+    with pytest.raises(ConfigError, match="bad arguments for searcher 'sensitivity'"):  # **kwargs passed to the base
+        make_searcher("sensitivity", make_problem(), store=store, n_trials=1, iters=3)
     with pytest.raises(ConfigError, match="unknown reward"):
         make_searcher("tpe", make_problem(), store=store, n_trials=1, objective="nope")
     with pytest.raises(ConfigError, match="unknown objective metric"):

@@ -72,7 +72,10 @@ def test_state_blobs_and_artifact_dir(tmp_path: Path) -> None:
     assert TrialStore(tmp_path / "t.db", campaign="c").load_state("ddpg", 3, "agent") == {"path": "x.zip",
                                                                                              "episodes": 7}
     d = store.artifact_dir("ddpg", 3)
-    assert d.is_dir() and d == tmp_path / "artifacts" / "ddpg" / "seed3"
+    assert d.is_dir() and d == tmp_path / "artifacts" / "c" / "ddpg" / "seed3"
+    # another campaign in the same database gets its own files (RL checkpoints, trained networks)
+    other = TrialStore(tmp_path / "t.db", campaign="other").artifact_dir("ddpg", 3)
+    assert other != d and other == tmp_path / "artifacts" / "other" / "ddpg" / "seed3"
 
 
 def test_running_trials_of_a_killed_process_are_marked_interrupted(tmp_path: Path) -> None:

@@ -111,3 +111,8 @@ def build_model(
             f"model {name!r} does not accept the options {sorted(kwargs)}: {exc}",
             hint="check the model's options in its docstring (`autoprune list models`)",
         ) from exc
+    except ValueError as exc:  # e.g. a fractional width reaching a layer constructor
+        raise ConfigError(
+            f"model {name!r}: bad option values {kwargs}: {exc}",
+            hint="check the model's options in its docstring (`autoprune list models`)",
+        ) from exc

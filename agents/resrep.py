@@ -438,8 +438,9 @@ class ResRepConfig:
         step_cap_auto: Raise the cap (never lower it) so that the target is reachable by the middle of the
             mask-update phase: ``ceil(rows_needed / (updates / 2))``, with ``rows_needed`` the rows a uniform
             keep ratio would mask. Short schedules on deep models otherwise miss the target until the final
-            forced update, which prunes the missing rows abruptly, untrained (measured on ResNet-56 at 50 %
-            MACs with the CPU schedule: 77 % after a 1-epoch fine-tune, vs 91.5 % for uniform L1 pruning).
+            forced update, which prunes the missing rows abruptly, untrained (ResNet-56 at 50 % MACs with the
+            CPU schedule: 77.2 % after a 1-epoch fine-tune without it, 79.6 % with it — both far below uniform
+            L1 pruning's 91.5 %, see ``results/benchmarks/search_quality.md``).
         lasso: λ of the group lasso (reference 1e-4 over ~375k iterations; larger for short schedules, see the
             yaml).
         eps: Floor of the row norm in the lasso term.

@@ -535,8 +535,14 @@ def status_blocks(raw: Mapping[str, Any], cells: Sequence[tuple[str, float, str,
 
 
 def resume_command(command: str) -> str:
-    """The command that continues this run."""
-    return command if "--resume" in command else command + " --resume"
+    """The command that continues the whole grid (a quick run: the same command again, resumed).
+
+    A full run's last command may have named a subset (``--models``, ``--targets``, ``--searchers``); the
+    continuation drops those, so it covers every missing cell (add them back to split the work).
+    """
+    if "--quick" in command:
+        return command if "--resume" in command else command + " --resume"
+    return "python -m benchmarks.bench_search_quality --resume"
 
 
 # ------------------------------------------------------------------------------------------------ CLI

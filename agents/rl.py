@@ -554,6 +554,10 @@ class RLSearcher(Searcher):
         env = self.make_env()
         self.model = self.make_agent(env)
         self._since_save = 0
+        # A silent in-memory logger: SB3's default one creates an empty /tmp/SB3-<timestamp> folder per run.
+        from stable_baselines3.common.logger import Logger
+
+        self.model.set_logger(Logger(folder=None, output_formats=[]))
         self.model.learn(total_timesteps=10**12, callback=_SearchCallback(self), reset_num_timesteps=False)
 
 

@@ -554,3 +554,14 @@ def test_global_magnitude_with_the_engines_scores_on_a_real_model() -> None:
     # 8 tiny filters, so the first group shrinks and the second one is untouched.
     assert cand.widths[first.group_id] == 12 and cand.widths[second.group_id] == 32
     assert res.trials[0].result is not None and res.trials[0].result.accuracy == 0.5
+
+
+def test_rl_searchers_leave_no_sb3_log_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SB3's default logger creates ``<tmp>/SB3-<timestamp>`` per ``learn``; the searchers use a silent one."""
+    import tempfile
+
+    pytest.importorskip("autoprune.envs", reason="the RL searchers need autoprune.envs")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for name in ("ddpg", "ppo"):
+        make_searcher(name, make_problem(), store=new_store(), n_trials=2, seed=0, **searcher_kwargs(name)).run()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("SB3-")]

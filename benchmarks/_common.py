@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,14 +57,30 @@ def _module_name() -> str:
     return spec.name if spec is not None and spec.name else Path(sys.argv[0]).stem
 
 
+def result_path(name: str, suffix: str = ".md") -> Path:
+    """``results/benchmarks/<name><suffix>`` (folder created).
+
+    A run with ``--quick`` gets ``<name>_quick<suffix>`` instead, so smoke runs never replace full results.
+    """
+    if "--quick" in sys.argv[1:] and not name.endswith("_quick"):
+        name += "_quick"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return RESULTS / f"{name}{suffix}"
+
+
+def write_json(name: str, data: Any, *, indent: int = 1) -> Path:
+    """Write the raw numbers of a benchmark to :func:`result_path` ``(name, ".json")``; return the path."""
+    path = result_path(name, ".json")
+    path.write_text(json.dumps(data, indent=indent, default=str))
+    return path
+
+
 def write_result(name: str, title: str, body_md: str, *, command: str | None = None) -> Path:
     """Write ``results/benchmarks/<name>.md`` with a header (date, commit, machine, command) and ``body_md``.
 
     A run with ``--quick`` writes ``<name>_quick.md`` instead, so smoke runs never replace the full tables.
     """
-    if "--quick" in sys.argv[1:] and not name.endswith("_quick"):
-        name += "_quick"
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = result_path(name)
     header = (
         f"# {title}\n\n"
         f"- command: `{command or command_line()}`\n"
@@ -70,6 +88,5 @@ def write_result(name: str, title: str, body_md: str, *, command: str | None = N
         f"- commit: {git_commit()}\n"
         f"- machine: {machine()}\n\n"
     )
-    path = RESULTS / f"{name}.md"
     path.write_text(header + body_md.rstrip() + "\n")
     return path

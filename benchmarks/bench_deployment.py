@@ -25,7 +25,6 @@ matching ``.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from torch import nn
 
 from autoprune.utils import configure_threads, seed_everything
 from benchmarks._cifar import CHECKPOINTS
-from benchmarks._common import CIFAR10_DIR, RESULTS, WEIGHTS_DIR, write_result
+from benchmarks._common import CIFAR10_DIR, WEIGHTS_DIR, write_json, write_result
 
 TARGET = 0.5
 
@@ -276,10 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = replace(sizes, models=models)
     configure_threads(args.threads)
     raw = run(sizes)
-    name = "deployment_quick" if args.quick else "deployment"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(raw, indent=1))
-    path = write_result(name, "Deployment: measured CPU latency and bytes on disk of pruned ResNets"
+    write_json("deployment", raw)
+    path = write_result("deployment", "Deployment: measured CPU latency and bytes on disk of pruned ResNets"
                         + (" (quick)" if args.quick else ""), summarise(raw))
     _log(f"wrote {path}")
     return 0

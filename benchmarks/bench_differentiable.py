@@ -45,7 +45,7 @@ from torch import nn
 from autoprune.utils import configure_threads, seed_everything
 from benchmarks import _cifar
 from benchmarks._cifar import MIN_RATIO
-from benchmarks._common import RESULTS, write_result
+from benchmarks._common import RESULTS, result_path, write_json, write_result
 
 TARGET = 0.5
 SHARED = ("batch", "test_images", "bn_batches", "ft_steps", "ft_batch", "ft_lr")
@@ -260,12 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     data = run(sizes, args.seed, methods, lambda msg: print(msg, flush=True))
-    name = "differentiable_quick" if args.quick else "differentiable"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    data = _merge(RESULTS / f"{name}.json", data, methods)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2))
-    path = write_result(name, "Differentiable searchers: DMCP and ResRep vs uniform (ResNet-20, CIFAR-10, 50 % MACs)",
-                        render(data, args.quick))
+    data = _merge(result_path("differentiable", ".json"), data, methods)
+    write_json("differentiable", data, indent=2)
+    title = "Differentiable searchers: DMCP and ResRep vs uniform (ResNet-20, CIFAR-10, 50 % MACs)"
+    path = write_result("differentiable", title, render(data, args.quick))
     print(f"wrote {path}")
     return 0
 

@@ -21,7 +21,6 @@ goes to ``results/benchmarks/infcop_imp.md`` (``infcop_imp_quick.md`` with ``--q
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from autoprune.utils import configure_threads
-from benchmarks._common import CIFAR10_DIR, RESULTS, write_result
+from benchmarks._common import CIFAR10_DIR, write_json, write_result
 
 TIGHT_EPS = 0.01
 
@@ -160,10 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_threads(args.threads)
     torch.manual_seed(args.seed)
     raw = run(args)
-    name = "infcop_imp_quick" if args.quick else "infcop_imp"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(raw, indent=1, default=str))
-    path = write_result(name, "InfCoP vs fixed retraining in IMP", summarise(raw))
+    write_json("infcop_imp", raw)
+    path = write_result("infcop_imp", "InfCoP vs fixed retraining in IMP", summarise(raw))
     print(f"wrote {path}")
     return 0
 

@@ -31,11 +31,10 @@ from torch import nn
 from autoprune import quantization as Q
 from autoprune.types import QuantSpec
 from autoprune.utils import configure_threads
-from benchmarks._common import CIFAR10_DIR, RESULTS, WEIGHTS_DIR, write_result
+from benchmarks._common import CIFAR10_DIR, WEIGHTS_DIR, result_path, write_result
 
 CHECKPOINT = "resnet20-12fca82f.th"
 CONFIGS = ("fp32", "w8", "w6", "w4", "mixed", "int8")
-PARTS = RESULTS / "quantization_parts.json"
 
 
 def _log(msg: str) -> None:
@@ -187,8 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = {"weights": args.weights.name, "test_images": n_test, "calib_batches": args.calib_batches,
                 "budget_ratio": args.budget_ratio}
-    # A quick run keeps its rows apart, so it never replaces the full run's.
-    parts_path = PARTS.with_name("quantization_parts_quick.json") if args.quick else PARTS
+    parts_path = result_path("quantization_parts", ".json")  # a quick run keeps its rows apart
     parts: dict[str, Any] = json.loads(parts_path.read_text()) if parts_path.is_file() else {}
     if parts.get("settings") != settings:
         parts = {"settings": settings, "rows": {}, "runs": {}}

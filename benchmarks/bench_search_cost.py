@@ -28,7 +28,6 @@ matching ``.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -42,7 +41,7 @@ from torch import nn
 
 from autoprune.utils import configure_threads, seed_everything
 from benchmarks._cifar import uniform_widths
-from benchmarks._common import CIFAR10_DIR, RESULTS, WEIGHTS_DIR, write_result
+from benchmarks._common import CIFAR10_DIR, WEIGHTS_DIR, write_json, write_result
 
 EVALUATORS = ("plain", "adaptive_bn", "finetune", "infcop")
 BUDGET = {"macs": 0.5}
@@ -335,10 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.candidates is not None:
         sizes = replace(sizes, candidates=args.candidates)
     raw = run(sizes, evaluators)
-    name = "search_cost_quick" if args.quick else "search_cost"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(raw, indent=1))
-    path = write_result(name, "Search cost: evaluator throughput, framework overhead, growth with depth"
+    write_json("search_cost", raw)
+    path = write_result("search_cost", "Search cost: evaluator throughput, framework overhead, growth with depth"
                         + (" (quick)" if args.quick else ""), summarise(raw))
     _log(f"wrote {path}")
     return 0

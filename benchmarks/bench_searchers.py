@@ -27,7 +27,6 @@ resumes (each searcher continues its study); by default a fresh temporary store 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from typing import Any
 
 from autoprune.utils import configure_threads, seed_everything
 from benchmarks import _cifar
-from benchmarks._common import RESULTS, write_result
+from benchmarks._common import write_json, write_result
 
 BUDGET = {"macs": 0.5}
 #: Searchers that train a network instead of proposing candidates (benchmarked in bench_differentiable).
@@ -270,11 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     raw = run(sizes, names, store_path, log)
-    name = "searchers_quick" if args.quick else "searchers"
-    (RESULTS / f"{name}.json").parent.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(raw, indent=1, default=str))
-    path = write_result(name, "Searchers on ResNet-20 / CIFAR-10 at 50 % MACs" + (" (quick)" if args.quick else ""),
-                        summarise(raw))
+    write_json("searchers", raw)
+    title = "Searchers on ResNet-20 / CIFAR-10 at 50 % MACs" + (" (quick)" if args.quick else "")
+    path = write_result("searchers", title, summarise(raw))
     log(f"wrote {path}")
     return 0
 

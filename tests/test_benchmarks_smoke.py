@@ -265,3 +265,14 @@ def test_fidelity_interval_and_regret() -> None:
     lo, hi = bf.spearman_interval([0.1, 0.3, 0.2, 0.5, 0.4, 0.6, 0.8, 0.7], truth, n_boot=300)
     rho = bf.spearman([0.1, 0.3, 0.2, 0.5, 0.4, 0.6, 0.8, 0.7], truth)
     assert -1.0 <= lo <= rho <= hi <= 1.0 and hi - lo > 0.05  # a real interval around the point estimate
+
+
+def test_quick_runs_get_their_own_result_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import _common
+
+    monkeypatch.setattr("sys.argv", ["bench_x"])
+    assert _common.result_path("engine", ".json").name == "engine.json"
+    monkeypatch.setattr("sys.argv", ["bench_x", "--quick"])
+    assert _common.result_path("engine", ".json").name == "engine_quick.json"
+    assert _common.result_path("quantization_parts", ".json").name == "quantization_parts_quick.json"
+    assert _common.result_path("index_quick").name == "index_quick.md"  # never doubled

@@ -964,10 +964,14 @@ class DifferentiableSearcher(Searcher):
         example = self.problem.example_input
         serialize.save_module(outcome.module, artifact, example,
                               metadata={"searcher": self.name, "widths": dict(outcome.candidate.widths)})
+        weights = getattr(outcome, "weights", "trained")
+        source, reason = ((f"{self.name}:own_weights", "final architecture with trained weights")
+                          if weights == "trained" else
+                          (f"{self.name}:{weights}_weights", f"final architecture with {weights} weights"))
         result = EvalResult(float(outcome.accuracy), float(outcome.loss), outcome.seconds, outcome.samples,
-                            f"{self.name}:own_weights", {"key": outcome.candidate.key()})
+                            source, {"key": outcome.candidate.key()})
         self.evaluate_and_record(trial, outcome.candidate, started=started, result=result,
-                                 reason="final architecture with trained weights",
+                                 reason=reason,
                                  extra={"artifact": str(artifact), **self._extra(outcome)})
 
     def _extra(self, outcome: Any) -> dict[str, Any]:

@@ -258,17 +258,20 @@ class CompactorNet(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def reset_gradients(compactors: Sequence[Tensor], masks: Sequence[Tensor], lam: float, eps: float = 1e-8) -> None:
+def reset_gradients(compactors: Sequence[Tensor], masks: Sequence[Tensor], lam: float, eps: float = 1e-8,
+                    lam_kept: float | None = None) -> None:
     """ResRep's gradient resetting, in place on ``Q.grad`` (call after ``backward()``).
 
-    ``G(Q_i) = m_i·∂L/∂Q_i + λ·Q_i / max(‖Q_i‖₂, ε)``: masked rows keep only the group-lasso term (their task
-    gradient is dropped even if it is not finite); a zero row gets a zero lasso term instead of NaN.
+    ``G(Q_i) = m_i·∂L/∂Q_i + λ_i·Q_i / max(‖Q_i‖₂, ε)``: masked rows keep only the group-lasso term (their task
+    gradient is dropped even if it is not finite); a zero row gets a zero lasso term instead of NaN. The
+    reference uses one λ for every row; ``lam_kept`` gives the kept rows (m_i = 1) their own strength.
 
     Args:
         compactors: Compactor matrices (D×D parameters).
         masks: 0/1 row masks (1 = kept).
-        lam: Lasso strength λ.
+        lam: Lasso strength λ (of every row, or of the masked rows when ``lam_kept`` is set).
         eps: Floor of the row norm.
+        lam_kept: Lasso strength of the kept rows (default: ``lam``, the reference).
     """
     for q, m in zip(compactors, masks):
         task = q.grad if q.grad is not None else torch.zeros_like(q)
@@ -276,7 +279,10 @@ def reset_gradients(compactors: Sequence[Tensor], masks: Sequence[Tensor], lam: 
         task = torch.where(keep, task, torch.zeros_like(task))
         w = q.detach()
         lasso = w / w.norm(dim=1, keepdim=True).clamp_min(eps)
-        q.grad = task + lam * lasso
+        if lam_kept is None:
+            q.grad = task + lam * lasso
+        else:
+            q.grad = task + torch.where(keep, lam_kept * lasso, lam * lasso)
 
 
 def _snap_up(legal: Sequence[int], w: int) -> int:
@@ -425,6 +431,10 @@ def convert(net: CompactorNet, groups: Any) -> tuple[nn.Module, dict[str, int]]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+#: Where the output network's weights come from (:attr:`ResRepConfig.weights`).
+RESREP_WEIGHTS = ("trained", "dense")
+
+
 @dataclass(frozen=True)
 class ResRepConfig:
     """Hyper-parameters of ResRep (defaults: a CPU-sized schedule; see ``hyperparams/resrep.yaml``).
@@ -443,6 +453,14 @@ class ResRepConfig:
             L1 pruning's 91.5 %, see ``results/benchmarks/search_quality.md``).
         lasso: λ of the group lasso (reference 1e-4 over ~375k iterations; larger for short schedules, see the
             yaml).
+        lasso_kept: λ of the kept (unmasked) rows; None: ``lasso`` on every row (reference). A strong lasso on
+            every row over a short schedule shrinks the kept rows too and leaves weights that fine-tune worse.
+        weights: ``"trained"`` — the converted network with ResRep's trained weights (reference);
+            ``"dense"`` — ResRep as an architecture search: the final widths are cut from the dense model by
+            ``importance`` (magnitude) and BN-recalibrated. On CPU schedules the trained weights are the weak
+            part: ResNet-20 at 50 % MACs, same 1-epoch fine-tune, 84.7 % trained vs 88.0 % dense with the
+            same widths (uniform widths: 86.4 %; ``results/benchmarks/search_quality.md``).
+        importance: Channel criterion of ``weights="dense"`` (the engine's: ``"l1"``, ``"l2"``, ...).
         eps: Floor of the row norm in the lasso term.
         lr: Initial learning rate, cosine to 0 per iteration (reference 0.01).
         momentum: Momentum of the non-compactor parameters.
@@ -466,6 +484,9 @@ class ResRepConfig:
     step_cap: int = 8
     step_cap_auto: bool = True
     lasso: float = 1e-2
+    lasso_kept: float | None = None
+    weights: str = "dense"
+    importance: str = "l1"
     eps: float = 1e-8
     lr: float = 0.01
     momentum: float = 0.9
@@ -486,6 +507,11 @@ class ResRepConfig:
             raise ConfigError("resrep: iters and mask_interval must be ≥ 1 and warmup_iters ≥ 0")
         if self.step_cap < 1 or self.lasso < 0 or self.eps <= 0 or self.bn_batches < 0:
             raise ConfigError("resrep: step_cap must be ≥ 1, lasso ≥ 0, eps > 0 and bn_batches ≥ 0")
+        if self.lasso_kept is not None and self.lasso_kept < 0:
+            raise ConfigError(f"resrep: lasso_kept must be ≥ 0 or null, got {self.lasso_kept}",
+                              hint="null applies `lasso` to every row (reference)")
+        if self.weights not in RESREP_WEIGHTS:
+            raise ConfigError(f"resrep: unknown weights {self.weights!r}", hint=f"choices: {', '.join(RESREP_WEIGHTS)}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ResRepConfig:
@@ -504,7 +530,8 @@ class ResRepResult:
 
     Attributes:
         candidate: Widths of the converted network (site groups; other groups at full width).
-        module: The converted, physically smaller network with its trained weights.
+        module: The converted, physically smaller network with its trained weights (``weights="dense"``: cut
+            from the dense model).
         cost: Closed-form cost of ``candidate``.
         dense_cost: Closed-form cost of the dense model.
         target_macs: The absolute MACs target.
@@ -517,6 +544,7 @@ class ResRepResult:
         sites: Group ids that carried compactors.
         skipped: Prunable groups without a compactor, with the reason.
         history: Periodic records.
+        weights: Where ``module``'s weights come from (``trained`` or ``dense``).
     """
 
     candidate: Candidate
@@ -533,6 +561,7 @@ class ResRepResult:
     sites: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    weights: str = "trained"
 
 
 def rows_to_target(sizes: Mapping[str, int], legal: Mapping[str, Sequence[int]], cost_fn: CostFn,
@@ -650,7 +679,7 @@ def search(
         loss = F.cross_entropy(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        reset_gradients(list(net.compactors), net.masks, cfg.lasso, cfg.eps)
+        reset_gradients(list(net.compactors), net.masks, cfg.lasso, cfg.eps, cfg.lasso_kept)
         opt.step()
         samples += int(x.shape[0])
         if it % cfg.log_every == 0 or it == cfg.iters - 1:
@@ -668,6 +697,10 @@ def search(
         forced = True
     net.eval()
     small, widths = convert(net.cpu(), groups)
+    if cfg.weights == "dense":
+        from autoprune import pruning
+
+        small = pruning.apply(model, groups, widths, importance=cfg.importance).cpu()
     if cfg.bn_batches:
         samples += recalibrate_bn(small, train_loader, cfg.bn_batches)
     accuracy = loss_val = None
@@ -678,7 +711,7 @@ def search(
                         dense_cost=dense, target_macs=target, accuracy=accuracy, loss=loss_val,
                         seconds=time.perf_counter() - start, samples=samples, forced=forced, step_cap=step_cap,
                         sites=ids,
-                        skipped=skipped, history=history)
+                        skipped=skipped, history=history, weights=cfg.weights)
 
 
 @SEARCHERS.register("resrep")
@@ -692,7 +725,7 @@ class ResRepSearcher(DifferentiableSearcher):
         # Ding et al., CIFAR-10 ResNet-56 script (§6.2): 480 epochs, lr 0.01 cosine to 0, λ = 1e-4, masks every
         # 200 iterations after 5 warm-up epochs, 4 rows per update, minimum width 1 (from the search space).
         "paper": {"epochs": 480, "warmup_epochs": 5, "mask_interval": 200, "step_cap": 4, "step_cap_auto": False,
-                  "lasso": 1e-4,
+                  "lasso": 1e-4, "lasso_kept": None, "weights": "trained",
                   "lr": 0.01, "momentum": 0.9, "compactor_momentum": 0.99, "weight_decay": 1e-4,
                   "bias_lr_factor": 2.0},
     }

@@ -8,8 +8,9 @@ the dense closed-form MACs:
 * ``dmcp`` — :func:`autoprune.agents.dmcp.search` with a CPU-sized schedule (supernet fine-tuned from the
   dense weights with the sandwich rule, α trained in the second half); its own weights sliced with the
   ``prefix`` criterion, BN recalibrated;
-* ``resrep`` — :func:`autoprune.agents.resrep.search` with a CPU-sized schedule; the exactly converted network
-  with its trained weights.
+* ``resrep`` — :func:`autoprune.agents.resrep.search` with a CPU-sized schedule; its final widths cut from the
+  dense weights by filter L1 (the default ``weights="dense"``; ResRep's own trained weights fine-tune worse at
+  this budget, see ``search_quality.md``).
 
 Every network then gets the *same fine-tune* as the finalists of ``bench_searchers`` (BN re-estimated, then
 ``ft_steps`` SGD steps × ``ft_batch``, lr 0.01 cosine, momentum 0.9, wd 5e-4, seed 1234), so the table is

@@ -125,6 +125,11 @@ def setup(model_name: str, sizes: Sizes, splits: Any, seed: int = 0) -> dict[str
 # ------------------------------------------------------------------------------------------------ one cell
 
 
+def campaign_name(model_name: str, target: float) -> str:
+    """The trial-store campaign of one (model, target) block."""
+    return f"sq-{model_name}-{round(100 * target)}"
+
+
 def run_cell(ctx: Mapping[str, Any], sizes: Sizes, target: float, name: str, seed: int, store_dir: Path
              ) -> dict[str, Any]:
     """Search, pick the best feasible candidate on half A, fine-tune it, report it on half B."""
@@ -133,8 +138,7 @@ def run_cell(ctx: Mapping[str, Any], sizes: Sizes, target: float, name: str, see
     from autoprune.store import TrialStore
 
     problem = _cifar.make_problem(ctx)
-    campaign = f"sq-{ctx['name']}-{round(100 * target)}"
-    store = TrialStore(store_dir / "trials.db", campaign=campaign)
+    store = TrialStore(store_dir / "trials.db", campaign=campaign_name(ctx["name"], target))
     opts = searcher_options(name, sizes, len(ctx["space"].groups))
     if name in TRAINING:
         opts = {**opts, "train_loader": _cifar.train_loader(ctx, sizes.ft_batch, seed + 7), "val_loader": ctx["select"],
@@ -239,11 +243,47 @@ def merge_results(disk: Mapping[str, Any], mine: Mapping[str, Any]) -> dict[str,
     if not disk or disk.get("quick") or cell_settings(disk.get("sizes", {})) != cell_settings(mine["sizes"]):
         return dict(mine)
     runs = {r["started"]: r for r in [*disk.get("runs", []), *mine.get("runs", [])]}
+    superseded = merge_superseded(disk.get("superseded", {}), mine.get("superseded", {}))
+    cells = {**drop_superseded(disk.get("cells", {}), superseded), **drop_superseded(mine.get("cells", {}), superseded)}
     return {**disk, **mine, "sizes": merged_sizes(disk["sizes"], mine["sizes"]),
-            "cells": {**disk.get("cells", {}), **mine.get("cells", {})},
+            "cells": cells, "superseded": superseded,
             "dense": {**disk.get("dense", {}), **mine.get("dense", {})},
             "searchers": _union(disk.get("searchers", []), mine.get("searchers", [])),
             "runs": sorted(runs.values(), key=lambda r: r["started"])}
+
+
+def _entries(value: Any) -> list[dict[str, Any]]:
+    """Superseded entries of one cell (``{"record", "at", "command"}``); an older file kept a bare record."""
+    if isinstance(value, Mapping):
+        return [{"record": dict(value), "at": None, "command": None}]
+    return [dict(e) for e in value]
+
+
+def merge_superseded(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Union of two ``superseded`` maps (cell key → entries), each entry once."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for src in (a, b):
+        for key, value in src.items():
+            for entry in _entries(value):
+                if entry not in out.setdefault(key, []):
+                    out[key].append(entry)
+    return out
+
+
+def drop_superseded(cells: Mapping[str, Any], superseded: Mapping[str, Sequence[Mapping[str, Any]]]
+                    ) -> dict[str, Any]:
+    """``cells`` without the records that were superseded (a process started before the rerun still holds them)."""
+    return {k: v for k, v in cells.items() if all(e["record"] != v for e in superseded.get(k, ()))}
+
+
+def supersede(raw: dict[str, Any], keys: Sequence[str], command: str) -> list[str]:
+    """Move the finished cells ``keys`` to ``raw["superseded"]`` (so they run again); returns the keys moved."""
+    moved = [k for k in keys if k in raw["cells"]]
+    sup = merge_superseded(raw.get("superseded", {}), {})
+    for k in moved:
+        sup.setdefault(k, []).append({"record": raw["cells"].pop(k), "at": time.time(), "command": command})
+    raw["superseded"] = sup
+    return moved
 
 
 def write_merged(path: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -282,13 +322,18 @@ def grid(sizes: Sizes, names: Sequence[str]) -> list[tuple[str, float, str, int]
 
 
 def run(sizes: Sizes, names: Sequence[str], out_json: Path, store_dir: Path, *, resume: bool, quick: bool,
-        max_minutes: float | None, on_update: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        max_minutes: float | None, on_update: Callable[[dict[str, Any]], dict[str, Any]],
+        rerun: Sequence[str] = (), command: str = "") -> dict[str, Any]:
     """Run (or continue) the grid.
 
     ``on_update`` receives the results after every finished cell and returns them merged with what other
-    processes wrote meanwhile (cells they finished are skipped here).
+    processes wrote meanwhile (cells they finished are skipped here). Finished cells of the searchers in
+    ``rerun`` (within this run's models, targets and seeds) are first moved to ``superseded`` — kept in the
+    file with the time and ``command`` — and their trial studies deleted, so they run again (after a change to
+    a searcher's defaults).
     """
     from autoprune.evaluate import validate
+    from autoprune.store import TrialStore
 
     t0 = time.perf_counter()
     raw = load_results(out_json, sizes, resume)
@@ -296,6 +341,13 @@ def run(sizes: Sizes, names: Sequence[str], out_json: Path, store_dir: Path, *, 
     raw["searchers"] = list(dict.fromkeys([*raw.get("searchers", []), *names]))
     run_info = {"started": time.time(), "cells": 0, "seconds": 0.0}
     raw.setdefault("runs", []).append(run_info)
+    if rerun:
+        again = grid(sizes, list(rerun))
+        moved = supersede(raw, [cell_key(*c) for c in again], command)
+        for model_name, target, name, seed in again:
+            TrialStore(store_dir / "trials.db", campaign=campaign_name(model_name, target)).delete(name, seed)
+        _log(f"rerunning {len(again)} cell(s); superseded: {', '.join(moved) or 'none'}")
+        raw = on_update(raw)
     splits = _cifar.load_cifar10()
     cells = grid(sizes, names)
     todo = [c for c in cells if cell_key(*c) not in raw["cells"]]
@@ -515,6 +567,14 @@ def summarise(raw: Mapping[str, Any], command: str) -> str:
               "with one allocation.",
               "", "Runs: " + "; ".join(f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(r['started']))} UTC: "
                                        f"{r['cells']} cells in {r['seconds'] / 60:.1f} min" for r in raw["runs"])]
+    sup = merge_superseded(raw.get("superseded", {}), {})
+    if sup:
+        lines += ["", "Superseded cells (run again after a change to the searcher's defaults; the old records stay in "
+                  "`search_quality.json` under `superseded`): " + "; ".join(
+                      f"{k} {' → '.join(_pct(e['record'].get('test_after_ft')) + ' %' for e in v)}"
+                      + (f" → now {_pct(raw['cells'][k].get('test_after_ft'))} %" if k in raw["cells"] else
+                         " → rerun pending")
+                      for k, v in sup.items()) + "."]
     return "\n".join(lines)
 
 
@@ -570,6 +630,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="discard earlier full results and trial stores")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new cells after this")
     parser.add_argument("--searchers", default=None, help="comma-separated subset (default: every searcher)")
+    parser.add_argument("--rerun", default=None,
+                        help="comma-separated searchers whose finished cells (of --models/--targets) run again, "
+                             "after a change to their defaults; the old records stay in the JSON as superseded "
+                             "(needs --resume)")
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {', '.join(CHECKPOINTS)}")
     parser.add_argument("--targets", default=None, help="comma-separated MACs fractions, e.g. 0.5,0.3")
     parser.add_argument("--candidates", type=int, default=None, help="candidates per searcher and seed")
@@ -602,6 +666,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             SEARCHERS.get(n)  # unknown names fail before anything runs
     except AutoPruneError as exc:
         parser.error(str(exc))
+    rerun = [n.strip() for n in args.rerun.split(",") if n.strip()] if args.rerun else []
+    if rerun and not args.resume:
+        parser.error("--rerun replaces cells of an existing run: add --resume")
+    if set(rerun) - set(names):
+        parser.error(f"--rerun names searchers outside --searchers: {sorted(set(rerun) - set(names))}")
     name = "search_quality_quick" if args.quick else "search_quality"
     out_json = RESULTS / f"{name}.json"
     if args.quick:
@@ -624,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         run(sizes, names, out_json, store_dir, resume=args.resume, quick=args.quick, max_minutes=args.max_minutes,
-            on_update=on_update)
+            on_update=on_update, rerun=rerun, command=command)
     except AutoPruneError as exc:
         parser.error(str(exc))
     finally:

@@ -252,6 +252,48 @@ def test_search_quality_concurrent_writers_merge(tmp_path: Path) -> None:
     assert "missing `" in text  # resnet20 at 50 %: some searchers missing
 
 
+def test_search_quality_rerun_supersedes_cells_even_against_an_older_writer(tmp_path: Path) -> None:
+    """``--rerun``: the old record moves to ``superseded`` and stays out of ``cells`` when a process that loaded
+    the file before the rerun writes again; the rerun's new record then wins."""
+    from benchmarks import bench_search_quality as bsq
+
+    path = tmp_path / "search_quality.json"
+    sizes = bsq.replace(bsq.FULL, models=("resnet20",), targets=(0.5,))
+    first = bsq.load_results(path, sizes, resume=True)
+    key = bsq.cell_key("resnet20", 0.5, "resrep", 0)
+    old = _cell("resnet20", "resrep", 0.84)
+    first["cells"][key] = old
+    first["cells"][bsq.cell_key("resnet20", 0.5, "tpe", 0)] = _cell("resnet20", "tpe", 0.87)
+    bsq.write_merged(path, first)
+    older_writer = bsq.load_results(path, sizes, resume=True)  # e.g. a concurrent process started earlier
+    rerun = bsq.load_results(path, sizes, resume=True)
+    assert bsq.supersede(rerun, [key, bsq.cell_key("resnet20", 0.5, "dmcp", 0)], "cmd") == [key]
+    merged = bsq.write_merged(path, rerun)
+    assert key not in merged["cells"] and merged["superseded"][key][0]["record"] == old
+    older_writer["cells"][bsq.cell_key("resnet20", 0.5, "gp", 0)] = _cell("resnet20", "gp", 0.88)
+    merged = bsq.write_merged(path, older_writer)  # still holds the old record: it must not come back
+    assert key not in merged["cells"] and len(merged["cells"]) == 2
+    new = _cell("resnet20", "resrep", 0.88)
+    rerun["cells"][key] = new
+    merged = bsq.write_merged(path, rerun)
+    assert merged["cells"][key] == new and len(merged["cells"]) == 3
+    merged = bsq.write_merged(path, older_writer)
+    assert merged["cells"][key] == new  # the older writer's stale copy neither returns nor replaces it
+    text = bsq.summarise(merged, "cmd")
+    assert "Superseded cells" in text and "84.00 % → now 88.00 %" in text
+    # a file of an earlier version kept one bare record per superseded key
+    legacy = bsq.merge_superseded({key: old}, merged["superseded"])
+    assert [e["record"] for e in legacy[key]] == [old, old] and legacy[key][0]["at"] is None
+
+
+def test_search_quality_rerun_needs_resume(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import bench_search_quality as bsq
+
+    with pytest.raises(SystemExit) as exc:
+        bsq.main(["--rerun", "resrep", "--searchers", "resrep"])
+    assert exc.value.code == 2 and "--resume" in capsys.readouterr().err
+
+
 def test_fidelity_interval_and_regret() -> None:
     from benchmarks import bench_fidelity as bf
 

@@ -48,6 +48,21 @@ def test_reset_gradients_formula() -> None:
     assert torch.allclose(q.grad[~kept], lasso[~kept])  # masked rows: only the lasso term
 
 
+def test_reset_gradients_with_a_separate_lasso_on_kept_rows() -> None:
+    q = nn.Parameter(torch.randn(4, 4))
+    task = torch.randn(4, 4)
+    q.grad = task.clone()
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    reset_gradients([q], [mask], 1e-2, 1e-8, lam_kept=1e-4)
+    unit = q.detach() / q.detach().norm(dim=1, keepdim=True)
+    kept = mask.bool()
+    assert torch.allclose(q.grad[kept], task[kept] + 1e-4 * unit[kept])
+    assert torch.allclose(q.grad[~kept], 1e-2 * unit[~kept])
+    q.grad = task.clone()
+    reset_gradients([q], [mask], 1e-2, 1e-8, lam_kept=0.0)  # kept rows: the task gradient alone
+    assert torch.equal(q.grad[kept], task[kept])
+
+
 def test_reset_gradients_is_nan_safe() -> None:
     q = nn.Parameter(torch.eye(3))
     with torch.no_grad():
@@ -287,6 +302,32 @@ def test_search_meets_the_target_and_returns_the_converted_network() -> None:
         ResRepConfig.from_mapping({"lassoo": 1.0})
 
 
+def test_dense_weights_cut_the_found_widths_from_the_dense_model() -> None:
+    """``weights="dense"``: same search, but the output is the dense model pruned to the final widths by magnitude."""
+    from autoprune import pruning
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gs = graph.analyze(model, torch.randn(1, 3, 8, 8))
+    common = {"macs_target": 0.5, "iters": 30, "warmup_iters": 5, "mask_interval": 2, "step_cap": 4,
+              "bn_batches": 0}
+    trained = resrep.search(model, gs, _data(), ResRepConfig(**common, weights="trained"))
+    dense = resrep.search(model, gs, _data(), ResRepConfig(**common, weights="dense", importance="l1"))
+    assert dense.weights == "dense" and trained.weights == "trained"
+    assert dense.candidate == trained.candidate  # the search itself is unchanged (same seed)
+    expected = pruning.apply(model, gs, dict(dense.candidate.widths), importance="l1")
+    got = dense.module.state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in expected.state_dict().items())
+    assert any(not torch.equal(v, trained.module.state_dict()[k]) for k, v in expected.state_dict().items()
+               if v.is_floating_point())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the input is never modified
+    with pytest.raises(ConfigError, match="unknown weights"):
+        ResRepConfig(weights="pretrained")
+    with pytest.raises(ConfigError, match="lasso_kept"):
+        ResRepConfig(lasso_kept=-1.0)
+
+
 def test_searcher_presets(tmp_path) -> None:
     from autoprune import pruning
     from autoprune.agents.base import SEARCHERS
@@ -304,8 +345,10 @@ def test_searcher_presets(tmp_path) -> None:
     cfg = paper.config
     assert (cfg.iters, cfg.warmup_iters) == (480 * 3, 5 * 3)  # epochs of the 3-batch training loader
     assert (cfg.mask_interval, cfg.step_cap, cfg.lasso, cfg.macs_target) == (200, 4, 1e-4, 0.45)
+    assert (cfg.lasso_kept, cfg.weights) == (None, "trained")  # the reference: one λ, trained weights
     cpu = cls(problem, store=tmp_path / "a.db", n_trials=1, iters=7)
     assert cpu.config.iters == 7 and cpu.config.macs_target == 0.5
+    assert cpu.config.weights == "dense"  # the CPU preset: ResRep as an architecture search (see the yaml)
     with pytest.raises(ConfigError, match="unknown setting"):
         cls(problem, store=tmp_path / "a.db", n_trials=1, lassoo=1.0)
 

@@ -247,6 +247,7 @@ def merge_results(disk: Mapping[str, Any], mine: Mapping[str, Any]) -> dict[str,
     cells = {**drop_superseded(disk.get("cells", {}), superseded), **drop_superseded(mine.get("cells", {}), superseded)}
     return {**disk, **mine, "sizes": merged_sizes(disk["sizes"], mine["sizes"]),
             "cells": cells, "superseded": superseded,
+            "rebuilt": merge_superseded(disk.get("rebuilt", {}), mine.get("rebuilt", {})),
             "dense": {**disk.get("dense", {}), **mine.get("dense", {})},
             "searchers": _union(disk.get("searchers", []), mine.get("searchers", [])),
             "runs": sorted(runs.values(), key=lambda r: r["started"])}
@@ -284,6 +285,60 @@ def supersede(raw: dict[str, Any], keys: Sequence[str], command: str) -> list[st
         sup.setdefault(k, []).append({"record": raw["cells"].pop(k), "at": time.time(), "command": command})
     raw["superseded"] = sup
     return moved
+
+
+def rebuild(raw: dict[str, Any], keys: Sequence[str], sizes: Sizes,
+            on_update: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """Widths vs weights: fine-tune each named cell's widths cut from the *dense* weights (the protocol's L1
+    selection, exactly as the candidate searchers' finalists are built), beside the searcher's own network.
+
+    ``keys`` are cell keys; a key found only under ``superseded`` uses its latest superseded record. Results
+    go to ``raw["rebuilt"][key]`` (one entry per rebuilt record, with its own after-FT accuracy for reference).
+    """
+    from autoprune.errors import ConfigError
+    from autoprune.types import Candidate
+
+    records = {}
+    for key in keys:
+        sup = merge_superseded(raw.get("superseded", {}), {}).get(key, [])
+        rec = raw["cells"].get(key) or (sup[-1]["record"] if sup else None)
+        if rec is None or "widths" not in rec:
+            raise ConfigError(f"--rebuild: no finished cell {key!r} with widths in the results",
+                              hint="use a key of search_quality.json's cells or superseded, e.g. resnet20|0.5|dmcp|0")
+        records[key] = rec
+    splits = _cifar.load_cifar10()
+    for key, rec in records.items():
+        ctx = setup(rec["model"], sizes, splits)
+        problem = _cifar.make_problem(ctx)
+        module = problem.build(Candidate(widths=rec["widths"]))
+        out = _cifar.finetune_and_report(ctx, module, steps=sizes.ft_steps, batch=sizes.ft_batch, lr=sizes.ft_lr,
+                                         seed=1234 + int(rec["seed"]))
+        entry = {"record": {"widths": rec["widths"], "own_test_after_ft": rec.get("test_after_ft"),
+                            "superseded": key not in raw["cells"]}, "at": time.time(), **out}
+        raw.setdefault("rebuilt", {}).setdefault(key, []).append(entry)
+        _log(f"{key}: widths cut from the dense weights {out['test_after_ft']:.4f} after FT "
+             f"(searcher's own network {rec.get('test_after_ft', float('nan')):.4f})")
+        raw = on_update(raw)
+    return raw
+
+
+def rebuilt_block(raw: Mapping[str, Any]) -> list[str]:
+    """The widths-vs-weights table (``--rebuild``)."""
+    rows = [(k, e) for k, v in raw.get("rebuilt", {}).items() for e in v]
+    if not rows:
+        return []
+    lines = ["", "## Widths vs weights", "",
+             "A training searcher emits widths *and* weights. Rows: the cell's widths cut from the dense weights by "
+             "L1 (as every candidate searcher's finalist is built), given the same fine-tune, beside the network the "
+             "searcher emitted (`--rebuild KEY`).", "",
+             "| cell | emitted network, test after FT % | same widths, dense weights: before FT % | after FT % |",
+             "|---|---:|---:|---:|"]
+    for key, e in rows:
+        rec = e["record"]
+        label = f"{key} (superseded record)" if rec.get("superseded") else key
+        lines.append(f"| {label} | {_pct(rec.get('own_test_after_ft'))} | {_pct(e.get('test_before_ft'))} | "
+                     f"**{_pct(e.get('test_after_ft'))}** |")
+    return lines
 
 
 def write_merged(path: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -525,7 +580,8 @@ def summarise(raw: Mapping[str, Any], command: str) -> str:
         f"**Budgets.** Every candidate-proposing searcher gets **{s['candidates']} candidates** per seed "
         f"({s['seeds']} seed(s)), scored by adaptive BN ({s['calib_batches']} fixed training batches of "
         f"{s['calib_batch']}); `dmcp`/`resrep` train instead (the `cpu` preset of their hyper-parameter files) and "
-        "emit one architecture with its own weights. Every finalist then gets the **same fine-tune**: BN "
+        "emit one architecture (DMCP with its own weights; ResRep's preset cuts its widths from the dense weights, "
+        "`weights: dense`). Every finalist then gets the **same fine-tune**: BN "
         f"re-estimated, {s['ft_steps']} SGD steps × batch {s['ft_batch']} ({epochs:.2f} epochs), lr {s['ft_lr']} "
         "cosine, momentum 0.9, wd 5e-4, CIFAR augmentation. Search space `cifar_resnet` (block-internal widths; "
         "residual streams kept), min keep ratio 0.2, L1 channel selection. MACs are the closed-form "
@@ -567,6 +623,7 @@ def summarise(raw: Mapping[str, Any], command: str) -> str:
               "with one allocation.",
               "", "Runs: " + "; ".join(f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(r['started']))} UTC: "
                                        f"{r['cells']} cells in {r['seconds'] / 60:.1f} min" for r in raw["runs"])]
+    lines += rebuilt_block(raw)
     sup = merge_superseded(raw.get("superseded", {}), {})
     if sup:
         lines += ["", "Superseded cells (run again after a change to the searcher's defaults; the old records stay in "
@@ -634,6 +691,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma-separated searchers whose finished cells (of --models/--targets) run again, "
                              "after a change to their defaults; the old records stay in the JSON as superseded "
                              "(needs --resume)")
+    parser.add_argument("--rebuild", default=None,
+                        help="comma-separated cell keys (e.g. resnet20|0.5|resrep|0): fine-tune their widths cut "
+                             "from the dense weights beside the searcher's own network, instead of running the grid "
+                             "(needs --resume)")
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {', '.join(CHECKPOINTS)}")
     parser.add_argument("--targets", default=None, help="comma-separated MACs fractions, e.g. 0.5,0.3")
     parser.add_argument("--candidates", type=int, default=None, help="candidates per searcher and seed")
@@ -692,8 +753,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return merged
 
     try:
-        run(sizes, names, out_json, store_dir, resume=args.resume, quick=args.quick, max_minutes=args.max_minutes,
-            on_update=on_update, rerun=rerun, command=command)
+        if args.rebuild:
+            if not args.resume:
+                parser.error("--rebuild adds to an existing run: add --resume")
+            keys = [k.strip() for k in args.rebuild.split(",") if k.strip()]
+            rebuild(load_results(out_json, sizes, resume=True), keys, sizes, on_update)
+        else:
+            run(sizes, names, out_json, store_dir, resume=args.resume, quick=args.quick,
+                max_minutes=args.max_minutes, on_update=on_update, rerun=rerun, command=command)
     except AutoPruneError as exc:
         parser.error(str(exc))
     finally:

@@ -286,6 +286,33 @@ def test_search_quality_rerun_supersedes_cells_even_against_an_older_writer(tmp_
     assert [e["record"] for e in legacy[key]] == [old, old] and legacy[key][0]["at"] is None
 
 
+def test_search_quality_rebuilt_rows_merge_and_render(tmp_path: Path) -> None:
+    from benchmarks import bench_search_quality as bsq
+
+    path = tmp_path / "search_quality.json"
+    sizes = bsq.replace(bsq.FULL, models=("resnet20",), targets=(0.5,))
+    a = bsq.load_results(path, sizes, resume=True)
+    b = bsq.load_results(path, sizes, resume=True)
+    key = bsq.cell_key("resnet20", 0.5, "resrep", 0)
+    a.setdefault("rebuilt", {})[key] = [{"record": {"widths": {"g": 3}, "own_test_after_ft": 0.841,
+                                                    "superseded": True}, "at": 1.0, "test_before_ft": 0.7,
+                                         "test_after_ft": 0.8808, "ft_seconds": 1.0}]
+    bsq.write_merged(path, a)
+    b["cells"][bsq.cell_key("resnet20", 0.5, "tpe", 0)] = _cell("resnet20", "tpe", 0.87)
+    merged = bsq.write_merged(path, b)  # a writer that never rebuilt keeps the other's rows
+    assert len(merged["rebuilt"][key]) == 1
+    text = bsq.summarise(merged, "cmd")
+    assert "## Widths vs weights" in text and "(superseded record) | 84.10 | 70.00 | **88.08** |" in text
+
+
+def test_search_quality_rebuild_of_an_unknown_cell_is_refused(tmp_path: Path) -> None:
+    from benchmarks import bench_search_quality as bsq
+
+    raw = bsq.load_results(tmp_path / "x.json", bsq.FULL, resume=True)
+    with pytest.raises(ConfigError, match="no finished cell"):
+        bsq.rebuild(raw, ["resnet20|0.5|nope|0"], bsq.FULL, lambda r: r)
+
+
 def test_search_quality_rerun_needs_resume(capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks import bench_search_quality as bsq
 

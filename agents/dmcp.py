@@ -965,13 +965,11 @@ class DifferentiableSearcher(Searcher):
         serialize.save_module(outcome.module, artifact, example,
                               metadata={"searcher": self.name, "widths": dict(outcome.candidate.widths)})
         weights = getattr(outcome, "weights", "trained")
-        source, reason = ((f"{self.name}:own_weights", "final architecture with trained weights")
-                          if weights == "trained" else
-                          (f"{self.name}:{weights}_weights", f"final architecture with {weights} weights"))
+        source = f"{self.name}:{'own' if weights == 'trained' else weights}_weights"
         result = EvalResult(float(outcome.accuracy), float(outcome.loss), outcome.seconds, outcome.samples,
                             source, {"key": outcome.candidate.key()})
         self.evaluate_and_record(trial, outcome.candidate, started=started, result=result,
-                                 reason=reason,
+                                 reason=f"final architecture with {weights} weights",
                                  extra={"artifact": str(artifact), **self._extra(outcome)})
 
     def _extra(self, outcome: Any) -> dict[str, Any]:

@@ -286,10 +286,8 @@ def reset_gradients(compactors: Sequence[Tensor], masks: Sequence[Tensor], lam: 
         task = torch.where(keep, task, torch.zeros_like(task))
         w = q.detach()
         lasso = w / w.norm(dim=1, keepdim=True).clamp_min(eps)
-        if lam_kept is None:
-            q.grad = task + lam * lasso
-        else:
-            q.grad = task + torch.where(keep, lam_kept * lasso, lam * lasso)
+        kept_lam = lam if lam_kept is None else lam_kept
+        q.grad = task + torch.where(keep, kept_lam * lasso, lam * lasso)
 
 
 def _snap_up(legal: Sequence[int], w: int) -> int:

@@ -243,11 +243,11 @@ def merge_results(disk: Mapping[str, Any], mine: Mapping[str, Any]) -> dict[str,
     if not disk or disk.get("quick") or cell_settings(disk.get("sizes", {})) != cell_settings(mine["sizes"]):
         return dict(mine)
     runs = {r["started"]: r for r in [*disk.get("runs", []), *mine.get("runs", [])]}
-    superseded = merge_superseded(disk.get("superseded", {}), mine.get("superseded", {}))
+    superseded = merge_entries(disk.get("superseded", {}), mine.get("superseded", {}))
     cells = {**drop_superseded(disk.get("cells", {}), superseded), **drop_superseded(mine.get("cells", {}), superseded)}
     return {**disk, **mine, "sizes": merged_sizes(disk["sizes"], mine["sizes"]),
             "cells": cells, "superseded": superseded,
-            "rebuilt": merge_superseded(disk.get("rebuilt", {}), mine.get("rebuilt", {})),
+            "rebuilt": merge_entries(disk.get("rebuilt", {}), mine.get("rebuilt", {})),
             "dense": {**disk.get("dense", {}), **mine.get("dense", {})},
             "searchers": _union(disk.get("searchers", []), mine.get("searchers", [])),
             "runs": sorted(runs.values(), key=lambda r: r["started"])}
@@ -260,8 +260,8 @@ def _entries(value: Any) -> list[dict[str, Any]]:
     return [dict(e) for e in value]
 
 
-def merge_superseded(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Union of two ``superseded`` maps (cell key → entries), each entry once."""
+def merge_entries(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Union of two cell key → entries maps (``superseded``, ``rebuilt``), each entry once."""
     out: dict[str, list[dict[str, Any]]] = {}
     for src in (a, b):
         for key, value in src.items():
@@ -280,7 +280,7 @@ def drop_superseded(cells: Mapping[str, Any], superseded: Mapping[str, Sequence[
 def supersede(raw: dict[str, Any], keys: Sequence[str], command: str) -> list[str]:
     """Move the finished cells ``keys`` to ``raw["superseded"]`` (so they run again); returns the keys moved."""
     moved = [k for k in keys if k in raw["cells"]]
-    sup = merge_superseded(raw.get("superseded", {}), {})
+    sup = merge_entries(raw.get("superseded", {}), {})
     for k in moved:
         sup.setdefault(k, []).append({"record": raw["cells"].pop(k), "at": time.time(), "command": command})
     raw["superseded"] = sup
@@ -300,7 +300,7 @@ def rebuild(raw: dict[str, Any], keys: Sequence[str], sizes: Sizes,
 
     records = {}
     for key in keys:
-        sup = merge_superseded(raw.get("superseded", {}), {}).get(key, [])
+        sup = merge_entries(raw.get("superseded", {}), {}).get(key, [])
         rec = raw["cells"].get(key) or (sup[-1]["record"] if sup else None)
         if rec is None or "widths" not in rec:
             raise ConfigError(f"--rebuild: no finished cell {key!r} with widths in the results",
@@ -624,7 +624,7 @@ def summarise(raw: Mapping[str, Any], command: str) -> str:
               "", "Runs: " + "; ".join(f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(r['started']))} UTC: "
                                        f"{r['cells']} cells in {r['seconds'] / 60:.1f} min" for r in raw["runs"])]
     lines += rebuilt_block(raw)
-    sup = merge_superseded(raw.get("superseded", {}), {})
+    sup = merge_entries(raw.get("superseded", {}), {})
     if sup:
         lines += ["", "Superseded cells (run again after a change to the searcher's defaults; the old records stay in "
                   "`search_quality.json` under `superseded`): " + "; ".join(

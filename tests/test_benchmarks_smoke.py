@@ -282,7 +282,7 @@ def test_search_quality_rerun_supersedes_cells_even_against_an_older_writer(tmp_
     text = bsq.summarise(merged, "cmd")
     assert "Superseded cells" in text and "84.00 % → now 88.00 %" in text
     # a file of an earlier version kept one bare record per superseded key
-    legacy = bsq.merge_superseded({key: old}, merged["superseded"])
+    legacy = bsq.merge_entries({key: old}, merged["superseded"])
     assert [e["record"] for e in legacy[key]] == [old, old] and legacy[key][0]["at"] is None
 
 

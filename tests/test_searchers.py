@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,17 @@ def test_different_seeds_differ(name: str) -> None:
     b = make_searcher(name, make_problem(), store=store, n_trials=3, seed=2, **searcher_kwargs(name)).run()
     assert [t.candidate.key() for t in a.trials] != [t.candidate.key() for t in b.trials]
     assert sorted(store.study_names()) == [store.study_name(name, 1), store.study_name(name, 2)]
+
+
+def test_cmaes_does_not_warn_about_constraints_on_every_trial() -> None:
+    """The budget constraints are set on every trial; CMA-ES ignoring them is documented, not warned per trial."""
+    _skip_unavailable("cmaes")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = make_searcher("cmaes", make_problem(), store=new_store(), n_trials=4, seed=0,
+                            **searcher_kwargs("cmaes")).run()
+    assert len(res.trials) == 4
+    assert not [w for w in caught if "CmaEsSampler will not use them" in str(w.message)]
 
 
 def test_registry_and_errors() -> None:

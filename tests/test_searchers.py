@@ -8,6 +8,8 @@ group, at group-specific sensitivities. The engine is never touched, so the suit
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -577,3 +579,15 @@ def test_rl_searchers_leave_no_sb3_log_folders(tmp_path: Path, monkeypatch: pyte
     for name in ("ddpg", "ppo"):
         make_searcher(name, make_problem(), store=new_store(), n_trials=2, seed=0, **searcher_kwargs(name)).run()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("SB3-")]
+
+
+def test_gp_sampler_runs_batched_without_the_greenlet_fallback_warning() -> None:
+    """greenlet is a dependency, so Optuna's GP sampler does not fall back to (and warn about) sequential L-BFGS-B."""
+    _skip_unavailable("gp")
+    code = ("import optuna\n"
+            "s = optuna.create_study(sampler=optuna.samplers.GPSampler(seed=0, n_startup_trials=2))\n"
+            "s.optimize(lambda t: (t.suggest_float('x', 0, 1) - 0.3) ** 2, n_trials=4)\n"
+            "print(len(s.trials))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "4"
+    assert "greenlet" not in out.stderr, out.stderr

@@ -86,7 +86,8 @@ def legal_widths_of(problem_space: Any, groups: Any, min_ratio: float | None = N
         legal = {}
         for g in prunable_groups(groups):
             lo = max(1, int(getattr(g, "min_width", 1) or 1))
-            legal[g.id] = tuple(range(lo, int(g.size) + 1))
+            d = int(getattr(g, "divisor", 1) or 1)
+            legal[g.id] = tuple(w for w in range(lo, int(g.size) + 1) if w % d == 0) or (int(g.size),)
     if min_ratio:
         sizes = {gid: ws[-1] for gid, ws in legal.items()}
         legal = {gid: tuple(w for w in ws if w >= min_ratio * sizes[gid] - 1e-9) or (ws[-1],)
@@ -112,15 +113,19 @@ class MarkovChain:
         size: Channels of the group at full width.
         states: Reachable widths in ascending order; ``states[0]`` is ``c_min`` (always kept) and
             ``states[-1] == size``. Block k (1-based) holds channels ``states[k-1] … states[k]-1``.
+        conv_blocks: The group's ``divisor`` (grouped convs): its channels form that many equal consecutive
+            conv blocks, every state is a multiple of it, and a width ``w`` keeps the first ``w / conv_blocks``
+            channels of *each* conv block (the engine's ``prefix`` criterion); 1 = one prefix of the group.
     """
 
     group_id: str
     size: int
     states: tuple[int, ...]
+    conv_blocks: int = 1
 
     @classmethod
     def build(cls, group_id: str, size: int, legal: Sequence[int] | None = None,
-              grid: tuple[float, float, float] = (0.1, 1.0, 0.1)) -> MarkovChain:
+              grid: tuple[float, float, float] = (0.1, 1.0, 0.1), conv_blocks: int = 1) -> MarkovChain:
         """The chain of §5.1, generalised to legal widths.
 
         ``g = ⌊offset·C/max⌋`` (at least 1), ``K = ⌊(max − min)/offset + 10⁻⁴⌋`` and states ``C − (K−k)·g``
@@ -131,18 +136,24 @@ class MarkovChain:
         Args:
             group_id: Group id.
             size: Group size C.
-            legal: Legal widths (default: 1..C).
+            legal: Legal widths (default: 1..C); with ``conv_blocks > 1`` only their multiples of it count.
             grid: ``(min, max, offset)`` of the width grid as fractions of the full width.
+            conv_blocks: Equal conv blocks of the group (its ``divisor``; must divide ``size``).
         """
         lo, hi, step = (float(v) for v in grid)
         if not (0 < lo <= hi and step > 0):
             raise ConfigError(f"invalid DMCP width grid {grid}", hint="use (min, max, offset) with 0 < min <= max")
-        widths = sorted({int(w) for w in (legal or range(1, size + 1)) if 1 <= int(w) <= size} | {size})
+        d = int(conv_blocks)
+        if d < 1 or size % d:
+            raise ConfigError(f"group {group_id}: {size} channels do not form {conv_blocks} equal conv blocks",
+                              hint="pass the group's divisor as conv_blocks")
+        widths = sorted({int(w) for w in (legal or range(1, size + 1)) if 1 <= int(w) <= size and int(w) % d == 0}
+                        | {size})
         g = max(1, int(step * size / hi))
         k = int((hi - lo) / step + 1e-4)
         raw = [size - (k - i) * g for i in range(k + 1)]
         states = sorted({max(widths[0], _nearest(widths, r)) if r >= widths[0] else widths[0] for r in raw})
-        return cls(group_id, int(size), tuple(states))
+        return cls(group_id, int(size), tuple(states), d)
 
     @property
     def num_blocks(self) -> int:
@@ -169,16 +180,23 @@ class MarkovChain:
         s = torch.tensor(self.states, dtype=probs.dtype, device=probs.device)
         return (probs * s).sum(), (probs * s * s).sum()
 
-    def soft_mask(self, alpha: Tensor) -> Tensor:
-        """Per-channel keep probability: 1 for the first ``c_min`` channels, ``P_k`` for block k."""
-        counts = torch.tensor([self.states[0], *(b - a for a, b in zip(self.states, self.states[1:]))],
+    def _block_soft_mask(self, alpha: Tensor) -> Tensor:
+        """Keep probability of the positions of one conv block (the whole group when ``conv_blocks == 1``)."""
+        d = self.conv_blocks
+        counts = torch.tensor([self.states[0] // d, *((b - a) // d for a, b in zip(self.states, self.states[1:]))],
                               device=alpha.device)
         values = torch.cat([alpha.new_ones(1), self.marginals(alpha)]) if self.num_blocks else alpha.new_ones(1)
         return torch.repeat_interleave(values, counts)
 
+    def soft_mask(self, alpha: Tensor) -> Tensor:
+        """Per-channel keep probability: 1 for the first ``c_min`` channels, ``P_k`` for block k (per conv
+        block: the first ``c_min / conv_blocks`` channels of each, and so on)."""
+        return self._block_soft_mask(alpha).repeat(self.conv_blocks)
+
     def hard_mask(self, width: int, device: torch.device | None = None) -> Tensor:
-        """0/1 mask keeping the first ``width`` channels (prefix ordering)."""
-        return (torch.arange(self.size, device=device) < int(width)).float()
+        """0/1 mask keeping the first ``width`` channels (prefix ordering; per conv block ``width / conv_blocks``)."""
+        block = self.size // self.conv_blocks
+        return (torch.arange(self.size, device=device) % block < int(width) // self.conv_blocks).float()
 
     def sample(self, alpha: Tensor, rng: random.Random) -> int:
         """Direct sampling (§5.3): start at ``c_min``; keep adding blocks with probability ``p_k`` until a miss."""
@@ -195,12 +213,13 @@ class MarkovChain:
         return rng.choice(self.states)
 
     def keep_probability(self, alpha: Tensor, channel: int) -> float:
-        """Marginal probability that channel index ``channel`` (0-based) is kept."""
+        """Marginal probability that the width exceeds ``channel`` (0-based), i.e. that the ``channel + 1``-th
+        channel of the prefix order is kept (with conv blocks: position ``channel // conv_blocks`` of each)."""
         if channel < 0:
             return 1.0
         if channel >= self.size:
             return 0.0
-        return float(self.soft_mask(alpha.detach())[channel])
+        return float(self._block_soft_mask(alpha.detach())[channel // self.conv_blocks])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -507,36 +526,25 @@ def legalize(
 def sort_channels(model: nn.Module, groups: Any, group_ids: Sequence[str], importance: str = "l1") -> nn.Module:
     """A copy of ``model`` whose channels in each of ``group_ids`` are reordered by descending importance.
 
-    The permutation is applied consistently to every tensor of the group (producer rows, norm parameters and
-    statistics, depthwise filters, consumer columns with their offsets and strides), so the function is
-    unchanged; afterwards prefix sub-networks start from the most important channels. DMCP's reference trains
-    its supernet from scratch, where channel order is arbitrary; from pretrained weights the first channels
-    would otherwise be a random choice.
+    The engine's :func:`autoprune.pruning.permute` applies the order consistently to every tensor of the group,
+    so the function is unchanged; afterwards prefix sub-networks start from the most important channels. A
+    group of a grouped convolution (``divisor > 1``) is sorted within each of its conv blocks. DMCP's reference
+    trains its supernet from scratch, where channel order is arbitrary; from pretrained weights the first
+    channels would otherwise be a random choice.
 
     Returns:
         The engine's ``GraphModule`` with the same module names and state-dict keys as ``model``.
     """
+    from autoprune import pruning
     from autoprune.importance import group_scores
 
     scores = group_scores(model, groups, list(group_ids), importance)
-    perms = {gid: torch.argsort(-s, stable=True) for gid, s in scores.items()}
-
-    def permute(name: str, t: Tensor) -> Tensor:
-        for dim, entries in groups.tensor_dims.get(name, {}).items():
-            idx = torch.arange(t.shape[dim])
-            changed = False
-            for gid, offset, stride in entries:
-                p = perms.get(gid)
-                if p is None:
-                    continue
-                span = p.numel() * stride
-                idx[offset:offset + span] = offset + (p[:, None] * stride + torch.arange(stride)[None, :]).flatten()
-                changed = True
-            if changed:
-                t = t.index_select(dim, idx)
-        return t
-
-    return groups.instantiate(model, permute)
+    perms = {}
+    for gid, s in scores.items():
+        d = int(getattr(groups[gid], "divisor", 1) or 1)
+        order = torch.argsort(-s.reshape(d, -1), dim=1, stable=True)
+        perms[gid] = (order + torch.arange(d)[:, None] * order.shape[1]).flatten()
+    return pruning.permute(model, groups, perms)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -694,15 +702,13 @@ def make_chains(groups: Any, legal: Mapping[str, Sequence[int]],
                 grid: tuple[float, float, float] = (0.1, 1.0, 0.1)) -> list[MarkovChain]:
     """One chain per prunable group that has more than one legal width, in the engine's order.
 
-    Groups that feed or leave a grouped convolution (``divisor > 1``) get no chain and keep their full width:
-    their channels are pruned per conv block, while DMCP's chains keep a prefix of the whole group.
+    A group that feeds or leaves a grouped convolution (``divisor > 1``) gets a chain over its conv blocks: each
+    width keeps the same prefix of every block, as the engine's ``prefix`` criterion cuts it.
     """
     chains = []
     for g in prunable_groups(groups):
-        if int(getattr(g, "divisor", 1)) > 1:
-            continue
         if g.id in legal and len(legal[g.id]) > 1:
-            chain = MarkovChain.build(g.id, int(g.size), legal[g.id], grid)
+            chain = MarkovChain.build(g.id, int(g.size), legal[g.id], grid, int(getattr(g, "divisor", 1) or 1))
             if chain.num_blocks:
                 chains.append(chain)
     return chains

@@ -4,13 +4,15 @@ This module owns the whole ResRep procedure (docs/ALGORITHMS.md §6):
 
 * :func:`find_sites` — where compactors go: after the BatchNorm of the producer of every single-producer
   prunable group (after the producer itself when it has no norm). Multi-producer (residual) groups are
-  excluded (§6.3.6), as are groups whose producer or norm cannot be folded.
+  excluded (§6.3.6), as are groups whose producer or norm cannot be folded. A group that feeds a grouped
+  convolution gets a compactor whose masks drop rows equally from each conv block.
 * :class:`CompactorNet` — the model with a 1×1 compactor ``Q = I`` applied (by a forward hook) after each
   site, plus its channel masks.
 * :func:`reset_gradients` — ``G(Q_i) = m_i·∂L/∂Q_i + λ·Q_i / max(‖Q_i‖₂, ε)`` (masked rows get only the lasso
   term; zero rows give no NaN).
 * :func:`select_masks` — the periodic global mask update: rank every compactor row by its norm, walk the
-  ranking from full widths until the closed-form MACs meet the target or the step cap is reached.
+  ranking from full widths until the closed-form MACs meet the target or the step cap is reached (rows of a
+  grouped convolution's group in units of one row per conv block).
 * :func:`convert` — exact conversion: zero the masked rows, fold BN and compactor into the producer, then drop
   the masked channels with the engine (``pruning.apply``), which also slices every follower (consumers'
   input channels, depthwise convs and their norms). The result is the engine's standard GraphModule.
@@ -72,6 +74,8 @@ class CompactorSite:
         norm: The BatchNorm directly after the producer (the compactor follows it), or ``None``.
         cuts: ``(module, channel offset)`` of the group's other depthwise/norm members, whose output channels
             are zeroed for masked rows.
+        blocks: The group's ``divisor`` (it feeds a grouped convolution): masks drop rows in equal numbers
+            from each of that many consecutive blocks (see :func:`select_masks`).
     """
 
     group_id: str
@@ -79,6 +83,7 @@ class CompactorSite:
     producer: str
     norm: str | None
     cuts: tuple[tuple[str, int], ...] = ()
+    blocks: int = 1
 
 
 def _graph(model: nn.Module, groups: Any) -> torch.fx.GraphModule | None:
@@ -128,9 +133,6 @@ def find_sites(model: nn.Module, groups: Any, legal: Mapping[str, Sequence[int]]
         if legal is not None and len(legal.get(g.id, ())) < 2:
             skipped[g.id] = "a single legal width"
             continue
-        if int(getattr(g, "divisor", 1)) > 1:
-            skipped[g.id] = f"channels pruned per block of a grouped convolution (divisor {g.divisor})"
-            continue
         members = list(g.members)
         producers = [m for m in members if m.role == "out"]
         if len(producers) != 1:
@@ -151,7 +153,7 @@ def find_sites(model: nn.Module, groups: Any, legal: Mapping[str, Sequence[int]]
         if cuts and not include_depthwise:
             skipped[g.id] = "channels pass through depthwise convs or further norms (include_depthwise=False)"
             continue
-        sites.append(CompactorSite(g.id, int(g.size), prod.module, norm, cuts))
+        sites.append(CompactorSite(g.id, int(g.size), prod.module, norm, cuts, int(getattr(g, "divisor", 1) or 1)))
     return sites, skipped
 
 
@@ -297,6 +299,16 @@ def _snap_up(legal: Sequence[int], w: int) -> int:
     return legal[-1]
 
 
+def _units(norms: Tensor, blocks: int) -> list[tuple[float, list[int]]]:
+    """The rows a mask update can drop together: single rows, or for a site over ``blocks`` conv blocks the
+    k-th smallest row of every block (scored by their mean norm), so every block keeps as many rows."""
+    if blocks <= 1:
+        return [(float(v), [r]) for r, v in enumerate(norms.tolist())]
+    per = norms.reshape(blocks, -1)
+    order = torch.argsort(per, dim=1, stable=True) + torch.arange(blocks)[:, None] * per.shape[1]
+    return [(float(norms[order[:, k]].mean()), order[:, k].tolist()) for k in range(per.shape[1])]
+
+
 def select_masks(
     row_norms: Sequence[Tensor],
     group_ids: Sequence[str],
@@ -306,6 +318,7 @@ def select_masks(
     *,
     current: Sequence[Tensor] | None = None,
     step_cap: int | None = 4,
+    blocks: Sequence[int] | None = None,
 ) -> list[Tensor]:
     """The global mask update of §6.1.
 
@@ -314,7 +327,9 @@ def select_masks(
     skipped) until ``cost_fn(widths) ≤ target`` or the cap is reached: if the current masks miss the target
     the walk may visit at most ``(number masked now) + step_cap`` rows, otherwise it is unlimited. Widths are
     priced rounded *up* to legal widths, and each group finally masks exactly ``size − width`` of its visited
-    rows (the smallest), so the widths of the result are legal.
+    rows (the smallest), so the widths of the result are legal. A site over ``d > 1`` conv blocks (a grouped
+    convolution's group) is walked in units of ``d`` rows, the k-th smallest of every block, ranked by their
+    mean norm; a unit may overshoot the cap by up to ``d − 1`` rows.
 
     Args:
         row_norms: ``‖Q_i‖`` per site.
@@ -324,29 +339,31 @@ def select_masks(
         target: Cost target (absolute).
         current: The masks in force (default: none masked).
         step_cap: Rows added per update while the target is missed (``None``: unlimited).
+        blocks: Conv blocks per site (the group's ``divisor``; default 1 each).
 
     Returns:
         The new 0/1 masks, one per site.
     """
     sizes = [int(n.numel()) for n in row_norms]
+    per_site = list(blocks) if blocks is not None else [1] * len(sizes)
     order = {g: sorted(int(w) for w in legal[g]) for g in group_ids}
     now = current if current is not None else [torch.ones(s) for s in sizes]
     now_widths = {g: _snap_up(order[g], int(m.sum())) for g, m in zip(group_ids, now)}
     masked_now = sum(s - int(m.sum()) for s, m in zip(sizes, now))
     cap = math.inf if (cost_fn(now_widths) <= target or step_cap is None) else masked_now + step_cap
-    ranking = sorted((float(v), i, r) for i, n in enumerate(row_norms) for r, v in enumerate(n.tolist()))
+    ranking = sorted((v, i, unit) for i, n in enumerate(row_norms) for v, unit in _units(n, per_site[i]))
     widths = {g: sizes[i] for i, g in enumerate(group_ids)}
     visited: list[list[int]] = [[] for _ in sizes]
     steps = 0
     cost = cost_fn(widths)
-    for _, i, r in ranking:
+    for _, i, unit in ranking:
         if cost <= target or steps >= cap:
             break
         g = group_ids[i]
-        if sizes[i] - len(visited[i]) - 1 < order[g][0]:
+        if sizes[i] - len(visited[i]) - len(unit) < order[g][0]:
             continue
-        visited[i].append(r)
-        steps += 1
+        visited[i].extend(unit)
+        steps += len(unit)
         widths[g] = _snap_up(order[g], sizes[i] - len(visited[i]))
         cost = cost_fn(widths)
     masks = []
@@ -659,6 +676,7 @@ def search(
         raise ConfigError("resrep: no prunable single-producer channel group can carry a compactor",
                           hint="; ".join(f"{g}: {r}" for g, r in list(skipped.items())[:5]) or "no prunable groups")
     ids = [s.group_id for s in sites]
+    blocks = [s.blocks for s in sites]
     dense = cost_model.closed_form(groups, {})
     target = cfg.macs_target * float(dense.macs) if cfg.macs_target <= 1.0 else cfg.macs_target
 
@@ -674,7 +692,7 @@ def search(
     samples = 0
     for it in progress(range(cfg.iters), desc="resrep", total=cfg.iters):
         if it >= cfg.warmup_iters and (it - cfg.warmup_iters) % cfg.mask_interval == 0:
-            net.set_masks(select_masks(net.row_norms(), ids, legal, cost_fn, target,
+            net.set_masks(select_masks(net.row_norms(), ids, legal, cost_fn, target, blocks=blocks,
                                        current=[m.cpu() for m in net.masks], step_cap=step_cap))
         lr = 0.5 * cfg.lr * (1.0 + math.cos(math.pi * it / cfg.iters))
         for group in opt.param_groups:
@@ -697,7 +715,7 @@ def search(
 
     forced = False
     if cost_fn(net.widths()) > target and cfg.force_target:
-        net.set_masks(select_masks(net.row_norms(), ids, legal, cost_fn, target,
+        net.set_masks(select_masks(net.row_norms(), ids, legal, cost_fn, target, blocks=blocks,
                                    current=[m.cpu() for m in net.masks], step_cap=None))
         forced = True
     net.eval()

@@ -9,6 +9,7 @@ model is never modified. Groups with a ``divisor`` (grouped convs) take widths t
 equally many channels per block; a grouped conv's weight keeps, for each kept output row, the kept input columns
 of its own block (different blocks may keep different input channels; ``groups`` is unchanged). Optional
 least-squares reconstruction of the consumers (AMC, ALGORITHMS.md §1.4) is available with ``reconstruct=True``.
+:func:`permute` reorders channels within groups without changing the function (ordered-channel supernets).
 :func:`save_pruned` / :func:`load_pruned` store the result as architecture-as-data through
 :mod:`autoprune.serialize`.
 """
@@ -38,6 +39,7 @@ __all__ = [
     "load_pruned",
     "mask",
     "nearest_legal",
+    "permute",
     "plan",
     "save_pruned",
     "widths_from_layers",
@@ -277,7 +279,7 @@ class _Positions:
                 self.removed[gid] = np.flatnonzero(mask)
         self.cache: dict[tuple[int, tuple[tuple[str, int, int], ...]], torch.Tensor | None] = {}
 
-    def kept(self, full: int, entries: list[tuple[str, int, int]]) -> torch.Tensor | None:
+    def index(self, full: int, entries: list[tuple[str, int, int]]) -> torch.Tensor | None:
         """Positions of a dim of length ``full`` that survive, or None when nothing is removed."""
         key = (full, tuple(entries))
         if key in self.cache:
@@ -293,6 +295,53 @@ class _Positions:
         out = torch.from_numpy(np.flatnonzero(~drop)) if changed else None
         self.cache[key] = out
         return out
+
+
+class _Order:
+    """Positions of tensor dims under a channel permutation per group (new position i holds old ``index[i]``)."""
+
+    def __init__(self, perms: Mapping[str, torch.Tensor]) -> None:
+        self.perms = perms
+
+    def index(self, full: int, entries: list[tuple[str, int, int]]) -> torch.Tensor | None:
+        """The gather index of a dim of length ``full``, or None when no group on it is permuted."""
+        idx = torch.arange(full)
+        changed = False
+        for gid, off, stride in entries:
+            p = self.perms.get(gid)
+            if p is None:
+                continue
+            idx[off:off + p.numel() * stride] = off + (p[:, None] * stride + torch.arange(stride)[None, :]).flatten()
+            changed = True
+        return idx if changed else None
+
+
+def _reindexer(gs: GroupSet, positions: _Positions | _Order,
+               used: dict[tuple[str, int], torch.Tensor | None]) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """``(name, tensor) → tensor`` gathering every group dim of a tensor at ``positions`` (kept or reordered).
+
+    The input dim of a grouped conv weight is indexed along its virtual ``C_in`` axis per output row (see
+    :func:`_grouped_columns`). Each gather index is recorded in ``used`` under ``(tensor, dim)``.
+    """
+
+    def transform(name: str, t: torch.Tensor) -> torch.Tensor:
+        grouped = gs.grouped_dims.get(name, {})
+        dims = gs.tensor_dims.get(name, {})
+        for dim, entries in dims.items():
+            if dim in grouped:
+                continue
+            idx = positions.index(gs.tensor_shapes[name][dim], entries)
+            used[(name, dim)] = idx
+            if idx is not None:
+                t = t.index_select(dim, idx.to(t.device))
+        for dim, g in grouped.items():
+            kin = positions.index(gs.tensor_shapes[name][dim] * g, dims.get(dim, []))
+            used[(name, dim)] = kin
+            if kin is not None:
+                t = _grouped_columns(t, g, kin, used.get((name, 0)), gs.tensor_shapes[name])
+        return t
+
+    return transform
 
 
 def _role_size(groups: GroupSet, full: int, entries: list[tuple[str, int, int]], widths: Mapping[str, int]) -> int:
@@ -418,26 +467,7 @@ def apply(model: nn.Module, groups: GroupSet | PruningPlan, widths: Mapping[str,
     assert gs is not None
     _check_blocks(gs, p.keep)
     kept_cache: dict[tuple[str, int], torch.Tensor | None] = {}
-    positions = _Positions(gs, p.keep)
-
-    def slicer(name: str, t: torch.Tensor) -> torch.Tensor:
-        grouped = gs.grouped_dims.get(name, {})
-        dims = gs.tensor_dims.get(name, {})
-        for dim, entries in dims.items():
-            if dim in grouped:
-                continue
-            idx = positions.kept(gs.tensor_shapes[name][dim], entries)
-            kept_cache[(name, dim)] = idx
-            if idx is not None:
-                t = t.index_select(dim, idx.to(t.device))
-        for dim, g in grouped.items():
-            kin = positions.kept(gs.tensor_shapes[name][dim] * g, dims.get(dim, []))
-            kept_cache[(name, dim)] = kin
-            if kin is not None:
-                t = _grouped_columns(t, g, kin, kept_cache.get((name, 0)), gs.tensor_shapes[name])
-        return t
-
-    new = gs.instantiate(model, slicer)
+    new = gs.instantiate(model, _reindexer(gs, _Positions(gs, p.keep), kept_cache))
     _resize_modules(new, gs, p.widths)
     if _rewrite_literals(new, gs, p.widths):
         new.recompile()
@@ -453,11 +483,11 @@ def apply(model: nn.Module, groups: GroupSet | PruningPlan, widths: Mapping[str,
 
 def _grouped_columns(t: torch.Tensor, groups: int, kin: torch.Tensor, kout: torch.Tensor | None,
                      full_shape: tuple[int, ...]) -> torch.Tensor:
-    """Slice the input dim (1) of a grouped conv weight whose output rows (dim 0) were already sliced.
+    """Gather the input dim (1) of a grouped conv weight whose output rows (dim 0) were already gathered.
 
-    ``kin`` are the kept positions along the virtual ``C_in`` axis (block ``i`` = input channels of conv group
-    ``i``) and ``kout`` the kept rows of the original ``C_out`` (None: all). Each kept row keeps the columns of
-    its own block, so different blocks may keep different input channels.
+    ``kin`` are the kept (or reordered, within blocks) positions along the virtual ``C_in`` axis (block ``i`` =
+    input channels of conv group ``i``) and ``kout`` the original rows of the gathered ``C_out`` (None: all).
+    Each row takes the columns of its own block, so different blocks may keep different input channels.
     """
     c_out, per_in = full_shape[0], full_shape[1]
     per_out = c_out // groups
@@ -633,6 +663,45 @@ def mask(model: nn.Module, groups: GroupSet | PruningPlan, widths: Mapping[str, 
         return t
 
     return gs.instantiate(model, zeroer)
+
+
+def permute(model: nn.Module, groups: GroupSet, perms: Mapping[str, torch.Tensor | Iterable[int]]) -> fx.GraphModule:
+    """A copy of ``model`` whose channels are reordered within the given groups; the function is unchanged.
+
+    Every tensor of a group is gathered consistently (producer rows, norm parameters and statistics, depthwise
+    filters, consumer columns with their offsets and strides, grouped conv columns per conv group), so the
+    result computes the same outputs. Ordered-channel supernets (DMCP) use it to put important channels first.
+
+    Args:
+        model: The analysed model (or a same-architecture copy with other weights). It is not modified.
+        groups: Its :class:`GroupSet`.
+        perms: Group id → permutation of ``range(size)``: new channel ``i`` is old channel ``perms[i]``. A group
+            with ``divisor > 1`` (grouped convs) may only reorder channels within each of its blocks.
+
+    Returns:
+        The engine's ``GraphModule`` with the same module names and state-dict keys as ``model``.
+
+    Raises:
+        ConfigError: For an unknown or frozen group, a value that is not a permutation, or one that moves a
+            channel to another block of a grouped conv.
+    """
+    checked: dict[str, torch.Tensor] = {}
+    prunable = {g.id: g for g in groups.prunable()}
+    for gid, perm in perms.items():
+        g = prunable.get(gid)
+        if g is None:
+            raise ConfigError(f"cannot permute group {gid!r}: it is not a prunable group of this model",
+                              hint="use ids from groups.prunable() (see `autoprune explain`)")
+        p = torch.as_tensor(perm if isinstance(perm, torch.Tensor) else list(perm), dtype=torch.long).reshape(-1)
+        if p.numel() != g.size or not torch.equal(torch.sort(p).values, torch.arange(g.size)):
+            raise ConfigError(f"the order given for group {gid} is not a permutation of its {g.size} channels",
+                              hint="pass each channel index 0..size-1 exactly once")
+        block = g.size // g.divisor
+        if g.divisor > 1 and not torch.equal(p // block, torch.arange(g.size) // block):
+            raise ConfigError(f"the order given for group {gid} moves channels between the {g.divisor} blocks of "
+                              "its grouped convolution", hint=f"reorder within each block of {block} channels")
+        checked[gid] = p
+    return groups.instantiate(model, _reindexer(groups, _Order(checked), {}))
 
 
 # ----------------------------------------------------------------------------------------------------------------

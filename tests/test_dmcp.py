@@ -39,6 +39,29 @@ def test_chain_respects_legal_widths() -> None:
         MarkovChain.build("g", 64, grid=(0.0, 1.0, 0.1))
 
 
+def test_chain_over_conv_blocks_keeps_the_same_prefix_of_every_block() -> None:
+    """A grouped-conv group (divisor 4, blocks of 12): widths are multiples of 4, masks cut every block alike."""
+    chain = MarkovChain.build("g", 48, range(1, 49), conv_blocks=4)
+    assert chain.conv_blocks == 4 and all(s % 4 == 0 for s in chain.states) and chain.states[-1] == 48
+    assert chain.states == tuple(range(12, 49, 4))  # g = 4: the reference grid 48 − (9 − k)·4
+    # g = 2 gives 6, 8, …, 24; odd multiples of 2 snap to multiples of 4 (ties upwards) and merge
+    assert MarkovChain.build("g", 24, conv_blocks=4).states == (8, 12, 16, 20, 24)
+    mask = chain.hard_mask(20).reshape(4, 12)
+    assert torch.equal(mask, torch.tensor([[1.0] * 5 + [0.0] * 7] * 4))
+    alpha = torch.randn(chain.num_blocks)
+    soft = chain.soft_mask(alpha).reshape(4, 12)
+    assert torch.equal(soft, soft[:1].expand(4, 12))  # the same keep probabilities in every conv block
+    m, _ = chain.moments(alpha)
+    assert float(soft.sum()) == pytest.approx(float(m), rel=1e-5)  # Σ_c P(c kept) = E[width]
+    for w in chain.states[1:]:  # P(width > w − 1) is the marginal of the block that width w completes
+        k = chain.states.index(w)
+        assert chain.keep_probability(alpha, w - 1) == pytest.approx(float(chain.marginals(alpha)[k - 1]))
+    rng = random.Random(0)
+    assert {chain.sample(alpha, rng) for _ in range(200)} <= set(chain.states)
+    with pytest.raises(ConfigError, match="equal conv blocks"):
+        MarkovChain.build("g", 10, conv_blocks=4)
+
+
 def _enumerate(chain: MarkovChain, alpha: torch.Tensor) -> list[float]:
     p = torch.sigmoid(alpha.double()).tolist()
     probs = []
@@ -261,24 +284,41 @@ def _random_bn(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("name", ["selfloop", "resnet20", "resnet20_b", "mobilenetv2"])
-def test_masked_supernet_equals_prefix_pruning(name: str, selfloop) -> None:
-    from autoprune import graph, pruning
+#: Engine test models with grouped convolutions (groups with a divisor: chains over conv blocks).
+GROUPED = ["grouped_chain", "grouped_resnext", "grouped_mix", "grouped_conv"]
+
+
+def _model(name: str, selfloop) -> tuple[nn.Module, object, torch.Tensor]:
+    """A model with random BN statistics, its analysis and an input batch."""
+    from engine_cases import CASES
+
+    from autoprune import graph
     from autoprune.models import build_model
 
     if name == "selfloop":
-        model, gs = selfloop
-        size = 4
+        (model, gs), size = selfloop, 4
+    elif name in GROUPED:
+        model, size = CASES[name]().model, 8
+        gs = graph.analyze(model, torch.randn(1, 3, size, size))
     else:
         torch.manual_seed(0)
         model, size = build_model(name), 16
         gs = graph.analyze(model, torch.randn(1, 3, size, size))
-    model = _random_bn(model)
-    chains = dmcp.make_chains(gs, dmcp.legal_widths_of(None, gs))
-    assert len(chains) == len(gs.prunable())
+    return _random_bn(model), gs, torch.rand(2, 3, size, size)
+
+
+@pytest.mark.parametrize("name", ["selfloop", "resnet20", "resnet20_b", "mobilenetv2", *GROUPED])
+def test_masked_supernet_equals_prefix_pruning(name: str, selfloop) -> None:
+    from autoprune import pruning
+
+    model, gs, x = _model(name, selfloop)
+    legal = dmcp.legal_widths_of(None, gs)
+    chains = dmcp.make_chains(gs, legal)
+    assert {c.group_id for c in chains} == {g.id for g in gs.prunable() if len(legal[g.id]) > 1}
+    assert all(c.conv_blocks == gs[c.group_id].divisor for c in chains)
+    assert (name in GROUPED) == any(c.conv_blocks > 1 for c in chains)
     net = dmcp.MaskedSupernet(model, gs, chains).eval()
     rng = random.Random(0)
-    x = torch.rand(2, 3, size, size)
     for _ in range(2):
         widths = net.markov_widths(rng) if _ else net.uniform_widths(rng)
         net.use_widths(widths)
@@ -302,31 +342,23 @@ def test_masked_supernet_equals_prefix_pruning(name: str, selfloop) -> None:
     assert float((full - dense).abs().max()) <= 1e-6  # max width is the dense model
 
 
-@pytest.mark.parametrize("name", ["selfloop", "mobilenetv2"])
+@pytest.mark.parametrize("name", ["selfloop", "mobilenetv2", "grouped_chain", "grouped_resnext"])
 def test_sort_channels_preserves_the_function_and_orders_importance(name: str, selfloop) -> None:
-    from autoprune import graph
     from autoprune.importance import group_scores
-    from autoprune.models import build_model
 
-    if name == "selfloop":
-        model, gs = selfloop
-        size = 4
-    else:
-        torch.manual_seed(0)
-        model, size = build_model(name), 16
-        gs = graph.analyze(model, torch.randn(1, 3, size, size))
-    model = _random_bn(model)
+    model, gs, x = _model(name, selfloop)
     ids = [g.id for g in gs.prunable()]
     before = group_scores(model, gs, ids, "l1")
     assert any(not torch.all(s[1:] <= s[:-1]) for s in before.values())  # not sorted to begin with
     ordered = dmcp.sort_channels(model, gs, ids, "l1").eval()
-    x = torch.rand(2, 3, size, size)
     with torch.no_grad():
         assert float((ordered(x) - model(x)).abs().max()) <= 1e-5
     after = group_scores(ordered, gs, ids, "l1")
     for gid in ids:
-        assert torch.all(after[gid][1:] <= after[gid][:-1] * (1 + 1e-5))  # float32 noise of the re-scoring
-        assert torch.allclose(after[gid].sort().values, before[gid].sort().values, rtol=1e-5)
+        d = gs[gid].divisor  # grouped-conv groups are sorted within each conv block
+        a, b = after[gid].reshape(d, -1), before[gid].reshape(d, -1)
+        assert torch.all(a[:, 1:] <= a[:, :-1] * (1 + 1e-5))  # float32 noise of the re-scoring
+        assert torch.allclose(a.sort(dim=1).values, b.sort(dim=1).values, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -380,6 +412,36 @@ def test_search_moves_the_expected_cost_to_the_target_and_meets_it() -> None:
     assert res.module(torch.rand(2, 3, 8, 8)).shape == (2, 4)
     assert cost.closed_form(gs, dict(res.candidate.widths)).macs == res.cost.macs
     assert res.accuracy is not None and res.samples > 0
+
+
+@pytest.mark.parametrize("method", ["dmcp", "resrep"])
+def test_differentiable_search_prunes_grouped_convolutions(method: str) -> None:
+    """DMCP and ResRep (trained weights) on a ResNeXt-style model: the groups of its grouped 3×3 convs are
+    searched too, and the result is a legal, exact network under the target."""
+    from engine_cases import CASES
+
+    from autoprune import cost, graph
+    from autoprune.agents import resrep
+
+    model = CASES["grouped_resnext"]().model.train()
+    gs = graph.analyze(model, torch.randn(1, 3, 8, 8))
+    blocked = {g.id: g.divisor for g in gs.prunable() if g.divisor > 1}
+    assert blocked
+    data = [(x, y * 2) for x, y in _data()]  # 10 classes
+    target = 0.5 if method == "dmcp" else 0.8  # ResRep's sites (the reduce convs) alone reach 0.69 at most
+    if method == "dmcp":
+        res = dmcp.search(model, gs, data, DMCPConfig(macs_target=target, iters=12, warmup_fraction=0.25,
+                                                      arch_lr=2.0, budget_weight=1.0, bn_batches=2))
+    else:
+        res = resrep.search(model, gs, data, resrep.ResRepConfig(macs_target=target, iters=12, warmup_iters=2,
+                                                                 mask_interval=2, bn_batches=2, weights="trained"))
+        assert set(res.sites) & set(blocked)  # compactors over conv blocks
+    widths = dict(res.candidate.widths)
+    assert all(widths.get(gid, gs[gid].size) % d == 0 for gid, d in blocked.items())
+    assert any(widths.get(gid, gs[gid].size) < gs[gid].size for gid in blocked)  # grouped groups are pruned
+    assert res.cost.macs <= target * res.dense_cost.macs
+    assert cost.closed_form(gs, widths).params == sum(p.numel() for p in res.module.parameters())
+    assert res.module(torch.rand(2, 3, 8, 8)).shape == (2, 10)
 
 
 def _problem(model: nn.Module, gs, train, val):

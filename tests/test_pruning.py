@@ -285,6 +285,52 @@ def test_mask_matches_apply() -> None:
     assert _max_diff(run(pruning.mask(c.model, p), c.x), run(pruning.apply(c.model, p), c.x)) < 1e-5
 
 
+def _block_perms(gs: graph.GroupSet, seed: int) -> dict[str, torch.Tensor]:
+    """A random permutation of every prunable group, within each block of a grouped-conv group."""
+    g = torch.Generator().manual_seed(seed)
+    perms = {}
+    for grp in gs.prunable():
+        block = grp.size // grp.divisor
+        perms[grp.id] = torch.cat([torch.randperm(block, generator=g) + i * block for i in range(grp.divisor)])
+    return perms
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_permute_reorders_channels_without_changing_the_function(name: str) -> None:
+    case = CASES[name]()
+    gs = graph.analyze(case.model, case.x)
+    perms = _block_perms(gs, 0)
+    before = importance.group_scores(case.model, gs, list(perms), "l2")
+    permuted = pruning.permute(case.model, gs, perms)
+    assert _max_diff(run(permuted, case.x), run(case.model, case.x)) <= 1e-4
+    after = importance.group_scores(permuted, gs, list(perms), "l2")
+    for gid, p in perms.items():  # new channel i is old channel p[i]
+        assert torch.allclose(after[gid], before[gid][p], rtol=1e-5, atol=1e-6), gid
+    # the permuted model prunes like the original: keeping the same (renumbered) channels gives the same net
+    widths = half_widths(gs)
+    p0 = pruning.plan(case.model, gs, widths)
+    inverse = {gid: torch.argsort(p) for gid, p in perms.items()}
+    keep = {gid: tuple(sorted(int(inverse[gid][k]) for k in kept)) for gid, kept in p0.keep.items()}
+    p1 = pruning.PruningPlan(widths=p0.widths, keep=keep, groups=gs)
+    small0, small1 = pruning.apply(case.model, gs, p0), pruning.apply(permuted, gs, p1)
+    assert _max_diff(run(small1, case.x), run(small0, case.x)) <= 1e-4
+
+
+def test_permute_rejects_bad_orders() -> None:
+    from engine_cases import GroupedChain
+
+    model = randomize(GroupedChain())
+    gs = graph.analyze(model, torch.randn(1, 3, 8, 8))
+    grouped = next(g for g in gs.prunable() if g.divisor > 1)
+    with pytest.raises(ConfigError, match="not a prunable group"):
+        pruning.permute(model, gs, {"nope": [0]})
+    with pytest.raises(ConfigError, match="not a permutation"):
+        pruning.permute(model, gs, {grouped.id: [0] * grouped.size})
+    across = torch.arange(grouped.size).roll(1)  # channel 0 moves into the last block
+    with pytest.raises(ConfigError, match=r"between the \d+ blocks"):
+        pruning.permute(model, gs, {grouped.id: across})
+
+
 def test_least_squares_reconstruction_reduces_consumer_error() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(),

@@ -194,9 +194,12 @@ def _convert_and_compare(model: nn.Module, size: int) -> tuple[float, CompactorN
         for q in net.compactors:
             q.add_(0.05 * torch.randn(q.shape, generator=g))
         masks = []
-        for s in sites:
-            m = (torch.rand(s.size, generator=g) > 0.4).float()
-            m[0] = 1.0
+        for s in sites:  # random rows, as many in every conv block of a grouped conv's group
+            per = s.size // s.blocks
+            kept = int(torch.randint(1, per + 1, (1,), generator=g)) if s.blocks > 1 else None
+            m = torch.cat([(torch.rand(per, generator=g).argsort() < kept).float() if kept is not None
+                           else (torch.rand(per, generator=g) > 0.4).float() for _ in range(s.blocks)])
+            m[0] = 1.0 if kept is None else m[0]
             masks.append(m)
         net.set_masks(masks)
         net.zero_masked = True
@@ -220,6 +223,19 @@ def test_conversion_is_exact_on_zoo_models(name: str) -> None:
     # the result is the engine's standard module: original state-dict names, physically fewer parameters
     assert set(small.state_dict()) == set(model.state_dict())
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["grouped_chain", "grouped_resnext", "grouped_conv"])
+def test_conversion_is_exact_with_grouped_convolutions(name: str) -> None:
+    from engine_cases import CASES
+
+    model = CASES[name]().model
+    head = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)][-1]
+    with torch.no_grad():  # outputs of order 1, so that the absolute 1e-5 comparison means something
+        head.weight.mul_(10.0)
+    diff, net, _, _ = _convert_and_compare(model, 8)
+    assert any(s.blocks > 1 for s in net.sites)  # a compactor on a group that feeds a grouped conv
+    assert diff <= 1e-5
 
 
 def test_conversion_is_exact_with_biases_and_without_norms() -> None:
@@ -353,18 +369,45 @@ def test_searcher_presets(tmp_path) -> None:
         cls(problem, store=tmp_path / "a.db", n_trials=1, lassoo=1.0)
 
 
-def test_grouped_conv_groups_get_neither_compactors_nor_dmcp_chains() -> None:
-    """Groups pruned per grouped-conv block (divisor > 1) are left to the engine, not to prefix/compactor logic."""
+def test_grouped_conv_groups_get_block_compactors_and_dmcp_chains() -> None:
+    """Groups pruned per grouped-conv block (divisor > 1): a compactor over the conv blocks where a dense conv
+    produces the group, none where the grouped conv itself does (it cannot absorb a full matrix); DMCP chains
+    over the conv blocks for both."""
     from engine_cases import GroupedChain
 
     from autoprune.agents.dmcp import make_chains
 
     model = GroupedChain().eval()
     gs = graph.analyze(model, torch.randn(1, 3, 8, 8))
-    blocked = [g.id for g in gs.prunable() if g.divisor > 1]
-    assert blocked, "the grouped conv should give groups with a divisor"
+    assert (gs["c1:out"].divisor, gs["g:out"].divisor) == (4, 4)
     legal = legal_widths_of(None, gs)
-    _, skipped = find_sites(model, gs, legal)
-    assert all("grouped convolution" in skipped[gid] for gid in blocked)
-    chained = {c.group_id for c in make_chains(gs, legal)}
-    assert chained and not chained & set(blocked)
+    assert legal["c1:out"] == (4, 8) and legal["g:out"] == (4, 8, 12)  # multiples of the divisor
+    sites, skipped = find_sites(model, gs, legal)
+    assert {s.group_id: s.blocks for s in sites} == {"c1:out": 4, "c2:out": 1}
+    assert "cannot absorb a compactor" in skipped["g:out"]
+    assert {c.group_id: c.conv_blocks for c in make_chains(gs, legal)} == {"c1:out": 4, "g:out": 4, "c2:out": 1}
+
+
+def test_select_masks_drops_rows_equally_from_every_conv_block() -> None:
+    """A grouped conv's group (12 rows in 4 blocks of 3) is walked in units of one row per block."""
+    g = torch.Generator().manual_seed(0)
+    norms = [torch.rand(12, generator=g), torch.rand(6, generator=g) + 0.5]
+    legal = {"a": (4, 8, 12), "b": tuple(range(1, 7))}
+
+    def cost_fn(w):
+        return 10.0 * w["a"] + w["b"]
+
+    for target in (110.0, 80.0, 45.0):
+        ma, mb = select_masks(norms, ["a", "b"], legal, cost_fn, target, blocks=[4, 1], step_cap=None)
+        kept = ma.reshape(4, 3).sum(1)
+        assert torch.all(kept == kept[0]) and int(ma.sum()) in legal["a"]  # equal per block, legal width
+        assert cost_fn({"a": int(ma.sum()), "b": int(mb.sum())}) <= target
+        per = norms[0].reshape(4, 3)
+        for blk in range(4):  # each block drops its weakest rows
+            dropped, left = per[blk][ma.reshape(4, 3)[blk] == 0], per[blk][ma.reshape(4, 3)[blk] == 1]
+            assert dropped.numel() == 0 or dropped.max() <= left.min()
+    # a unit is ranked by the mean norm of its rows: the rows of "b" (all > 0.5) outlast the weakest unit of "a"
+    ma, mb = select_masks(norms, ["a", "b"], legal, cost_fn, cost_fn({"a": 12, "b": 6}) - 1, blocks=[4, 1],
+                          step_cap=None)
+    weakest = float(norms[0].reshape(4, 3).sort(dim=1).values[:, 0].mean())
+    assert (int(ma.sum()), int(mb.sum())) == ((8, 6) if weakest < float(norms[1].min()) else (12, 5))

@@ -236,13 +236,18 @@ def merged_sizes(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
 def merge_results(disk: Mapping[str, Any], mine: Mapping[str, Any]) -> dict[str, Any]:
     """Combine the results file as another process left it (``disk``) with this process's (``mine``).
 
-    Cells, dense references, searchers and runs are unions (a cell finished by both keeps ``mine``); used when
-    several processes (``--models resnet56`` beside ``--models resnet20``) share one results file. A file with
-    other per-cell settings (or a quick run's) is replaced, as a fresh run replaces it.
+    Cells, dense references, searchers and runs are unions (a cell finished by both keeps ``mine``; of two
+    copies of one run, the further one: another process's copy of a run goes stale as that run goes on); used
+    when several processes (``--models resnet56`` beside ``--models resnet20``) share one results file. A file
+    with other per-cell settings (or a quick run's) is replaced, as a fresh run replaces it.
     """
     if not disk or disk.get("quick") or cell_settings(disk.get("sizes", {})) != cell_settings(mine["sizes"]):
         return dict(mine)
-    runs = {r["started"]: r for r in [*disk.get("runs", []), *mine.get("runs", [])]}
+    runs: dict[float, dict[str, Any]] = {}
+    for r in [*disk.get("runs", []), *mine.get("runs", [])]:
+        old = runs.get(r["started"])
+        if old is None or (r["cells"], r["seconds"]) >= (old["cells"], old["seconds"]):
+            runs[r["started"]] = r
     superseded = merge_entries(disk.get("superseded", {}), mine.get("superseded", {}))
     cells = {**drop_superseded(disk.get("cells", {}), superseded), **drop_superseded(mine.get("cells", {}), superseded)}
     return {**disk, **mine, "sizes": merged_sizes(disk["sizes"], mine["sizes"]),
@@ -547,6 +552,43 @@ def cell_table(raw: Mapping[str, Any], model: str, target: float) -> list[str]:
     return lines
 
 
+def across_cells(raw: Mapping[str, Any]) -> list[str]:
+    """Each searcher over every (model, target) block that has a ``uniform`` row: its test accuracy after the
+    fine-tune minus uniform's, per block and on average, and its mean rank (1 = best) within the blocks.
+
+    Only searchers finished in all those blocks are ranked (means over seeds); fewer than two blocks: nothing.
+    """
+    acc: dict[tuple[str, float], dict[str, float]] = {}
+    by: dict[tuple[str, float, str], list[float]] = {}
+    for c in raw["cells"].values():
+        if "test_after_ft" in c:
+            by.setdefault((c["model"], c["target"], c["searcher"]), []).append(100 * c["test_after_ft"])
+    for (model, target, name), values in by.items():
+        acc.setdefault((model, target), {})[name] = statistics.fmean(values)
+    blocks = [b for b in acc if "uniform" in acc[b]]
+    if len(blocks) < 2:
+        return []
+    names = [n for n in raw["searchers"] if all(n in acc[b] for b in blocks)]
+    rows = []
+    for name in names:
+        deltas = [acc[b][name] - acc[b]["uniform"] for b in blocks]
+        ranks = [1 + sum(v > acc[b][name] for v in acc[b].values()) for b in blocks]
+        rows.append((statistics.fmean(deltas), name, deltas, statistics.fmean(ranks)))
+    rows.sort(key=lambda r: (-r[0], r[3], r[1]))
+    head = " | ".join(f"{m} {100 * t:.0f} %" for m, t in blocks)
+    lines = ["", "## Across the grid", "",
+             f"Test accuracy after the fine-tune minus `uniform`'s, in points, over the {len(blocks)} (model, target) "
+             "blocks, and the mean rank within them (1 = best; ties share the better rank). One seed per cell: "
+             "differences under ~0.5 points in one block are within seed noise, a consistent sign across the blocks "
+             "is the signal.", "",
+             f"| searcher | mean Δ vs uniform | worst Δ | mean rank | {head} |",
+             "|---|---|---|---|" + "---|" * len(blocks)]
+    for mean, name, deltas, rank in rows:
+        lines.append(f"| {name} | **{mean:+.2f}** | {min(deltas):+.2f} | {rank:.1f} | "
+                     + " | ".join(f"{d:+.2f}" for d in deltas) + " |")
+    return lines
+
+
 def published_block(model: str, target: float, ft_epochs: float) -> list[str]:
     """Published rows for ``model`` near ``target`` (within 15 points of FLOPs↓), with budgets and caveats."""
     setting = published.setting_of(model)
@@ -590,6 +632,7 @@ def summarise(raw: Mapping[str, Any], command: str) -> str:
         f"Status: {n_done} of {len(cells)} cells done" + (" (complete)." if complete else
                                                          f" — continue with `{resume_command(command)}`."),
         *status_blocks(raw, cells),
+        *across_cells(raw),
     ]
     if raw.get("quick"):
         est = estimate_full(raw)
@@ -622,7 +665,8 @@ def summarise(raw: Mapping[str, Any], command: str) -> str:
               "`global_magnitude` propose a single candidate; `sensitivity` spends its budget on a scan and ends "
               "with one allocation.",
               "", "Runs: " + "; ".join(f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(r['started']))} UTC: "
-                                       f"{r['cells']} cells in {r['seconds'] / 60:.1f} min" for r in raw["runs"])]
+                                       f"{r['cells']} cells in {r['seconds'] / 60:.1f} min" for r in raw["runs"]
+                                       if r["cells"])]
     lines += rebuilt_block(raw)
     sup = merge_entries(raw.get("superseded", {}), {})
     if sup:

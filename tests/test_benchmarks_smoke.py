@@ -203,6 +203,28 @@ def test_search_quality_report_and_estimate() -> None:
     assert est["cell_minutes"]["resnet56"] > est["cell_minutes"]["resnet20"]
 
 
+def test_search_quality_across_the_grid_table() -> None:
+    from benchmarks import bench_search_quality as bsq
+
+    cells = {}
+    for target, accs in ((0.5, {"uniform": 0.80, "tpe": 0.82, "gp": 0.79, "dmcp": 0.81}),
+                         (0.3, {"uniform": 0.70, "tpe": 0.69, "dmcp": 0.74})):  # gp missing at 30 %
+        for name, acc in accs.items():
+            cells[bsq.cell_key("resnet20", target, name, 0)] = {**_cell("resnet20", name, acc), "target": target}
+    raw = {"searchers": ["uniform", "tpe", "gp", "dmcp"], "cells": cells}
+    lines = bsq.across_cells(raw)
+    rows = [r for r in lines if r.startswith("| ") and not r.startswith("| searcher")]
+    assert [r.split(" | ")[0] for r in rows] == ["| dmcp", "| tpe", "| uniform"]  # by mean Δ; gp not in every block
+    assert rows[0] == "| dmcp | **+2.50** | +1.00 | 1.5 | +1.00 | +4.00 |"  # rank 2 at 50 %, 1 at 30 %
+    assert rows[1] == "| tpe | **+0.50** | -1.00 | 2.0 | +2.00 | -1.00 |"
+    assert "| searcher | mean Δ vs uniform | worst Δ | mean rank | resnet20 50 % | resnet20 30 % |" in lines
+    # one block, or no uniform row: nothing to compare across
+    assert bsq.across_cells({"searchers": raw["searchers"],
+                             "cells": {k: v for k, v in cells.items() if v["target"] == 0.5}}) == []
+    assert bsq.across_cells({"searchers": raw["searchers"],
+                             "cells": {k: v for k, v in cells.items() if v["searcher"] != "uniform"}}) == []
+
+
 def test_search_quality_refuses_to_clobber_full_results(tmp_path: Path) -> None:
     import json
 
@@ -238,6 +260,11 @@ def test_search_quality_concurrent_writers_merge(tmp_path: Path) -> None:
     assert set(merged["cells"]) == {"resnet20|0.5|uniform|0", "resnet56|0.5|tpe|0"}
     assert set(merged["sizes"]["models"]) == {"resnet20", "resnet56"}
     assert [r["started"] for r in merged["runs"]] == [1, 2]
+    # b's copy of a's run goes stale as a goes on; b writing it back must not undo a's progress
+    a["runs"][-1].update(cells=2, seconds=5.0)
+    bsq.write_merged(path, a)
+    b["runs"] = [{"started": 1.0, "cells": 1, "seconds": 1.0}, *b["runs"]]
+    assert bsq.write_merged(path, b)["runs"][0] == {"started": 1.0, "cells": 2, "seconds": 5.0}
     assert json.loads(path.read_text())["cells"] == merged["cells"]
     # the first process writes again (another cell): the second one's cell survives
     a["cells"][bsq.cell_key("resnet20", 0.5, "tpe", 0)] = _cell("resnet20", "tpe", 0.65)

@@ -86,8 +86,7 @@ def legal_widths_of(problem_space: Any, groups: Any, min_ratio: float | None = N
         legal = {}
         for g in prunable_groups(groups):
             lo = max(1, int(getattr(g, "min_width", 1) or 1))
-            d = int(getattr(g, "divisor", 1) or 1)
-            legal[g.id] = tuple(w for w in range(lo, int(g.size) + 1) if w % d == 0) or (int(g.size),)
+            legal[g.id] = tuple(w for w in range(lo, int(g.size) + 1) if w % g.divisor == 0) or (int(g.size),)
     if min_ratio:
         sizes = {gid: ws[-1] for gid, ws in legal.items()}
         legal = {gid: tuple(w for w in ws if w >= min_ratio * sizes[gid] - 1e-9) or (ws[-1],)
@@ -541,7 +540,7 @@ def sort_channels(model: nn.Module, groups: Any, group_ids: Sequence[str], impor
     scores = group_scores(model, groups, list(group_ids), importance)
     perms = {}
     for gid, s in scores.items():
-        d = int(getattr(groups[gid], "divisor", 1) or 1)
+        d = groups[gid].divisor
         order = torch.argsort(-s.reshape(d, -1), dim=1, stable=True)
         perms[gid] = (order + torch.arange(d)[:, None] * order.shape[1]).flatten()
     return pruning.permute(model, groups, perms)
@@ -708,7 +707,7 @@ def make_chains(groups: Any, legal: Mapping[str, Sequence[int]],
     chains = []
     for g in prunable_groups(groups):
         if g.id in legal and len(legal[g.id]) > 1:
-            chain = MarkovChain.build(g.id, int(g.size), legal[g.id], grid, int(getattr(g, "divisor", 1) or 1))
+            chain = MarkovChain.build(g.id, int(g.size), legal[g.id], grid, g.divisor)
             if chain.num_blocks:
                 chains.append(chain)
     return chains

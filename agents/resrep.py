@@ -153,7 +153,7 @@ def find_sites(model: nn.Module, groups: Any, legal: Mapping[str, Sequence[int]]
         if cuts and not include_depthwise:
             skipped[g.id] = "channels pass through depthwise convs or further norms (include_depthwise=False)"
             continue
-        sites.append(CompactorSite(g.id, int(g.size), prod.module, norm, cuts, int(getattr(g, "divisor", 1) or 1)))
+        sites.append(CompactorSite(g.id, int(g.size), prod.module, norm, cuts, g.divisor))
     return sites, skipped
 
 

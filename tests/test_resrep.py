@@ -194,12 +194,14 @@ def _convert_and_compare(model: nn.Module, size: int) -> tuple[float, CompactorN
         for q in net.compactors:
             q.add_(0.05 * torch.randn(q.shape, generator=g))
         masks = []
-        for s in sites:  # random rows, as many in every conv block of a grouped conv's group
-            per = s.size // s.blocks
-            kept = int(torch.randint(1, per + 1, (1,), generator=g)) if s.blocks > 1 else None
-            m = torch.cat([(torch.rand(per, generator=g).argsort() < kept).float() if kept is not None
-                           else (torch.rand(per, generator=g) > 0.4).float() for _ in range(s.blocks)])
-            m[0] = 1.0 if kept is None else m[0]
+        for s in sites:
+            if s.blocks > 1:  # a grouped conv's group: the same number of random rows in every conv block
+                per = s.size // s.blocks
+                kept = int(torch.randint(1, per + 1, (1,), generator=g))
+                m = torch.cat([(torch.rand(per, generator=g).argsort() < kept).float() for _ in range(s.blocks)])
+            else:
+                m = (torch.rand(s.size, generator=g) > 0.4).float()
+                m[0] = 1.0
             masks.append(m)
         net.set_masks(masks)
         net.zero_masked = True

@@ -16,6 +16,13 @@ Life cycle of :meth:`Searcher.run`:
    :meth:`Searcher.stop` was called (e.g. from a callback or another thread), when the searcher has nothing
    left to propose, or on ``KeyboardInterrupt`` (the running trial is recorded as ``interrupted``).
 
+Sharing a study: the steps above that depend on who else works on the study — which running trials are
+abandoned, what counts towards ``n_trials``, how a trial is asked for and whether it still has a slot, what
+guards a store write and what runs beside the loop — are hooks of a :class:`StudySharing` passed as
+``sharing=``. The default is one process that owns its study; :class:`autoprune.workers.SharedStudy` lets the
+processes of a campaign share one (a trial asked for beyond ``n_trials`` raises :class:`NoSlotLeft`, and the
+run stops with ``stop_reason == "n_trials"``).
+
 Resume: a new searcher on the same store and seed continues. Optuna samplers and baselines derive all their
 randomness from ``(seed, number of counted trials)`` and all other state from the stored trials, so an
 interrupted and resumed search proposes exactly what an uninterrupted one would have; RL searchers save their
@@ -28,13 +35,16 @@ candidates meet the budget. Every recorded trial carries the constraint values `
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
+import pkgutil
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -52,8 +62,8 @@ from autoprune.types import Candidate, CostReport, EvalResult, QuantSpec, TrialR
 
 HYPERPARAMS_DIR = Path(__file__).resolve().parent / "hyperparams"
 
-#: Metrics a multi-objective searcher may optimise, with their direction. Cost metrics are told to Optuna as
-#: fractions of the dense model's cost.
+#: Metrics a multi-objective searcher may optimise, with their direction. Cost metrics (read with
+#: :meth:`~autoprune.types.CostReport.metric`) are told to Optuna as fractions of the dense model's cost.
 OBJECTIVE_METRICS: dict[str, str] = {
     "accuracy": "maximize",
     "loss": "minimize",
@@ -62,11 +72,18 @@ OBJECTIVE_METRICS: dict[str, str] = {
     "size_bytes": "minimize",
     "bitops": "minimize",
 }
-_COST_ATTR = {"macs": "macs", "params": "params", "size_bytes": "bytes", "bitops": "bitops"}
 
 
 class TooManyFailures(AutoPruneError, RuntimeError):
     """The search stopped because ``max_failures`` candidate evaluations failed in a row."""
+
+
+class NoSlotLeft(Exception):
+    """The trial just asked for lies beyond ``n_trials``: other processes sharing the study took the last slots.
+
+    Raised by :meth:`Searcher.new_trial` after the trial was given back (recorded ``interrupted``);
+    :meth:`Searcher.run` then stops with ``stop_reason == "n_trials"``.
+    """
 
 
 def derive_seed(seed: int, index: int) -> int:
@@ -157,9 +174,8 @@ class Objective:
             elif m == "loss":
                 out.append(float(result.loss) if result and math.isfinite(result.loss) else math.inf)
             else:
-                attr = _COST_ATTR[m]
-                den = float(getattr(dense, attr) or 0.0)
-                num = float(getattr(cost, attr) or 0.0)
+                den = float(dense.metric(m) or 0.0)
+                num = float(cost.metric(m) or 0.0)
                 out.append(num / den if den > 0 else num)
         return out
 
@@ -203,8 +219,7 @@ class BudgetGuard:
         """The candidate with group ``i`` at the legal width nearest ``ratios[i] * size`` (clipped to [lo, 1])."""
         if len(ratios) != len(self.space.groups):
             raise ValueError(f"expected {len(self.space.groups)} ratios, got {len(ratios)}")
-        widths = {g.group_id: g.width_for_ratio(min(1.0, max(self.lo, float(r))))
-                  for g, r in zip(self.space.groups, ratios, strict=True)}
+        widths = self.space.widths_for_ratios([min(1.0, max(self.lo, float(r))) for r in ratios])
         return Candidate(widths=widths, bits=dict(bits or {}))
 
     def lowest_bits(self) -> dict[str, QuantSpec]:
@@ -329,6 +344,53 @@ def _dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Sharing a study: the hooks of the run loop
+
+
+class StudySharing:
+    """How a searcher's run shares its study with other processes: the hooks :meth:`Searcher.run` calls.
+
+    This base class shares nothing: one process owns its study, which is what a searcher does on its own.
+    :class:`autoprune.workers.SharedStudy` overrides the hooks so that several processes (a campaign's
+    workers) can work on one study.
+    """
+
+    def open(self, study: optuna.Study) -> None:
+        """Prepare the study a run just opened: trials left RUNNING (by a killed run) become ``interrupted``."""
+        TrialStore.fail_running(study)
+
+    def occupied(self, study: optuna.Study, counted: int, running: optuna.Trial | None) -> int:
+        """Trials that use up ``n_trials``.
+
+        Args:
+            study: The searcher's study.
+            counted: Its counted trials as the searcher keeps them (read when the run started, then
+                incremented by each recorded trial).
+            running: The searcher's own running trial, if any.
+
+        Returns:
+            ``counted`` (nobody else adds trials to the study).
+        """
+        return counted
+
+    def ask(self, study: optuna.Study) -> optuna.Trial:
+        """A new RUNNING trial of ``study`` for the next proposal."""
+        return study.ask()
+
+    def admits(self, study: optuna.Study, trial: optuna.Trial, n_trials: int | None) -> bool:
+        """Whether ``trial``, just asked, lies within ``n_trials`` (always, when one process owns the study)."""
+        return True
+
+    def writing(self) -> AbstractContextManager[None]:
+        """Context around each store write of the loop: asking for, recording and giving back a trial."""
+        return contextlib.nullcontext()
+
+    def running(self, current: Callable[[], optuna.Trial | None]) -> AbstractContextManager[None]:
+        """Context around the search loop; ``current()`` is the trial being evaluated (``None`` between trials)."""
+        return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The interface
 
 
@@ -349,6 +411,7 @@ class Searcher(ABC):
         seed: Seed; one study per ``(searcher, seed)``.
         callbacks: ``callback(searcher, record)`` called after each recorded trial.
         max_failures: Consecutive failed evaluations after which the search raises.
+        sharing: Who else works on the study (default: nobody; see :class:`StudySharing`).
 
     Raises:
         ConfigError: Neither ``n_trials`` nor ``time_limit`` given, or an infeasible budget.
@@ -364,7 +427,8 @@ class Searcher(ABC):
                  objective: Objective | str | Mapping[str, Any] | None = None,
                  budget: Budget | Mapping[str, Any] | None = None, n_trials: int | None = None,
                  time_limit: float | None = None, seed: int = 0,
-                 callbacks: Sequence[Callable[[Searcher, TrialRecord], None]] = (), max_failures: int = 5) -> None:
+                 callbacks: Sequence[Callable[[Searcher, TrialRecord], None]] = (), max_failures: int = 5,
+                 sharing: StudySharing | None = None) -> None:
         if n_trials is None and time_limit is None:
             raise ConfigError(f"searcher {self.name!r} needs n_trials and/or time_limit",
                               hint="e.g. n_trials=100 (total trials in the study) or time_limit=3600 (seconds)")
@@ -385,6 +449,7 @@ class Searcher(ABC):
         self.seed = int(seed)
         self.callbacks = list(callbacks)
         self.max_failures = int(max_failures)
+        self.sharing = sharing if sharing is not None else StudySharing()
         self.guard = BudgetGuard(problem, self.budget)
         self.dense = problem.dense_cost
         self.study: optuna.Study | None = None
@@ -419,8 +484,11 @@ class Searcher(ABC):
 
     @property
     def n_done(self) -> int:
-        """Counted trials in the study (all runs; read from the store when the run starts, then kept here)."""
-        return self._count
+        """Trials that use up ``n_trials``: the counted trials of the study (all runs; read from the store when the
+        run starts, then kept here) plus, in a shared study, the trials other live processes are running."""
+        if self.study is None:
+            return self._count
+        return self.sharing.occupied(self.study, self._count, self._running)
 
     def elapsed(self) -> float:
         """Seconds since this run started."""
@@ -447,16 +515,20 @@ class Searcher(ABC):
         self._consecutive_failures = 0
         self._pruner = self.make_pruner()
         self.study = self.store.study(self.name, self.seed, directions=self.directions(), pruner=self._pruner)
-        TrialStore.fail_running(self.study)
+        self.sharing.open(self.study)
         self._count = len(TrialStore.counted(self.study))
         self._start = time.monotonic()
         try:
-            self._run()
-            if not self.stop_reason and not self.should_stop():
-                self.stop_reason = "exhausted"
-        except KeyboardInterrupt:
-            self.stop_reason = "interrupted"
-            self._abandon_running("interrupted by the user (KeyboardInterrupt)")
+            with self.sharing.running(lambda: self._running):
+                try:
+                    self._run()
+                    if not self.stop_reason and not self.should_stop():
+                        self.stop_reason = "exhausted"
+                except KeyboardInterrupt:
+                    self.stop_reason = "interrupted"
+                    self._abandon_running("interrupted by the user (KeyboardInterrupt)")
+                except NoSlotLeft:
+                    self.stop_reason = "n_trials"
         finally:
             self.save_state()
         return self.result()
@@ -483,10 +555,19 @@ class Searcher(ABC):
 
     # -- trials --------------------------------------------------------------------------------------
     def new_trial(self) -> optuna.Trial:
-        """Ask the study for the next trial (samplers suggest parameters on it)."""
+        """Ask the study for the next trial (samplers suggest parameters on it).
+
+        Raises:
+            NoSlotLeft: In a shared study, when ``n_trials`` trials precede it (it is given back first).
+        """
         assert self.study is not None
-        self._running = self.study.ask()
-        return self._running
+        with self.sharing.writing():
+            trial = self._running = self.sharing.ask(self.study)
+        if not self.sharing.admits(self.study, trial, self.n_trials):
+            with self.sharing.writing():
+                self._abandon_running("n_trials already reached by other workers")
+            raise NoSlotLeft
+        return trial
 
     def _abandon_running(self, reason: str) -> None:
         if self._running is None or self.study is None:
@@ -591,22 +672,23 @@ class Searcher(ABC):
                 reward: float | None, started: float, state: str, reason: str, constraints: dict[str, float],
                 extra: Mapping[str, Any] | None) -> TrialRecord:
         assert self.study is not None
-        if self.multi_objective:
-            values = self.objective.values(result if state == "complete" else None, cost, self.dense)
-        else:
-            values = [reward if reward is not None else self.failure_value()]
-        seconds = time.perf_counter() - started
-        TrialStore.finish(self.study, trial, candidate=candidate, cost=cost, result=result, reward=reward,
-                          seconds=seconds, searcher=self.name, seed=self.seed, state=state, reason=reason,
-                          values=values, constraints=constraints, extra=extra)
-        self._running = None
-        if state in COUNTED_STATES:
-            self._count += 1
-        record = TrialRecord(number=trial.number, candidate=candidate, cost=cost, result=result, reward=reward,
-                             searcher=self.name, seed=self.seed, state=state, reason=reason)
-        for cb in self.callbacks:
-            cb(self, record)
-        return record
+        with self.sharing.writing():
+            if self.multi_objective:
+                values = self.objective.values(result if state == "complete" else None, cost, self.dense)
+            else:
+                values = [reward if reward is not None else self.failure_value()]
+            seconds = time.perf_counter() - started
+            TrialStore.finish(self.study, trial, candidate=candidate, cost=cost, result=result, reward=reward,
+                              seconds=seconds, searcher=self.name, seed=self.seed, state=state, reason=reason,
+                              values=values, constraints=constraints, extra=extra)
+            self._running = None
+            if state in COUNTED_STATES:
+                self._count += 1
+            record = TrialRecord(number=trial.number, candidate=candidate, cost=cost, result=result,
+                                 reward=reward, searcher=self.name, seed=self.seed, state=state, reason=reason)
+            for cb in self.callbacks:
+                cb(self, record)
+            return record
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -614,18 +696,19 @@ class Searcher(ABC):
 
 SEARCHERS: Registry[type[Searcher]] = Registry("searcher")
 
-_BUILTIN_MODULES = ("autoprune.agents.optuna_searchers", "autoprune.agents.baselines", "autoprune.agents.rl",
-                    "autoprune.agents.dmcp", "autoprune.agents.resrep")
-
 
 def load_builtin_searchers() -> None:
-    """Import the modules that register the built-in searchers (idempotent; a module not shipped is skipped)."""
-    for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    """Import every public module of this package, which registers its searchers in :data:`SEARCHERS`.
+
+    The modules are discovered on disk (:func:`pkgutil.iter_modules` over the package), so dropping a new
+    searcher module into ``agents/`` is all it takes; names starting with ``_`` are skipped. Called when a
+    searcher is first needed, never at import (the RL modules import stable-baselines3, which is slow).
+    Idempotent.
+    """
+    package = importlib.import_module(__package__ or __name__.rpartition(".")[0])
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}")
 
 
 def make_searcher(name: str, problem: Problem, **kwargs: Any) -> Searcher:

@@ -98,7 +98,7 @@ def engine_channel_scores(problem: Problem, criterion: str | None = None) -> dic
     from autoprune.importance import group_scores
 
     ids = [g.group_id for g in problem.space.groups]
-    raw = group_scores(problem.model, problem.groups, ids, criterion or problem.importance)  # type: ignore[arg-type]
+    raw = group_scores(problem.model, problem.groups, ids, criterion or problem.importance)
     return {gid: raw[gid].detach().cpu().double().numpy() for gid in ids}
 
 

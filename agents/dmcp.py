@@ -33,7 +33,7 @@ import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,10 @@ from autoprune.types import Candidate, CostReport, EvalResult
 from autoprune.utils import progress
 
 from .base import SEARCHERS, Searcher, load_hyperparams
+
+if TYPE_CHECKING:
+    from autoprune.graph import ChannelGroup, GroupSet, Member
+    from autoprune.problem import SearchSpace
 
 Batch = tuple[Tensor, Tensor]
 CostFn = Callable[[Mapping[str, int]], float]
@@ -66,27 +70,30 @@ def channel_dim(module: nn.Module, output: Tensor) -> int:
     return 1
 
 
-def prunable_groups(groups: Any) -> list[Any]:
+def prunable_groups(groups: GroupSet) -> list[ChannelGroup]:
     """The prunable groups of an engine ``GroupSet`` in its order."""
-    if hasattr(groups, "prunable"):
-        return list(groups.prunable())
-    return [g for g in groups if not getattr(g, "frozen", False)]
+    return list(groups.prunable())
 
 
-def legal_widths_of(problem_space: Any, groups: Any, min_ratio: float | None = None) -> dict[str, tuple[int, ...]]:
-    """Legal widths per prunable group id, from a :class:`~autoprune.problem.SearchSpace` when given.
+def legal_widths_of(problem_space: SearchSpace | None, groups: GroupSet, min_ratio: float | None = None,
+                    round_to: int = 1) -> dict[str, tuple[int, ...]]:
+    """Legal widths per prunable group id.
 
-    Widths below ``min_ratio · size`` are dropped (the smallest width at or above the bound is kept).
+    Args:
+        problem_space: The search space: when it has groups, its widths (built with the space's ``round_to``
+            and ``min_ratio`` by :func:`autoprune.search_spaces.build_space`) are the legal widths.
+        groups: The engine's groups; without a space every prunable group gets
+            :meth:`~autoprune.graph.ChannelGroup.legal_widths` ``(round_to)``.
+        min_ratio: Widths below ``min_ratio · size`` are dropped (the smallest width at or above the bound is
+            kept); default: the space's ``min_ratio``, or none.
+        round_to: Width multiple used without a space.
     """
-    if problem_space is not None and getattr(problem_space, "groups", ()):
+    if problem_space is not None and problem_space.groups:
         legal = {gc.group_id: tuple(sorted(gc.widths)) for gc in problem_space.groups}
         if min_ratio is None:
-            min_ratio = float(getattr(problem_space, "min_ratio", 0.0))
+            min_ratio = float(problem_space.min_ratio)
     else:
-        legal = {}
-        for g in prunable_groups(groups):
-            lo = max(1, int(getattr(g, "min_width", 1) or 1))
-            legal[g.id] = tuple(w for w in range(lo, int(g.size) + 1) if w % g.divisor == 0) or (int(g.size),)
+        legal = {g.id: tuple(g.legal_widths(round_to)) for g in groups.prunable()}
     if min_ratio:
         sizes = {gid: ws[-1] for gid, ws in legal.items()}
         legal = {gid: tuple(w for w in ws if w >= min_ratio * sizes[gid] - 1e-9) or (ws[-1],)
@@ -226,7 +233,7 @@ class MarkovChain:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def expected_macs(groups: Any, chains: Sequence[MarkovChain], alphas: Sequence[Tensor]) -> Tensor:
+def expected_macs(groups: GroupSet, chains: Sequence[MarkovChain], alphas: Sequence[Tensor]) -> Tensor:
     """``E[MACs]`` of independent chains via the engine's bilinear cost form (differentiable in ``alphas``).
 
     Every conv/linear term is ``κ_ij·w_i·w_j``; for ``i ≠ j`` its expectation is ``κ_ij·E[w_i]·E[w_j]`` and
@@ -244,7 +251,7 @@ def expected_macs(groups: Any, chains: Sequence[MarkovChain], alphas: Sequence[T
     return cost_model.expected_cost(groups, means, seconds)
 
 
-def macs_of(groups: Any) -> CostFn:
+def macs_of(groups: GroupSet) -> CostFn:
     """Closed-form MACs of integer widths (groups not given at full width)."""
     from autoprune import cost as cost_model
 
@@ -278,7 +285,7 @@ def budget_loss(expected: Tensor, target: float, *, far: float = 200.0) -> Tenso
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _mask_points(model: nn.Module, groups: Any, group_ids: Sequence[str]) -> dict[str, list[tuple[str, int]]]:
+def _mask_points(groups: GroupSet, group_ids: Sequence[str]) -> dict[str, list[tuple[str, int]]]:
     """Module name → [(group id, channel offset)] where the group's channels are masked.
 
     Every ``out``, ``dw`` and ``norm`` member's output is masked, except a producer (or depthwise conv) whose
@@ -286,8 +293,8 @@ def _mask_points(model: nn.Module, groups: Any, group_ids: Sequence[str]) -> dic
     the reference. Zeroing at these points is exactly pruning (the engine's equivalence criterion).
     """
     wanted = set(group_ids)
-    members = {g.id: list(g.members) for g in prunable_groups(groups) if g.id in wanted}
-    skip = _producers_followed_by_norm(model, groups, members)
+    members = {g.id: list(g.members) for g in groups.prunable() if g.id in wanted}
+    skip = _producers_followed_by_norm(groups, members)
     points: dict[str, list[tuple[str, int]]] = {}
     for gid in group_ids:
         for m in members[gid]:
@@ -296,14 +303,8 @@ def _mask_points(model: nn.Module, groups: Any, group_ids: Sequence[str]) -> dic
     return points
 
 
-def _producers_followed_by_norm(model: nn.Module, groups: Any,
-                                members: Mapping[str, list[Any]]) -> set[tuple[str, str]]:
-    gm = getattr(groups, "graph_module", None)
-    if gm is None:
-        try:
-            gm = torch.fx.symbolic_trace(model)
-        except Exception:  # untraceable models: mask every member (still exact for 0/1 masks)
-            return set()
+def _producers_followed_by_norm(groups: GroupSet, members: Mapping[str, list[Member]]) -> set[tuple[str, str]]:
+    gm = groups.graph_module
     skip: set[tuple[str, str]] = set()
     for gid, mems in members.items():
         norms = {m.module for m in mems if m.role == "norm"}
@@ -331,18 +332,19 @@ class MaskedSupernet(nn.Module):
         alpha_init: Initial value of every architecture parameter (σ(0) = 0.5, the reference).
     """
 
-    def __init__(self, model: nn.Module, groups: Any, chains: Sequence[MarkovChain], alpha_init: float = 0.0) -> None:
+    def __init__(self, model: nn.Module, groups: GroupSet, chains: Sequence[MarkovChain],
+                 alpha_init: float = 0.0) -> None:
         super().__init__()
         self.model = copy.deepcopy(model)
         self.chains = list(chains)
         self.index = {c.group_id: i for i, c in enumerate(self.chains)}
         self.alphas = nn.ParameterList(
             [nn.Parameter(torch.full((c.num_blocks,), float(alpha_init))) for c in self.chains])
-        self._points = _mask_points(self.model, groups, [c.group_id for c in self.chains])
+        self._points = _mask_points(groups, [c.group_id for c in self.chains])
         self._mode = "max"
         self._widths: dict[str, int] = {}
         self._masks: dict[str, Tensor] = {}
-        self._handles: list[Any] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attach()
 
     # -- hooks ---------------------------------------------------------------------------------------
@@ -522,7 +524,7 @@ def legalize(
     return widths
 
 
-def sort_channels(model: nn.Module, groups: Any, group_ids: Sequence[str], importance: str = "l1") -> nn.Module:
+def sort_channels(model: nn.Module, groups: GroupSet, group_ids: Sequence[str], importance: str = "l1") -> nn.Module:
     """A copy of ``model`` whose channels in each of ``group_ids`` are reordered by descending importance.
 
     The engine's :func:`autoprune.pruning.permute` applies the order consistently to every tensor of the group,
@@ -697,7 +699,7 @@ def _kd(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
                     reduction="batchmean") * (t * t)
 
 
-def make_chains(groups: Any, legal: Mapping[str, Sequence[int]],
+def make_chains(groups: GroupSet, legal: Mapping[str, Sequence[int]],
                 grid: tuple[float, float, float] = (0.1, 1.0, 0.1)) -> list[MarkovChain]:
     """One chain per prunable group that has more than one legal width, in the engine's order.
 
@@ -705,7 +707,7 @@ def make_chains(groups: Any, legal: Mapping[str, Sequence[int]],
     width keeps the same prefix of every block, as the engine's ``prefix`` criterion cuts it.
     """
     chains = []
-    for g in prunable_groups(groups):
+    for g in groups.prunable():
         if g.id in legal and len(legal[g.id]) > 1:
             chain = MarkovChain.build(g.id, int(g.size), legal[g.id], grid, g.divisor)
             if chain.num_blocks:
@@ -746,7 +748,7 @@ def _weight_step(net: MaskedSupernet, opt: torch.optim.Optimizer, x: Tensor, y: 
     return {"loss_max": float(loss_max.detach()), "kd": kd_total}
 
 
-def _arch_step(net: MaskedSupernet, opt: torch.optim.Optimizer, groups: Any, x: Tensor, y: Tensor,
+def _arch_step(net: MaskedSupernet, opt: torch.optim.Optimizer, groups: GroupSet, x: Tensor, y: Tensor,
                cfg: DMCPConfig, target: float) -> dict[str, float]:
     """Max width with the marginals on, the same mini-batch, task + budget loss; steps only α."""
     net.zero_grad(set_to_none=True)
@@ -764,7 +766,7 @@ def _arch_step(net: MaskedSupernet, opt: torch.optim.Optimizer, groups: Any, x: 
 
 def search(
     model: nn.Module,
-    groups: Any,
+    groups: GroupSet,
     train_loader: Iterable[Batch],
     config: DMCPConfig | None = None,
     *,
@@ -780,7 +782,8 @@ def search(
         groups: Its engine ``GroupSet``.
         train_loader: Training batches ``(x, y)`` (re-iterated as needed).
         config: Hyper-parameters.
-        legal: Legal widths per group (default: every width from the group's minimum to its size).
+        legal: Legal widths per group (default: :func:`legal_widths_of` without a space, i.e. every width the
+            group allows).
         val_loader: Validation batches for the final accuracy (optional).
         device: Device to train on (default: CPU).
         on_log: Called with each history record.
@@ -798,7 +801,7 @@ def search(
     chains = make_chains(groups, legal, cfg.grid)
     if not chains:
         raise ConfigError("dmcp: the model has no prunable channel group with more than one legal width",
-                          hint="check the search space (round_to, min_ratio) and `autoprune explain`")
+                          hint="check the search space (round_to, min_ratio) and groups.describe()")
     ids = [c.group_id for c in chains]
     cost = macs_of(groups)
     dense = cost_model.closed_form(groups, {})
@@ -874,7 +877,10 @@ def search(
 
 
 def _from_evaluator(evaluator: Any, attr: str) -> Any:
-    """``evaluator.<attr>``, looking through wrappers such as ``CachedEvaluator.inner``."""
+    """``evaluator.<attr>``, looking through wrappers that hold the evaluator as ``inner``.
+
+    The campaign's :class:`~autoprune.campaign.ReproducibleEvaluator` is such a wrapper.
+    """
     seen = 0
     while evaluator is not None and seen < 8:
         value = getattr(evaluator, attr, None)
@@ -998,7 +1004,7 @@ class DMCPSearcher(DifferentiableSearcher):
 
     def train(self) -> DMCPResult:
         """Run :func:`search` on the problem."""
-        legal = legal_widths_of(self.problem.space, self.problem.groups)
+        legal = legal_widths_of(self.problem.space, self.problem.groups, round_to=self.problem.round_to)
         return search(self.problem.model, self.problem.groups, self.train_loader, self.config,  # type: ignore[arg-type]
                       legal=legal, val_loader=self.val_loader, device=self.device)
 

@@ -14,8 +14,9 @@ is evaluated: the objective the sampler sees is ``f(params) = score(repair(param
 function of the parameters, and every evaluated candidate is feasible. With ``repair=False`` over-budget
 points are recorded as ``infeasible`` without evaluation (worst objective value, positive constraints).
 
-**Pruning.** With a reporting evaluator (``finetune``, ``infcop``, ``full``) single-objective searchers use
-Optuna's median pruner on the intermediate validation accuracies (``pruner="auto"``; ``"none"``, ``"median"``,
+**Pruning.** With an evaluator that reports intermediate values (its registered class declares
+``reports_intermediate``: ``finetune``, ``infcop``, ``full``) single-objective searchers use Optuna's median
+pruner on the intermediate validation accuracies (``pruner="auto"``; ``"none"``, ``"median"``,
 ``"hyperband"``, ``"successive_halving"``, ``"percentile"`` or a pruner object may be given).
 
 **Sampler state and resume.** The sampler is rebuilt before every trial with seed
@@ -30,7 +31,7 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -42,8 +43,10 @@ from autoprune.types import Candidate, QuantSpec
 
 from .base import SEARCHERS, Searcher, derive_seed, load_hyperparams
 
+if TYPE_CHECKING:
+    from autoprune.evaluate import CandidateEvaluator
+
 _PRUNERS = ("auto", "none", "median", "hyperband", "successive_halving", "percentile")
-_REPORTING_EVALUATORS = ("finetune", "infcop", "full")
 
 
 #: Optuna ≥ 5 takes constraints through ``Trial.set_constraint`` (the store does that); older versions need a
@@ -55,9 +58,14 @@ def _constraints_of(trial: FrozenTrial) -> list[float]:
     return list((trial.user_attrs.get("constraints") or {}).values())
 
 
-def _evaluator_reports(evaluator: Any) -> bool:
-    inner = getattr(evaluator, "inner", evaluator)  # CachedEvaluator
-    return getattr(inner, "name", "") in _REPORTING_EVALUATORS
+def _evaluator_reports(evaluator: CandidateEvaluator) -> bool:
+    """True if the evaluator reports intermediate values (so that Optuna can prune).
+
+    Evaluators declare it with the class attribute ``reports_intermediate`` (see
+    :class:`~autoprune.evaluate.Evaluator`); wrappers such as the campaign's reproducible evaluator pass on the
+    declaration of the evaluator they wrap. An evaluator that declares nothing does not report.
+    """
+    return bool(getattr(evaluator, "reports_intermediate", False))
 
 
 class OptunaSearcher(Searcher):

@@ -755,7 +755,7 @@ class ResRepSearcher(DifferentiableSearcher):
 
     def train(self) -> ResRepResult:
         """Run :func:`search` on the problem."""
-        legal = legal_widths_of(self.problem.space, self.problem.groups)
+        legal = legal_widths_of(self.problem.space, self.problem.groups, round_to=self.problem.round_to)
         return search(self.problem.model, self.problem.groups, self.train_loader, self.config,  # type: ignore[arg-type]
                       legal=legal, val_loader=self.val_loader, device=self.device)
 

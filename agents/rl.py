@@ -61,6 +61,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from autoprune.errors import AutoPruneError, ConfigError
 from autoprune.problem import Problem
 from autoprune.types import Candidate, CostReport, EvalResult
+from autoprune.workers import pid_alive
 
 from .base import SEARCHERS, Searcher, derive_seed, load_hyperparams
 
@@ -267,22 +268,12 @@ def _remove_stale_checkpoints(directory: Path, *, keep: set[Path], also: set[Pat
         if name.startswith((".agent-", ".replay_buffer-")) and ".tmp" in name:
             parts = name.split(".")
             pid = int(parts[-3]) if len(parts) >= 3 and parts[-3].isdigit() else None
-            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            if pid is not None and pid != os.getpid() and pid_alive(pid):
                 continue  # another process is writing it right now
         elif not (name.startswith(("agent-", "replay_buffer-")) or path in also):
             continue
         with contextlib.suppress(OSError):
             path.unlink()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _EpisodeRecorder(gym.Wrapper):

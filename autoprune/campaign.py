@@ -1,14 +1,13 @@
 """Campaigns: one validated :class:`~autoprune.config.CampaignConfig` wired into a running search.
 
-This module owns the path from a campaign file to trials in the store, and nothing about how candidates are
-proposed, built or scored:
+This module builds and runs a campaign, and knows nothing about how candidates are proposed, built or scored:
 
 * :func:`open_campaign` checks everything a user can get wrong *before* anything is written (output directory,
   checkpoint, storage URL, budget, a config that contradicts the campaign already on disk), then builds the
   model, data, search space, evaluator and :class:`~autoprune.problem.Problem` (:class:`Campaign`) and writes
-  the provenance beside the results: ``config.resolved.yaml``, ``command.txt`` (plus ``commands.log``),
-  ``environment.json`` (package versions, git commit) and ``space.json`` (groups, layers, dense cost and
-  accuracy, read by reports and exports).
+  the provenance beside the results (:mod:`autoprune.provenance`: ``config.resolved.yaml``, ``command.txt``
+  plus ``commands.log``, ``environment.json``) and ``space.json`` (groups, layers, dense cost and accuracy,
+  read by reports and exports).
 * :func:`run_search` runs one searcher on the campaign's store (a SQLite file ``<out>/trials.db`` by default,
   or the ``storage`` URL, e.g. PostgreSQL, shared by many workers), with a progress bar and clean Ctrl-C.
 * :func:`compare` runs several searchers × seeds on the identical problem and budget and returns the
@@ -18,16 +17,15 @@ proposed, built or scored:
 finished trials, the searcher restores its state from the store, and ``n_trials`` is the total of the study.
 
 **Workers.** Several processes (``autoprune search`` plus any number of ``autoprune worker``) may share one
-study. Each running trial carries its worker's host, process id and a heartbeat (refreshed by a thread every
-``workers.heartbeat_seconds``). A process counts the finished trials *plus* the live running trials of the
-others towards ``n_trials``, and after asking for a trial checks that fewer than ``n_trials`` trials precede it
-(by trial number) — so the study ends with exactly ``n_trials`` counted trials, none lost, none twice.
-Running trials whose process is gone (same host) or whose heartbeat is older than ``workers.stale_seconds``
-are marked ``interrupted`` and proposed again.
+study: every campaign searcher runs with :class:`autoprune.workers.SharedStudy` (running-trial owners,
+heartbeats, stale trials, exactly ``n_trials`` counted trials; see :mod:`autoprune.workers`).
 
 **Reproducibility.** Every evaluation is a function of the candidate alone (:class:`ReproducibleEvaluator`
 restarts the data loaders and the torch RNG for each call), so an interrupted and resumed search, a second
 run with the same seed and every agent of a comparison see the same scores for the same candidates.
+
+The campaign-directory names of :mod:`autoprune.provenance` and the worker-protocol names of
+:mod:`autoprune.workers` are re-exported here.
 """
 
 from __future__ import annotations
@@ -38,216 +36,87 @@ import inspect
 import json
 import logging
 import math
-import os
-import shlex
 import signal
-import socket
-import subprocess
 import sys
 import threading
-import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import optuna
 import torch
-import yaml
-from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from autoprune.config import CampaignConfig, load_config
+from autoprune.config import CampaignConfig
 from autoprune.errors import AutoPruneError, CheckpointError, ConfigError
-from autoprune.store import COUNTED_STATES, TrialStore, storage_error
+from autoprune.provenance import (
+    COMMAND_FILE,
+    CONFIG_FILE,
+    ENVIRONMENT_FILE,
+    HISTORY_FILE,
+    IDENTITY_KEYS,
+    SPACE_FILE,
+    STORE_FILE,
+    check_identity,
+    command_line,
+    environment_info,
+    git_commit,
+    load_resolved,
+    open_store,
+    prepare_out_dir,
+    storage_location,
+    write_atomic,
+    write_provenance,
+)
+from autoprune.store import TrialStore, storage_error
 from autoprune.types import TrialRecord
+from autoprune.workers import (
+    HEARTBEAT_ATTR,
+    WORKER_ATTR,
+    SharedStudy,
+    WorkerIdentity,
+    deferred_sigint,
+    fail_stale,
+    is_stale,
+    pid_alive,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from autoprune.agents.base import Objective, Searcher, SearchResult
+    from autoprune.data import BatchLoader, DatasetInfo, DataSplits
+    from autoprune.evaluate import Batch, Evaluator, ReportFn
+    from autoprune.graph import GroupSet
+    from autoprune.objectives import Budget
+    from autoprune.problem import Problem, SearchSpace
+    from autoprune.types import EvalResult
+
+__all__ = [
+    "COMMAND_FILE", "CONFIG_FILE", "ENVIRONMENT_FILE", "HEARTBEAT_ATTR", "HISTORY_FILE", "IDENTITY_KEYS",
+    "SPACE_FILE", "STORE_FILE", "WORKER_ATTR", "Campaign", "EpochLoader", "FirstEpoch", "ProgressBar",
+    "ReproducibleEvaluator", "WorkerIdentity", "build_campaign", "build_model", "check_budget", "check_checkpoint",
+    "check_identity", "command_line", "compare", "deferred_sigint", "environment_info", "fail_stale", "git_commit",
+    "is_stale", "load_resolved", "make_campaign_searcher", "make_evaluator", "make_loaders", "open_campaign",
+    "open_store", "pid_alive", "prepare_out_dir", "run_search", "sigterm_as_interrupt", "space_summary",
+    "storage_location", "summarize", "write_provenance",
+]
 
 log = logging.getLogger("autoprune.campaign")
-
-CONFIG_FILE = "config.resolved.yaml"
-COMMAND_FILE = "command.txt"
-HISTORY_FILE = "commands.log"
-ENVIRONMENT_FILE = "environment.json"
-SPACE_FILE = "space.json"
-STORE_FILE = "trials.db"
-#: Config sections that define the problem: a campaign directory refuses a config that changes them.
-IDENTITY_KEYS = ("model", "dataset", "search_space", "objective", "evaluator")
-#: Trial user attributes written by campaign processes (see the module docstring, "Workers").
-WORKER_ATTR = "autoprune.worker"
-HEARTBEAT_ATTR = "autoprune.heartbeat"
-_PACKAGES = ("autoprune", "torch", "numpy", "optuna", "sqlalchemy", "pandas", "matplotlib", "scikit-learn",
-             "stable-baselines3", "gymnasium", "pyyaml", "psycopg2-binary")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Output directory, storage, provenance
-
-
-def prepare_out_dir(path: str | os.PathLike[str]) -> Path:
-    """Create the campaign directory and check that files can be written in it.
-
-    Raises:
-        AutoPruneError: If it cannot be created or written (names the directory and the reason).
-    """
-    out = Path(path).expanduser()
-    hint = "set output_dir=<a writable directory> (or run from a directory where results/ can be written)"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AutoPruneError(f"cannot create the output directory {out}: {exc.strerror or exc}", hint=hint) from None
-    probe = out / f".autoprune-write-test-{os.getpid()}"
-    try:
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise AutoPruneError(f"the output directory {out} is not writable: {exc.strerror or exc}", hint=hint) from None
-    return out
-
-
-def storage_location(cfg: CampaignConfig) -> str:
-    """The trial store of ``cfg``: its ``storage`` URL/path, else ``<out_dir>/trials.db``."""
-    return cfg.storage or str(cfg.out_dir / STORE_FILE)
-
-
-def open_store(cfg: CampaignConfig) -> TrialStore:
-    """Open (creating if needed) the campaign's trial store; RL artifacts go to ``<out_dir>/artifacts``.
-
-    Processes opening a new store at the same moment are serialised by the store itself.
-
-    Raises:
-        AutoPruneError: Unwritable location, missing database driver, a server that cannot be reached, or a
-            database locked by another program for longer than ``storage_timeout`` seconds.
-    """
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return TrialStore(storage_location(cfg), campaign=cfg.name, artifact_root=cfg.out_dir / "artifacts",
-                      timeout=cfg.storage_timeout)
-
-
-def _identity(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: data.get(k) for k in IDENTITY_KEYS}
-
-
-def check_identity(cfg: CampaignConfig) -> None:
-    """Refuse a config whose problem (model, data, space, objective, evaluator) differs from the stored one.
-
-    Trials scored on another problem would silently mix with this campaign's; ``n_trials``, ``time_limit``,
-    the searcher, the seed, the storage and the export settings may change between runs.
-
-    Raises:
-        ConfigError: Naming the differing keys.
-    """
-    path = cfg.out_dir / CONFIG_FILE
-    if not path.is_file():
-        return
-    try:
-        stored = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read the campaign's stored config {path}: {exc}",
-                          hint="restore the file, or use a new campaign name") from None
-    mine = json.loads(json.dumps(_identity(cfg.to_dict())))
-    theirs = json.loads(json.dumps(_identity(stored), default=str))
-    diff = []
-    for key in IDENTITY_KEYS:
-        a, b = theirs.get(key) or {}, mine.get(key) or {}
-        for sub in sorted(set(a) | set(b)):
-            if a.get(sub) != b.get(sub):
-                diff.append(f"{key}.{sub}: {a.get(sub)!r} → {b.get(sub)!r}")
-    if diff:
-        raise ConfigError(f"campaign {cfg.name!r} in {cfg.out_dir} was run with another problem: "
-                          + "; ".join(diff[:6]) + (" ..." if len(diff) > 6 else ""),
-                          hint="keep those settings to resume, or start a new campaign (name=<new> or "
-                          "output_dir=<dir>); the stored trials were left untouched")
-
-
-def git_commit(path: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
-    """``{"commit", "dirty"}`` of the git checkout holding ``path`` (default: this package), or ``None``."""
-    where = Path(path) if path is not None else Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "--no-optional-locks", "-C", str(where), "status", "--porcelain",
-                                 "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": commit, "dirty": bool(status.strip())}
-
-
-def environment_info() -> dict[str, Any]:
-    """Python, platform, package versions, git commit, host and time (written to ``environment.json``)."""
-    versions = {}
-    for pkg in _PACKAGES:
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            continue
-    return {
-        "python": sys.version.split()[0],
-        "platform": sys.platform,
-        "packages": versions,
-        "git": git_commit(),
-        "host": socket.gethostname(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def command_line(argv: Sequence[str] | None) -> str:
-    """The exact command as a shell line (``autoprune`` + ``argv``; the process's own argv if ``None``)."""
-    args = list(argv) if argv is not None else sys.argv[1:]
-    return shlex.join(["autoprune", *args])
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_provenance(cfg: CampaignConfig, argv: Sequence[str] | None, *, role: str = "search") -> None:
-    """Write ``config.resolved.yaml``, ``command.txt``, ``environment.json`` and append to ``commands.log``.
-
-    A ``worker`` only appends to the log (and writes the other files if the directory is new), so that the
-    command that started the campaign stays in ``command.txt``.
-    """
-    out = cfg.out_dir
-    line = command_line(argv)
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    with open(out / HISTORY_FILE, "a", encoding="utf-8") as fh:
-        fh.write(f"{stamp}\t{role}\t{socket.gethostname()}:{os.getpid()}\tcwd={os.getcwd()}\t{line}\n")
-    if role == "worker" and (out / CONFIG_FILE).is_file():
-        return
-    _atomic_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    _atomic_text(out / COMMAND_FILE, f"# run from {os.getcwd()}\n{line}\n")
-    _atomic_text(out / ENVIRONMENT_FILE, json.dumps(environment_info(), indent=2) + "\n")
-
-
-def load_resolved(campaign_dir: str | os.PathLike[str], overrides: Sequence[str] = ()) -> CampaignConfig:
-    """The config a campaign directory was run with (``config.resolved.yaml``), with ``overrides`` applied.
-
-    ``output_dir`` is pointed at ``campaign_dir`` so that a moved directory still finds its files.
-
-    Raises:
-        ConfigError: If the directory holds no campaign.
-    """
-    d = Path(campaign_dir)
-    path = d / CONFIG_FILE
-    if not d.is_dir():
-        raise ConfigError(f"campaign directory {d} does not exist",
-                          hint="pass the directory of a campaign, e.g. results/<campaign name>")
-    if not path.is_file():
-        raise ConfigError(f"{d} holds no campaign ({CONFIG_FILE} is missing)",
-                          hint="run `autoprune search CONFIG` first, and pass its results/<name> directory")
-    cfg = load_config(path, overrides)
-    return dataclasses.replace(cfg, output_dir=str(d))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Building the problem
+
+
+@runtime_checkable
+class EpochLoader(Protocol):
+    """Batches whose order and augmentation depend on the epoch only (:class:`autoprune.data.BatchLoader`)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration the one of epoch ``epoch``."""
 
 
 class ReproducibleEvaluator:
@@ -263,14 +132,16 @@ class ReproducibleEvaluator:
         seed: Seed of the torch RNG during each evaluation.
     """
 
-    def __init__(self, inner: Any, loaders: Sequence[Any], seed: int) -> None:
+    def __init__(self, inner: Evaluator, loaders: Sequence[object], seed: int) -> None:
         self.inner = inner
         self.name = inner.name
+        self.reports_intermediate = inner.reports_intermediate
         self.device = getattr(inner, "device", None)
-        self.loaders = [ld for ld in loaders if hasattr(ld, "set_epoch")]
+        self.loaders = [ld for ld in loaders if isinstance(ld, EpochLoader)]
         self.seed = int(seed)
 
-    def evaluate(self, model: nn.Module, *, key: str | None = None, report: Any = None) -> Any:
+    def evaluate(self, model: nn.Module, *, key: str | None = None, report: ReportFn | None = None
+                 ) -> EvalResult:
         """Score ``model`` with the inner evaluator from a fixed data and RNG state."""
         for ld in self.loaders:
             ld.set_epoch(0)
@@ -282,10 +153,10 @@ class ReproducibleEvaluator:
 class FirstEpoch:
     """A view of a loader that always iterates its first epoch (same batches every time)."""
 
-    def __init__(self, loader: Any) -> None:
+    def __init__(self, loader: BatchLoader) -> None:
         self.loader = loader
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Batch]:
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(0)
         return iter(self.loader)
@@ -312,29 +183,30 @@ class Campaign:
         calib_loader: Shuffled training batches without augmentation (BN / quantizer calibration).
         val_loader: Validation batches.
         test_loader: Test batches (export and final reports only).
+        dense_accuracy: Validation accuracy of the dense model under the evaluator (``None``: not measured).
     """
 
     config: CampaignConfig
     model: nn.Module
     model_kwargs: dict[str, Any]
-    splits: Any
+    splits: DataSplits
     example_input: torch.Tensor
-    groups: Any
-    space: Any
-    evaluator: Any
-    train_loader: Any
-    calib_loader: Any
-    val_loader: Any
-    test_loader: Any
+    groups: GroupSet
+    space: SearchSpace
+    evaluator: ReproducibleEvaluator
+    train_loader: BatchLoader
+    calib_loader: BatchLoader
+    val_loader: BatchLoader
+    test_loader: BatchLoader
     dense_accuracy: float | None = None
-    _problem: Any = field(default=None, repr=False)
+    _problem: Problem | None = field(default=None, repr=False)
 
     @property
     def out_dir(self) -> Path:
         """The campaign directory."""
         return self.config.out_dir
 
-    def new_problem(self) -> Any:
+    def new_problem(self) -> Problem:
         """A fresh :class:`~autoprune.problem.Problem` (empty evaluation cache) on the shared model and space."""
         from autoprune.problem import Problem
 
@@ -343,20 +215,20 @@ class Campaign:
                        calib_loader=FirstEpoch(self.calib_loader))
 
     @property
-    def problem(self) -> Any:
+    def problem(self) -> Problem:
         """The campaign's problem (built once)."""
         if self._problem is None:
             self._problem = self.new_problem()
         return self._problem
 
-    def budget(self) -> Any:
+    def budget(self) -> Budget:
         """The budget of the objective as an :class:`~autoprune.objectives.Budget`."""
         from autoprune.objectives import Budget
 
         b = dataclasses.asdict(self.config.objective.budget)
         return Budget.from_config({k: v for k, v in b.items() if v is not None})
 
-    def objective(self) -> Any:
+    def objective(self) -> Objective:
         """The searchers' :class:`~autoprune.agents.base.Objective`."""
         from autoprune.agents.base import Objective
 
@@ -377,7 +249,7 @@ def check_checkpoint(cfg: CampaignConfig) -> None:
                               "`autoprune train` or fix the path (model.checkpoint=PATH)")
 
 
-def build_model(cfg: CampaignConfig, info: Any) -> tuple[nn.Module, dict[str, Any]]:
+def build_model(cfg: CampaignConfig, info: DatasetInfo) -> tuple[nn.Module, dict[str, Any]]:
     """Build the config's model for the dataset described by ``info`` and load its checkpoint.
 
     Arguments come from the dataset (classes, channels, statistics), then from an autoprune checkpoint's own
@@ -412,7 +284,8 @@ def _val_size(v: int | float | None) -> int | float | None:
     return v
 
 
-def make_loaders(cfg: CampaignConfig, splits: Any) -> tuple[Any, Any, Any, Any]:
+def make_loaders(cfg: CampaignConfig, splits: DataSplits
+                 ) -> tuple[BatchLoader, BatchLoader, BatchLoader, BatchLoader]:
     """(train with augmentation, calibration without, validation, test) loaders of the campaign."""
     from autoprune.data import make_loader
 
@@ -426,11 +299,13 @@ def make_loaders(cfg: CampaignConfig, splits: Any) -> tuple[Any, Any, Any, Any]:
 
 
 def make_evaluator(cfg: CampaignConfig, name: str, settings: Mapping[str, Any], *, model: nn.Module,
-                   train_loader: Any, calib_loader: Any, val_loader: Any) -> Any:
+                   train_loader: BatchLoader, calib_loader: BatchLoader, val_loader: BatchLoader) -> Evaluator:
     """An evaluator from :data:`autoprune.evaluate.EVALUATORS` with the campaign's loaders.
 
-    Calibration-only evaluators (``adaptive_bn``) get the un-augmented training loader, training evaluators
-    the augmented one; ``infcop`` also gets the dense model and the un-augmented loader for its flow subset.
+    What each evaluator gets is declared on its class (:class:`~autoprune.evaluate.Evaluator`): evaluators that
+    train (``trains``) get the augmented training loader, the others the un-augmented one; ``needs_dense``
+    ones (``infcop``) also get the dense model, and ``needs_flow_loader`` ones the un-augmented loader for
+    their flow subset.
     """
     from autoprune.evaluate import EVALUATORS
     from autoprune.evaluate import make_evaluator as make
@@ -441,20 +316,14 @@ def make_evaluator(cfg: CampaignConfig, name: str, settings: Mapping[str, Any], 
         kw.setdefault("device", cfg.device)
     if cfg.time_limit_per_trial is not None:
         kw.setdefault("timeout", cfg.time_limit_per_trial)
-    params = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is not None:
-            params |= set(inspect.signature(init).parameters)
-    if "dense" in params and "references" not in kw:
+    if cls.needs_dense and "references" not in kw:
         kw.setdefault("dense", model)
-    if "flow_loader" in params:
+    if cls.needs_flow_loader:
         kw.setdefault("flow_loader", calib_loader)
-    trains = name not in ("plain", "adaptive_bn")
-    return make(name, train_loader if trains else calib_loader, val_loader, **kw)
+    return make(name, train_loader if cls.trains else calib_loader, val_loader, **kw)
 
 
-def check_budget(problem: Any, budget: Any, min_ratio: float) -> None:
+def check_budget(problem: Problem, budget: Budget, min_ratio: float) -> None:
     """Raise a :class:`ConfigError` naming the smallest achievable cost if ``budget`` cannot be met.
 
     The smallest candidate a searcher may propose has every group at its narrowest legal width (keep ratio
@@ -469,8 +338,7 @@ def check_budget(problem: Any, budget: Any, min_ratio: float) -> None:
         dense = problem.dense_cost
         parts, fixes = [], []
         for metric, limit in budget.limits(dense).items():
-            attr = {"size_bytes": "bytes"}.get(metric, metric)
-            have, full = getattr(floor, attr, None), getattr(dense, attr, None)
+            have, full = floor.metric(metric), dense.metric(metric)
             if have is None or full is None or have <= limit:
                 continue
             parts.append(f"objective.budget.{metric}={getattr(budget, metric):g} allows {limit:,.0f} but the "
@@ -572,7 +440,7 @@ def open_campaign(cfg: CampaignConfig, *, argv: Sequence[str] | None = None, rol
     check_identity(cfg)
     try:
         write_provenance(cfg, argv, role=role)
-        _atomic_text(cfg.out_dir / SPACE_FILE, json.dumps(space_summary(camp), indent=2) + "\n")
+        write_atomic(cfg.out_dir / SPACE_FILE, json.dumps(space_summary(camp), indent=2) + "\n")
     except OSError as exc:  # a full disk or a directory that became read-only: nothing in the store changed
         raise (storage_error(exc, str(cfg.out_dir)) or AutoPruneError(
             f"cannot write the campaign files in {cfg.out_dir}: {exc.strerror or exc}",
@@ -583,240 +451,14 @@ def open_campaign(cfg: CampaignConfig, *, argv: Sequence[str] | None = None, rol
     return camp, store
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Workers: running-trial ownership, heartbeats, stale trials
-
-
-@dataclass(frozen=True)
-class WorkerIdentity:
-    """Who runs a trial: host name, process id and a random id for this process."""
-
-    host: str
-    pid: int
-    id: str
-
-    @classmethod
-    def current(cls) -> WorkerIdentity:
-        """The identity of this process."""
-        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex[:12])
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form stored on the trial."""
-        return {"host": self.host, "pid": self.pid, "id": self.id}
-
-
-def pid_alive(pid: Any) -> bool:
-    """True if process ``pid`` exists on this host and is not a zombie."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError, IndexError):
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
-def is_stale(trial: FrozenTrial, *, me: WorkerIdentity, stale_seconds: float, now: float | None = None) -> bool:
-    """Whether a RUNNING trial has been abandoned by its process.
-
-    It is when its worker is this host's process that no longer exists (or this very process, for a trial it
-    is not running), or when its last heartbeat (its start, if it has none) is older than ``stale_seconds``.
-    """
-    now = time.time() if now is None else now
-    w = trial.user_attrs.get(WORKER_ATTR)
-    same_host = isinstance(w, dict) and w.get("host") == me.host
-    if same_host and (w.get("pid") == me.pid or not pid_alive(w.get("pid"))):  # type: ignore[union-attr]
-        return True
-    beat = trial.user_attrs.get(HEARTBEAT_ATTR)
-    if isinstance(beat, int | float):
-        last = float(beat)
-    elif trial.datetime_start is not None:
-        last = trial.datetime_start.timestamp()
-    else:
-        return False
-    return now - last > stale_seconds
-
-
-def fail_stale(study: optuna.Study, *, me: WorkerIdentity, stale_seconds: float) -> int:
-    """Mark the abandoned RUNNING trials of ``study`` as ``interrupted``; return how many."""
-    n = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not is_stale(t, me=me, stale_seconds=stale_seconds):
-            continue
-        storage = study._storage
-        try:
-            storage.set_trial_user_attr(t._trial_id, "state", "interrupted")
-            storage.set_trial_user_attr(t._trial_id, "reason", "its process stopped (killed or crashed)")
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except (RuntimeError, ValueError):  # finished in the meantime by its owner
-            continue
-        n += 1
-    return n
-
-
-class _NoSlotLeft(Exception):
-    """The trial just asked for lies beyond ``n_trials`` (other workers took the last slots)."""
-
-
-@contextlib.contextmanager
-def deferred_sigint() -> Iterator[None]:
-    """Hold back Ctrl-C while the store is written; raise the ``KeyboardInterrupt`` afterwards.
-
-    A no-op outside the main thread (signal handlers live there).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[Any] = []
-    previous = signal.getsignal(signal.SIGINT)
-
-    def hold(signum: int, frame: Any) -> None:
-        pending.append(frame)
-
-    signal.signal(signal.SIGINT, hold)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending:
-            if callable(previous):
-                previous(signal.SIGINT, pending[0])
-            else:
-                raise KeyboardInterrupt
-
-
-class _Heartbeat:
-    """Refreshes the heartbeat of the searcher's running trial every ``interval`` seconds (daemon thread)."""
-
-    def __init__(self, searcher: Any, interval: float) -> None:
-        self.searcher = searcher
-        self.interval = float(interval)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="autoprune-heartbeat", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            trial = self.searcher._running
-            if trial is None:
-                continue
-            with contextlib.suppress(Exception):  # the trial may have finished meanwhile
-                trial.set_user_attr(HEARTBEAT_ATTR, time.time())
-
-
-class CampaignSearcherMixin:
-    """Makes a searcher safe to share its study with other processes (see the module docstring).
-
-    Mixed in front of a registered searcher class by :func:`make_campaign_searcher`. With one process it
-    proposes exactly what the plain searcher would.
-    """
-
-    worker: WorkerIdentity
-    heartbeat_seconds: float = 10.0
-    stale_seconds: float = 120.0
-
-    def _occupied(self, study: optuna.Study, before: int | None = None) -> int:
-        """Counted trials plus live RUNNING trials of other processes (only numbers < ``before``)."""
-        mine = getattr(self._running, "number", None)  # type: ignore[attr-defined]
-        now = time.time()
-        n = 0
-        for t in study.get_trials(deepcopy=False):
-            if before is not None and t.number >= before:
-                continue
-            if t.state.is_finished():
-                n += t.user_attrs.get("state") in COUNTED_STATES
-            elif t.state == TrialState.RUNNING and t.number != mine:
-                n += not is_stale(t, me=self.worker, stale_seconds=self.stale_seconds, now=now)
-        return n
-
-    @property
-    def n_done(self) -> int:
-        """Counted trials of the study plus the trials other live workers are running now."""
-        study = self.study  # type: ignore[attr-defined]
-        return self._count if study is None else self._occupied(study)  # type: ignore[attr-defined]
-
-    def _ask_owned(self) -> optuna.Trial:
-        """``study.ask()``, but the trial is created already tagged with this worker (one transaction), so a
-        process killed at any moment never leaves a running trial without an owner."""
-        study: optuna.Study = self.study  # type: ignore[attr-defined]
-        template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, values=None,
-                               datetime_start=datetime.now(), datetime_complete=None, params={}, distributions={},
-                               user_attrs={WORKER_ATTR: self.worker.to_dict(), HEARTBEAT_ATTR: time.time()},
-                               system_attrs={}, intermediate_values={}, trial_id=-1)
-        local = getattr(study, "_thread_local", None)
-        if local is not None and hasattr(local, "cached_all_trials"):
-            local.cached_all_trials = None  # as Study.ask does
-        trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
-        return optuna.Trial(study, trial_id)
-
-    def new_trial(self) -> optuna.Trial:
-        """Ask for a trial owned by this worker; give it back if ``n_trials`` trials precede it."""
-        with deferred_sigint():
-            trial = self._running = self._ask_owned()
-        n_trials = self.n_trials  # type: ignore[attr-defined]
-        if n_trials is not None and self._occupied(self.study, before=trial.number) >= n_trials:  # type: ignore[attr-defined]
-            with deferred_sigint():
-                self._abandon_running("n_trials already reached by other workers")  # type: ignore[attr-defined]
-            raise _NoSlotLeft
-        return trial
-
-    def _record(self, *args: Any, **kwargs: Any) -> TrialRecord:
-        with deferred_sigint():
-            return super()._record(*args, **kwargs)  # type: ignore[misc]
-
-    def run(self) -> Any:
-        """As :meth:`Searcher.run`, but only abandoned trials are failed and other workers' trials count."""
-        self._stop_event.clear()  # type: ignore[attr-defined]
-        self.stop_reason = ""
-        self._consecutive_failures = 0
-        self._pruner = self.make_pruner()  # type: ignore[attr-defined]
-        self.study = self.store.study(self.name, self.seed, directions=self.directions(),  # type: ignore[attr-defined]
-                                      pruner=self._pruner)
-        fail_stale(self.study, me=self.worker, stale_seconds=self.stale_seconds)
-        self._count = len(TrialStore.counted(self.study))
-        self._start = time.monotonic()
-        beat = _Heartbeat(self, self.heartbeat_seconds)
-        beat.start()
-        try:
-            self._run()  # type: ignore[attr-defined]
-            if not self.stop_reason and not self.should_stop():  # type: ignore[attr-defined]
-                self.stop_reason = "exhausted"
-        except KeyboardInterrupt:
-            self.stop_reason = "interrupted"
-            self._abandon_running("interrupted by the user (KeyboardInterrupt)")  # type: ignore[attr-defined]
-        except _NoSlotLeft:
-            self.stop_reason = "n_trials"
-        finally:
-            beat.stop()
-            self.save_state()  # type: ignore[attr-defined]
-        return self.result()  # type: ignore[attr-defined]
-
-
-_CLASS_CACHE: dict[type, type] = {}
-
-
-def _campaign_class(cls: type) -> type:
-    if cls not in _CLASS_CACHE:
-        _CLASS_CACHE[cls] = type(f"Campaign{cls.__name__}", (CampaignSearcherMixin, cls), {"__doc__": cls.__doc__})
-    return _CLASS_CACHE[cls]
-
-
 def make_campaign_searcher(camp: Campaign, store: TrialStore, name: str, *, seed: int,
                            kwargs: Mapping[str, Any] | None = None,
-                           callbacks: Sequence[Callable[[Any, TrialRecord], None]] = (),
-                           n_trials: int | None = None, problem: Any = None) -> Any:
-    """The searcher ``name`` on the campaign's problem and store, made worker-safe.
+                           callbacks: Sequence[Callable[[Searcher, TrialRecord], None]] = (),
+                           n_trials: int | None = None, problem: Problem | None = None) -> Searcher:
+    """The searcher ``name`` on the campaign's problem and store, sharing its study with the campaign's other
+    processes (:class:`~autoprune.workers.SharedStudy` with the config's ``workers`` settings).
+
+    With one process it proposes exactly what the plain searcher would.
 
     Raises:
         ConfigError: Unknown searcher (with the choices) or bad hyper-parameters.
@@ -826,21 +468,19 @@ def make_campaign_searcher(camp: Campaign, store: TrialStore, name: str, *, seed
     load_builtin_searchers()
     cls = SEARCHERS.get(name)
     cfg = camp.config
+    sharing = SharedStudy(WorkerIdentity.current(), heartbeat_seconds=cfg.workers.heartbeat_seconds,
+                          stale_seconds=cfg.workers.stale_seconds)
     args: dict[str, Any] = {"store": store, "objective": camp.objective(), "budget": camp.budget(),
                             "n_trials": n_trials if n_trials is not None else cfg.n_trials,
                             "time_limit": cfg.time_limit, "seed": int(seed), "callbacks": list(callbacks),
-                            **dict(kwargs or {})}
+                            **dict(kwargs or {}), "sharing": sharing}
     prob = problem if problem is not None else camp.problem
     try:
         inspect.signature(cls).bind(prob, **args)
     except TypeError as exc:
         raise ConfigError(f"bad arguments for searcher {name!r}: {exc}", hint=f"{name}: {SEARCHERS.help(name)}"
                           ) from None
-    searcher = _campaign_class(cls)(prob, **args)
-    searcher.worker = WorkerIdentity.current()
-    searcher.heartbeat_seconds = cfg.workers.heartbeat_seconds
-    searcher.stale_seconds = cfg.workers.stale_seconds
-    return searcher
+    return cls(prob, **args)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -863,7 +503,7 @@ class ProgressBar:
 
             self.bar = tqdm(desc=desc, total=total, initial=initial, dynamic_ncols=True, leave=True)
 
-    def __call__(self, searcher: Any, record: TrialRecord) -> None:
+    def __call__(self, searcher: Searcher, record: TrialRecord) -> None:
         ok = record.state == "complete" and record.result is not None and record.reward is not None
         if ok and (self.best is None or record.reward > self.best.reward):  # type: ignore[operator]
             self.best = record
@@ -888,7 +528,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
         return
 
-    def raise_interrupt(signum: int, frame: Any) -> None:
+    def raise_interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, raise_interrupt)
@@ -900,7 +540,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def run_search(camp: Campaign, store: TrialStore, *, searcher: str | None = None, seed: int | None = None,
                kwargs: Mapping[str, Any] | None = None, quiet: bool = False, n_trials: int | None = None,
-               fresh_problem: bool = False) -> Any:
+               fresh_problem: bool = False) -> SearchResult:
     """Run (or resume, or join) one searcher's study of the campaign.
 
     Args:
@@ -928,10 +568,9 @@ def run_search(camp: Campaign, store: TrialStore, *, searcher: str | None = None
                                problem=problem)
     from autoprune import utils
 
-    inner_quiet = utils._QUIET  # the evaluators' own per-batch bars would flicker under the search's bar
-    utils.set_quiet(True)
     try:
-        with sigterm_as_interrupt():
+        # the evaluators' own per-batch bars would flicker under the search's bar
+        with utils.quiet(), sigterm_as_interrupt():
             return s.run()
     except Exception as exc:  # a locked database, a full disk, a lost server: a clear error, trials kept
         err = storage_error(exc, repr(store))
@@ -939,7 +578,6 @@ def run_search(camp: Campaign, store: TrialStore, *, searcher: str | None = None
             raise
         raise err from exc
     finally:
-        utils.set_quiet(inner_quiet)
         bar.close()
 
 
@@ -950,7 +588,7 @@ def _counted(store: TrialStore, searcher: str, seed: int) -> int:
     return len(TrialStore.counted(optuna.load_study(study_name=name, storage=store.storage)))
 
 
-def summarize(result: Any, dense_macs: int) -> str:
+def summarize(result: SearchResult, dense_macs: int) -> str:
     """One line about a search result: trials, stop reason, best reward / accuracy / MACs."""
     head = f"{result.searcher} seed{result.seed}: {len(result.trials)} trials ({result.stop_reason})"
     b = result.best
@@ -961,7 +599,8 @@ def summarize(result: Any, dense_macs: int) -> str:
 
 
 def compare(camp: Campaign, store: TrialStore, agents: Sequence[str], seeds: Sequence[int], *,
-            quiet: bool = False, reference: str = "uniform", on_result: Callable[[Any], None] | None = None) -> Any:
+            quiet: bool = False, reference: str = "uniform",
+            on_result: Callable[[SearchResult], None] | None = None) -> pd.DataFrame:
     """Run every agent for every seed on the identical problem, budget and evaluator; return the leaderboard.
 
     The ``reference`` searcher (default ``uniform``) also runs (once, with the first seed) if it is not among

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from autoprune.errors import ConfigError
+from autoprune.objectives import Budget
 
 # Numbers bigger than this are certainly a typo (and would overflow torch/numpy ints downstream).
 _MAX_INT = 2**53
@@ -67,9 +68,19 @@ class DatasetConfig:
     seed: int = 0
 
 
+def _default_criterion() -> str:
+    # the library's one default; imported on first use so that importing this module stays free of torch
+    from autoprune.importance import DEFAULT_CRITERION
+
+    return DEFAULT_CRITERION
+
+
 @dataclass(frozen=True)
 class SearchSpaceConfig:
-    """Which groups/layers are searched and how."""
+    """Which groups/layers are searched and how.
+
+    ``importance`` defaults to :data:`autoprune.importance.DEFAULT_CRITERION`, the library's default criterion.
+    """
 
     family: str | None = None
     round_to: int = 1
@@ -80,27 +91,21 @@ class SearchSpaceConfig:
     a_bits: list[int | None] = field(default_factory=lambda: [None])
     first_last_min_bits: int = 8
     exclude: list[str] = field(default_factory=list)
-    importance: str = "l1"
-
-
-@dataclass(frozen=True)
-class BudgetConfig:
-    """Budget targets: a value ≤ 1 is a fraction of the dense model's cost, > 1 an absolute number."""
-
-    macs: float | None = None
-    params: float | None = None
-    size_bytes: float | None = None
-    latency_ms: float | None = None
+    importance: str = field(default_factory=_default_criterion)
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """The reward (single objective) or objectives (multi-objective searchers) and the budget."""
+    """The reward (single objective) or objectives (multi-objective searchers) and the budget.
+
+    ``budget`` is validated straight into an :class:`~autoprune.objectives.Budget` (its keys and value rule:
+    a value ≤ 1 is a fraction of the dense model's cost, > 1 an absolute number).
+    """
 
     reward: str = "r_err"
     kwargs: dict[str, Any] = field(default_factory=dict)
     objectives: list[str] = field(default_factory=lambda: ["accuracy", "macs"])
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    budget: Budget = field(default_factory=Budget)
 
 
 @dataclass(frozen=True)
@@ -297,6 +302,8 @@ def _build(cls: type, data: Any, path: str) -> Any:
             did = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{where}: unknown key.{did}", hint=f"allowed keys here: {', '.join(fields)}")
         kwargs[key] = _convert(value, hints[key], where)
+        if cls is Budget:  # the budget's own value rule, reported with the key path
+            Budget.check_limit(key, kwargs[key], where)
     missing = [n for n, f in fields.items() if n not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -329,9 +336,6 @@ def _check_values(cfg: CampaignConfig) -> None:
     for b in cfg.search_space.a_bits:
         if b is not None and not 2 <= b <= 8:
             raise ConfigError(f"search_space.a_bits: {b} is outside 2..8 (or null for float)")
-    for name, value in dataclasses.asdict(cfg.objective.budget).items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"objective.budget.{name}: must be > 0, got {value}")
     if not cfg.name or any(c in cfg.name for c in "/\\\0") or cfg.name in (".", ".."):
         raise ConfigError(f"name: {cfg.name!r} cannot be used as a directory name",
                           hint="use letters, digits, '-', '_' and '.'")

@@ -6,34 +6,35 @@ conv/linear term is bilinear in two group widths, so
 
     cost(w) = Σ κ_ij·w_i·w_j + Σ λ_i·w_i + c0
 
-with coefficients built once by :func:`autoprune.graph.analyze` (:func:`build_terms`); a grouped conv's weight
-numel is ``k_h·k_w/g · C_out(w) · C_in(w)`` (widths not divisible by a group's divisor are refused). Pricing a candidate
-(:func:`closed_form`) builds no model and takes microseconds. With per-layer bits, ``bytes`` and ``payload_bits``
-equal what :func:`autoprune.quantization.export` stores for the pruned, BN-folded, quantized candidate, to the
-byte: the rows of every stored tensor (and of each layer's output channels) are derived once per GroupSet from
-the folded graph (cached), and a call combines them with the bit-widths. :func:`count_macs`
-(``FlopCounterMode``) is the test oracle; :func:`expected_cost` is the differentiable form for expected widths
-(DMCP).
+with coefficients built once by :func:`autoprune.graph.analyze` (:func:`autoprune.graph.terms.build_terms`, also
+importable from here); a grouped conv's weight numel is ``k_h·k_w/g · C_out(w) · C_in(w)`` (widths not divisible
+by a group's divisor are refused). The pricing forms derived from them are cached with the
+:class:`~autoprune.graph.GroupSet` on first use. Pricing a candidate (:func:`closed_form`) builds no model and
+takes microseconds. With per-layer bits, ``bytes`` and ``payload_bits`` equal what
+:func:`autoprune.quantization.export` stores for the pruned, BN-folded, quantized candidate, to the byte: the rows
+of every stored tensor (and of each layer's output channels) are derived once per GroupSet from the folded graph
+(cached), and a call combines them with the bit-widths. :func:`count_macs` (``FlopCounterMode``) is the test
+oracle; :func:`expected_cost` is the differentiable form for expected widths (DMCP).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import fx, nn
 
 from autoprune.errors import ConfigError
+from autoprune.graph import GroupSet
+from autoprune.graph.records import QuadraticForm
+from autoprune.graph.terms import Factors, build_terms, factors, quadratic
 from autoprune.types import Candidate, CostReport, QuantSpec
 
-if TYPE_CHECKING:
-    from autoprune.graph import CostTerms, GroupSet
-
 __all__ = [
-    "build_terms",
+    "build_terms",  # re-exported from autoprune.graph.terms (the analysis builds the rows)
     "closed_form",
     "count_macs",
     "count_params",
@@ -46,192 +47,32 @@ FLOAT_BITS = 32
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Building the coefficients (called by graph.analyze)
+# The pricing forms of a GroupSet (cached with it)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _affine(shape_d: int, entries: list[tuple[str, int, int]] | None, idx: Mapping[str, int],
-            sizes: Mapping[str, int], p: int) -> tuple[float, np.ndarray]:
-    const = float(shape_d)
-    coef = np.zeros(p)
-    for g, _off, s in entries or ():
-        if g in idx:
-            const -= sizes[g] * s
-            coef[idx[g]] += s
-    return const, coef
+@dataclass(frozen=True)
+class _Pricing:
+    """What pricing a candidate needs, derived once per GroupSet from its cost rows."""
+
+    macs: QuadraticForm
+    params: QuadraticForm
+    index: dict[str, int]  # prunable group id -> position in the width vector
+    full: np.ndarray  # full widths
+    divisor: list[int]
 
 
-def _factors(name: str, shape: tuple[int, ...], dims: Mapping[int, list[tuple[str, int, int]]],
-             idx: Mapping[str, int], sizes: Mapping[str, int], p: int, grouped: Mapping[int, int] | None = None,
-             ) -> tuple[float, float, np.ndarray, float, np.ndarray]:
-    """``numel`` of a tensor as ``k·(a·w + a0)·(b·w + b0)`` (at most two width-dependent dims).
-
-    A dim in ``grouped`` (``dim -> g``, the input dim of a grouped conv weight) holds ``C_in/g`` entries while its
-    ``dims`` entries count along the virtual ``C_in`` axis: it enters as ``C_in(w) / g`` (the ``1/g`` goes to ``k``).
-    """
-    k = 1.0
-    factors: list[tuple[float, np.ndarray]] = []
-    for d, n in enumerate(shape):
-        g = (grouped or {}).get(d, 1)
-        const, coef = _affine(n * g, dims.get(d), idx, sizes, p)
-        k /= g
-        if coef.any():
-            factors.append((const, coef))
-        else:
-            k *= const
-    if len(factors) > 2:
-        raise RuntimeError(f"tensor {name} depends on more than two channel groups; cannot price it")
-    while len(factors) < 2:
-        factors.append((1.0, np.zeros(p)))
-    (a0, a), (b0, b) = factors
-    return k, a0, a, b0, b
-
-
-def build_terms(prunable: list[str], sizes: Mapping[str, int],
-                tensor_dims: Mapping[str, Mapping[int, list[tuple[str, int, int]]]],
-                tensor_shapes: Mapping[str, tuple[int, ...]], mac_terms: list[tuple[str, float]],
-                macs_const: float, batch: int, param_names: set[str],
-                module_roles: Mapping[tuple[str, str], Any], canon: Mapping[str, str], *,
-                grouped: Mapping[str, Mapping[int, int]] | None = None) -> CostTerms:
-    """Build the per-tensor cost rows of a model (see :class:`autoprune.graph.CostTerms`).
-
-    Args:
-        prunable: Prunable group ids; their order defines the width vector.
-        sizes: Full width of every group.
-        tensor_dims: ``tensor -> {dim: [(group id, offset, stride)]}``.
-        tensor_shapes: Full shape of every parameter and buffer.
-        mac_terms: ``(weight tensor, multiplier)``: MACs of one call = multiplier × numel(weight).
-        macs_const: Per-sample MACs of ops whose operands are frozen.
-        batch: Batch size of the example input (multipliers are divided by it).
-        param_names: Canonical names of the parameters (counted in ``params``).
-        module_roles: ``(module, role) -> (full, entries)`` from the analysis (unused here, kept for layers).
-        canon: Any tensor name -> canonical name.
-        grouped: ``tensor -> {dim: groups}`` for the input dims of grouped conv weights (see :func:`_factors`).
-    """
-    from autoprune.graph import CostTerms
-
-    grouped = grouped or {}
-
-    idx = {g: i for i, g in enumerate(prunable)}
-    p = len(prunable)
-    rows: dict[str, int] = {}
-    k_l: list[float] = []
-    a_l: list[np.ndarray] = []
-    a0_l: list[float] = []
-    b_l: list[np.ndarray] = []
-    b0_l: list[float] = []
-    names: list[str] = []
-
-    def add_row(name: str, k: float, a0: float, a: np.ndarray, b0: float, b: np.ndarray) -> int:
-        rows[name] = len(k_l)
-        names.append(name)
-        k_l.append(k)
-        a0_l.append(a0)
-        a_l.append(a)
-        b0_l.append(b0)
-        b_l.append(b)
-        return rows[name]
-
-    def tensor_row(t: str) -> int:
-        if t in rows:
-            return rows[t]
-        return add_row(t, *_factors(t, tensor_shapes[t], tensor_dims.get(t, {}), idx, sizes, p, grouped.get(t)))
-
-    macs_coef: dict[int, float] = {}
-    layers: dict[str, dict[str, Any]] = {}
-    for wname, mult in mac_terms:
-        t = canon.get(wname, wname)
-        r = tensor_row(t)
-        macs_coef[r] = macs_coef.get(r, 0.0) + mult / batch
-        layer = wname.rsplit(".", 1)[0]
-        info = layers.setdefault(layer, {"weight": r, "macs": 0.0})
-        info["macs"] += mult / batch
-    for t in sorted(param_names):
-        tensor_row(t)
-    for layer, info in layers.items():
-        t = names[info["weight"]]
-        bias = canon.get(f"{layer}.bias")
-        info["bias"] = tensor_row(bias) if bias in tensor_shapes else None
-        const, coef = _affine(tensor_shapes[t][0], tensor_dims.get(t, {}).get(0), idx, sizes, p)
-        info["cout"] = add_row(f"{t}#cout", 1.0, const, coef, 1.0, np.zeros(p))
-    n = len(k_l)
-    mc = np.zeros(n)
-    for r, c in macs_coef.items():
-        mc[r] = c
-    pc = np.zeros(n)
-    for t in param_names:
-        pc[rows[t]] = 1.0
-    shape2 = (n, p)
-    return CostTerms(
-        k=np.asarray(k_l, dtype=np.float64),
-        A=np.asarray(a_l, dtype=np.float64).reshape(shape2),
-        a0=np.asarray(a0_l, dtype=np.float64),
-        B=np.asarray(b_l, dtype=np.float64).reshape(shape2),
-        b0=np.asarray(b0_l, dtype=np.float64),
-        macs_coef=mc,
-        params_coef=pc,
-        macs_const=float(macs_const),
-        layers=layers,
-        row_names=names,
-    )
-
-
-def _quadratic(terms: CostTerms | _Rows, coef: np.ndarray, const: float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
-    """``Σ_r coef_r·row_r(w)`` as ``(K, λ, c0)`` with ``w·K·w + λ·w + c0`` (K symmetric)."""
-    ck = coef * terms.k
-    kmat = (terms.A * ck[:, None]).T @ terms.B
-    kmat = 0.5 * (kmat + kmat.T)
-    lam = (ck * terms.a0) @ terms.B + (ck * terms.b0) @ terms.A
-    c0 = float(np.sum(ck * terms.a0 * terms.b0)) + const
-    return kmat, lam, c0
-
-
-def _forms(gs: GroupSet) -> dict[str, Any]:
-    cache = gs._cost_cache
-    if "macs" not in cache:
+def _forms(gs: GroupSet) -> _Pricing:
+    """The pricing forms of ``gs`` (cached with it on first use)."""
+    forms = gs.cache.get("pricing")
+    if forms is None:
         t = gs.cost_terms
-        assert t is not None
-        cache["macs"] = _quadratic(t, t.macs_coef, t.macs_const)
-        cache["params"] = _quadratic(t, t.params_coef)
-        cache["index"] = {g: i for i, g in enumerate(gs.prunable_ids)}
-        cache["full"] = np.asarray([gs[g].size for g in gs.prunable_ids], dtype=np.float64)
-        cache["divisor"] = [gs[g].divisor for g in gs.prunable_ids]
-        names = list(t.layers)
-        cache["layer_index"] = {name: i for i, name in enumerate(names)}
-        cache["layer_weight"] = np.asarray([t.layers[n]["weight"] for n in names], dtype=np.int64)
-        cache["layer_cout"] = np.asarray([t.layers[n]["cout"] for n in names], dtype=np.int64)
-        cache["layer_macs"] = np.asarray([t.layers[n]["macs"] for n in names], dtype=np.float64)
-    return cache
-
-
-def annotate_groups(gs: GroupSet) -> None:
-    """Fill each group's cost fields (MACs/params it controls, λ and κ coefficients)."""
-    import dataclasses
-
-    forms = _forms(gs)
-    full = forms["full"]
-    ids = gs.prunable_ids
-    new = []
-    for g in gs:
-        if g.id not in forms["index"]:
-            new.append(g)
-            continue
-        i = forms["index"][g.id]
-        vals = {}
-        for what in ("macs", "params"):
-            kmat, lam, _c0 = forms[what]
-            w0 = full.copy()
-            w0[i] = 0.0
-            total = full @ kmat @ full + lam @ full
-            without = w0 @ kmat @ w0 + lam @ w0
-            pairs = tuple((ids[j], float(kmat[i, j] if i == j else 2.0 * kmat[i, j]))
-                          for j in range(len(ids)) if kmat[i, j] != 0.0)
-            vals[what] = (round(total - without), float(lam[i]), pairs)
-        new.append(dataclasses.replace(
-            g, macs=int(vals["macs"][0]), params=int(vals["params"][0]), macs_linear=vals["macs"][1],
-            macs_quadratic=vals["macs"][2], params_linear=vals["params"][1], params_quadratic=vals["params"][2]))
-    gs._groups = new
-    gs._by_id = {g.id: g for g in new}
+        forms = _Pricing(macs=t.macs_form, params=t.params_form,
+                         index={g: i for i, g in enumerate(gs.prunable_ids)},
+                         full=np.asarray([gs[g].size for g in gs.prunable_ids], dtype=np.float64),
+                         divisor=[gs[g].divisor for g in gs.prunable_ids])
+        gs.cache["pricing"] = forms
+    return forms
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,12 +87,12 @@ def width_vector(groups: GroupSet, widths: Mapping[str, int] | Candidate | None)
         ConfigError: For an unknown group id, a width outside ``1..size``, or a changed frozen group.
     """
     forms = _forms(groups)
-    w = forms["full"].copy()
+    w = forms.full.copy()
     if widths is None:
         return w
     if isinstance(widths, Candidate):
         widths = widths.widths
-    index = forms["index"]
+    index = forms.index
     for gid, v in widths.items():
         i = index.get(gid)
         if i is None:
@@ -260,10 +101,10 @@ def width_vector(groups: GroupSet, widths: Mapping[str, int] | Candidate | None)
                 raise ConfigError(f"group {gid!r} is frozen ({g.reason}); it cannot be pruned to {v}",
                                   hint="leave frozen groups out of the widths")
             continue
-        if not 1 <= v <= forms["full"][i]:
-            raise ConfigError(f"width {v} for group {gid!r} is outside 1..{int(forms['full'][i])}",
+        if not 1 <= v <= forms.full[i]:
+            raise ConfigError(f"width {v} for group {gid!r} is outside 1..{int(forms.full[i])}",
                               hint="widths count kept channels; use a value between 1 and the group size")
-        if v % forms["divisor"][i]:
+        if v % forms.divisor[i]:
             groups[gid].check_width(int(v))
         w[i] = v
     return w
@@ -315,8 +156,8 @@ def closed_form(groups: GroupSet, widths: Mapping[str, int] | Candidate | None =
         widths = widths.widths
     forms = _forms(groups)
     w = width_vector(groups, widths)
-    km, lm, cm = forms["macs"]
-    kp, lp, cp = forms["params"]
+    km, lm, cm = forms.macs
+    kp, lp, cp = forms.params
     macs = float(w @ km @ w + lm @ w + cm)
     params = float(w @ kp @ w + lp @ w + cp)
     macs_i, params_i = round(macs), round(params)
@@ -354,8 +195,8 @@ class _Rows:
     b0: np.ndarray
 
     @classmethod
-    def stack(cls, rows: list[tuple[float, float, np.ndarray, float, np.ndarray]], p: int) -> _Rows:
-        """Rows from :func:`_factors` tuples."""
+    def stack(cls, rows: list[Factors], p: int) -> _Rows:
+        """Rows from :func:`~autoprune.graph.terms.factors` tuples."""
         k, a0, a, b0, b = zip(*rows, strict=True) if rows else ((), (), (), (), ())
         return cls(k=np.asarray(k, dtype=np.float64), A=np.asarray(a, dtype=np.float64).reshape(len(rows), p),
                    a0=np.asarray(a0, dtype=np.float64), B=np.asarray(b, dtype=np.float64).reshape(len(rows), p),
@@ -450,7 +291,7 @@ def _stored_tensors(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
 def _quant_forms(groups: GroupSet, fold_bn: bool) -> _QuantForms:
     """Build (once per GroupSet and ``fold_bn``) the rows of the exported quantized artifact."""
     key = f"quant:{fold_bn}"
-    cache = groups._cost_cache
+    cache = groups.cache
     if key in cache:
         return cache[key]
     import copy
@@ -459,8 +300,7 @@ def _quant_forms(groups: GroupSet, fold_bn: bool) -> _QuantForms:
 
     forms = _forms(groups)
     terms = groups.cost_terms
-    assert terms is not None
-    idx, p = forms["index"], len(groups.prunable_ids)
+    idx, p = forms.index, len(groups.prunable_ids)
     sizes = {g.id: g.size for g in groups}
     gm = groups.graph_module
     prepared = quantization.fold_batchnorm(gm) if fold_bn else copy.deepcopy(gm)
@@ -483,28 +323,28 @@ def _quant_forms(groups: GroupSet, fold_bn: bool) -> _QuantForms:
             return groups.grouped_dims.get(canon)
         return None
 
-    stored: list[tuple[float, float, np.ndarray, float, np.ndarray]] = []
+    stored: list[Factors] = []
     esize: list[float] = []
     for name, t in _stored_tensors(prepared):
-        stored.append(_factors(name, tuple(t.shape), dims_for(name, t), idx, sizes, p, grouped_for(name, t)))
+        stored.append(factors(name, tuple(t.shape), dims_for(name, t), idx, sizes, p, grouped_for(name, t)))
         esize.append(float(t.element_size()))
     names = quantization.quantizable_layers(prepared)
-    weights: list[tuple[float, float, np.ndarray, float, np.ndarray]] = []
-    couts: list[tuple[float, float, np.ndarray, float, np.ndarray]] = []
+    weights: list[Factors] = []
+    couts: list[Factors] = []
     wsize, lmacs = [], []
     for layer in names:
         weight = prepared.get_submodule(layer).weight
         wdims = dims_for(f"{layer}.weight", weight)
-        weights.append(_factors(f"{layer}.weight", tuple(weight.shape), wdims, idx, sizes, p,
+        weights.append(factors(f"{layer}.weight", tuple(weight.shape), wdims, idx, sizes, p,
                                 grouped_for(f"{layer}.weight", weight)))
-        couts.append(_factors(f"{layer}.weight#cout", (weight.shape[0],), {0: wdims.get(0, [])}, idx, sizes, p))
+        couts.append(factors(f"{layer}.weight#cout", (weight.shape[0],), {0: wdims.get(0, [])}, idx, sizes, p))
         wsize.append(float(weight.element_size()))
         info = terms.layers.get(layer)
         lmacs.append(float(info["macs"]) if info is not None else 0.0)
     rows = _Rows.stack(weights + couts, p)
     qf = _QuantForms(
         k=rows.k, A=rows.A, a0=rows.a0, B=rows.B, b0=rows.b0,
-        float_bytes=_quadratic(_Rows.stack(stored, p), np.asarray(esize, dtype=np.float64)),
+        float_bytes=quadratic(_Rows.stack(stored, p), np.asarray(esize, dtype=np.float64)),
         names=names, index={n: i for i, n in enumerate(names)}, weight_size=np.asarray(wsize, dtype=np.float64),
         layer_macs=np.asarray(lmacs, dtype=np.float64))
     cache[key] = qf
@@ -513,9 +353,7 @@ def _quant_forms(groups: GroupSet, fold_bn: bool) -> _QuantForms:
 
 def min_cost(groups: GroupSet, *, round_to: int = 1, bits: Mapping[str, QuantSpec] | None = None) -> CostReport:
     """Cost with every prunable group at its smallest legal width (the floor of any budget)."""
-    from autoprune.pruning import legal_widths
-
-    widths = {g.id: legal_widths(g, round_to)[0] for g in groups.prunable()}
+    widths = {g.id: g.legal_widths(round_to)[0] for g in groups.prunable()}
     return closed_form(groups, widths, bits)
 
 
@@ -535,9 +373,9 @@ def expected_cost(groups: GroupSet, widths: Mapping[str, torch.Tensor],
     if what not in ("macs", "params"):
         raise ConfigError(f"expected_cost(what={what!r}) must be 'macs' or 'params'")
     forms = _forms(groups)
-    kmat, lam, c0 = forms[what]
-    index = forms["index"]
-    full = forms["full"]
+    kmat, lam, c0 = forms.macs if what == "macs" else forms.params
+    index = forms.index
+    full = forms.full
     for gid in widths:
         if gid not in index:
             groups[gid]

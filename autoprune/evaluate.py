@@ -13,7 +13,12 @@ infcop      fine-tunes until the information/gradient flow is consistent with th
 full        a fixed fine-tuning schedule (epochs, cosine LR) for final models
 =========== ============================================================================================
 
-:class:`CachedEvaluator` wraps any evaluator so that identical candidate keys are never evaluated twice.
+What an evaluator needs from its caller is declared on its class (:attr:`Evaluator.needs_train`,
+:attr:`~Evaluator.trains`, :attr:`~Evaluator.needs_dense`, :attr:`~Evaluator.needs_flow_loader`), and so is
+whether it reports intermediate values (:attr:`~Evaluator.reports_intermediate`): registering a class in
+:data:`EVALUATORS` is all a new evaluator needs. The training evaluators share :class:`TrainingEvaluator`,
+whose public :meth:`~TrainingEvaluator.fine_tune` trains a model in place (the final fine-tune of an export
+uses it to keep the weights). Results are cached per candidate by :class:`autoprune.problem.Problem`.
 
 Contract shared by all evaluators:
 
@@ -25,7 +30,8 @@ Contract shared by all evaluators:
 * ``report(step, value) -> bool`` is an optional callback for intermediate values (the validation accuracy
   after ``step`` training steps or epochs). If it returns True, the evaluator stops at once and returns a
   *pruned* result: ``extra["pruned"] is True``, ``extra["stop_reason"] == "pruned"`` and ``accuracy`` is the
-  last reported value. Pruned results are never cached. With Optuna::
+  last reported value. The candidate cache (:class:`autoprune.problem.Problem`) never keeps pruned results.
+  With Optuna::
 
       result = evaluator.evaluate(m, report=lambda s, v: (trial.report(v, s), trial.should_prune())[1])
       if was_pruned(result):
@@ -42,7 +48,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +70,19 @@ PRUNED = "pruned"
 """``extra["stop_reason"]`` of a result whose evaluation was stopped by the ``report`` callback."""
 
 EVALUATORS: Registry[type[Evaluator]] = Registry("evaluator")
+
+
+class CandidateEvaluator(Protocol):
+    """What a :class:`~autoprune.problem.Problem` needs from its evaluator: one ``evaluate`` method.
+
+    Every :class:`Evaluator` satisfies it, and so do wrappers (the campaign's reproducible evaluator) and test
+    fakes. Searchers that care which kind of evaluator it is read its ``name`` (a key of :data:`EVALUATORS`)
+    when it has one.
+    """
+
+    def evaluate(self, model: nn.Module, *, key: str | None = None, report: ReportFn | None = None) -> EvalResult:
+        """Score ``model`` (never mutating it); see :meth:`Evaluator.evaluate`."""
+        ...
 
 
 class TrialTimeout(TimeoutError):
@@ -332,10 +351,25 @@ class Evaluator(ABC):
             candidate as a failed trial and goes on).
 
     A non-finite training or validation loss raises :class:`DivergedError` (also a failed trial).
+
+    Class attributes (what a campaign reads to build the evaluator and to choose a pruner):
+
+    Attributes:
+        name: Registry name.
+        needs_train: A training loader is required.
+        trains: The evaluator trains the candidate, so it gets the augmented training loader (calibration-only
+            evaluators get the training split with test-time transforms).
+        reports_intermediate: Calls the ``report`` callback with intermediate values (Optuna pruning).
+        needs_dense: Takes the dense network as ``dense=`` (unless given ``references=``).
+        needs_flow_loader: Takes ``flow_loader=``, a training loader with test-time transforms.
     """
 
     name: ClassVar[str] = ""
     needs_train: ClassVar[bool] = True
+    trains: ClassVar[bool] = False
+    reports_intermediate: ClassVar[bool] = False
+    needs_dense: ClassVar[bool] = False
+    needs_flow_loader: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -378,9 +412,8 @@ class Evaluator(ABC):
         """
         start = time.perf_counter()
         work = copy.deepcopy(model).to(self.device)
-        timeout = getattr(self, "timeout", None)
-        if timeout is not None:
-            work.register_forward_pre_hook(_deadline_hook(start + timeout, timeout))
+        if self.timeout is not None:
+            work.register_forward_pre_hook(_deadline_hook(start + self.timeout, self.timeout))
         out = self._run(work, report)
         if not math.isfinite(out.loss):
             raise DivergedError(f"the candidate's validation loss is {out.loss} (diverged or non-finite outputs)")
@@ -438,12 +471,16 @@ class AdaptiveBNEvaluator(Evaluator):
         return Outcome(acc, loss, samples, {"bn_layers": len(batchnorm_layers(model))})
 
 
-class _TrainingEvaluator(Evaluator):
-    """Shared set-up of the evaluators that train: optimizer settings and optional BN calibration first.
+class TrainingEvaluator(Evaluator):
+    """Base of the evaluators that train; its public :meth:`fine_tune` trains the caller's model in place.
 
-    ``bn_calibration`` > 0 runs adaptive BN on that many batches of ``bn_loader`` (default: the training
-    loader; pass one with test-time transforms) before the first step.
+    It holds the optimizer settings and the optional BN calibration before training: ``bn_calibration`` > 0
+    runs adaptive BN on that many batches of ``bn_loader`` (default: the training loader; pass one with
+    test-time transforms) before the first step. Subclasses implement :meth:`_train`.
     """
+
+    trains = True
+    reports_intermediate = True
 
     def __init__(
         self,
@@ -467,6 +504,28 @@ class _TrainingEvaluator(Evaluator):
         self.bn_calibration = bn_calibration
         self.bn_loader = bn_loader if bn_loader is not None else train_loader
 
+    def fine_tune(self, model: nn.Module, *, report: ReportFn | None = None) -> Outcome:
+        """Fine-tune ``model`` **in place** with this evaluator's schedule, then score it on the validation split.
+
+        Unlike :meth:`evaluate` (which works on a copy and only returns the score), the caller keeps the trained
+        weights; ``model`` is moved to the evaluator's device. No per-evaluation time limit applies.
+
+        Args:
+            model: The network to train (modified in place).
+            report: Optional ``report(step, value) -> bool`` callback (see the module docstring).
+
+        Returns:
+            The :class:`Outcome` (accuracy, loss, training samples, evaluator-specific ``extra``).
+        """
+        return self._train(model.to(self.device), report)
+
+    def _run(self, model: nn.Module, report: ReportFn | None) -> Outcome:
+        return self.fine_tune(model, report=report)
+
+    @abstractmethod
+    def _train(self, model: nn.Module, report: ReportFn | None) -> Outcome:
+        """Train ``model`` (already on the evaluator's device) and score it."""
+
     def _start(self, model: nn.Module, total_steps: int) -> StepTrainer:
         trainer = StepTrainer(model, self.train_loader or [], self.sgd, total_steps=total_steps, device=self.device)
         if self.bn_calibration:
@@ -475,7 +534,7 @@ class _TrainingEvaluator(Evaluator):
 
 
 @EVALUATORS.register("finetune")
-class FineTuneEvaluator(_TrainingEvaluator):
+class FineTuneEvaluator(TrainingEvaluator):
     """K steps of SGD fine-tuning, then validation accuracy; reports every R steps.
 
     Args:
@@ -497,7 +556,7 @@ class FineTuneEvaluator(_TrainingEvaluator):
         self.steps = steps
         self.report_every = report_every
 
-    def _run(self, model: nn.Module, report: ReportFn | None) -> Outcome:
+    def _train(self, model: nn.Module, report: ReportFn | None) -> Outcome:
         trainer = self._start(model, self.steps)
         while trainer.steps < self.steps:
             trainer.run(min(self.report_every, self.steps - trainer.steps))
@@ -510,7 +569,7 @@ class FineTuneEvaluator(_TrainingEvaluator):
 
 
 @EVALUATORS.register("full")
-class FullFineTuneEvaluator(_TrainingEvaluator):
+class FullFineTuneEvaluator(TrainingEvaluator):
     """Fixed-schedule fine-tuning for final models: ``epochs`` epochs, cosine LR; reports every epoch.
 
     Args:
@@ -539,7 +598,7 @@ class FullFineTuneEvaluator(_TrainingEvaluator):
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
 
-    def _run(self, model: nn.Module, report: ReportFn | None) -> Outcome:
+    def _train(self, model: nn.Module, report: ReportFn | None) -> Outcome:
         trainer = self._start(model, self.epochs * self.steps_per_epoch)
         history: list[float] = []
         for epoch in range(1, self.epochs + 1):
@@ -554,7 +613,7 @@ class FullFineTuneEvaluator(_TrainingEvaluator):
 
 
 @EVALUATORS.register("infcop")
-class InfCoPEvaluator(_TrainingEvaluator):
+class InfCoPEvaluator(TrainingEvaluator):
     """Fine-tune until the candidate's flow is consistent with the dense network's, then score (§4).
 
     Every ``check_every`` steps the candidate's information flow and/or gradient flow is measured on the
@@ -585,6 +644,8 @@ class InfCoPEvaluator(_TrainingEvaluator):
     """
 
     name = "infcop"
+    needs_dense = True
+    needs_flow_loader = True
 
     def __init__(
         self,
@@ -653,7 +714,7 @@ class InfCoPEvaluator(_TrainingEvaluator):
             self._target = self._validate(self._dense.to(self.device))[0]
         return None if self._target is None else float(self._target)
 
-    def _run(self, model: nn.Module, report: ReportFn | None) -> Outcome:
+    def _train(self, model: nn.Module, report: ReportFn | None) -> Outcome:
         refs = self.references()
         target = self.target_accuracy()
         trainer = self._start(model, self.max_steps)
@@ -688,48 +749,6 @@ class InfCoPEvaluator(_TrainingEvaluator):
                  "train_samples": trainer.samples, "flow_samples": flow_samples,
                  "eps": dict(self._eps), "form": self.form}
         return Outcome(acc, loss, trainer.samples + flow_samples, extra)
-
-
-class CachedEvaluator(Evaluator):
-    """Wraps an evaluator so that identical candidate keys are evaluated once.
-
-    A call with a ``key`` seen before returns the stored :class:`EvalResult` unchanged (``hits`` += 1);
-    otherwise the inner evaluator runs (``misses`` += 1) and its result is stored, unless it was pruned.
-    Calls without a key are never cached (and count as misses).
-
-    Args:
-        inner: The evaluator doing the work.
-    """
-
-    needs_train = False
-
-    def __init__(self, inner: Evaluator) -> None:
-        self.inner = inner
-        self.name = inner.name  # type: ignore[misc]
-        self.device = inner.device
-        self._store: dict[str, EvalResult] = {}
-        self.hits = 0
-        self.misses = 0
-
-    def evaluate(self, model: nn.Module, *, key: str | None = None, report: ReportFn | None = None) -> EvalResult:
-        """Return the cached result for ``key`` or evaluate with the inner evaluator."""
-        if key is not None and key in self._store:
-            self.hits += 1
-            return self._store[key]
-        self.misses += 1
-        result = self.inner.evaluate(model, key=key, report=report)
-        if key is not None and not was_pruned(result):
-            self._store[key] = result
-        return result
-
-    def _run(self, model: nn.Module, report: ReportFn | None) -> Outcome:
-        return self.inner._run(model, report)
-
-    def __len__(self) -> int:
-        return len(self._store)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._store
 
 
 def make_evaluator(name: str, train_loader: Loader | None = None, val_loader: Loader | None = None,

@@ -25,10 +25,10 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -36,6 +36,11 @@ from torch import nn
 
 from autoprune.errors import AutoPruneError, ConfigError
 from autoprune.types import Candidate, QuantSpec
+
+if TYPE_CHECKING:
+    from autoprune.campaign import Campaign
+
+Loader = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 log = logging.getLogger("autoprune.export")
 
@@ -126,7 +131,7 @@ def select_trial(df: pd.DataFrame, spec: str = "best", *, searcher: str | None =
     return _selected(rows.iloc[0])
 
 
-def _selected(row: Any) -> SelectedTrial:
+def _selected(row: pd.Series) -> SelectedTrial:
     cand = Candidate.from_dict({"widths": row["widths"] or {}, "bits": row["bits"] or {}})
     reward = None if row["reward"] is None or pd.isna(row["reward"]) else float(row["reward"])
     return SelectedTrial(str(row["searcher"]), int(row["seed"]), int(row["number"]), cand, float(row["accuracy"]),
@@ -137,7 +142,7 @@ def _selected(row: Any) -> SelectedTrial:
 # Steps
 
 
-def finetune(camp: Any, module: nn.Module, *, method: str, epochs: float, lr: float,
+def finetune(camp: Campaign, module: nn.Module, *, method: str, epochs: float, lr: float,
              settings: Mapping[str, Any] | None = None, bn_batches: int = 20) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune a copy of ``module`` with the campaign's training data; return it and what was done.
 
@@ -157,7 +162,7 @@ def finetune(camp: Any, module: nn.Module, *, method: str, epochs: float, lr: fl
         bn_batches: Batches of the BN re-estimation.
     """
     from autoprune.campaign import make_evaluator
-    from autoprune.evaluate import recalibrate_bn
+    from autoprune.evaluate import TrainingEvaluator, recalibrate_bn
     from autoprune.train import evaluate
 
     def recalibrate(model: nn.Module) -> None:
@@ -182,11 +187,12 @@ def finetune(camp: Any, module: nn.Module, *, method: str, epochs: float, lr: fl
         raise ConfigError(f"unknown fine-tune method {method!r}", hint="use fixed, infcop or none")
     ev = make_evaluator(camp.config, name, kw, model=camp.model, train_loader=camp.train_loader,
                         calib_loader=camp.calib_loader, val_loader=camp.val_loader)
-    work = copy.deepcopy(module).to(ev.device)
+    assert isinstance(ev, TrainingEvaluator), f"the {name!r} evaluator does not train"
+    work = copy.deepcopy(module)
     torch.manual_seed(camp.config.seed)
     camp.train_loader.set_epoch(0)
     camp.calib_loader.set_epoch(0)
-    outcome = ev._run(work, None)  # the evaluator's training, on our own copy (we keep the weights)
+    outcome = ev.fine_tune(work)  # trains our own copy in place (we keep the weights)
     work = work.cpu()
     recalibrate(work)
     val = evaluate(work, camp.val_loader, desc="val")
@@ -201,7 +207,7 @@ def _plain(v: Any) -> bool:
         isinstance(v, list | tuple) and all(isinstance(x, str | int | float) for x in v))
 
 
-def quantize(camp: Any, module: nn.Module, bits: Mapping[str, QuantSpec], batches: int) -> nn.Module:
+def quantize(camp: Campaign, module: nn.Module, bits: Mapping[str, QuantSpec], batches: int) -> nn.Module:
     """Fake-quantize ``module`` with ``bits``, calibrate its input quantizers and freeze its weight scales."""
     from autoprune import quantization
 
@@ -212,14 +218,14 @@ def quantize(camp: Any, module: nn.Module, bits: Mapping[str, QuantSpec], batche
     return qm.eval()
 
 
-def _test(model: nn.Module, loader: Any) -> tuple[float, float, int]:
+def _test(model: nn.Module, loader: Loader) -> tuple[float, float, int]:
     from autoprune.train import evaluate
 
     m = evaluate(model, loader, desc="test")
     return float(m.top1), float(m.loss), int(m.samples)
 
 
-def _max_logit_diff(a: nn.Module, b: nn.Module, loader: Any) -> float:
+def _max_logit_diff(a: nn.Module, b: nn.Module, loader: Loader) -> float:
     x, _ = next(iter(loader))
     with torch.inference_mode():
         return float((a.eval()(x) - b.eval()(x)).abs().max())
@@ -259,7 +265,7 @@ class ExportResult:
     deployment: dict[str, Path] = field(default_factory=dict)
 
 
-def export_trial(camp: Any, trial: SelectedTrial, *, out_dir: str | os.PathLike[str] | None = None,
+def export_trial(camp: Campaign, trial: SelectedTrial, *, out_dir: str | os.PathLike[str] | None = None,
                  finetune_method: str | None = None, epochs: float | None = None,
                  formats: Sequence[str] | None = None, measure_latency: bool | None = None,
                  command: str = "", search_command: str = "") -> ExportResult:
@@ -362,7 +368,7 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.1%}" if b else "–"
 
 
-def layer_table(camp: Any, cand: Candidate) -> pd.DataFrame:
+def layer_table(camp: Campaign, cand: Candidate) -> pd.DataFrame:
     """Per searched group: its producing layers, original and kept width, keep ratio (and bits per layer)."""
     from autoprune.search_spaces import producers
 
@@ -381,7 +387,7 @@ def layer_table(camp: Any, cand: Candidate) -> pd.DataFrame:
     return table
 
 
-def model_card(camp: Any, trial: SelectedTrial, m: Mapping[str, Any]) -> str:
+def model_card(camp: Campaign, trial: SelectedTrial, m: Mapping[str, Any]) -> str:
     """The Markdown model card of an export."""
     from autoprune.report import to_markdown
 

@@ -4,8 +4,10 @@ A criterion maps a :class:`~autoprune.graph.ChannelGroup` to one score per chann
 Member scores (producer rows, consumer column slices, norm scales, depthwise filters) are reduced over the
 group's members (mean by default). Criteria are registered by name in :data:`IMPORTANCE`:
 
-``l2`` (default), ``l1``, ``bn_scale``, ``taylor`` (first-order, needs a loader), ``fpgm``, ``consumer_l1``
-(AMC), ``prefix`` (keep the first channels, for ordered-channel supernets) and ``random`` (seeded).
+``l1`` (:data:`DEFAULT_CRITERION`: the default of :func:`group_scores`, :func:`autoprune.pruning.plan` /
+:func:`~autoprune.pruning.apply` and of campaigns), ``l2``, ``bn_scale``, ``taylor`` (first-order, needs a
+loader), ``fpgm``, ``consumer_l1`` (AMC), ``prefix`` (keep the first channels, for ordered-channel supernets) and
+``random`` (seeded).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from autoprune.graph import ChannelGroup, GroupSet, TensorSlice
 from autoprune.registry import Registry
 
 __all__ = [
+    "DEFAULT_CRITERION",
     "IMPORTANCE",
     "ScoreContext",
     "channel_rows",
@@ -33,6 +36,11 @@ __all__ = [
 ]
 
 REDUCTIONS = ("mean", "sum", "max")
+
+#: The channel-selection criterion used when none is named: by the library (:func:`group_scores`,
+#: :func:`autoprune.pruning.plan` / :func:`~autoprune.pruning.apply`) and by campaigns (the ``Problem`` and the
+#: ``search_space.importance`` setting), so both keep the same channels for the same widths.
+DEFAULT_CRITERION = "l1"
 
 
 @dataclass
@@ -201,14 +209,13 @@ def _taylor_grads(ctx: ScoreContext) -> dict[str, torch.Tensor]:
         used += 1
     if used == 0:
         raise ConfigError("importance 'taylor' got an empty loader", hint="pass at least one (x, y) batch")
-    canon = {n: c for c, names in ctx.groups.aliases.items() for n in names}
-    grads = {canon[n]: p.grad.detach().clone() for n, p in params.items() if p.grad is not None and n in canon}
+    grads = {ctx.groups.canonical(n): p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
     ctx.cache["taylor"] = grads
     return grads
 
 
 def group_scores(model: nn.Module, groups: GroupSet, ids: Iterable[str] | None = None,
-                 importance: str | Criterion = "l2", *, loader: Iterable[Any] | None = None,
+                 importance: str | Criterion = DEFAULT_CRITERION, *, loader: Iterable[Any] | None = None,
                  loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, batches: int = 4,
                  reduce: str = "mean", seed: int = 0) -> dict[str, torch.Tensor]:
     """Per-channel scores of the given groups (all prunable groups by default).
@@ -217,7 +224,8 @@ def group_scores(model: nn.Module, groups: GroupSet, ids: Iterable[str] | None =
         model: The model whose current weights are scored (the analysed one, or a same-architecture copy).
         groups: Its analysis.
         ids: Group ids to score.
-        importance: A criterion name from :data:`IMPORTANCE` or a callable ``(group, ctx) -> scores``.
+        importance: A criterion name from :data:`IMPORTANCE` or a callable ``(group, ctx) -> scores``
+            (default :data:`DEFAULT_CRITERION`).
         loader: Batches for ``taylor``.
         loss_fn: Loss for ``taylor`` (cross-entropy by default).
         batches: Loader batches used by ``taylor``.

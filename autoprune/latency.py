@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 from autoprune.errors import AutoPruneError, ConfigError
+from autoprune.types import QuantSpec
 
 __all__ = ["LatencyResult", "LatencyTable", "LayerKey", "compare_latency", "measure_latency"]
 
@@ -64,11 +66,12 @@ def _check(threads: int, min_run_time: float) -> None:
         raise ConfigError(f"min_run_time must be > 0 seconds, got {min_run_time!r}", hint="e.g. min_run_time=0.5")
 
 
-def _batch(example_input: Any) -> int:
+def _batch(example_input: torch.Tensor) -> int:
     return int(example_input.shape[0]) if isinstance(example_input, torch.Tensor) and example_input.dim() else 1
 
 
-def _times(model: nn.Module, example_input: Any, threads: int, min_run_time: float, warmup: int) -> list[float]:
+def _times(model: nn.Module, example_input: torch.Tensor, threads: int, min_run_time: float,
+           warmup: int) -> list[float]:
     """Per-run times in seconds (model already in eval mode, threads already set)."""
     with torch.inference_mode():
         for _ in range(warmup):
@@ -85,7 +88,7 @@ def _summary(times_s: list[float]) -> tuple[float, float]:
     return statistics.median(ms), q[2] - q[0]
 
 
-def measure_latency(model: nn.Module, example_input: Any, *, threads: int = 1, min_run_time: float = 0.5,
+def measure_latency(model: nn.Module, example_input: torch.Tensor, *, threads: int = 1, min_run_time: float = 0.5,
                     warmup: int = 3) -> LatencyResult:
     """Median and IQR of ``model(example_input)`` on the CPU.
 
@@ -116,7 +119,7 @@ def measure_latency(model: nn.Module, example_input: Any, *, threads: int = 1, m
     return LatencyResult(median_ms=median, iqr_ms=iqr, runs=len(times), threads=threads, batch=_batch(example_input))
 
 
-def compare_latency(models: Mapping[str, nn.Module], example_input: Any, *, rounds: int = 3, threads: int = 1,
+def compare_latency(models: Mapping[str, nn.Module], example_input: torch.Tensor, *, rounds: int = 3, threads: int = 1,
                     min_run_time: float = 0.2, warmup: int = 3) -> dict[str, LatencyResult]:
     """Time several models in interleaved rounds (A B A B …) so background load hits all of them alike.
 
@@ -291,8 +294,8 @@ class LatencyTable:
                               hint="check channels / groups / kernel size") from exc
         return measure_latency(layer, x, threads=self.threads, min_run_time=self.min_run_time).median_ms
 
-    def estimate(self, model: nn.Module, example_input: torch.Tensor, bits: Mapping[str, Any] | None = None,
-                 ) -> float:
+    def estimate(self, model: nn.Module, example_input: torch.Tensor,
+                 bits: Mapping[str, int | QuantSpec | None] | None = None) -> float:
         """Σ of table latencies over the model's ``Conv2d``/``Linear`` layers (shapes from one forward pass).
 
         ``bits`` maps layer names to an int, a ``QuantSpec`` (its ``w_bits`` is used) or None; unlisted layers are
@@ -300,7 +303,7 @@ class LatencyTable:
         """
         shapes: dict[str, tuple[nn.Module, torch.Size]] = {}
 
-        def record(name: str) -> Any:
+        def record(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
             def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
                 shapes.setdefault(name, (mod, args[0].shape))
 
@@ -320,8 +323,8 @@ class LatencyTable:
         total = 0.0
         batch = max(1, example_input.shape[0])
         for name, (m, shape) in shapes.items():
-            b = (bits or {}).get(name)
-            b = getattr(b, "w_bits", b)
+            spec = (bits or {}).get(name)
+            b = spec.w_bits if isinstance(spec, QuantSpec) else spec
             if isinstance(m, nn.Conv2d):
                 total += self.lookup("conv", m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0],
                                      shape[2], shape[3], m.groups, b)
@@ -331,7 +334,7 @@ class LatencyTable:
         return total
 
 
-def _ao_nn() -> Any:
+def _ao_nn() -> ModuleType:
     from autoprune._imports import optional_import
 
     qnn = optional_import("torch.ao.nn.quantized", "int8 latency-table entries")

@@ -26,25 +26,7 @@ from typing import Any, ClassVar
 
 from autoprune.errors import ConfigError
 from autoprune.registry import Registry
-from autoprune.types import CostReport, EvalResult
-
-#: Budget field → attribute of :class:`CostReport` it limits.
-BUDGET_METRICS: dict[str, str] = {
-    "macs": "macs",
-    "params": "params",
-    "size_bytes": "bytes",
-    "latency_ms": "latency_ms",
-}
-
-
-def cost_value(cost: CostReport, metric: str) -> float | None:
-    """The value of budget metric ``metric`` (a :class:`Budget` field name) in ``cost``."""
-    try:
-        attr = BUDGET_METRICS[metric]
-    except KeyError:
-        raise ConfigError(f"unknown budget metric {metric!r}", hint=f"choices: {', '.join(BUDGET_METRICS)}") from None
-    value = getattr(cost, attr)
-    return None if value is None else float(value)
+from autoprune.types import COST_METRICS, CostReport, EvalResult
 
 
 @dataclass(frozen=True)
@@ -54,6 +36,10 @@ class Budget:
     Every limit is either a fraction of the dense model's cost (``0 < x <= 1``) or an absolute number
     (``x > 1``: MACs, parameters, bytes, milliseconds). ``1`` therefore means "no larger than the dense
     model". Unset limits (``None``) are not enforced.
+
+    This class is the one budget schema: its fields are the allowed keys (:data:`BUDGET_METRICS`, each a
+    metric of :data:`~autoprune.types.COST_METRICS`) and :meth:`check_limit` the one rule for their values;
+    the campaign config (``objective.budget``) is validated into this class.
 
     Attributes:
         macs: Multiply-accumulates per input (batch 1).
@@ -73,12 +59,24 @@ class Budget:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            v = getattr(self, f.name)
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ConfigError(f"budget {f.name}={v!r} is not a positive number",
-                                  hint="give a fraction of the dense model in (0, 1] or an absolute value > 1")
+            self.check_limit(f.name, getattr(self, f.name))
+
+    @staticmethod
+    def check_limit(metric: str, value: object, where: str | None = None) -> None:
+        """Raise :class:`ConfigError` unless ``value`` is a valid limit: ``None`` or a finite number > 0.
+
+        Args:
+            metric: The budget key.
+            value: Its value.
+            where: Key path of the value in a config (e.g. ``"objective.budget.macs"``), named in the message.
+        """
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            hint = "give a fraction of the dense model in (0, 1] or an absolute value > 1"
+            if where is not None:
+                raise ConfigError(f"{where}: must be > 0, got {value}", hint=hint)
+            raise ConfigError(f"budget {metric}={value!r} is not a positive number", hint=hint)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | Budget | None) -> Budget:
@@ -117,7 +115,7 @@ class Budget:
             raise ConfigError(f"budget has no {metric!r} limit", hint=f"set limits: {', '.join(self.metrics())}")
         if v > 1.0:
             return float(v)
-        base = None if dense is None else cost_value(dense, metric)
+        base = None if dense is None else dense.metric(metric)
         if base is None:
             raise ConfigError(f"budget {metric}={v} is a fraction of the dense model, but the dense {metric} "
                               "is unknown", hint="pass the dense cost, or give an absolute limit (> 1)")
@@ -128,11 +126,11 @@ class Budget:
         return {m: self.limit(m, dense) for m in self.metrics()}
 
     def _value(self, cost: CostReport, metric: str) -> float:
-        value = cost_value(cost, metric)
+        value = cost.metric(metric)
         if value is None:
             raise ConfigError(f"the budget limits {metric}, but this cost report has no {metric}",
                               hint="measure latency (autoprune.latency) or drop the latency_ms limit")
-        return value
+        return float(value)
 
     def violation(self, cost: CostReport, dense: CostReport | None = None) -> float:
         """Largest relative excess over a limit: ``max_m (cost_m / limit_m - 1)``, or 0 when feasible."""
@@ -152,6 +150,10 @@ class Budget:
     def to_dict(self) -> dict[str, float]:
         """The limits that are set, as given (fractions stay fractions)."""
         return {m: float(getattr(self, m)) for m in self.metrics()}
+
+
+#: The budget keys (the fields of :class:`Budget`), each a cost metric of :data:`~autoprune.types.COST_METRICS`.
+BUDGET_METRICS: tuple[str, ...] = tuple(f.name for f in fields(Budget))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,17 +217,17 @@ class ErrorReward(Reward):
 
 
 class _LogCostReward(Reward):
-    attr: ClassVar[str] = "macs"
+    metric: ClassVar[str] = "macs"
 
     def __call__(self, result: EvalResult, cost: CostReport, dense: CostReport, budget: Budget | None) -> float:
-        value = float(getattr(cost, self.attr))
+        value = float(cost.metric(self.metric) or 0.0)
         if value <= 0:
-            raise ValueError(f"{self.attr} must be positive for a log-cost reward, got {value}")
+            raise ValueError(f"{self.metric} must be positive for a log-cost reward, got {value}")
         return -_error(result) * math.log(value)
 
     def worst(self, dense: CostReport, budget: Budget | None) -> float:
         """``-log(dense cost)`` (Err = 1 at dense cost)."""
-        return -math.log(max(float(getattr(dense, self.attr)), 1.0))
+        return -math.log(max(float(dense.metric(self.metric) or 0.0), 1.0))
 
 
 @REWARDS.register("r_flops")
@@ -233,7 +235,7 @@ class FlopsReward(_LogCostReward):
     """AMC's R_FLOPs = −Err·log(MACs), for the accuracy-guaranteed protocol (no budget wall)."""
 
     name = "r_flops"
-    attr = "macs"
+    metric = "macs"
 
 
 @REWARDS.register("r_param")
@@ -241,7 +243,7 @@ class ParamReward(_LogCostReward):
     """AMC's R_Param = −Err·log(#params), the model-size counterpart of R_FLOPs."""
 
     name = "r_param"
-    attr = "params"
+    metric = "params"
 
 
 @REWARDS.register("accuracy")
@@ -301,10 +303,6 @@ class ConstrainedAccuracyReward(Reward):
         return -self.penalty * max(1.0, v)
 
 
-_WEIGHTED_METRICS = {"macs": "macs", "params": "params", "size_bytes": "bytes", "bytes": "bytes",
-                     "latency_ms": "latency_ms", "bitops": "bitops"}
-
-
 @REWARDS.register("weighted")
 class WeightedReward(Reward):
     """Scalarised trade-off: ``R = acc − λ · cost_m / dense_m``.
@@ -319,9 +317,9 @@ class WeightedReward(Reward):
 
     def __init__(self, lam: float = 0.5, metric: str | None = None) -> None:
         metric = metric or self.default_metric
-        if metric not in _WEIGHTED_METRICS:
+        if metric not in COST_METRICS:
             raise ConfigError(f"unknown cost metric {metric!r} for reward {self.name!r}",
-                              hint=f"choices: {', '.join(_WEIGHTED_METRICS)}")
+                              hint=f"choices: {', '.join(COST_METRICS)}")
         if lam < 0:
             raise ConfigError(f"lam must be >= 0, got {lam}")
         self.lam = float(lam)
@@ -329,8 +327,7 @@ class WeightedReward(Reward):
 
     def ratio(self, cost: CostReport, dense: CostReport) -> float:
         """``cost_m / dense_m`` for the configured metric."""
-        attr = _WEIGHTED_METRICS[self.metric]
-        num, den = getattr(cost, attr), getattr(dense, attr)
+        num, den = cost.metric(self.metric), dense.metric(self.metric)
         if num is None or den is None or den <= 0:
             raise ConfigError(f"reward {self.name!r} needs {self.metric} in both the candidate and dense cost",
                               hint="measure latency, or pick metric=macs|params|size_bytes|bitops")

@@ -12,13 +12,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from autoprune.errors import ConfigError
+from autoprune.graph.records import nearest_width
+from autoprune.importance import DEFAULT_CRITERION
 from autoprune.types import Candidate, CostReport, EvalResult, QuantSpec
+
+if TYPE_CHECKING:
+    from autoprune.evaluate import CandidateEvaluator
+    from autoprune.graph import GroupSet
 
 
 @dataclass(frozen=True)
@@ -36,9 +42,8 @@ class GroupChoice:
     widths: tuple[int, ...]
 
     def width_for_ratio(self, ratio: float) -> int:
-        """Nearest legal width to ``ratio * size``."""
-        target = ratio * self.size
-        return min(self.widths, key=lambda w: (abs(w - target), w))
+        """Legal width nearest ``ratio * size`` (a tie goes to the wider one, as in the engine)."""
+        return nearest_width(self.widths, ratio * self.size)
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,18 @@ class SearchSpace:
         bits = {lc.layer: QuantSpec(w_bits=lc.w_bits[0], a_bits=lc.a_bits[0]) for lc in self.layers}
         return Candidate(widths={g.group_id: g.widths[0] for g in self.groups}, bits=bits)
 
+    def widths_for_ratios(self, ratios: Sequence[float] | Mapping[str, float]) -> dict[str, int]:
+        """Keep ratios (one per group in order, or by group id) → the nearest legal widths of this space.
+
+        Raises:
+            ConfigError: If a sequence does not have one ratio per group.
+        """
+        if isinstance(ratios, Mapping):
+            return {g.group_id: g.width_for_ratio(float(ratios[g.group_id])) for g in self.groups}
+        if len(ratios) != len(self.groups):
+            raise ConfigError(f"expected {len(self.groups)} ratios, got {len(ratios)}")
+        return {g.group_id: g.width_for_ratio(float(r)) for g, r in zip(self.groups, ratios, strict=True)}
+
     def validate(self, candidate: Candidate) -> None:
         """Raise :class:`ConfigError` if ``candidate`` uses an unknown group/layer or an illegal value."""
         legal = {g.group_id: g for g in self.groups}
@@ -107,9 +124,11 @@ class Problem:
         model: The dense model (never modified).
         groups: The engine's :class:`autoprune.graph.GroupSet` for ``model``.
         space: The search space.
-        evaluator: An :class:`autoprune.evaluate.Evaluator` (or anything with ``evaluate(model, key=...)``).
+        evaluator: An :class:`autoprune.evaluate.Evaluator`, or anything else that satisfies
+            :class:`autoprune.evaluate.CandidateEvaluator` (``evaluate(model, key=..., report=...)``).
         example_input: A representative input (batch 1) used for tracing and shape checks.
-        importance: Channel-importance criterion used when building candidates.
+        importance: Channel-importance criterion used when building candidates (default
+            :data:`autoprune.importance.DEFAULT_CRITERION`, the library's default).
         round_to: Channel rounding step used by the engine.
         calib_loader: Training batches used to calibrate activation ranges of candidates with activation
             bits (required only then).
@@ -118,11 +137,11 @@ class Problem:
     """
 
     model: nn.Module
-    groups: object
+    groups: GroupSet
     space: SearchSpace
-    evaluator: object
+    evaluator: CandidateEvaluator
     example_input: torch.Tensor
-    importance: str = "l1"
+    importance: str = DEFAULT_CRITERION
     round_to: int = 1
     calib_loader: Iterable[Any] | None = None
     calib_batches: int = 8
@@ -179,10 +198,7 @@ class Problem:
         start = time.perf_counter()
         module = self.build(candidate)
         build_s = time.perf_counter() - start
-        if report is None:
-            result = self.evaluator.evaluate(module, key=key)  # type: ignore[attr-defined]
-        else:
-            result = self.evaluator.evaluate(module, key=key, report=report)  # type: ignore[attr-defined]
+        result = self.evaluator.evaluate(module, key=key, report=report)
         extra = dict(result.extra)
         extra["build_seconds"] = build_s
         result = EvalResult(result.accuracy, result.loss, result.seconds, result.samples, result.evaluator, extra)
@@ -190,12 +206,3 @@ class Problem:
         if not extra.get("pruned"):
             self._cache[key] = out
         return out
-
-
-def widths_from_ratios(space: SearchSpace, ratios: Sequence[float] | Mapping[str, float]) -> dict[str, int]:
-    """Map keep ratios (one per group, in order, or by group id) to legal widths."""
-    if isinstance(ratios, Mapping):
-        return {g.group_id: g.width_for_ratio(float(ratios[g.group_id])) for g in space.groups}
-    if len(ratios) != len(space.groups):
-        raise ConfigError(f"expected {len(space.groups)} ratios, got {len(ratios)}")
-    return {g.group_id: g.width_for_ratio(float(r)) for g, r in zip(space.groups, ratios, strict=True)}

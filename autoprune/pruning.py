@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from autoprune.errors import AutoPruneError, ConfigError
-from autoprune.graph import ChannelGroup, GroupSet
-from autoprune.importance import group_scores, select
+from autoprune.graph import ChannelGroup, GroupSet, nearest_width
+from autoprune.importance import DEFAULT_CRITERION, group_scores, select
 from autoprune.types import Candidate
 
 __all__ = [
@@ -56,19 +56,16 @@ ROUNDINGS = ("nearest", "up", "down")
 
 
 def legal_widths(group: ChannelGroup, round_to: int = 1) -> list[int]:
-    """Legal widths of a group, ascending (ENGINE.md §3.3).
+    """Legal widths of a group, ascending; an alias of :meth:`autoprune.graph.ChannelGroup.legal_widths`.
 
-    The step is ``r = lcm(round_to, divisor)``; legal widths are ``r, 2r, …`` below the size plus the size itself,
-    at least ``min_width``. When the group is not larger than ``r``, ``round_to`` is ignored for it (only the
-    divisor applies).
+    Args:
+        group: The channel group.
+        round_to: Width multiple; the step is ``lcm(round_to, divisor)`` (ENGINE.md §3.3).
+
+    Raises:
+        ConfigError: If ``round_to < 1``.
     """
-    if round_to < 1:
-        raise ConfigError(f"round_to must be >= 1, got {round_to}")
-    r = math.lcm(int(round_to), group.divisor)
-    if group.size <= r:
-        r = group.divisor
-    ws = [w for w in range(r, group.size, r) if w >= group.min_width] + [group.size]
-    return ws
+    return group.legal_widths(round_to)
 
 
 def nearest_legal(group: ChannelGroup, target: float, round_to: int = 1, rounding: str = "nearest") -> int:
@@ -79,14 +76,14 @@ def nearest_legal(group: ChannelGroup, target: float, round_to: int = 1, roundin
     """
     if rounding not in ROUNDINGS:
         raise ConfigError(f"unknown rounding {rounding!r}", hint=f"choose one of {', '.join(ROUNDINGS)}")
-    ws = legal_widths(group, round_to)
+    ws = group.legal_widths(round_to)
     if rounding == "up":
         t = max(1, round(target))
         return next((w for w in ws if w >= t), ws[-1])
     if rounding == "down":
         below = [w for w in ws if w <= target + 1e-9]
         return below[-1] if below else ws[0]
-    return min(ws, key=lambda w: (abs(w - target), -w))
+    return nearest_width(ws, target)
 
 
 def widths_from_ratios(groups: GroupSet, ratios: float | Mapping[str, float], round_to: int = 1,
@@ -165,7 +162,7 @@ def _resolve_widths(groups: GroupSet, widths: Mapping[str, int] | Candidate | No
                                   hint="leave frozen groups out of the widths")
             continue
         g.check_width(w)
-        legal = legal_widths(g, round_to)
+        legal = g.legal_widths(round_to)
         out[gid] = w if w in legal else nearest_legal(g, w, round_to)
     return out
 
@@ -204,7 +201,7 @@ class PruningPlan:
 
     widths: Mapping[str, int]
     keep: Mapping[str, tuple[int, ...]]
-    importance: str = "l2"
+    importance: str = DEFAULT_CRITERION
     round_to: int = 1
     groups: GroupSet | None = field(default=None, compare=False, repr=False)
 
@@ -225,9 +222,10 @@ class PruningPlan:
 
 
 def plan(model: nn.Module | GroupSet, groups: GroupSet | Mapping[str, int] | Candidate | None = None,
-         widths: Mapping[str, int] | Candidate | None = None, *, importance: str | Callable[..., Any] = "l2",
-         round_to: int = 1, loader: Iterable[Any] | None = None, loss_fn: Callable[..., Any] | None = None,
-         batches: int = 4, reduce: str = "mean", seed: int = 0) -> PruningPlan:
+         widths: Mapping[str, int] | Candidate | None = None, *,
+         importance: str | Callable[..., Any] = DEFAULT_CRITERION, round_to: int = 1,
+         loader: Iterable[Any] | None = None, loss_fn: Callable[..., Any] | None = None, batches: int = 4,
+         reduce: str = "mean", seed: int = 0) -> PruningPlan:
     """Choose the kept channels of every prunable group.
 
     ``plan(model, groups, widths)`` scores ``model``'s current weights; ``plan(groups, widths)`` scores the
@@ -240,7 +238,8 @@ def plan(model: nn.Module | GroupSet, groups: GroupSet | Mapping[str, int] | Can
         widths: Group id → width, or a :class:`~autoprune.types.Candidate`; missing groups keep full width.
             Widths are snapped to legal widths (see :func:`legal_widths`); a width that is not a multiple of
             the group's ``divisor`` is an error.
-        importance: Criterion name (see :mod:`autoprune.importance`) or callable.
+        importance: Criterion name (see :mod:`autoprune.importance`; default
+            :data:`~autoprune.importance.DEFAULT_CRITERION`, as in campaigns) or callable.
         round_to: Width multiple.
         loader, loss_fn, batches: For ``taylor``.
         reduce: Reduction of member scores.
@@ -420,7 +419,8 @@ def _rewrite_literals(new: fx.GraphModule, groups: GroupSet, widths: Mapping[str
     return changed
 
 
-def _as_plan(model: nn.Module, groups: GroupSet | PruningPlan, widths: Any, **kw: Any) -> PruningPlan:
+def _as_plan(model: nn.Module, groups: GroupSet | PruningPlan,
+             widths: Mapping[str, int] | Candidate | PruningPlan | None, **kw: Any) -> PruningPlan:
     if isinstance(groups, PruningPlan):
         if widths is not None:
             raise ConfigError("apply(model, plan) takes no widths: the plan already has them")
@@ -435,7 +435,7 @@ def _as_plan(model: nn.Module, groups: GroupSet | PruningPlan, widths: Any, **kw
 
 
 def apply(model: nn.Module, groups: GroupSet | PruningPlan, widths: Mapping[str, int] | Candidate | PruningPlan |
-          None = None, *, importance: str | Callable[..., Any] = "l2", round_to: int = 1,
+          None = None, *, importance: str | Callable[..., Any] = DEFAULT_CRITERION, round_to: int = 1,
           loader: Iterable[Any] | None = None, loss_fn: Callable[..., Any] | None = None, batches: int = 4,
           reconstruct: bool = False, calib_batches: int = 8, points_per_sample: int = 10, seed: int = 0,
           check: bool = True) -> fx.GraphModule:
@@ -445,7 +445,8 @@ def apply(model: nn.Module, groups: GroupSet | PruningPlan, widths: Mapping[str,
         model: The analysed model (or a same-architecture copy with other weights). It is not modified.
         groups: Its :class:`GroupSet`, or a :class:`PruningPlan` (then ``widths`` must be None).
         widths: Group id → width, a :class:`~autoprune.types.Candidate`, or a :class:`PruningPlan`.
-        importance: Criterion that picks the kept channels (when no plan is given).
+        importance: Criterion that picks the kept channels (when no plan is given; default
+            :data:`~autoprune.importance.DEFAULT_CRITERION`, as in campaigns).
         round_to: Widths are snapped to multiples of this (see :func:`legal_widths`).
         loader: Batches for ``taylor`` importance and for ``reconstruct``.
         loss_fn: Loss for ``taylor``.
@@ -691,7 +692,7 @@ def permute(model: nn.Module, groups: GroupSet, perms: Mapping[str, torch.Tensor
         g = prunable.get(gid)
         if g is None:
             raise ConfigError(f"cannot permute group {gid!r}: it is not a prunable group of this model",
-                              hint="use ids from groups.prunable() (see `autoprune explain`)")
+                              hint="use ids from groups.prunable() (groups.describe() lists them)")
         p = torch.as_tensor(perm if isinstance(perm, torch.Tensor) else list(perm), dtype=torch.long).reshape(-1)
         if p.numel() != g.size or not torch.equal(torch.sort(p).values, torch.arange(g.size)):
             raise ConfigError(f"the order given for group {gid} is not a permutation of its {g.size} channels",

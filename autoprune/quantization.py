@@ -32,9 +32,11 @@ This module owns everything about bit-widths:
 * **Export** (:func:`export`, :func:`save_quantized`, :func:`load`, :func:`load_quantized`): LSB-first packed
   unsigned codes (q + 2^(b−1) for symmetric grids, q for asymmetric), fp16 scales, uint8 zero points for
   asymmetric grids, everything else as stored float tensors; activation (scale, zero point) pairs live in
-  ``arch.json``. ``size_bytes`` is the byte sum of the stored tensors; :func:`model_size` gives the same number
-  in closed form without building anything, and ``payload_bits`` (HAQ's metric) = Σ b·n over conv/linear
-  weights (32 for float ones).
+  ``arch.json`` (its ``"quant"`` section, whose loader this module registers with :mod:`autoprune.serialize`
+  together with the Q-layer types, so ``serialize.load_module`` rebuilds quantized artifacts too).
+  ``size_bytes`` is the byte sum of the stored tensors and ``payload_bits`` (HAQ's metric) = Σ b·n over
+  conv/linear weights (32 for float ones); :func:`autoprune.cost.closed_form` gives both (and BitOps) in closed
+  form without building anything.
 * **HAQ budget legalizer** (:func:`legalize_bits`) and an optional real-int8 CPU path (:func:`to_int8`,
   ``torch.ao.quantization`` FX backend behind a guarded import).
 """
@@ -45,7 +47,6 @@ import copy
 import math
 import operator
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,15 +58,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoprune import serialize
-from autoprune.errors import AutoPruneError, ConfigError
+from autoprune.errors import AutoPruneError, CheckpointError, ConfigError
 from autoprune.types import QuantSpec
 
 __all__ = [
+    "SECTION",
     "QConv1d",
     "QConv2d",
     "QLinear",
     "QuantArtifact",
-    "QuantCostModel",
     "QuantSpec",
     "QuantizedTensorInfo",
     "activation_qparams",
@@ -84,9 +85,7 @@ __all__ = [
     "legalize_bits",
     "load",
     "load_quantized",
-    "model_size",
     "pack_bits",
-    "quant_cost",
     "quantizable_layers",
     "save_quantized",
     "to_int8",
@@ -99,6 +98,8 @@ FP16_MAX = 65504.0
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)
 _MSE_RATIOS = tuple(1.0 - 0.025 * i for i in range(25))  # clip ratios 1.0 … 0.4
 _QUANT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+#: Name of the ``arch.json`` section that marks (and describes) a quantized artifact.
+SECTION = "quant"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Quantizer primitives
@@ -140,11 +141,6 @@ def _qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, scheme: s
     scale = fp16_ceil((hi - lo) / qmax)
     zp = torch.round(-lo / scale).clamp(qmin, qmax).to(torch.int32)
     return scale, zp
-
-
-def _fq_channels(w2d: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
-    qmin, qmax, _ = _weight_range(bits, scheme)
-    return torch.fake_quantize_per_channel_affine(w2d, scale, zp, 0, qmin, qmax)
 
 
 def _mse_search(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, scheme: str,
@@ -255,14 +251,16 @@ def _tracing() -> bool:
     return torch.jit.is_tracing() or any(f is not None and f() for f in checks)
 
 
-class _QuantLayer:
-    """State and behaviour shared by :class:`QConv1d`, :class:`QConv2d` and :class:`QLinear`.
+class _QuantLayer(nn.Module):
+    """State and behaviour shared by :class:`QConv1d`, :class:`QConv2d` and :class:`QLinear` (placed before the
+    float layer class in their bases, so that class provides ``__init__`` and the layer arithmetic).
 
     Buffers: ``a_scale`` / ``a_zero_point`` (0-d, when ``a_bits`` is set; scale 0 = not calibrated) and, for
     frozen layers, ``w_scale`` (fp16 [C_out]) and ``w_zero_point`` (uint8 [C_out], asymmetric grids).
     """
 
     weight: nn.Parameter
+    bias: torch.Tensor | None
     a_scale: torch.Tensor
     a_zero_point: torch.Tensor
     w_scale: torch.Tensor
@@ -278,15 +276,14 @@ class _QuantLayer:
         self.w_bits, self.a_bits, self.w_scheme, self.w_clip = w_bits, a_bits, w_scheme, w_clip
         self.a_unsigned, self.frozen = bool(a_unsigned), bool(frozen) and w_bits is not None
         self.act_quant_enabled = True  # runtime switch (calibration observes float inputs)
-        mod: nn.Module = self  # type: ignore[assignment]
         if a_bits is not None:
-            mod.register_buffer("a_scale", torch.zeros(()))
-            mod.register_buffer("a_zero_point", torch.zeros((), dtype=torch.int32))
+            self.register_buffer("a_scale", torch.zeros(()))
+            self.register_buffer("a_zero_point", torch.zeros((), dtype=torch.int32))
         if self.frozen:
             c_out = self.weight.shape[0]
-            mod.register_buffer("w_scale", torch.ones(c_out, dtype=torch.float16))
+            self.register_buffer("w_scale", torch.ones(c_out, dtype=torch.float16))
             if w_scheme == "asym":
-                mod.register_buffer("w_zero_point", torch.zeros(c_out, dtype=torch.uint8))
+                self.register_buffer("w_zero_point", torch.zeros(c_out, dtype=torch.uint8))
 
     @property
     def spec(self) -> QuantSpec:
@@ -347,7 +344,7 @@ class _QuantLayer:
 
     def autoprune_kwargs(self) -> dict[str, Any]:
         """Constructor kwargs (JSON-able) — used by :mod:`autoprune.serialize`."""
-        kw = serialize._MODULE_TABLE[self._float_qualname][2](self)  # type: ignore[arg-type]
+        kw = serialize.encode_kwargs(self, self._float_qualname)
         return {**kw, "w_bits": self.w_bits, "a_bits": self.a_bits, "w_scheme": self.w_scheme,
                 "w_clip": self.w_clip, "a_unsigned": self.a_unsigned, "frozen": self.frozen}
 
@@ -410,13 +407,12 @@ class QLinear(_QuantLayer, nn.Linear):
         return f"{nn.Linear.extra_repr(self)}, {self._quant_repr()}"
 
 
-_Q_FOR: dict[type[nn.Module], type[nn.Module]] = {nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.Linear: QLinear}
+_Q_FOR: dict[type[nn.Module], type[_QuantLayer]] = {nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.Linear: QLinear}
 
 
 def _to_quant(module: nn.Module, spec: QuantSpec, scheme: str, clip: str, unsigned: bool) -> nn.Module:
     qcls = _Q_FOR[type(module)]
-    kwargs = serialize._MODULE_TABLE[qcls._float_qualname][2](module)  # type: ignore[attr-defined]
-    q = qcls(**{k: serialize._unplain(v) for k, v in kwargs.items()}, w_bits=spec.w_bits, a_bits=spec.a_bits,
+    q = qcls(**serialize.decode_kwargs(serialize.encode_kwargs(module)), w_bits=spec.w_bits, a_bits=spec.a_bits,
              w_scheme=scheme, w_clip=clip, a_unsigned=unsigned)
     q.weight = module.weight
     if module.bias is not None:
@@ -477,9 +473,9 @@ def _fold_pair(conv: nn.Module, bn: nn.Module) -> nn.Module:
         beta = bn.bias.detach().to(w) if bn.bias is not None else torch.zeros_like(inv_std)
         b = conv.bias.detach() if conv.bias is not None else torch.zeros_like(inv_std)
         factor = gamma * inv_std
-        kwargs = serialize._MODULE_TABLE[serialize._qualname_of(conv) or ""][2](conv)
+        kwargs = serialize.decode_kwargs(serialize.encode_kwargs(conv))
         kwargs["bias"] = True
-        folded = type(conv)(**{k: serialize._unplain(v) for k, v in kwargs.items()}).to(w.device, w.dtype)
+        folded = type(conv)(**kwargs).to(w.device, w.dtype)
         folded.weight.copy_(w * factor.reshape(-1, *([1] * (w.dim() - 1))))
         folded.bias.copy_(beta + (b - bn.running_mean.to(w)) * factor)
     folded.train(conv.training)
@@ -522,7 +518,7 @@ _PASS_METHODS = {"view", "reshape", "flatten", "mean", "contiguous", "permute", 
                  "add", "add_", "chunk", "split"}
 
 
-def _nonnegative(gm: fx.GraphModule, node: Any, depth: int = 0) -> bool:
+def _nonnegative(gm: fx.GraphModule, node: fx.node.Argument, depth: int = 0) -> bool:
     """Whether ``node``'s value is provably ≥ 0 (ReLU-like producer, through shape/pool/concat/add ops)."""
     if not isinstance(node, fx.Node) or depth > 64:
         return False
@@ -753,7 +749,7 @@ def calibrate(qm: nn.Module, loader: Iterable[Any], batches: int = 8, method: st
         return {}
     dev = torch.device(device) if device is not None else next(qm.parameters()).device
     observers = {n: _RangeObserver(method, percentile) for n in layers}
-    hooks = [m.register_forward_pre_hook(  # type: ignore[attr-defined]
+    hooks = [m.register_forward_pre_hook(
         lambda _mod, args, obs=observers[n]: obs.update(args[0])) for n, m in layers.items()]
     was_training = qm.training
     for m in layers.values():
@@ -788,9 +784,9 @@ def freeze(qm: nn.Module) -> nn.Module:
             continue
         scale, zp = m.weight_qparams()
         m.frozen = True
-        m.register_buffer("w_scale", scale.half())  # type: ignore[attr-defined]
+        m.register_buffer("w_scale", scale.half())
         if m.w_scheme == "asym":
-            m.register_buffer("w_zero_point", zp.to(torch.uint8))  # type: ignore[attr-defined]
+            m.register_buffer("w_zero_point", zp.to(torch.uint8))
     return qm
 
 
@@ -798,13 +794,12 @@ def dequantize(qm: nn.Module) -> fx.GraphModule:
     """A float copy of ``qm`` whose conv/linear layers hold the fake-quantized weights (input quantizers dropped)."""
     gm = _trace_copy(qm)
     for name, m in _quant_layers(gm).items():
-        kwargs = serialize._MODULE_TABLE[m._float_qualname][2](m)  # type: ignore[arg-type]
-        plain = _Q_FOR_INV[type(m)](**{k: serialize._unplain(v) for k, v in kwargs.items()})
+        plain = _Q_FOR_INV[type(m)](**serialize.decode_kwargs(serialize.encode_kwargs(m, m._float_qualname)))
         with torch.no_grad():
             plain.weight.copy_(m.quantized_weight())
-            if m.bias is not None:  # type: ignore[attr-defined]
-                plain.bias.copy_(m.bias)  # type: ignore[attr-defined]
-        _set_module(gm, name, plain.train(m.training))  # type: ignore[attr-defined]
+            if m.bias is not None:
+                plain.bias.copy_(m.bias)
+        _set_module(gm, name, plain.train(m.training))
     gm.recompile()
     return gm
 
@@ -906,8 +901,7 @@ def export(qm: nn.Module) -> QuantArtifact:
     entries: list[QuantizedTensorInfo] = []
     acts: dict[str, Any] = {}
     payload_bits = 0
-    qlayers = {n: gm.get_submodule(n) for n, spec in arch["modules"].items() if spec["type"].startswith(
-        "autoprune.quantization.")}
+    qlayers = {n: m for n in arch["modules"] if isinstance(m := gm.get_submodule(n), _QuantLayer)}
     for name, spec in arch["modules"].items():
         if name not in qlayers and spec["type"] in ("torch.nn.Conv1d", "torch.nn.Conv2d", "torch.nn.Linear"):
             payload_bits += 32 * tensors[f"{name}.weight"].numel()
@@ -939,7 +933,7 @@ def export(qm: nn.Module) -> QuantArtifact:
             arch["tensors"][info.zero_point] = {"kind": "buffer", "shape": [zp.numel()], "dtype": "uint8"}
         arch["modules"][name]["kwargs"]["frozen"] = True
     size = sum(t.nbytes for t in tensors.values())
-    arch["quant"] = {"version": 1, "weights": [e.to_dict() for e in entries], "activations": acts,
+    arch[SECTION] = {"version": 1, "weights": [e.to_dict() for e in entries], "activations": acts,
                      "size_bytes": size, "payload_bits": payload_bits}
     return QuantArtifact(arch=arch, tensors=tensors, entries=entries, size_bytes=size, payload_bits=payload_bits)
 
@@ -950,9 +944,7 @@ def build_quantized(arch: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
     Raises:
         CheckpointError: Malformed quantization metadata or tensors.
     """
-    from autoprune.errors import CheckpointError
-
-    quant = arch.get("quant")
+    quant = arch.get(SECTION)
     if not isinstance(quant, dict) or quant.get("version") != 1:
         raise CheckpointError("unsupported or missing quantization section in arch.json", hint="re-export the model")
     tensors = dict(tensors)
@@ -982,7 +974,7 @@ def load(artifact: QuantArtifact) -> fx.GraphModule:
     return build_quantized(artifact.arch, artifact.tensors)
 
 
-def save_quantized(qm: nn.Module, out_dir: str | Path, example_input: Any,
+def save_quantized(qm: nn.Module, out_dir: str | Path, example_input: serialize.ExampleInput,
                    metadata: Mapping[str, Any] | None = None) -> Path:
     """Export ``qm`` and write it in the :mod:`autoprune.serialize` format (``arch.json`` + ``weights.pt``)."""
     art = export(qm)
@@ -996,187 +988,32 @@ def load_quantized(out_dir: str | Path) -> fx.GraphModule:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Closed-form size, BitOps and the HAQ legalizer
+# The HAQ legalizer
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """Static description of one quantizable layer (for cost models and HAQ state features)."""
-
-    name: str
-    kind: str  # conv | linear
-    c_in: int
-    c_out: int
-    kernel: int
-    stride: int
-    groups: int
-    n_weights: int
-    weight_bytes: int
-    index: int
-    macs: int = 0
-    in_hw: int = 0
-
-    @property
-    def depthwise(self) -> bool:
-        """Depthwise conv (groups == C_in == C_out > 1)."""
-        return self.groups > 1 and self.groups == self.c_in == self.c_out
-
-
-class QuantCostModel:
-    """Closed-form size / payload bits / BitOps of ``model`` under any bit assignment (built once, then µs per call).
-
-    Matches :func:`export` exactly: ``size(bits)[0] == export(apply(model, bits)).size_bytes`` for the same
-    ``fold_bn`` and ``asym_below``.
-
-    Args:
-        model: Float model (or ``GraphModule``); its structure must not change afterwards.
-        fold_bn: As in :func:`apply`.
-        asym_below: As in :func:`apply`.
-        example_input: Optional input; when given, per-layer MACs and input sizes are measured (for BitOps).
-    """
-
-    def __init__(self, model: nn.Module, *, fold_bn: bool = True, asym_below: int = 4,
-                 example_input: torch.Tensor | None = None) -> None:
-        gm = _prepare(model, fold_bn)
-        self.asym_below = asym_below
-        nodes = _layer_nodes(gm)
-        _, tensors = serialize.encode_module(gm)
-        qbuffers = {f"{n}.{b}" for n in nodes for b in ("a_scale", "a_zero_point", "w_scale", "w_zero_point")}
-        weights = {f"{n}.weight" for n in nodes}
-        self.const_bytes = sum(t.nbytes for k, t in tensors.items() if k not in weights and k not in qbuffers)
-        macs, hw = _measure_macs(gm, nodes, example_input) if example_input is not None else ({}, {})
-        self.layers: list[LayerInfo] = []
-        for i, name in enumerate(nodes):
-            m = gm.get_submodule(name)
-            w = tensors.get(f"{name}.weight", m.weight)
-            conv = not isinstance(m, nn.Linear)
-            self.layers.append(LayerInfo(
-                name=name, kind="conv" if conv else "linear", c_in=m.in_channels if conv else m.in_features,
-                c_out=w.shape[0], kernel=m.kernel_size[0] if conv else 1, stride=m.stride[0] if conv else 1,
-                groups=m.groups if conv else 1, n_weights=w.numel(), weight_bytes=w.nbytes, index=i,
-                macs=macs.get(name, 0), in_hw=hw.get(name, 0)))
-        self._by_name = {lay.name: lay for lay in self.layers}
-
-    @property
-    def names(self) -> list[str]:
-        """Layer names in graph order."""
-        return [lay.name for lay in self.layers]
-
-    def layer_bytes(self, layer: LayerInfo, w_bits: int | None) -> int:
-        """Stored bytes of one layer's weight: packed codes + fp16 scales (+ uint8 zero points), or float bytes."""
-        if w_bits is None:
-            return layer.weight_bytes
-        zp = layer.c_out if weight_scheme(w_bits, self.asym_below) == "asym" else 0
-        return math.ceil(layer.n_weights * w_bits / 8) + 2 * layer.c_out + zp
-
-    def _specs(self, bits: Mapping[str, Any]) -> dict[str, QuantSpec]:
-        return _normalize_bits(bits, self.names)
-
-    def size(self, bits: Mapping[str, Any]) -> tuple[int, int]:
-        """``(size_bytes, payload_bits)`` of the model quantized with ``bits`` (unlisted layers float)."""
-        specs = self._specs(bits)
-        size, payload = self.const_bytes, 0
-        for lay in self.layers:
-            spec = specs.get(lay.name)
-            wb = spec.w_bits if spec is not None else None
-            size += self.layer_bytes(lay, wb)
-            payload += lay.n_weights * (wb if wb is not None else 32)
-        return size, payload
-
-    def bitops(self, bits: Mapping[str, Any]) -> int:
-        """Σ MACs·b_w·b_a (32 for float operands); needs ``example_input`` at construction."""
-        specs = self._specs(bits)
-        total = 0
-        for lay in self.layers:
-            spec = specs.get(lay.name, QuantSpec(None, None))
-            total += lay.macs * (spec.w_bits or 32) * (spec.a_bits or 32)
-        return total
-
-    @property
-    def macs(self) -> int:
-        """Conv + linear MACs for one input (0 without ``example_input``)."""
-        return sum(lay.macs for lay in self.layers)
-
-
-def _measure_macs(gm: fx.GraphModule, nodes: Mapping[str, fx.Node], x: torch.Tensor,
-                  ) -> tuple[dict[str, int], dict[str, int]]:
-    macs: dict[str, int] = {}
-    hw: dict[str, int] = {}
-    batch = max(1, x.shape[0])
-
-    def hook(name: str) -> Callable[..., None]:
-        def fn(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
-            if name in macs:
-                return
-            w = mod.weight
-            per_out = w[0].numel()  # (C_in/g)·k… for conv, in_features for linear
-            macs[name] = out.numel() // batch * per_out
-            hw[name] = math.prod(args[0].shape[2:]) if args[0].dim() > 2 else 1
-
-        return fn
-
-    handles = [gm.get_submodule(n).register_forward_hook(hook(n)) for n in nodes]
-    was = gm.training
-    try:
-        gm.eval()
-        with torch.no_grad():
-            gm(x)
-    finally:
-        for h in handles:
-            h.remove()
-        gm.train(was)
-    return macs, hw
-
-
-_COST_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, int], QuantCostModel]] = (
-    weakref.WeakKeyDictionary())
-
-
-def model_size(model: nn.Module, bits: Mapping[str, Any], *, fold_bn: bool = True, asym_below: int = 4,
-               ) -> tuple[int, int]:
-    """Closed-form ``(size_bytes, payload_bits)`` of ``model`` quantized with ``bits`` (equals :func:`export`).
-
-    The structural analysis is cached per model object, so repeated calls cost microseconds. Do not change the
-    model's structure afterwards (build a :class:`QuantCostModel` explicitly for full control).
-    """
-    per_model = _COST_CACHE.setdefault(model, {})
-    key = (fold_bn, asym_below)
-    if key not in per_model:
-        per_model[key] = QuantCostModel(model, fold_bn=fold_bn, asym_below=asym_below)
-    return per_model[key].size(bits)
-
-
-def quant_cost(model: nn.Module, bits: Mapping[str, Any], example_input: torch.Tensor, *, fold_bn: bool = True,
-               asym_below: int = 4) -> Any:
-    """:class:`~autoprune.types.CostReport` (MACs, params, exact bytes, BitOps, payload bits) of a bit assignment.
-
-    ``params`` counts the float model's parameters (BN included) as the rest of autoprune does.
-    """
-    from autoprune.types import CostReport
-
-    cm = QuantCostModel(model, fold_bn=fold_bn, asym_below=asym_below, example_input=example_input)
-    size, payload = cm.size(bits)
-    return CostReport(macs=cm.macs, params=sum(p.numel() for p in model.parameters()), bytes=size,
-                      bitops=cm.bitops(bits), payload_bits=payload)
 
 
 def legalize_bits(bits: Mapping[str, Any], size_fn: Callable[[dict[str, QuantSpec]], float], budget: float,
                   floors: Mapping[str, Any] | None = None, *, order: Sequence[str] | None = None,
-                  kinds: Sequence[str] = ("a", "w"), min_bits: int = 2) -> tuple[dict[str, QuantSpec], bool]:
+                  kinds: Sequence[str] = ("a", "w"), min_bits: int = 2,
+                  choices: Mapping[str, Sequence[int | None]] | None = None) -> tuple[dict[str, QuantSpec], bool]:
     """HAQ's post-episode legalizer (ALGORITHMS.md §2.2): lower bits until ``size_fn(bits) <= budget``.
 
     Sweeps layers from the last to the first; within a layer, activation bits before weight bits (``kinds``);
-    each step lowers one bit-width by one and re-checks the budget. Float (``None``) entries are never touched.
+    each step lowers one bit-width by one step and re-checks the budget: by one bit, or, for a layer in
+    ``choices``, to the next lower allowed bit-width. Float (``None``) entries are never touched, except that a
+    layer in ``choices`` may go from float to its highest allowed bit-width (float ranks above every integer).
+    This is the one implementation: the layer-wise environment's legalizer calls it with its layers' choices.
 
     Args:
         bits: Layer → :class:`QuantSpec` (not modified).
-        size_fn: Cost of an assignment (e.g. ``lambda b: model_size(model, b)[0]``).
+        size_fn: Cost of an assignment (e.g. ``lambda b: cost.closed_form(groups, widths, b).bytes``).
         budget: Target cost.
         floors: Layer → minimum :class:`QuantSpec` (see :func:`default_floors`); unlisted layers use ``min_bits``.
-        order: Layer order (default: the order of ``bits``).
+        order: Layer order (default: the order of ``bits``); only these layers are lowered.
         kinds: Which bit-widths may be lowered, in order (``("w",)`` for a pure size budget).
         min_bits: Floor for layers not in ``floors``.
+        choices: Layer → allowed bit-widths (e.g. a search space's ``LayerChoice.w_bits``); the lowest is the
+            layer's floor unless ``floors`` / ``min_bits`` is higher.
 
     Returns:
         ``(bits, feasible)``; ``feasible`` is False when even the floors exceed the budget (the most-reduced
@@ -1187,11 +1024,20 @@ def legalize_bits(bits: Mapping[str, Any], size_fn: Callable[[dict[str, QuantSpe
     cur = {k: _as_spec(v, k) for k, v in bits.items()}
     names = list(order) if order is not None else list(cur)
     fl = {k: _as_spec(v, k) for k, v in (floors or {}).items()}
+    allowed = {k: [b for b in v if b is not None] for k, v in (choices or {}).items()}
 
     def floor_of(name: str, kind: str) -> int:
         f = fl.get(name)
         b = (f.w_bits if kind == "w" else f.a_bits) if f is not None else None
         return b if b is not None else min_bits
+
+    def lower(name: str, kind: str, b: int | None) -> int | None:
+        """The next bit-width below ``b`` (None: none left above the floor)."""
+        if name in allowed:
+            nxt = max((c for c in allowed[name] if b is None or c < b), default=None)
+        else:
+            nxt = None if b is None else b - 1
+        return nxt if nxt is not None and nxt >= floor_of(name, kind) else None
 
     if size_fn(cur) <= budget:
         return cur, True
@@ -1200,10 +1046,12 @@ def legalize_bits(bits: Mapping[str, Any], size_fn: Callable[[dict[str, QuantSpe
         for name in reversed(names):
             for kind in kinds:
                 spec = cur.get(name)
-                b = None if spec is None else (spec.w_bits if kind == "w" else spec.a_bits)
-                if b is None or b <= floor_of(name, kind):
+                if spec is None:
                     continue
-                cur[name] = QuantSpec(b - 1, spec.a_bits) if kind == "w" else QuantSpec(spec.w_bits, b - 1)
+                b = lower(name, kind, spec.w_bits if kind == "w" else spec.a_bits)
+                if b is None:
+                    continue
+                cur[name] = QuantSpec(b, spec.a_bits) if kind == "w" else QuantSpec(spec.w_bits, b)
                 progressed = True
                 if size_fn(cur) <= budget:
                     return cur, True
@@ -1253,3 +1101,13 @@ def to_int8(model: nn.Module, calib_loader: Iterable[Any], *, backend: str = "ao
     except Exception as exc:
         raise AutoPruneError(f"ao_fx int8 conversion failed: {exc}",
                              hint="use the fake-quant model (quantization.apply) instead") from exc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registration with the serialization format (serialize never imports this module; see its extension hooks)
+# ---------------------------------------------------------------------------------------------------------------
+
+for _qcls in (QConv1d, QConv2d, QLinear):
+    serialize.register_module_type(_qcls, _qcls.autoprune_kwargs)
+serialize.register_section(SECTION, build_quantized)
+del _qcls

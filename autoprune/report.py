@@ -2,7 +2,8 @@
 
 Input is the trial table of :meth:`autoprune.store.TrialStore.to_dataframe` (one row per trial) and the
 campaign's ``space.json`` (groups, layers, dense cost and accuracy, budget; written by
-:mod:`autoprune.campaign`). Nothing here builds models or touches data.
+:mod:`autoprune.campaign`). Nothing here builds models or touches data: the campaign directory is read through
+:mod:`autoprune.provenance`, never :mod:`autoprune.campaign` (which imports this module).
 
 * :func:`leaderboard` — per agent, mean ± std over seeds of the best reward, the best validation accuracy
   within the budget, and the candidates and seconds it took to reach the reference (uniform) baseline's
@@ -32,7 +33,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from autoprune.errors import ConfigError
+from autoprune.provenance import SPACE_FILE, load_resolved, open_store
 from autoprune.store import COUNTED_STATES
+from autoprune.types import COST_METRICS
 
 REPORT_DIR = "report"
 LEADERBOARD_COLUMNS = {
@@ -274,8 +277,8 @@ def plot_pareto(df: pd.DataFrame, space: Mapping[str, Any], path: str | os.PathL
     fig = Figure(figsize=(11, 4.4), layout="constrained")
     axes = fig.subplots(1, 2)
     colors = _colors(df["searcher"].dropna().unique().tolist())
-    for ax, (metric, attr, label) in zip(axes, (("macs", "macs", "MACs"), ("size_bytes", "bytes", "size")),
-                                         strict=True):
+    for ax, (metric, label) in zip(axes, (("macs", "MACs"), ("size_bytes", "size")), strict=True):
+        attr = COST_METRICS[metric]  # the trial table's cost columns are named like CostReport's attributes
         full = float(dense.get(attr) or 0) or float(df[attr].max() or 1)
         for agent, g in ev.groupby("searcher", sort=True):
             ax.scatter(100 * g[attr].astype(float) / full, 100 * g["accuracy"].astype(float), s=18, alpha=0.7,
@@ -416,7 +419,7 @@ class ReportResult:
 
 def read_space(campaign_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The campaign's ``space.json`` (empty if missing or unreadable)."""
-    path = Path(campaign_dir) / "space.json"
+    path = Path(campaign_dir) / SPACE_FILE
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -437,8 +440,6 @@ def write_report(campaign_dir: str | os.PathLike[str], *, df: pd.DataFrame | Non
         ConfigError: If the campaign has no finished trial yet.
     """
     if df is None:
-        from autoprune.campaign import load_resolved, open_store
-
         cfg = load_resolved(campaign_dir)
         df = open_store(cfg).to_dataframe()
     if df.empty or counted(df).empty:

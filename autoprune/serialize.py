@@ -4,7 +4,7 @@ This module owns the on-disk format used by ``pruning.save_pruned`` / ``load_pru
 ``quantization.save_quantized`` (ENGINE.md §4):
 
 * ``arch.json`` — format name and version, autoprune/torch versions, the example input's shape and dtype,
-  every leaf module as ``{"type": "torch.nn.Conv2d", "kwargs": {...}}`` (types from a fixed allow-list), every
+  every leaf module as ``{"type": "torch.nn.Conv2d", "kwargs": {...}}`` (types from an allow-list), every
   tensor (parameters, buffers, ``get_attr`` constants) with shape/dtype, the fx nodes
   ``{name, op, target, args, kwargs}`` with tagged literals (``{"$node": ...}``, ``{"$slice": ...}``, ...),
   user metadata, and a manifest with the SHA-256 of ``weights.pt``;
@@ -13,7 +13,15 @@ This module owns the on-disk format used by ``pruning.save_pruned`` / ``load_pru
 Loading never imports a string read from the file. ``call_function`` targets are looked up in a table built
 from the functions that take part in ``__torch_function__`` (``torch.*``, ``torch.nn.functional.*``, ...) plus a
 short list from ``operator`` and ``builtins.getattr``; ``call_method`` names must be public tensor methods;
-module types come from a fixed table. Anything else is refused with :class:`~autoprune.errors.CheckpointError`.
+module types come from an allow-list. Anything else is refused with :class:`~autoprune.errors.CheckpointError`.
+
+Extension hooks: this module is the lowest layer of the format and imports no other format code. Modules that
+add leaf types or an ``arch.json`` section register them when imported — :func:`register_module_type` (e.g.
+``quantization.QConv2d``) and :func:`register_section` (e.g. the ``"quant"`` section, whose loader
+:func:`load_module` calls). So that a fresh process that only imported this module can load such files, a small
+table of *known* extensions maps a type or section name to the constant name of the autoprune module providing
+it, imported on first need. Module types that are neither registered nor known are refused; top-level keys that
+are neither are ignored.
 
 :func:`export_deployment` writes secondary deployment artifacts (``torch.export`` ``.pt2``, optionally
 TorchScript and ONNX).
@@ -33,6 +41,7 @@ import operator
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +56,21 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "WEIGHTS_FILE",
+    "ExampleInput",
+    "ModuleEncoder",
+    "SectionLoader",
     "build_module",
+    "decode_kwargs",
+    "encode_kwargs",
     "encode_module",
     "export_deployment",
     "load_module",
     "read_artifact",
     "read_metadata",
+    "register_module_type",
+    "register_section",
     "save_module",
+    "supported_module_types",
     "trace",
     "write_artifact",
 ]
@@ -62,6 +79,13 @@ FORMAT_NAME = "autoprune-arch"
 FORMAT_VERSION = 1
 ARCH_FILE = "arch.json"
 WEIGHTS_FILE = "weights.pt"
+
+#: Returns a module's constructor keyword arguments as JSON values (see :func:`register_module_type`).
+ModuleEncoder = Callable[[nn.Module], dict[str, Any]]
+#: Rebuilds a module from a verified ``arch.json`` document and its tensors (see :func:`register_section`).
+SectionLoader = Callable[[Mapping[str, Any], Mapping[str, torch.Tensor]], fx.GraphModule]
+#: The example input whose shape and dtype an artifact records: a tensor or a tuple/list of tensors.
+ExampleInput = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
 
 # ---------------------------------------------------------------------------------------------------------------
 # Allow-lists: functions, tensor methods, attributes
@@ -169,14 +193,14 @@ def _unplain(value: Any) -> Any:
     return value
 
 
-def _attrs(*names: str) -> Callable[[nn.Module], dict[str, Any]]:
+def _attrs(*names: str) -> ModuleEncoder:
     def encode(m: nn.Module) -> dict[str, Any]:
         return {n: _plain(getattr(m, n)) for n in names}
 
     return encode
 
 
-def _with_bias(*names: str) -> Callable[[nn.Module], dict[str, Any]]:
+def _with_bias(*names: str) -> ModuleEncoder:
     base = _attrs(*names)
 
     def encode(m: nn.Module) -> dict[str, Any]:
@@ -199,88 +223,201 @@ def _encode_normalize(m: nn.Module) -> dict[str, Any]:
     return {"mean": mean, "std": m.std.detach().flatten().tolist(), "channels": len(mean)}
 
 
-def _encode_quant(m: nn.Module) -> dict[str, Any]:
-    return dict(m.autoprune_kwargs())  # type: ignore[operator]
-
-
 _CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
 _BN = ("num_features", "eps", "momentum", "affine", "track_running_stats")
 _INPLACE = _attrs("inplace")
 _NOARGS = _attrs()
 
-# qualified type name -> (module to import, class name, kwargs encoder). The import strings are constants of
-# this table; nothing read from a file is ever imported.
-_MODULE_TABLE: dict[str, tuple[str, str, Callable[[nn.Module], dict[str, Any]]]] = {
-    "torch.nn.Conv1d": ("torch.nn", "Conv1d", _with_bias(*_CONV)),
-    "torch.nn.Conv2d": ("torch.nn", "Conv2d", _with_bias(*_CONV)),
-    "torch.nn.Linear": ("torch.nn", "Linear", _with_bias("in_features", "out_features")),
-    "torch.nn.BatchNorm1d": ("torch.nn", "BatchNorm1d", _attrs(*_BN)),
-    "torch.nn.BatchNorm2d": ("torch.nn", "BatchNorm2d", _attrs(*_BN)),
-    "torch.nn.LayerNorm": ("torch.nn", "LayerNorm", _with_bias("normalized_shape", "eps", "elementwise_affine")),
-    "torch.nn.GroupNorm": ("torch.nn", "GroupNorm", _attrs("num_groups", "num_channels", "eps", "affine")),
-    "torch.nn.ReLU": ("torch.nn", "ReLU", _INPLACE),
-    "torch.nn.ReLU6": ("torch.nn", "ReLU6", _INPLACE),
-    "torch.nn.LeakyReLU": ("torch.nn", "LeakyReLU", _attrs("negative_slope", "inplace")),
-    "torch.nn.Hardtanh": ("torch.nn", "Hardtanh", _attrs("min_val", "max_val", "inplace")),
-    "torch.nn.GELU": ("torch.nn", "GELU", _attrs("approximate")),
-    "torch.nn.SiLU": ("torch.nn", "SiLU", _INPLACE),
-    "torch.nn.Mish": ("torch.nn", "Mish", _INPLACE),
-    "torch.nn.Sigmoid": ("torch.nn", "Sigmoid", _NOARGS),
-    "torch.nn.Hardswish": ("torch.nn", "Hardswish", _INPLACE),
-    "torch.nn.Hardsigmoid": ("torch.nn", "Hardsigmoid", _INPLACE),
-    "torch.nn.Tanh": ("torch.nn", "Tanh", _NOARGS),
-    "torch.nn.Identity": ("torch.nn", "Identity", _NOARGS),
-    "torch.nn.Dropout": ("torch.nn", "Dropout", _attrs("p", "inplace")),
-    "torch.nn.Dropout2d": ("torch.nn", "Dropout2d", _attrs("p", "inplace")),
-    "torch.nn.MaxPool1d": ("torch.nn", "MaxPool1d", _attrs(
+
+@dataclass(frozen=True)
+class _ModuleType:
+    """One allow-listed module type: its kwargs encoder and either the class (registered types) or the module
+    and class name to import it from on first use (built-in types; the strings are constants of this file)."""
+
+    encode: ModuleEncoder
+    cls: type[nn.Module] | None = None
+    module: str = ""
+    name: str = ""
+
+
+def _builtin(module: str, name: str, encode: ModuleEncoder) -> _ModuleType:
+    return _ModuleType(encode=encode, module=module, name=name)
+
+
+# Qualified type name -> entry. Built-in entries below; other autoprune modules add theirs with
+# :func:`register_module_type` when they are imported. Nothing read from a file is ever imported.
+_MODULE_TYPES: dict[str, _ModuleType] = {
+    "torch.nn.Conv1d": _builtin("torch.nn", "Conv1d", _with_bias(*_CONV)),
+    "torch.nn.Conv2d": _builtin("torch.nn", "Conv2d", _with_bias(*_CONV)),
+    "torch.nn.Linear": _builtin("torch.nn", "Linear", _with_bias("in_features", "out_features")),
+    "torch.nn.BatchNorm1d": _builtin("torch.nn", "BatchNorm1d", _attrs(*_BN)),
+    "torch.nn.BatchNorm2d": _builtin("torch.nn", "BatchNorm2d", _attrs(*_BN)),
+    "torch.nn.LayerNorm": _builtin("torch.nn", "LayerNorm", _with_bias("normalized_shape", "eps",
+                                                                       "elementwise_affine")),
+    "torch.nn.GroupNorm": _builtin("torch.nn", "GroupNorm", _attrs("num_groups", "num_channels", "eps", "affine")),
+    "torch.nn.ReLU": _builtin("torch.nn", "ReLU", _INPLACE),
+    "torch.nn.ReLU6": _builtin("torch.nn", "ReLU6", _INPLACE),
+    "torch.nn.LeakyReLU": _builtin("torch.nn", "LeakyReLU", _attrs("negative_slope", "inplace")),
+    "torch.nn.Hardtanh": _builtin("torch.nn", "Hardtanh", _attrs("min_val", "max_val", "inplace")),
+    "torch.nn.GELU": _builtin("torch.nn", "GELU", _attrs("approximate")),
+    "torch.nn.SiLU": _builtin("torch.nn", "SiLU", _INPLACE),
+    "torch.nn.Mish": _builtin("torch.nn", "Mish", _INPLACE),
+    "torch.nn.Sigmoid": _builtin("torch.nn", "Sigmoid", _NOARGS),
+    "torch.nn.Hardswish": _builtin("torch.nn", "Hardswish", _INPLACE),
+    "torch.nn.Hardsigmoid": _builtin("torch.nn", "Hardsigmoid", _INPLACE),
+    "torch.nn.Tanh": _builtin("torch.nn", "Tanh", _NOARGS),
+    "torch.nn.Identity": _builtin("torch.nn", "Identity", _NOARGS),
+    "torch.nn.Dropout": _builtin("torch.nn", "Dropout", _attrs("p", "inplace")),
+    "torch.nn.Dropout2d": _builtin("torch.nn", "Dropout2d", _attrs("p", "inplace")),
+    "torch.nn.MaxPool1d": _builtin("torch.nn", "MaxPool1d", _attrs(
         "kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode")),
-    "torch.nn.MaxPool2d": ("torch.nn", "MaxPool2d", _attrs(
+    "torch.nn.MaxPool2d": _builtin("torch.nn", "MaxPool2d", _attrs(
         "kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode")),
-    "torch.nn.AvgPool1d": ("torch.nn", "AvgPool1d", _attrs(
+    "torch.nn.AvgPool1d": _builtin("torch.nn", "AvgPool1d", _attrs(
         "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")),
-    "torch.nn.AvgPool2d": ("torch.nn", "AvgPool2d", _attrs(
+    "torch.nn.AvgPool2d": _builtin("torch.nn", "AvgPool2d", _attrs(
         "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")),
-    "torch.nn.AdaptiveAvgPool1d": ("torch.nn", "AdaptiveAvgPool1d", _attrs("output_size")),
-    "torch.nn.AdaptiveAvgPool2d": ("torch.nn", "AdaptiveAvgPool2d", _attrs("output_size")),
-    "torch.nn.Flatten": ("torch.nn", "Flatten", _attrs("start_dim", "end_dim")),
-    "torch.nn.Softmax": ("torch.nn", "Softmax", _attrs("dim")),
-    "torch.nn.Embedding": ("torch.nn", "Embedding", _attrs(
+    "torch.nn.AdaptiveAvgPool1d": _builtin("torch.nn", "AdaptiveAvgPool1d", _attrs("output_size")),
+    "torch.nn.AdaptiveAvgPool2d": _builtin("torch.nn", "AdaptiveAvgPool2d", _attrs("output_size")),
+    "torch.nn.Flatten": _builtin("torch.nn", "Flatten", _attrs("start_dim", "end_dim")),
+    "torch.nn.Softmax": _builtin("torch.nn", "Softmax", _attrs("dim")),
+    "torch.nn.Embedding": _builtin("torch.nn", "Embedding", _attrs(
         "num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")),
-    "torch.nn.MultiheadAttention": ("torch.nn", "MultiheadAttention", _encode_mha),
-    "torch.nn.Sequential": ("torch.nn", "Sequential", _NOARGS),  # children stored recursively
-    "autoprune.models.layers.Normalize": ("autoprune.models.layers", "Normalize", _encode_normalize),
-    "autoprune.quantization.QConv1d": ("autoprune.quantization", "QConv1d", _encode_quant),
-    "autoprune.quantization.QConv2d": ("autoprune.quantization", "QConv2d", _encode_quant),
-    "autoprune.quantization.QLinear": ("autoprune.quantization", "QLinear", _encode_quant),
+    "torch.nn.MultiheadAttention": _builtin("torch.nn", "MultiheadAttention", _encode_mha),
+    "torch.nn.Sequential": _builtin("torch.nn", "Sequential", _NOARGS),  # children stored recursively
+    "autoprune.models.layers.Normalize": _builtin("autoprune.models.layers", "Normalize", _encode_normalize),
 }  # fmt: skip
+
+# Known extensions: a module type or artifact section that a file may need -> the autoprune module that registers
+# it when imported. Loading imports such a module (by this constant name, never by a string from the file) the
+# first time a file needs what it provides, so ``load_module`` works in a process that imported nothing else.
+_TYPE_PROVIDERS: dict[str, str] = {
+    "autoprune.quantization.QConv1d": "autoprune.quantization",
+    "autoprune.quantization.QConv2d": "autoprune.quantization",
+    "autoprune.quantization.QLinear": "autoprune.quantization",
+}
+_SECTION_PROVIDERS: dict[str, str] = {"quant": "autoprune.quantization"}
+
+# Top-level keys of arch.json written by this module; any other key is an extension section.
+_CORE_KEYS = frozenset({"format", "format_version", "autoprune_version", "torch_version", "example_input",
+                        "training", "modules", "tensors", "graph", "metadata", "manifest"})
+_SECTIONS: dict[str, SectionLoader] = {}
+
+
+def _import_provider(module: str) -> bool:
+    """Import a known extension module (which registers itself); False if it cannot be imported here."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def register_module_type(cls: type[nn.Module], encoder: ModuleEncoder) -> str:
+    """Allow-list a module type for :func:`save_module` / :func:`load_module` (called by the module defining it).
+
+    The type is stored under its qualified name (``f"{cls.__module__}.{cls.__qualname__}"``); only that exact
+    class matches (not subclasses, which may override ``forward``). Loading rebuilds it as
+    ``cls(**decode_kwargs(encoder(module)))``. Registering the same name again replaces the entry (module reload).
+
+    Args:
+        cls: The ``nn.Module`` subclass.
+        encoder: Returns the module's constructor keyword arguments as JSON values (see :func:`encode_kwargs`).
+
+    Returns:
+        The name under which the type is stored in ``arch.json``.
+
+    Raises:
+        ConfigError: If ``cls`` is not an ``nn.Module`` subclass or its name is a built-in entry.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"register_module_type needs an nn.Module subclass, got {cls!r}")
+    qualname = _type_name(cls)
+    current = _MODULE_TYPES.get(qualname)
+    if current is not None and current.cls is None:
+        raise ConfigError(f"{qualname} is a built-in allow-list entry and cannot be registered again")
+    _MODULE_TYPES[qualname] = _ModuleType(encode=encoder, cls=cls)
+    return qualname
+
+
+def register_section(name: str, loader: SectionLoader) -> None:
+    """Make :func:`load_module` hand artifacts whose ``arch.json`` has a top-level ``name`` section to ``loader``.
+
+    The loader receives the verified ``arch.json`` document and tensors (see :func:`read_artifact`) and returns
+    the rebuilt module. Registering the same name again replaces the loader.
+
+    Raises:
+        ConfigError: If ``name`` is one of the keys this module writes itself.
+    """
+    if not name or name in _CORE_KEYS:
+        raise ConfigError(f"{name!r} cannot be an extension section of {ARCH_FILE}",
+                          hint=f"reserved keys: {sorted(_CORE_KEYS)}")
+    _SECTIONS[name] = loader
 
 
 def _resolve_type(qualname: str) -> type[nn.Module] | None:
-    entry = _MODULE_TABLE.get(qualname)
+    entry = _MODULE_TYPES.get(qualname)
+    if entry is None and qualname in _TYPE_PROVIDERS and _import_provider(_TYPE_PROVIDERS[qualname]):
+        entry = _MODULE_TYPES.get(qualname)
     if entry is None:
         return None
+    if entry.cls is not None:
+        return entry.cls
     try:
-        mod = importlib.import_module(entry[0])
+        mod = importlib.import_module(entry.module)
     except ImportError:
         return None
-    cls = getattr(mod, entry[1], None)
+    cls = getattr(mod, entry.name, None)
     return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
+
+
+def _type_name(cls: type) -> str:
+    """Allow-list spelling of a class name (``torch.nn.modules.conv.Conv2d`` → ``torch.nn.Conv2d``)."""
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return f"torch.nn.{cls.__qualname__}" if name.startswith("torch.nn.modules.") else name
 
 
 def _qualname_of(module: nn.Module) -> str | None:
     """Allow-list name of ``type(module)`` (exact type match: subclasses may override ``forward``)."""
     cls = type(module)
-    name = f"{cls.__module__}.{cls.__qualname__}"
-    if name.startswith("torch.nn.modules."):
-        name = f"torch.nn.{cls.__qualname__}"
-    if name in _MODULE_TABLE and _resolve_type(name) is cls:
+    name = _type_name(cls)
+    if (name in _MODULE_TYPES or name in _TYPE_PROVIDERS) and _resolve_type(name) is cls:
         return name
     return None
 
 
 def supported_module_types() -> list[str]:
-    """Names of the leaf module types that :func:`save_module` can store."""
-    return sorted(_MODULE_TABLE)
+    """Names of the leaf module types that :func:`save_module` can store (built-in, registered and known)."""
+    return sorted(set(_MODULE_TYPES) | set(_TYPE_PROVIDERS))
+
+
+def encode_kwargs(module: nn.Module, as_type: str | None = None) -> dict[str, Any]:
+    """Constructor keyword arguments of ``module`` as JSON values, as :func:`save_module` stores them.
+
+    Args:
+        module: An instance of an allow-listed type.
+        as_type: Allow-list name whose encoder to use instead of the module's own type, e.g.
+            ``"torch.nn.Conv2d"`` for a registered subclass that adds arguments of its own (``module`` must be an
+            instance of that type).
+
+    Raises:
+        CheckpointError: If the type is not allow-listed (or ``module`` is not an ``as_type``).
+    """
+    qual = _qualname_of(module) if as_type is None else as_type
+    cls = _resolve_type(qual) if qual is not None else None
+    if qual is None or cls is None or not isinstance(module, cls):
+        kind = type(module)
+        raise CheckpointError(
+            f"{kind.__module__}.{kind.__qualname__} is not an allow-listed module type"
+            + (f" (as {as_type!r})" if as_type is not None else ""),
+            hint="supported types: " + ", ".join(t.rsplit(".", 1)[1] for t in supported_module_types()),
+        )
+    return _MODULE_TYPES[qual].encode(module)
+
+
+def decode_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`encode_kwargs`: JSON values to constructor arguments (lists become tuples)."""
+    return {k: _unplain(v) for k, v in kwargs.items()}
 
 
 class _LeafTracer(fx.Tracer):
@@ -425,7 +562,7 @@ def _encode_leaf(name: str, module: nn.Module) -> dict[str, Any]:
             "types that can be saved as data",
             hint="supported types: " + ", ".join(t.rsplit(".", 1)[1] for t in supported_module_types()),
         )
-    spec: dict[str, Any] = {"type": qual, "kwargs": _MODULE_TABLE[qual][2](module), "training": module.training}
+    spec: dict[str, Any] = {"type": qual, "kwargs": _MODULE_TYPES[qual].encode(module), "training": module.training}
     if qual == "torch.nn.Sequential":
         spec["children"] = [_encode_leaf(f"{name}.{i}", child) for i, child in enumerate(module)]
     return spec
@@ -524,7 +661,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _example_spec(example_input: Any) -> dict[str, Any]:
+def _example_spec(example_input: ExampleInput) -> dict[str, Any]:
     if isinstance(example_input, torch.Tensor):
         return {"shape": list(example_input.shape), "dtype": str(example_input.dtype).removeprefix("torch.")}
     if isinstance(example_input, tuple | list) and all(isinstance(t, torch.Tensor) for t in example_input):
@@ -534,7 +671,7 @@ def _example_spec(example_input: Any) -> dict[str, Any]:
 
 
 def write_artifact(out_dir: str | os.PathLike[str], arch: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
-                   example_input: Any, metadata: Mapping[str, Any] | None = None) -> Path:
+                   example_input: ExampleInput, metadata: Mapping[str, Any] | None = None) -> Path:
     """Write ``weights.pt`` and ``arch.json`` (header, ``arch``, metadata, manifest) to ``out_dir``.
 
     Args:
@@ -829,7 +966,7 @@ def _build_graph(nodes: Sequence[Any], specs: Mapping[str, Any], built: Mapping[
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def save_module(gm: nn.Module, out_dir: str | os.PathLike[str], example_input: Any,
+def save_module(gm: nn.Module, out_dir: str | os.PathLike[str], example_input: ExampleInput,
                 metadata: Mapping[str, Any] | None = None) -> Path:
     """Save a (pruned) module as ``arch.json`` + ``weights.pt`` so that :func:`load_module` rebuilds it without code.
 
@@ -860,13 +997,30 @@ def load_module(out_dir: str | os.PathLike[str]) -> fx.GraphModule:
             or format versions.
     """
     doc, tensors = read_artifact(out_dir)
-    if "quant" in doc:
-        from autoprune import quantization
-
-        return quantization.build_quantized(doc, tensors)
+    loader = _section_loader(doc)
+    if loader is not None:
+        return loader(doc, tensors)
     gm = build_module(doc, tensors)
     gm.meta["autoprune"] = {k: doc[k] for k in ("example_input", "metadata", "autoprune_version", "torch_version")}
     return gm
+
+
+def _section_loader(doc: Mapping[str, Any]) -> SectionLoader | None:
+    """The registered loader of the artifact's extension section (importing its known provider on first use)."""
+    names = [k for k in doc if k in _SECTIONS or k in _SECTION_PROVIDERS]
+    if not names:
+        return None
+    if len(names) > 1:
+        raise CheckpointError(f"{ARCH_FILE} has several extension sections {names}; one artifact has at most one",
+                              hint="the file is corrupt or was edited by hand; re-export the model")
+    name = names[0]
+    if name not in _SECTIONS and name in _SECTION_PROVIDERS:
+        _import_provider(_SECTION_PROVIDERS[name])
+    loader = _SECTIONS.get(name)
+    if loader is None:
+        raise CheckpointError(f"{ARCH_FILE} has a {name!r} section, but its loader cannot be imported here",
+                              hint=f"{_SECTION_PROVIDERS[name]} failed to import; check the autoprune installation")
+    return loader
 
 
 _FORMATS = ("pt2", "torchscript", "onnx")

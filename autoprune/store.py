@@ -10,6 +10,9 @@ baselines) as JSON in the study's user attributes and larger files in :meth:`Tri
 
 Nothing here knows how candidates are proposed; the searchers (``autoprune.agents``) write through
 :meth:`TrialStore.study` and :meth:`TrialStore.finish`.
+
+This is the only module that uses Optuna's private attributes (a study's storage and id, a trial's id), behind
+:func:`interrupt_trial` and :func:`ask_with_attrs`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -421,9 +425,7 @@ class TrialStore:
         """
         n = 0
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-            study._storage.set_trial_user_attr(t._trial_id, "state", "interrupted")
-            study._storage.set_trial_user_attr(t._trial_id, "reason", reason)
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            interrupt_trial(study, t, reason)
             n += 1
         return n
 
@@ -490,6 +492,47 @@ class TrialStore:
         return path
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Optuna internals: the only place that touches Optuna's private attributes (storage, study and trial ids)
+
+
+def _storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    return study._storage
+
+
+def _trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    return trial._trial_id
+
+
+def interrupt_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
+    """Finish a trial that another (stopped) process left RUNNING: ``state`` ``interrupted`` with ``reason``,
+    Optuna state FAIL. Its candidate does not count and is proposed again.
+
+    Raises:
+        optuna.exceptions.UpdateFinishedTrialError: If the trial finished in the meantime (a ``RuntimeError``).
+    """
+    storage, trial_id = _storage_of(study), _trial_id(trial)
+    storage.set_trial_user_attr(trial_id, "state", "interrupted")
+    storage.set_trial_user_attr(trial_id, "reason", reason)
+    storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
+def ask_with_attrs(study: optuna.Study, user_attrs: Mapping[str, Any]) -> optuna.Trial:
+    """Like ``study.ask()``, but the new RUNNING trial is created with ``user_attrs`` already set, in one
+    transaction: a process killed at any moment never leaves a running trial without them.
+
+    Waiting (enqueued) trials are not taken; the campaign never enqueues any.
+    """
+    template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, values=None,
+                           datetime_start=datetime.now(), datetime_complete=None, params={}, distributions={},
+                           user_attrs=dict(user_attrs), system_attrs={}, intermediate_values={}, trial_id=-1)
+    local = getattr(study, "_thread_local", None)
+    if local is not None and hasattr(local, "cached_all_trials"):
+        local.cached_all_trials = None  # as Study.ask does: the next read syncs with the storage
+    trial_id = _storage_of(study).create_new_trial(study._study_id, template_trial=template)
+    return optuna.Trial(study, trial_id)
+
+
 def _set_constraints(study: optuna.Study, trial: optuna.Trial, named: Mapping[str, float]) -> None:
     """Hand constraint values to Optuna: ``Trial.set_constraint`` (Optuna ≥ 5), else the system attribute
     that ``constraints_func`` would have written (older Optuna; the samplers then get a ``constraints_func``)."""
@@ -497,7 +540,7 @@ def _set_constraints(study: optuna.Study, trial: optuna.Trial, named: Mapping[st
         for k, v in named.items():
             trial.set_constraint(k, v)
     else:
-        study._storage.set_trial_system_attr(trial._trial_id, "constraints", list(named.values()))
+        _storage_of(study).set_trial_system_attr(_trial_id(trial), "constraints", list(named.values()))
 
 
 def _record(t: FrozenTrial) -> TrialRecord:

@@ -14,6 +14,20 @@ from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from autoprune.errors import ConfigError
+
+#: Cost metric name (as budgets, rewards and multi-objective searchers spell it) → the :class:`CostReport`
+#: attribute holding its value. The one table of metric names: everything that reads a metric off a cost
+#: report goes through :meth:`CostReport.metric`.
+COST_METRICS: Mapping[str, str] = MappingProxyType({
+    "macs": "macs",
+    "params": "params",
+    "size_bytes": "bytes",
+    "bytes": "bytes",
+    "latency_ms": "latency_ms",
+    "bitops": "bitops",
+})
+
 
 def _frozen_map(m: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(sorted((m or {}).items())))
@@ -105,6 +119,25 @@ class CostReport:
     def flops(self) -> int:
         """2 × MACs, the convention many papers call FLOPs."""
         return 2 * self.macs
+
+    def metric(self, name: str) -> float | None:
+        """The value of cost metric ``name`` (a key of :data:`COST_METRICS`, e.g. ``"size_bytes"``).
+
+        Args:
+            name: Metric name.
+
+        Returns:
+            The value as stored (an int for counts), or ``None`` when it was not measured (latency).
+
+        Raises:
+            ConfigError: If ``name`` is not a cost metric.
+        """
+        try:
+            attr = COST_METRICS[name]
+        except KeyError:
+            raise ConfigError(f"unknown cost metric {name!r}", hint=f"choices: {', '.join(COST_METRICS)}") from None
+        value: float | None = getattr(self, attr)
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""

@@ -6,6 +6,7 @@ import os
 import random
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import numpy as np
@@ -45,6 +46,22 @@ def set_quiet(quiet: bool) -> None:
     """Globally silence progress bars (the CLI's ``--quiet``)."""
     global _QUIET
     _QUIET = quiet
+
+
+def is_quiet() -> bool:
+    """Whether progress bars are globally silenced (see :func:`set_quiet`)."""
+    return _QUIET
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Silence progress bars inside the block; the previous setting is restored afterwards."""
+    before = _QUIET
+    set_quiet(True)
+    try:
+        yield
+    finally:
+        set_quiet(before)
 
 
 def progress(iterable: Iterable[T], desc: str = "", total: int | None = None, leave: bool = False) -> Iterator[T]:

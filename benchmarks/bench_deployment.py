@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -39,6 +39,9 @@ from torch import nn
 from autoprune.utils import configure_threads, seed_everything
 from benchmarks._cifar import CHECKPOINTS
 from benchmarks._common import CIFAR10_DIR, WEIGHTS_DIR, write_json, write_result
+
+if TYPE_CHECKING:
+    from autoprune.graph import GroupSet
 
 TARGET = 0.5
 
@@ -87,16 +90,20 @@ def _max_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 
 
 def export_variants(name: str, dense: nn.Module, pruned: nn.Module, example: torch.Tensor, calib: list[Any],
-                    out: Path, calib_batches: int
+                    out: Path, calib_batches: int, *, groups: GroupSet | None = None,
+                    widths: Mapping[str, int] | None = None,
                     ) -> tuple[dict[str, dict[str, Any]], dict[str, nn.Module], dict[str, nn.Module]]:
     """Write every artifact of one model under ``out``.
+
+    With ``groups`` (the dense model's analysis) and ``widths`` (those of ``pruned``), the packed 8-bit records
+    also carry the closed-form size (:func:`autoprune.cost.closed_form`), checked equal to the exported bytes.
 
     Returns:
         ``(records, timed, checked)``: per-variant records (``bytes`` on disk and, for reloaded artifacts,
         ``max_abs_diff`` against the in-memory module), the modules to time (reloaded fp32, int8) and the
         modules whose accuracy is checked (those plus the reloaded packed 8-bit ones).
     """
-    from autoprune import quantization, serialize
+    from autoprune import cost, quantization, serialize
     from autoprune.errors import AutoPruneError
     from autoprune.types import QuantSpec
 
@@ -104,19 +111,26 @@ def export_variants(name: str, dense: nn.Module, pruned: nn.Module, example: tor
     timed: dict[str, nn.Module] = {}
     checked: dict[str, nn.Module] = {}
     probe = calib[0][0][:8]
-    for label, module in (("dense", dense), ("pruned", pruned)):
+    for label, module, kept in (("dense", dense, {}), ("pruned", pruned, widths)):
         d = serialize.save_module(module, out / f"{name}-{label}-fp32", example, metadata={"variant": label})
         loaded = serialize.load_module(d).eval()
         records[f"{label} fp32"] = {"bytes": dir_bytes(d), "max_abs_diff": _max_diff(module, loaded, probe),
                                     "format": "arch.json + weights.pt"}
         timed[f"{label} fp32"] = checked[f"{label} fp32"] = loaded
         layers = quantization.quantizable_layers(module)
-        qm = quantization.apply(module, {n: QuantSpec(w_bits=8, a_bits=None) for n in layers})
+        bits = {n: QuantSpec(w_bits=8, a_bits=None) for n in layers}
+        qm = quantization.apply(module, bits)
         qd = quantization.save_quantized(qm, out / f"{name}-{label}-w8", example, metadata={"variant": label})
         qloaded = quantization.load_quantized(qd)
+        stored = quantization.export(qm).size_bytes
         records[f"{label} w8 packed"] = {"bytes": dir_bytes(qd), "max_abs_diff": _max_diff(qm, qloaded, probe),
                                          "format": "packed 8-bit weights (arch.json + weights.pt)",
-                                         "size_bytes_closed_form": quantization.export(qm).size_bytes}
+                                         "size_bytes": stored}
+        if groups is not None and kept is not None:
+            closed = cost.closed_form(groups, kept, bits).bytes
+            if closed != stored:
+                raise RuntimeError(f"{name} {label}: closed-form size {closed} != exported {stored} bytes")
+            records[f"{label} w8 packed"]["size_bytes_closed_form"] = closed
         checked[f"{label} w8 packed"] = qloaded
         try:
             q8 = quantization.to_int8(module, calib, batches=calib_batches)
@@ -153,7 +167,8 @@ def run_model(name: str, sizes: Sizes, splits: Any, out: Path, seed: int = 0) ->
     recalibrate_bn(pruned, calib, len(calib), device="cpu")
     pruned.eval()
     dense_cost, pruned_cost = cost.closed_form(groups, {}), cost.closed_form(groups, widths)
-    records, timed, checked = export_variants(name, dense, pruned, example, calib, out, sizes.calib_batches)
+    records, timed, checked = export_variants(name, dense, pruned, example, calib, out, sizes.calib_batches,
+                                              groups=groups, widths=widths)
     test = make_loader(splits.test.take(stratified_indices(splits.test.labels, sizes.test_images, seed=seed)), 500)
     for label, module in checked.items():
         records[label]["top1"] = _accuracy(module, test)

@@ -5,7 +5,8 @@ The akamaster ResNet-20 (``../shared/weights/resnet20-12fca82f.th``) is fake-qua
 at 8 bits as in HAQ) at uniform 8, 6 and 4 weight bits and at one mixed assignment produced by
 :func:`~autoprune.quantization.legalize_bits` for a size budget. Activation ranges are calibrated on training
 images only; accuracy is measured on the CIFAR-10 test images. Sizes are the exact stored bytes of the exported
-artifact (packed codes + fp16 scales + zero points + float extras), checked against the closed form. When the
+artifact (packed codes + fp16 scales + zero points + float extras), checked against the closed form
+(:func:`autoprune.cost.closed_form`). When the
 ``torch.ao`` FX int8 backend works, the real int8 model's accuracy and its single-thread CPU latency (batch 1
 and 32) are compared with fp32.
 
@@ -28,7 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoprune import cost, graph
 from autoprune import quantization as Q
+from autoprune.graph import GroupSet
 from autoprune.types import QuantSpec
 from autoprune.utils import configure_threads
 from benchmarks._common import CIFAR10_DIR, WEIGHTS_DIR, result_path, write_result
@@ -58,25 +61,36 @@ def _with_floors(bits: dict[str, QuantSpec], layers: Sequence[str]) -> dict[str,
     return bits
 
 
-def _assignments(model: nn.Module, budget_ratio: float) -> dict[str, tuple[str, dict[str, QuantSpec] | None]]:
+def _all_float(layers: Sequence[str]) -> dict[str, QuantSpec]:
+    """Every layer float: the closed form then prices the BN-folded float export (an empty map would price the
+    unfolded float model)."""
+    return {n: QuantSpec(None, None) for n in layers}
+
+
+def _assignments(model: nn.Module, groups: GroupSet, budget_ratio: float,
+                 ) -> dict[str, tuple[str, dict[str, QuantSpec] | None]]:
     layers = Q.quantizable_layers(model)
     out: dict[str, tuple[str, dict[str, QuantSpec] | None]] = {
         f"w{b}": (f"uniform w{b}a8", _with_floors({n: QuantSpec(b, 8) for n in layers}, layers)) for b in (8, 6, 4)
     }
-    cost = Q.QuantCostModel(model)
-    budget = cost.size({})[0] / budget_ratio
+
+    def size(bits: dict[str, QuantSpec]) -> int:
+        return cost.closed_form(groups, None, bits).bytes
+
+    budget = size(_all_float(layers)) / budget_ratio
     mixed, feasible = Q.legalize_bits(_with_floors({n: QuantSpec(8, 8) for n in layers}, layers),
-                                      lambda b: cost.size(b)[0], budget, Q.default_floors(model), kinds=("w",))
+                                      size, budget, Q.default_floors(model), kinds=("w",))
     out["mixed"] = (f"mixed: legalize_bits from w8a8 to ≤ fp32/{budget_ratio:g} bytes", mixed if feasible else None)
     return out
 
 
-def _quantized_row(model: nn.Module, label: str, bits: dict[str, QuantSpec], calib: list[Any],
+def _quantized_row(model: nn.Module, groups: GroupSet, label: str, bits: dict[str, QuantSpec], calib: list[Any],
                    test: Iterable[Any], calib_batches: int) -> dict[str, Any]:
     qm = Q.apply(model, bits)
     Q.calibrate(qm, calib, batches=calib_batches)
     art = Q.export(qm)
-    closed = Q.model_size(model, bits)
+    priced = cost.closed_form(groups, None, bits)
+    closed = (priced.bytes, priced.payload_bits)
     if closed != (art.size_bytes, art.payload_bits):
         raise RuntimeError(f"closed-form size {closed} != exported {(art.size_bytes, art.payload_bits)}")
     layers = Q.quantizable_layers(model)
@@ -112,7 +126,7 @@ def _render(parts: dict[str, Any]) -> str:
         f"Pretrained ResNet-20 (`{s['weights']}`), CIFAR-10 test: {s['test_images']:,} images; calibration on "
         f"{s['calib_batches']}×128 training images (min–max ranges). BN folded; per-channel weights (symmetric "
         "≥ 4 bits, asymmetric + MSE-searched clip at 2–3 bits); per-tensor inputs; fp16 scales. Size = exact "
-        "bytes stored by `quantization.export` (checked equal to the closed-form `model_size`); the fp32 "
+        "bytes stored by `quantization.export` (checked equal to the closed form `cost.closed_form`); the fp32 "
         "reference counts every float tensor of the unfolded model (BN included). Payload bits = Σ b·n over "
         "conv/linear weights (HAQ's metric).",
         "",
@@ -190,13 +204,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parts: dict[str, Any] = json.loads(parts_path.read_text()) if parts_path.is_file() else {}
     if parts.get("settings") != settings:
         parts = {"settings": settings, "rows": {}, "runs": {}}
-    assignments = _assignments(model, args.budget_ratio)
+    groups = graph.analyze(model, calib[0][0][:1])
+    assignments = _assignments(model, groups, args.budget_ratio)
     for key in configs:
         if key == "fp32":
             row: dict[str, Any] = {"top1": _accuracy(model, test),
                                    "bytes": sum(t.nbytes for t in model.state_dict().values()
                                                 if t.is_floating_point()),
-                                   "payload_bits": Q.model_size(model, {})[1]}
+                                   "payload_bits": cost.closed_form(
+                                       groups, None, _all_float(Q.quantizable_layers(model))).payload_bits}
         elif key == "int8":
             row = _int8_row(model, calib, test, args)
         else:
@@ -204,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if bits is None:
                 _log(f"{key}: budget infeasible, skipped")
                 continue
-            row = _quantized_row(model, label, bits, calib, test, args.calib_batches)
+            row = _quantized_row(model, groups, label, bits, calib, test, args.calib_batches)
         parts["rows"][key] = row
         parts["runs"][key] = f"{time.strftime('%Y-%m-%d %H:%M')} ({threads} threads)"
         parts_path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ SETTINGS: dict[str, str] = {
 TP_TABLE = "Torch-Pruning `reproduce/readme.md` (DepGraph comparison table, Fang et al., CVPR 2023)"
 TP_LOG = ("Torch-Pruning run log `benchmarks/run/cifar10/prune/cifar10-global-{method}-resnet56` "
           "(batch 128, lr 0.01, ×0.1 at epochs 60 and 80)")
-NOT_RECORDED = "not recorded in ALGORITHMS.md (unknown here)"
+NOT_RECORDED = "not stated in the sources recorded here (unknown)"
 
 
 @dataclass(frozen=True)
@@ -231,9 +231,9 @@ def render_table(rows: Sequence[PublishedResult]) -> str:
 def render_markdown(rows: Sequence[PublishedResult] = PUBLISHED) -> str:
     """The whole published-results document body (one section per setting, then the general caveats)."""
     parts = [
-        "Published anchor results, transcribed from docs/ALGORITHMS.md §7 (nothing here was measured by "
-        "autoprune). Accuracies are top-1 %; Δ = pruned − base; FLOPs↓ = fraction of FLOPs removed "
-        "(1 − 1/speed-up where a source gives a speed-up). Compare Δ at matched FLOPs↓, not absolute accuracy. "
+        "Published anchor results as recorded in benchmarks/published.py, each row with its source (nothing "
+        "here was measured by autoprune). Accuracies are top-1 %; Δ = pruned − base; FLOPs↓ = fraction of FLOPs "
+        "removed (1 − 1/speed-up where a source gives a speed-up). Compare Δ at matched FLOPs↓, not absolute accuracy. "
         "The training budgets are those of the authors (GPU runs of hundreds of epochs) and are far larger "
         "than the fine-tunes autoprune's CPU benchmarks can afford; \"TP table\" = " + TP_TABLE + ".",
     ]

@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
@@ -59,7 +59,8 @@ import torch
 from gymnasium import spaces
 
 from autoprune.errors import ConfigError
-from autoprune.objectives import Budget, Reward, cost_value, make_reward
+from autoprune.objectives import Budget, Reward, make_reward
+from autoprune.problem import LayerChoice
 from autoprune.types import Candidate, CostReport, QuantSpec
 
 from .embedding import StateEmbedding
@@ -85,19 +86,13 @@ def pick_bits(choices: Sequence[int | None], u: float) -> int | None:
     return ordered[min(len(ordered) - 1, max(0, math.floor(a * len(ordered))))]
 
 
-def _lower_choice(choices: Sequence[int | None], current: int | None) -> tuple[bool, int | None]:
-    """The next lower allowed value below ``current`` (``(False, current)`` at the floor)."""
-    ordered = sorted(choices, key=_bits_order)
-    below = [b for b in ordered if _bits_order(b) < _bits_order(current)]
-    return (True, below[-1]) if below else (False, current)
-
-
-def legalize_bits(bits: Mapping[str, QuantSpec], layers: Sequence[Any],
+def legalize_bits(bits: Mapping[str, QuantSpec], layers: Sequence[LayerChoice],
                   size_of: Callable[[dict[str, QuantSpec]], float], limit: float) -> tuple[dict[str, QuantSpec], bool]:
-    """HAQ's post-episode legalizer on weight bits (ALGORITHMS.md §2.2).
+    """HAQ's post-episode legalizer on weight bits (ALGORITHMS.md §2.2), over the search space's bit choices.
 
     Sweeps the layers from last to first, lowering each layer's weight bits by one allowed choice and
-    re-pricing after every change, until ``size_of(bits) <= limit``.
+    re-pricing after every change, until ``size_of(bits) <= limit``. The algorithm is
+    :func:`autoprune.quantization.legalize_bits`; this adapter passes the layers' choices and order.
 
     Args:
         bits: Current bits per layer name.
@@ -110,24 +105,10 @@ def legalize_bits(bits: Mapping[str, QuantSpec], layers: Sequence[Any],
         The new bits and whether the limit is met (``False`` when every layer is at its floor and the size
         still exceeds the limit — reported, not hidden, unlike the reference code).
     """
-    current = dict(bits)
-    if size_of(current) <= limit:
-        return current, True
-    while True:
-        changed = False
-        for lc in reversed(layers):
-            spec = current.get(lc.layer)
-            if spec is None:
-                continue
-            ok, lower = _lower_choice(lc.w_bits, spec.w_bits)
-            if not ok:
-                continue
-            current[lc.layer] = replace(spec, w_bits=lower)
-            changed = True
-            if size_of(current) <= limit:
-                return current, True
-        if not changed:
-            return current, False
+    from autoprune.quantization import legalize_bits as legalize
+
+    return legalize(bits, size_of, limit, order=[lc.layer for lc in layers], kinds=("w",),
+                    choices={lc.layer: lc.w_bits for lc in layers})
 
 
 def _last_true(n: int, pred: Callable[[int], bool]) -> int:
@@ -277,8 +258,8 @@ class LayerwiseCompressionEnv(gym.Env[np.ndarray, np.ndarray]):
         for metric, limit in self._limits.items():
             if metric == "latency_ms":
                 continue
-            value = cost_value(lowest, metric)
-            base = cost_value(dense, metric)
+            value = lowest.metric(metric)
+            base = dense.metric(metric)
             if value is not None and value > limit:
                 share = f" ({value / base:.1%} of dense)" if base else ""
                 raise ConfigError(
@@ -291,8 +272,8 @@ class LayerwiseCompressionEnv(gym.Env[np.ndarray, np.ndarray]):
         return self.problem.cost(Candidate(widths=dict(widths), bits=dict(bits or {})))
 
     def _metric(self, cost: CostReport, metric: str) -> float:
-        value = cost_value(cost, metric)
-        return 0.0 if value is None else value
+        value = cost.metric(metric)
+        return 0.0 if value is None else float(value)
 
     def _later(self, i: int, at: str) -> dict[str, int]:
         if at == "min":

@@ -1,7 +1,7 @@
 """Building a :class:`~autoprune.problem.SearchSpace` from the engine's channel groups.
 
 :func:`build_space` maps the engine's prunable groups to :class:`~autoprune.problem.GroupChoice`\\ s (legal
-widths from :func:`autoprune.pruning.legal_widths`, at least ``ceil(min_ratio · size)``) and, with
+widths from :meth:`autoprune.graph.ChannelGroup.legal_widths`, at least ``ceil(min_ratio · size)``) and, with
 ``quantize=True``, the model's conv/linear layers to :class:`~autoprune.problem.LayerChoice`\\ s (the first
 layer keeps 8-bit weights and a float input, the last layer is w8a8 — HAQ's floors, configurable).
 
@@ -25,7 +25,6 @@ from autoprune.problem import GroupChoice, LayerChoice, SearchSpace
 from autoprune.registry import Registry
 
 DEFAULT_W_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
-_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def producers(group: Any) -> list[str]:
@@ -91,16 +90,13 @@ def _excluded(name: str, patterns: Sequence[str]) -> bool:
 
 def _group_choices(groups: Any, preset: SpacePreset, round_to: int, min_ratio: float,
                    exclude: Sequence[str]) -> tuple[GroupChoice, ...]:
-    from autoprune import pruning
-
     choices = []
     for g in groups.prunable():
         names = [g.id, *producers(g), g.id.split(":")[0]]
         if any(_excluded(n, exclude) for n in names) or not preset.select_group(g):
             continue
         floor = math.ceil(min_ratio * g.size - 1e-9)
-        legal = sorted({int(w) for w in pruning.legal_widths(g, round_to)})
-        widths = tuple(w for w in legal if floor <= w <= g.size)
+        widths = tuple(w for w in g.legal_widths(round_to) if floor <= w <= g.size)  # ascending, distinct
         if not widths or widths[-1] != g.size:
             widths = (*widths, int(g.size))
         choices.append(GroupChoice(group_id=g.id, size=int(g.size), widths=widths))
@@ -108,17 +104,16 @@ def _group_choices(groups: Any, preset: SpacePreset, round_to: int, min_ratio: f
 
 
 def quantizable_layers(groups: Any = None, model: nn.Module | None = None) -> list[str]:
-    """Conv/linear module names in execution order (from the traced graph when available)."""
+    """Conv/linear layers that take bit-widths, in execution order: exactly the layers that
+    :func:`autoprune.quantization.quantizable_layers` lists (and ``quantization.apply`` / ``cost.closed_form``
+    accept) for the group set's traced graph, or for ``model`` when the group set has none."""
+    from autoprune import quantization
+
     gm = getattr(groups, "graph_module", None)
-    if gm is not None:
-        mods = dict(gm.named_modules())
-        names = [str(n.target) for n in gm.graph.nodes
-                 if n.op == "call_module" and isinstance(mods.get(str(n.target)), _LAYER_TYPES)]
-        return list(dict.fromkeys(names))
-    if model is None:
+    if gm is None and model is None:
         raise ConfigError("cannot list quantizable layers: the group set has no traced graph and no model was given",
                           hint="pass model= to build_space")
-    return [n for n, m in model.named_modules() if isinstance(m, _LAYER_TYPES)]
+    return quantization.quantizable_layers(gm if gm is not None else model)
 
 
 def _floor_bits(bits: Iterable[int | None], floor: int) -> tuple[int | None, ...]:
@@ -166,7 +161,7 @@ def build_space(groups: Any, *, family: str | None = None, model_name: str | Non
         family: A name in :data:`SEARCH_SPACES`; inferred from ``model_name`` when ``None``.
         model_name: Model name used to infer the family (e.g. ``"resnet20"``).
         model: The model, used to list layers when the group set carries no traced graph.
-        round_to: Channel rounding step passed to the engine's ``legal_widths``.
+        round_to: Channel rounding step passed to each group's ``legal_widths``.
         min_ratio: Smallest keep ratio; widths below ``ceil(min_ratio · size)`` are dropped.
         prune: Include the prunable groups.
         quantize: Include the conv/linear layers as bit-width decisions.

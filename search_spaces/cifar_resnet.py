@@ -1,9 +1,9 @@
 """The ``cifar_resnet`` search space: CIFAR ResNets (option A zero-pad and option B 1×1-conv shortcuts).
 
 By default only the widths inside the residual blocks are searched (each block's first conv): the residual
-streams couple the stem, every block's second conv and the shortcut convs of a stage into one group. With
-option-A shortcuts the engine freezes those streams anyway (zero-pad on channels); with option B they are
-prunable and ``residual=True`` adds them to the search.
+streams couple the stem, every block's second conv and the shortcuts of a stage into one group. The streams
+are prunable with both shortcut kinds (the engine's pad rule follows option A's zero-padding, option B's
+1×1 convs are ordinary members), and ``residual=True`` adds them to the search.
 """
 
 from __future__ import annotations

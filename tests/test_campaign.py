@@ -22,11 +22,12 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from autoprune import campaign
-from autoprune.campaign import WorkerIdentity, is_stale
+from autoprune import campaign, provenance
+from autoprune.agents.base import NoSlotLeft
 from autoprune.config import config_from_dict, load_config
 from autoprune.errors import AutoPruneError, CheckpointError, ConfigError
 from autoprune.store import COUNTED_STATES, TrialStore
+from autoprune.workers import HEARTBEAT_ATTR, WORKER_ATTR, WorkerIdentity, is_stale
 
 REPO = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -164,8 +165,8 @@ def test_trial_of_a_killed_process_is_marked_interrupted_and_redone(camp: campai
     campaign.run_search(camp, store, n_trials=2, quiet=True)
     study = store.study("random", 0)
     orphan = study.ask()  # what SIGKILL leaves behind: a RUNNING trial of a process that is gone
-    orphan.set_user_attr(campaign.WORKER_ATTR, {"host": socket.gethostname(), "pid": _dead_pid(), "id": "x"})
-    orphan.set_user_attr(campaign.HEARTBEAT_ATTR, time.time())
+    orphan.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": _dead_pid(), "id": "x"})
+    orphan.set_user_attr(HEARTBEAT_ATTR, time.time())
     res = campaign.run_search(camp, store, n_trials=4, quiet=True)
     assert len(res.trials) == 4
     states = store.to_dataframe().set_index("number")["state"]
@@ -188,15 +189,15 @@ def test_staleness_rules() -> None:
     now = time.time()
     host = me.host
     live = {"host": host, "pid": os.getppid(), "id": "p"}
-    assert not is_stale(_frozen({campaign.WORKER_ATTR: live, campaign.HEARTBEAT_ATTR: now}), me=me, stale_seconds=60)
+    assert not is_stale(_frozen({WORKER_ATTR: live, HEARTBEAT_ATTR: now}), me=me, stale_seconds=60)
     dead = {"host": host, "pid": _dead_pid(), "id": "d"}
-    assert is_stale(_frozen({campaign.WORKER_ATTR: dead, campaign.HEARTBEAT_ATTR: now}), me=me, stale_seconds=60)
+    assert is_stale(_frozen({WORKER_ATTR: dead, HEARTBEAT_ATTR: now}), me=me, stale_seconds=60)
     mine = {"host": host, "pid": os.getpid(), "id": "m"}
-    assert is_stale(_frozen({campaign.WORKER_ATTR: mine, campaign.HEARTBEAT_ATTR: now}), me=me, stale_seconds=60)
+    assert is_stale(_frozen({WORKER_ATTR: mine, HEARTBEAT_ATTR: now}), me=me, stale_seconds=60)
     far = {"host": host + "-elsewhere", "pid": 1, "id": "f"}
-    assert not is_stale(_frozen({campaign.WORKER_ATTR: far, campaign.HEARTBEAT_ATTR: now - 30}), me=me,
+    assert not is_stale(_frozen({WORKER_ATTR: far, HEARTBEAT_ATTR: now - 30}), me=me,
                         stale_seconds=60)
-    assert is_stale(_frozen({campaign.WORKER_ATTR: far, campaign.HEARTBEAT_ATTR: now - 90}), me=me, stale_seconds=60)
+    assert is_stale(_frozen({WORKER_ATTR: far, HEARTBEAT_ATTR: now - 90}), me=me, stale_seconds=60)
     # A trial that has no owner yet (just asked by another process) is live until its start is stale.
     assert not is_stale(_frozen({}, started=now - 1), me=me, stale_seconds=60)
     assert is_stale(_frozen({}, started=now - 120), me=me, stale_seconds=60)
@@ -204,8 +205,8 @@ def test_staleness_rules() -> None:
 
 def _foreign_running(study: optuna.Study) -> optuna.Trial:
     t = study.ask()
-    t.set_user_attr(campaign.WORKER_ATTR, {"host": "another-host", "pid": 4242, "id": "w2"})
-    t.set_user_attr(campaign.HEARTBEAT_ATTR, time.time())
+    t.set_user_attr(WORKER_ATTR, {"host": "another-host", "pid": 4242, "id": "w2"})
+    t.set_user_attr(HEARTBEAT_ATTR, time.time())
     return t
 
 
@@ -228,7 +229,7 @@ def test_a_trial_beyond_n_trials_is_given_back(camp: campaign.Campaign, tmp_path
     s = campaign.make_campaign_searcher(camp, store, "random", seed=0, n_trials=3)
     s.study = store.study("random", 0)
     _foreign_running(s.study)  # trial 2 (the last slot) was just taken by another worker
-    with pytest.raises(campaign._NoSlotLeft):
+    with pytest.raises(NoSlotLeft):
         s.new_trial()  # asked concurrently: trial 3, beyond n_trials
     df = store.to_dataframe().set_index("number")
     assert df.loc[3, "state"] == "interrupted" and "other workers" in df.loc[3, "reason"]
@@ -260,7 +261,7 @@ def test_impossible_budget_names_the_minimum_and_keeps_stored_trials(tmp_path: P
     assert "smallest achievable" in msg and "objective.budget.macs=0.001" in msg
     floor = camp_.problem.cost(camp_.space.minimal()).macs
     assert f"{floor:,}" in msg and "hint" in msg
-    assert len(campaign.open_store(cfg).to_dataframe()) == 2
+    assert len(provenance.open_store(cfg).to_dataframe()) == 2
 
 
 def test_changed_problem_is_refused_but_n_trials_may_grow(tmp_path: Path) -> None:
@@ -270,25 +271,25 @@ def test_changed_problem_is_refused_but_n_trials_may_grow(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"evaluator\.kwargs.*another problem|another problem.*evaluator"):
         campaign.open_campaign(config_from_dict(tiny(out), ["evaluator.kwargs.batches=3"]))
     campaign.open_campaign(config_from_dict(tiny(out), ["n_trials=9", "searcher.name=tpe"]))
-    assert yaml.safe_load((out / campaign.CONFIG_FILE).read_text())["n_trials"] == 9
+    assert yaml.safe_load((out / provenance.CONFIG_FILE).read_text())["n_trials"] == 9
 
 
 def test_provenance_is_written_beside_the_results(tmp_path: Path) -> None:
     out = tmp_path / "c"
     cfg = config_from_dict(tiny(out))
     campaign.open_campaign(cfg, argv=["search", "my campaign.yaml", "n_trials=5"])
-    assert load_config(out / campaign.CONFIG_FILE) == cfg
-    assert "autoprune search 'my campaign.yaml' n_trials=5" in (out / campaign.COMMAND_FILE).read_text()
-    env = json.loads((out / campaign.ENVIRONMENT_FILE).read_text())
+    assert load_config(out / provenance.CONFIG_FILE) == cfg
+    assert "autoprune search 'my campaign.yaml' n_trials=5" in (out / provenance.COMMAND_FILE).read_text()
+    env = json.loads((out / provenance.ENVIRONMENT_FILE).read_text())
     assert env["packages"]["torch"] and env["packages"]["optuna"] and "git" in env
     if env["git"] is not None:
         assert len(env["git"]["commit"]) == 40
-    space = json.loads((out / campaign.SPACE_FILE).read_text())
+    space = json.loads((out / provenance.SPACE_FILE).read_text())
     assert [g["size"] for g in space["groups"]] == [8, 8, 16, 16] and space["dense"]["macs"] > 0
     campaign.open_campaign(cfg, argv=["worker", "x.yaml"], role="worker")
-    log = (out / campaign.HISTORY_FILE).read_text().splitlines()
+    log = (out / provenance.HISTORY_FILE).read_text().splitlines()
     assert len(log) == 2 and "\tworker\t" in log[1]
-    assert "autoprune search" in (out / campaign.COMMAND_FILE).read_text()  # a worker keeps the first command
+    assert "autoprune search" in (out / provenance.COMMAND_FILE).read_text()  # a worker keeps the first command
 
 
 def test_compare_runs_every_agent_and_seed_on_the_same_problem(camp: campaign.Campaign, tmp_path: Path) -> None:
@@ -308,10 +309,10 @@ def test_bad_locations_fail_with_clear_errors(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(AutoPruneError, match="cannot create the output directory"):
-        campaign.prepare_out_dir(blocker / "sub")
+        provenance.prepare_out_dir(blocker / "sub")
     cfg = config_from_dict(tiny(tmp_path / "c"), ["storage=postgresql://nobody@127.0.0.1:1/none"])
     with pytest.raises(AutoPruneError, match="cannot open the trial store"):
-        campaign.open_store(cfg)
+        provenance.open_store(cfg)
     cfg = config_from_dict(tiny(tmp_path / "c"), ["model.checkpoint=missing/checkpoint.pt"])
     with pytest.raises(CheckpointError, match="does not exist"):
         campaign.check_checkpoint(cfg)

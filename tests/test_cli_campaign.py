@@ -22,10 +22,11 @@ import pytest
 import torch
 import yaml
 
-from autoprune import campaign, cli
+from autoprune import campaign, cli, provenance
 from autoprune.config import load_config
 from autoprune.errors import EXIT_USER_ERROR
 from autoprune.store import COUNTED_STATES, TrialStore
+from autoprune.workers import WORKER_ATTR
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
@@ -145,7 +146,7 @@ def test_bad_input_exits_2_with_a_clear_message_and_keeps_the_stored_trials(
     root = config.parent
     (root / "bad.yaml").write_text("name: x\nmodel: {name: [unclosed\n")
     (root / "blocker").write_text("a file, not a directory")
-    resolved = (out / campaign.CONFIG_FILE).read_text()
+    resolved = (out / provenance.CONFIG_FILE).read_text()
     in_subprocess = {  # run in parallel: faster
         "malformed": (["search", "bad.yaml"], "bad.yaml: malformed YAML at line"),
         "budget": (["search", "c.yaml", "objective.budget.macs=0.001"], "the smallest achievable is"),
@@ -170,9 +171,9 @@ def test_bad_input_exits_2_with_a_clear_message_and_keeps_the_stored_trials(
         assert code == EXIT_USER_ERROR, (name, stdout, stderr)
         assert expected in stderr, (name, stderr)
         assert "error:" in stderr and "hint:" in stderr and "Traceback" not in stderr, (name, stderr)
-    store = campaign.open_store(load_config(config))
+    store = provenance.open_store(load_config(config))
     assert len(store.to_dataframe()) == 2 and set(store.to_dataframe()["state"]) == {"complete"}
-    assert (out / campaign.CONFIG_FILE).read_text() == resolved
+    assert (out / provenance.CONFIG_FILE).read_text() == resolved
 
 
 def test_sigkill_and_sigint_then_resume_give_the_uninterrupted_trials(tmp_path: Path) -> None:
@@ -203,7 +204,7 @@ def test_sigkill_and_sigint_then_resume_give_the_uninterrupted_trials(tmp_path: 
     keys = counted_keys(store)
     assert len(keys) == 4 and len(set(keys)) == 4
     assert keys == expected_keys(config, 4, tmp_path)
-    assert "autoprune search c.yaml" in (tmp_path / "results" / campaign.COMMAND_FILE).read_text()
+    assert "autoprune search c.yaml" in (tmp_path / "results" / provenance.COMMAND_FILE).read_text()
 
 
 def _check_shared_study(store: TrialStore, n: int, pids: set[int]) -> None:
@@ -215,7 +216,7 @@ def _check_shared_study(store: TrialStore, n: int, pids: set[int]) -> None:
     counted = [t for t in trials if t.user_attrs.get("state") in COUNTED_STATES]
     assert len(counted) == n  # exactly n_trials: none lost, none beyond
     assert all(t.user_attrs.get("key") and t.user_attrs.get("accuracy") is not None for t in counted)
-    owners = {t.user_attrs[campaign.WORKER_ATTR]["pid"] for t in counted}
+    owners = {t.user_attrs[WORKER_ATTR]["pid"] for t in counted}
     assert owners <= pids and len(owners) == 2, owners  # both processes contributed
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from autoprune.config import CampaignConfig, apply_overrides, config_from_dict, load_config
 from autoprune.errors import ConfigError
+from autoprune.objectives import Budget
 
 BASE = {"name": "c1", "model": {"name": "resnet20"}, "dataset": {"name": "cifar10"}}
 
@@ -27,6 +28,18 @@ def test_overrides_are_applied_and_typed() -> None:
     assert cfg.objective.budget.macs == 0.5
     assert cfg.n_trials == 7
     assert cfg.searcher.kwargs == {"foo": "bar"}
+
+
+def test_budget_is_validated_into_the_objectives_budget() -> None:
+    """One budget schema: the config's ``objective.budget`` is an :class:`autoprune.objectives.Budget`."""
+    cfg = config_from_dict(BASE, ["objective.budget.macs=0.5", "objective.budget.size_bytes=2000000"])
+    assert cfg.objective.budget == Budget(macs=0.5, size_bytes=2e6)
+    assert config_from_dict(BASE).objective.budget == Budget()
+    with pytest.raises(ConfigError, match=r"objective\.budget\.flops: unknown key") as exc:
+        config_from_dict(BASE, ["objective.budget.flops=0.5"])
+    assert "macs, params, size_bytes, latency_ms" in str(exc.value)
+    with pytest.raises(ConfigError, match=r"objective\.budget\.params: must be > 0, got 0.0"):
+        config_from_dict(BASE, ["objective.budget.params=0"])
 
 
 def test_overrides_do_not_mutate_input() -> None:

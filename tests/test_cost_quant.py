@@ -257,3 +257,38 @@ def test_quantized_pricing_is_fast() -> None:
             cost.closed_form(gs, w, b)
         best = min(best, (time.perf_counter() - t) / len(ws))
     assert best < 1e-3, f"{best * 1e6:.0f} µs per call"
+
+
+class _SharedAndMatmul(nn.Module):
+    """A conv called twice and MACs outside conv/linear modules (matmul): every call and every MAC is priced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c2(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        t = self.fc(x.flatten(2).transpose(1, 2))  # (N, HW, 8)
+        return self.head((torch.matmul(t, t.transpose(1, 2)) @ t).mean(1))
+
+
+def test_shared_modules_and_matmul_macs_count_every_call() -> None:
+    """The closed form equals counts taken from the built quantized model (MACs by FlopCounterMode, BitOps per
+    conv/linear call, bytes and payload bits from the exported tensors) — also where a layer runs twice."""
+    torch.manual_seed(0)
+    model = _SharedAndMatmul().eval()
+    x = torch.rand(1, 3, 8, 8)
+    gs = graph.analyze(model, x)
+    layers = quantization.quantizable_layers(model)
+    assert layers == ["c1", "c2", "fc", "head"]
+    bits = {"c1": QuantSpec(8, None), "c2": QuantSpec(3, 4), "fc": QuantSpec(5, 8), "head": QuantSpec(8, 8)}
+    qm = _built(model, bits, x)
+    art = quantization.export(qm)
+    r = cost.closed_form(gs, None, bits)
+    assert r.macs == cost.count_macs(model, x)
+    assert r.bitops == _bitops_oracle(model, qm, x)
+    assert (r.bytes, r.payload_bits) == (art.size_bytes, art.payload_bits)
+    assert r.payload_bits == sum(m.weight.numel() * m.w_bits for m in qm.modules() if hasattr(m, "w_bits"))

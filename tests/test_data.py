@@ -21,8 +21,8 @@ from autoprune.data import (
     subset,
     train_val_split,
 )
+from autoprune.data.augment import crop_with_offsets
 from autoprune.data.cifar import read_cifar, safe_unpickle
-from autoprune.data.loader import crop_with_offsets
 from autoprune.data.mnist import parse_idx, read_idx, read_mnist
 from autoprune.errors import ConfigError, DataError
 

@@ -490,6 +490,42 @@ def test_searcher_records_one_trial_with_weights(name: str, tmp_path) -> None:
     assert len(again.trials) == 1
 
 
+def test_legal_widths_respect_round_to(tmp_path, monkeypatch) -> None:
+    from autoprune import graph
+    from autoprune.agents.base import SEARCHERS
+    from autoprune.evaluate import AdaptiveBNEvaluator
+    from autoprune.problem import Problem
+    from autoprune.search_spaces import build_space
+
+    model = TinyNet()
+    gs = graph.analyze(model, torch.randn(1, 3, 8, 8))
+    engine = {g.id: tuple(g.legal_widths(8)) for g in gs.prunable()}
+    assert engine == {"conv1:out": (8, 16, 20), "conv2:out": (8, 16, 20)}
+    # without a search space: the groups' own legal widths (every width for round_to=1)
+    assert dmcp.legal_widths_of(None, gs, round_to=8) == engine
+    assert dmcp.legal_widths_of(None, gs) == {g.id: tuple(range(1, g.size + 1)) for g in gs.prunable()}
+    # with a space built for round_to=8 (as a campaign builds it): its widths, the same multiples
+    space = build_space(gs, round_to=8, min_ratio=0.2)
+    assert dmcp.legal_widths_of(space, gs) == engine
+    chains = dmcp.make_chains(gs, engine)
+    assert chains and all(set(c.states) <= set(engine[c.group_id]) for c in chains)
+    # the searcher hands search() the problem's widths: from its space, or for its round_to without one
+    seen = []
+
+    def fake_search(*args, legal, **kwargs):
+        seen.append(legal)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(dmcp, "search", fake_search)
+    evaluator = AdaptiveBNEvaluator(_data(2), _data(1, 1), batches=1, device="cpu")
+    for sp in (space, build_space(gs, prune=False, quantize=True)):  # the second one has no groups
+        problem = Problem(model, gs, sp, evaluator, torch.randn(1, 3, 8, 8), round_to=8)
+        searcher = SEARCHERS.get("dmcp")(problem, store=tmp_path / "a.db", n_trials=1)
+        with pytest.raises(RuntimeError, match="stop"):
+            searcher.train()
+    assert seen == [engine, engine]
+
+
 def test_searcher_options_and_errors(tmp_path) -> None:
     from autoprune import graph
     from autoprune.agents.base import SEARCHERS

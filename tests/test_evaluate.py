@@ -1,4 +1,4 @@
-"""Candidate evaluators: adaptive BN, fine-tuning, full schedule, the shared contract and the cache."""
+"""Candidate evaluators: adaptive BN, fine-tuning, full schedule, the shared contract and the class attributes."""
 
 from __future__ import annotations
 
@@ -13,18 +13,18 @@ from autoprune.errors import ConfigError, DataError
 from autoprune.evaluate import (
     EVALUATORS,
     AdaptiveBNEvaluator,
-    CachedEvaluator,
     FineTuneEvaluator,
     FullFineTuneEvaluator,
+    InfCoPEvaluator,
     PlainEvaluator,
     SGDSettings,
     StepTrainer,
+    TrainingEvaluator,
     make_evaluator,
     recalibrate_bn,
     validate,
     was_pruned,
 )
-from autoprune.types import Candidate
 
 
 @pytest.fixture(autouse=True)
@@ -171,16 +171,29 @@ def test_finetune_reports_every_r_steps_and_improves() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_finetune_pruned_by_callback_and_not_cached() -> None:
+def test_finetune_pruned_by_callback() -> None:
     data = _data()
-    inner = FineTuneEvaluator(data, data, steps=40, report_every=10, device="cpu")
-    cached = CachedEvaluator(inner)
-    r = cached.evaluate(Net(), key="a", report=lambda s, v: s >= 20)
+    ev = FineTuneEvaluator(data, data, steps=40, report_every=10, device="cpu")
+    r = ev.evaluate(Net(), key="a", report=lambda s, v: s >= 20)
     assert was_pruned(r) and r.extra["stop_reason"] == "pruned" and r.extra["steps"] == 20
-    assert r.samples == 20 * 16
-    assert "a" not in cached and cached.misses == 1
-    r2 = cached.evaluate(Net(), key="a")
-    assert not was_pruned(r2) and "a" in cached and cached.misses == 2
+    assert r.samples == 20 * 16 and r.extra["key"] == "a"
+    r2 = ev.evaluate(Net(), key="a")
+    assert not was_pruned(r2) and r2.extra["steps"] == 40
+
+
+def test_fine_tune_trains_the_callers_model_and_matches_evaluate() -> None:
+    data = _data()
+    torch.manual_seed(0)
+    model = Net()
+    ev = FineTuneEvaluator(data, data, steps=5, lr=0.05, device="cpu")
+    torch.manual_seed(1)
+    scored = ev.evaluate(model)
+    before = _snapshot(model)
+    torch.manual_seed(1)
+    out = ev.fine_tune(model)
+    assert out.extra["steps"] == 5 and out.samples == 5 * 16
+    assert (out.accuracy, out.loss) == (scored.accuracy, scored.loss)  # evaluate = fine_tune on a copy
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the weights were kept
 
 
 def test_full_schedule_reports_epochs_and_uses_cosine() -> None:
@@ -227,25 +240,16 @@ def test_registry_and_make_evaluator() -> None:
         make_evaluator("finetune", data, data, schedule="linear")
 
 
-def test_cached_evaluator_never_evaluates_a_key_twice() -> None:
-    data = _data(32)
-    calls: list[int] = []
-
-    class Counting(AdaptiveBNEvaluator):
-        def _run(self, model, report):  # type: ignore[no-untyped-def]
-            calls.append(1)
-            return super()._run(model, report)
-
-    cached = CachedEvaluator(Counting(data, data, batches=2, device="cpu"))
-    a = Candidate(widths={"g": 3})
-    b = Candidate(widths={"g": 4})
-    r1 = cached.evaluate(Net(), key=a.key())
-    r2 = cached.evaluate(Net(), key=Candidate(widths={"g": 3}).key())
-    r3 = cached.evaluate(Net(), key=b.key())
-    cached.evaluate(Net())  # no key: never cached
-    assert r2 is r1 and r3 is not r1
-    assert (cached.hits, cached.misses, len(cached), len(calls)) == (1, 3, 2, 3)
-    assert cached.name == "adaptive_bn"
+def test_evaluators_declare_what_they_need_on_their_class() -> None:
+    """What a campaign wires in and whether Optuna may prune come from class attributes, not name lists."""
+    declared = {name: (cls.needs_train, cls.trains, cls.reports_intermediate, cls.needs_dense,
+                       cls.needs_flow_loader) for name, cls in ((n, EVALUATORS.get(n)) for n in EVALUATORS.names())}
+    assert declared["plain"] == (False, False, False, False, False)
+    assert declared["adaptive_bn"] == (True, False, False, False, False)
+    assert declared["finetune"] == declared["full"] == (True, True, True, False, False)
+    assert declared["infcop"] == (True, True, True, True, True)
+    assert all(issubclass(EVALUATORS.get(n), TrainingEvaluator) == declared[n][1] for n in declared)
+    assert InfCoPEvaluator.needs_dense and not PlainEvaluator.needs_dense
 
 
 def test_bn_calibration_before_finetuning_uses_its_own_loader() -> None:

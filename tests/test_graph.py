@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -433,6 +435,17 @@ def test_group_cost_fields() -> None:
     assert g.params == 8 * 27 + 8 + 16 + 12 * 8 * 9
     assert g.macs_linear == pytest.approx(27 * 64) and dict(g.macs_quadratic) == {"c2:out": 9 * 16}
 
+
+
+def test_analysis_needs_neither_cost_nor_pruning_nor_importance() -> None:
+    # the engine's bottom layer: the groups (with their cost fields) come from autoprune.graph alone
+    code = ("import sys, torch; from torch import nn; import autoprune.graph as g; "
+            "gs = g.analyze(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)), torch.rand(1, 3, 6, 6)); "
+            "assert gs['0:out'].macs > 0 and gs['0:out'].legal_widths(2) == [2, 4]; "
+            "print(sorted(m for m in sys.modules if m in ('autoprune.cost', 'autoprune.pruning', "
+            "'autoprune.importance')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]"
 
 @pytest.fixture(scope="module")
 def zoo() -> object:

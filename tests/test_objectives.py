@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autoprune.errors import ConfigError
-from autoprune.objectives import REWARDS, Budget, Reward, failure_reward, make_reward
-from autoprune.types import CostReport, EvalResult
+from autoprune.objectives import BUDGET_METRICS, REWARDS, Budget, Reward, failure_reward, make_reward
+from autoprune.types import COST_METRICS, CostReport, EvalResult
 
 DENSE = CostReport(macs=40_000_000, params=270_000, bytes=1_080_000, bitops=40_000_000 * 1024, latency_ms=4.0)
 HALF = CostReport(macs=20_000_000, params=150_000, bytes=300_000, bitops=20_000_000 * 256, latency_ms=2.5)
@@ -21,7 +21,21 @@ def res(acc: float) -> EvalResult:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Budget
+# Cost metrics and the budget
+
+
+def test_cost_metrics_are_read_through_one_table() -> None:
+    assert HALF.metric("size_bytes") == HALF.metric("bytes") == 300_000
+    assert [HALF.metric(m) for m in ("macs", "params", "bitops")] == [HALF.macs, HALF.params, HALF.bitops]
+    assert HALF.metric("latency_ms") == 2.5 and CostReport(macs=1, params=1, bytes=1).metric("latency_ms") is None
+    with pytest.raises(ConfigError, match="flops") as exc:
+        HALF.metric("flops")
+    assert "size_bytes" in str(exc.value)
+    # every budget key and every weighted-reward metric is a cost metric
+    assert BUDGET_METRICS == ("macs", "params", "size_bytes", "latency_ms")
+    assert set(BUDGET_METRICS) <= set(COST_METRICS)
+    for metric in COST_METRICS:
+        assert make_reward("weighted", metric=metric).metric == metric
 
 
 def test_budget_fraction_and_absolute_limits() -> None:

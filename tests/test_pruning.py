@@ -120,6 +120,44 @@ def test_criteria_choose_the_expected_channels() -> None:
                for s in range(2, 6))
 
 
+class _NoEvaluator:
+    """Stands in for a campaign's evaluator: building a candidate never evaluates it."""
+
+    name = "none"
+
+    def evaluate(self, model: nn.Module, *, key: str | None = None, report: object = None) -> object:
+        raise AssertionError("not evaluated here")
+
+
+def test_library_default_criterion_keeps_the_channels_a_campaign_keeps() -> None:
+    from autoprune.config import SearchSpaceConfig
+    from autoprune.problem import Problem
+    from autoprune.search_spaces import build_space
+
+    torch.manual_seed(3)
+    c = CASES["resnet_identity_b"]()
+    gs = graph.analyze(c.model, c.x)
+    cfg = SearchSpaceConfig()  # a campaign's defaults, wired as Campaign.new_problem does
+    space = build_space(gs, model=c.model, round_to=cfg.round_to, min_ratio=cfg.min_ratio)
+    problem = Problem(c.model, gs, space, _NoEvaluator(), c.x, importance=cfg.importance,  # type: ignore[arg-type]
+                      round_to=cfg.round_to)
+    assert cfg.importance == problem.importance == importance.DEFAULT_CRITERION == "l1"
+    assert pruning.PruningPlan(widths={}, keep={}).importance == importance.DEFAULT_CRITERION
+    widths = {g.group_id: g.widths[len(g.widths) // 2] for g in space.groups}
+    library = pruning.apply(c.model, gs, widths)  # no importance argument: the library default
+    campaign = problem.build(Candidate(widths=widths))
+    kept = {gid: v["kept"] for gid, v in library.meta[pruning.META_KEY]["groups"].items()}
+    assert kept == {gid: v["kept"] for gid, v in campaign.meta[pruning.META_KEY]["groups"].items()}
+    assert library.meta[pruning.META_KEY]["importance"] == "l1"
+    lib_state, camp_state = library.state_dict(), campaign.state_dict()
+    assert lib_state.keys() == camp_state.keys()
+    assert all(torch.equal(lib_state[k], camp_state[k]) for k in lib_state)
+    # the comparison has teeth: another criterion keeps other channels for these widths
+    assert pruning.plan(c.model, gs, widths, importance="l2").keep != pruning.plan(c.model, gs, widths).keep
+    scores, l1 = importance.group_scores(c.model, gs), importance.group_scores(c.model, gs, importance="l1")
+    assert scores.keys() == l1.keys() and all(torch.equal(scores[gid], l1[gid]) for gid in scores)
+
+
 def test_fpgm_drops_the_filter_nearest_the_median() -> None:
     model = nn.Sequential(nn.Conv2d(1, 3, 1, bias=False), nn.ReLU(), nn.Conv2d(3, 2, 1))
     with torch.no_grad():
@@ -163,7 +201,7 @@ def _group(size: int, divisor: int = 1, min_width: int = 1) -> graph.ChannelGrou
 
 
 def test_legal_widths() -> None:
-    assert pruning.legal_widths(_group(20), 8) == [8, 16, 20]
+    assert _group(20).legal_widths(8) == pruning.legal_widths(_group(20), 8) == [8, 16, 20]  # alias of the method
     assert pruning.legal_widths(_group(16), 8) == [8, 16]
     assert pruning.legal_widths(_group(6), 8) == [1, 2, 3, 4, 5, 6]  # C ≤ r: round_to ignored
     assert pruning.legal_widths(_group(24, divisor=3), 4) == [12, 24]

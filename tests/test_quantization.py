@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from autoprune import cost, graph, serialize
 from autoprune import quantization as Q
-from autoprune import serialize
 from autoprune._imports import is_available
 from autoprune.errors import AutoPruneError, CheckpointError, ConfigError
-from autoprune.types import QuantSpec
+from autoprune.types import CostReport, QuantSpec
 
 
 def _randomize_bn(model: nn.Module) -> nn.Module:
@@ -69,6 +70,11 @@ def net() -> nn.Module:
 def _loader(n: int = 3, batch: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(5)
     return [(torch.rand(batch, 3, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
+
+
+def _priced(model: nn.Module, bits: dict[str, QuantSpec], x: torch.Tensor | None = None, **kw: Any) -> CostReport:
+    """The closed-form cost model (autoprune.cost) of ``model`` quantized with ``bits`` (widths unchanged)."""
+    return cost.closed_form(graph.analyze(model, torch.rand(1, 3, 8, 8) if x is None else x), None, bits, **kw)
 
 
 def _mixed_bits() -> dict[str, QuantSpec]:
@@ -352,10 +358,10 @@ def test_size_accounting_matches_stored_bytes(net: nn.Module, tmp_path: Path) ->
     Q.calibrate(qm, _loader(), batches=1)
     art = Q.export(qm)
     assert art.size_bytes == sum(t.nbytes for t in art.tensors.values()) == _independent_size(qm)
-    assert art.size_bytes == Q.model_size(net, bits)[0]
     n = {k: v.numel() for k, v in Q.fold_batchnorm(net).state_dict().items()}
-    assert art.payload_bits == sum(n[f"{k}.weight"] * s.w_bits for k, s in bits.items())
-    assert Q.model_size(net, bits)[1] == art.payload_bits
+    assert art.payload_bits == sum(n[f"{k}.weight"] * s.w_bits for k, s in bits.items()) == _independent_payload(qm)
+    r = _priced(net, bits)
+    assert (r.bytes, r.payload_bits) == (art.size_bytes, art.payload_bits)
     bd = art.breakdown()
     assert bd["payload"] == sum(math.ceil(n[f"{k}.weight"] * s.w_bits / 8) for k, s in bits.items())
     assert bd["zero_points"] == 8 + 4  # conv2 (2 bit) and conv1d (3 bit) are asymmetric
@@ -369,19 +375,27 @@ def test_size_accounting_matches_stored_bytes(net: nn.Module, tmp_path: Path) ->
     assert doc["quant"]["activations"]["conv1"]["zero_point"] == 0 and doc["quant"]["size_bytes"] == art.size_bytes
 
 
-def test_model_size_closed_form_many_assignments(net: nn.Module) -> None:
-    cm = Q.QuantCostModel(net)
-    float_size = cm.size({})[0]
-    assert float_size == sum(t.nbytes for t in Q.fold_batchnorm(net).state_dict().values())
+def _independent_payload(qm: nn.Module) -> int:
+    """Σ b·n over the conv/linear weights of the built model (32 bits for float ones), counted from its tensors."""
+    return sum(m.weight.numel() * (getattr(m, "w_bits", None) or 32)
+               for m in qm.modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear))
+
+
+def test_closed_form_size_many_assignments(net: nn.Module) -> None:
+    groups = graph.analyze(net, torch.rand(1, 3, 8, 8))
+    all_float = {n: QuantSpec(None, None) for n in LAYERS}  # an empty map would price the unfolded float model
+    assert cost.closed_form(groups, None, all_float).bytes == sum(
+        t.nbytes for t in Q.fold_batchnorm(net).state_dict().values())
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         bits = {n: QuantSpec(int(torch.randint(2, 9, (1,), generator=g)), 8) for n in LAYERS[1:-1]}
         qm = Q.apply(net, bits)
         Q.calibrate(qm, _loader(1), batches=1)
-        assert Q.export(qm).size_bytes == cm.size(bits)[0] == Q.model_size(net, bits)[0]
-    unfolded = Q.QuantCostModel(net, fold_bn=False)
+        r = cost.closed_form(groups, None, bits)
+        assert Q.export(qm).size_bytes == r.bytes == _independent_size(qm)
+        assert Q.export(qm).payload_bits == r.payload_bits == _independent_payload(qm)
     qm = Q.apply(net, {"conv1": QuantSpec(4, None)}, fold_bn=False)
-    assert Q.export(qm).size_bytes == unfolded.size({"conv1": QuantSpec(4, None)})[0]
+    assert Q.export(qm).size_bytes == cost.closed_form(groups, None, {"conv1": QuantSpec(4, None)}, fold_bn=False).bytes
 
 
 def test_export_load_identical(net: nn.Module, tmp_path: Path) -> None:
@@ -445,11 +459,12 @@ def test_dequantize_matches_fake_quant_weights(net: nn.Module) -> None:
 def test_legalize_meets_budget_from_the_back(net: nn.Module) -> None:
     bits = {n: QuantSpec(8, 8) for n in LAYERS}
     floors = Q.default_floors(net)
-    full = Q.model_size(net, bits)[0]
-    budget = full - 300
+    groups = graph.analyze(net, torch.rand(1, 3, 8, 8))
 
     def size_fn(b: dict[str, QuantSpec]) -> int:
-        return Q.model_size(net, b)[0]
+        return cost.closed_form(groups, None, b).bytes
+
+    budget = size_fn(bits) - 300
 
     out, ok = Q.legalize_bits(bits, size_fn, budget, floors, kinds=("w",))
     assert ok and size_fn(out) <= budget
@@ -461,7 +476,8 @@ def test_legalize_meets_budget_from_the_back(net: nn.Module) -> None:
 def test_legalize_reports_infeasible(net: nn.Module) -> None:
     bits = {n: QuantSpec(8, 8) for n in LAYERS}
     floors = Q.default_floors(net)
-    out, ok = Q.legalize_bits(bits, lambda b: Q.model_size(net, b)[0], 10, floors)
+    groups = graph.analyze(net, torch.rand(1, 3, 8, 8))
+    out, ok = Q.legalize_bits(bits, lambda b: cost.closed_form(groups, None, b).bytes, 10, floors)
     assert not ok
     assert out["conv1"] == QuantSpec(2, 2) and out["stem"] == QuantSpec(8, 8)
 
@@ -483,26 +499,35 @@ def test_legalize_lowers_activations_before_weights() -> None:
     assert not ok and out == {"a": QuantSpec(2, None)}
 
 
-def test_quant_cost_bitops_and_macs() -> None:
+def test_legalize_with_choices_steps_through_the_allowed_bits() -> None:
+    def cost(b: dict[str, QuantSpec]) -> int:
+        return sum(s.w_bits or 32 for s in b.values())
+
+    bits = {"a": QuantSpec(8, None), "b": QuantSpec(None, None), "c": QuantSpec(8, 8)}
+    choices = {"a": (4, 8), "b": (2, 6)}  # c has none: it steps by one bit
+    # sweep 1, last layer first: c 8 → 7 (47), b float → 6, its highest choice (21)
+    out, ok = Q.legalize_bits(bits, cost, 21, kinds=("w",), choices=choices)
+    assert ok and out == {"a": QuantSpec(8, None), "b": QuantSpec(6, None), "c": QuantSpec(7, 8)}
+    out, ok = Q.legalize_bits(bits, cost, 1, kinds=("w",), choices=choices)
+    assert not ok and out == {"a": QuantSpec(4, None), "b": QuantSpec(2, None), "c": QuantSpec(2, 8)}
+    out, ok = Q.legalize_bits(bits, cost, 1, kinds=("w",))  # without choices a float layer is never touched
+    assert not ok and out["b"] == QuantSpec(None, None)
+
+
+def test_closed_form_bitops_macs_and_bytes_match_the_built_model() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5)).eval()
     x = torch.rand(2, 3, 8, 8)
     bits = {"0": QuantSpec(8, None), "3": QuantSpec(8, 4)}
-    report = Q.quant_cost(model, bits, x)
+    report = _priced(model, bits, x[:1])
     conv_macs, fc_macs = 8 * 8 * 3 * 9 * 4, 4 * 64 * 5
     assert report.macs == conv_macs + fc_macs
     assert report.bitops == conv_macs * 8 * 32 + fc_macs * 8 * 4
     assert report.params == sum(p.numel() for p in model.parameters())
-    assert report.bytes == Q.model_size(model, bits)[0]
-
-
-def test_model_size_fast_after_first_call(net: nn.Module) -> None:
-    import time
-
-    Q.model_size(net, {})
-    t0 = time.perf_counter()
-    for _ in range(200):
-        Q.model_size(net, {"conv1": QuantSpec(4, 8)})
-    assert (time.perf_counter() - t0) / 200 < 0.01
+    qm = Q.apply(model, bits, first_last_min_bits=4)  # the closed form prices any map; apply checks floors
+    Q.calibrate(qm, [x], batches=1)
+    art = Q.export(qm)
+    assert (report.bytes, report.payload_bits) == (art.size_bytes, art.payload_bits)
+    assert (report.bytes, report.payload_bits) == (_independent_size(qm), _independent_payload(qm))
 
 
 # --------------------------------------------------------------------------- pruned + quantized, zoo, int8
@@ -562,7 +587,7 @@ def test_pruned_then_quantized(tmp_path: Path) -> None:
         assert out.shape == (2, 10)
         Q.save_quantized(qm, tmp_path, x)
         assert (Q.load_quantized(tmp_path)(x) - out).abs().max() <= 1e-6
-    assert Q.export(qm).size_bytes == Q.model_size(small, bits)[0]
+    assert Q.export(qm).size_bytes == _priced(small, bits, x[:1]).bytes == _independent_size(qm)
 
 
 def test_zoo_resnet20_quantizes_and_sizes_match() -> None:
@@ -578,7 +603,7 @@ def test_zoo_resnet20_quantizes_and_sizes_match() -> None:
     x = torch.rand(4, 3, 32, 32)
     Q.calibrate(qm, [x], batches=1)
     art = Q.export(qm)
-    assert art.size_bytes == Q.model_size(model, bits)[0]
+    assert art.size_bytes == _priced(model, bits, x[:1]).bytes == _independent_size(qm)
     float_bytes = sum(p.nbytes for p in model.parameters())
     assert 6 < float_bytes / art.size_bytes < 8  # 4-bit weights + scales
     with torch.no_grad():

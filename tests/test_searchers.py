@@ -79,8 +79,10 @@ def fake_accuracy(c: Candidate) -> float:
 class FakeEvaluator:
     """Accuracy from the widths; counts calls; optionally reports intermediate values or fails."""
 
-    def __init__(self, name: str = "fake", fail_on: tuple[int, ...] = (), interrupt_on: tuple[int, ...] = ()) -> None:
+    def __init__(self, name: str = "fake", fail_on: tuple[int, ...] = (), interrupt_on: tuple[int, ...] = (),
+                 reports_intermediate: bool = False) -> None:
         self.name = name
+        self.reports_intermediate = reports_intermediate
         self.calls = 0
         self.fail_on = fail_on
         self.interrupt_on = interrupt_on
@@ -399,7 +401,7 @@ def test_quantizing_space_proposes_legal_bits_within_a_size_budget() -> None:
 
 
 def test_pruner_stops_reporting_evaluations() -> None:
-    problem = make_problem(FakeEvaluator(name="finetune"))
+    problem = make_problem(FakeEvaluator(name="finetune", reports_intermediate=True))
     s = make_searcher("tpe", problem, store=new_store(), n_trials=3, budget=BUDGET,
                       pruner=optuna.pruners.ThresholdPruner(lower=2.0))  # every report is "too low"
     res = s.run()

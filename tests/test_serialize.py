@@ -451,3 +451,116 @@ def test_pruned_graph_module_round_trip(tmp_path: Path) -> None:
 
 def test_error_is_autoprune_error() -> None:
     assert issubclass(CheckpointError, AutoPruneError)
+
+
+# --------------------------------------------------------------------------- extension hooks
+
+
+class _Scale(nn.Module):
+    """A module type outside the built-in allow-list, registered by the test like quantization registers QConv2d."""
+
+    def __init__(self, factor: float = 1.0, channels: int = 1) -> None:
+        super().__init__()
+        self.factor, self.channels = factor, channels
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:  # data-dependent control flow: torch.fx can only keep this module as a (registered) leaf
+            raise ValueError("expected NCHW input")
+        return x * self.weight.view(1, -1, 1, 1) * self.factor
+
+
+class _ScaleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.scale = _Scale(0.5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.conv(x))
+
+
+def test_registered_module_type_round_trips(tmp_path: Path) -> None:
+    model = _ScaleNet().eval()
+    x = torch.rand(2, 3, 4, 4)
+    with pytest.raises(AutoPruneError, match="cannot trace"):
+        serialize.save_module(model, tmp_path / "before", x)
+    name = serialize.register_module_type(_Scale, lambda m: {"factor": m.factor, "channels": m.channels})
+    assert name == f"{__name__}._Scale" and name in serialize.supported_module_types()
+    assert serialize.encode_kwargs(model.scale) == {"factor": 0.5, "channels": 4}
+    assert serialize.decode_kwargs(serialize.encode_kwargs(model.conv))["kernel_size"] == (1, 1)
+    with torch.no_grad():
+        model.scale.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    serialize.save_module(model, tmp_path / "after", x)
+    loaded = serialize.load_module(tmp_path / "after")
+    assert type(loaded.scale) is _Scale
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_register_refuses_builtins_and_non_modules() -> None:
+    with pytest.raises(ConfigError, match="built-in"):
+        serialize.register_module_type(nn.Conv2d, lambda m: {})
+    with pytest.raises(ConfigError, match=r"nn\.Module subclass"):
+        serialize.register_module_type(int, lambda m: {})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="extension section"):
+        serialize.register_section("modules", lambda arch, tensors: fx.GraphModule(nn.Module(), fx.Graph()))
+    with pytest.raises(CheckpointError, match=r"allow-listed module type \(as 'torch.nn.Linear'\)"):
+        serialize.encode_kwargs(nn.Conv2d(1, 1, 1), "torch.nn.Linear")
+
+
+def test_registered_section_dispatches_load(tmp_path: Path) -> None:
+    gm = _trace(ConvNet())
+    x = torch.randn(2, 3, 8, 8)
+    calls: list[dict] = []
+
+    def loader(arch, tensors) -> fx.GraphModule:
+        calls.append(dict(arch["test_extension"]))
+        return serialize.build_module(arch, tensors)
+
+    serialize.register_section("test_extension", loader)
+    arch, tensors = serialize.encode_module(gm)
+    serialize.write_artifact(tmp_path, {**arch, "test_extension": {"version": 1}}, tensors, x)
+    with torch.no_grad():
+        assert torch.equal(serialize.load_module(tmp_path)(x), gm(x))
+    assert calls == [{"version": 1}]
+    _rewrite_arch(tmp_path, lambda d: d.__setitem__("quant", {"version": 1}))
+    with pytest.raises(CheckpointError, match="several extension sections"):
+        serialize.load_module(tmp_path)
+
+
+_FRESH_PROCESS = """
+import sys
+import torch
+from autoprune.serialize import load_module
+assert "autoprune.quantization" not in sys.modules, "serialize imported quantization"
+root = sys.argv[1]
+x, expected = torch.load(root + "/io.pt")
+for sub in ("packed", "fake"):
+    with torch.no_grad():
+        out = load_module(root + "/" + sub)(x)
+    assert torch.equal(out, expected[sub]), sub
+print("ok", type(load_module(root + "/packed").get_submodule("conv2")).__name__)
+"""
+
+
+def test_quantized_artifacts_load_in_a_fresh_process(tmp_path: Path) -> None:
+    """``load_module`` alone (no quantization import) loads the packed ``quant`` section and live Q-layers."""
+    import subprocess
+    import sys
+
+    from autoprune import quantization
+
+    gm = _trace(ConvNet())
+    x = torch.randn(2, 3, 8, 8)
+    qm = quantization.apply(gm, {"conv1": (8, None), "conv2": (3, 8), "fc": (8, 8)})
+    quantization.calibrate(qm, [x], batches=1)
+    quantization.save_quantized(qm, tmp_path / "packed", x)  # weights as packed codes in a "quant" section
+    serialize.save_module(qm, tmp_path / "fake", x)  # fake-quant layers stored as plain module types
+    with torch.no_grad():
+        expected = {"packed": quantization.load_quantized(tmp_path / "packed")(x), "fake": qm(x)}
+    torch.save((x, expected), tmp_path / "io.pt")
+    done = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ok", "QConv2d"]

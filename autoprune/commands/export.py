@@ -56,8 +56,9 @@ def _search_command(out_dir: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Select, fine-tune, save, reload-check and describe the candidate."""
-    from autoprune.campaign import build_campaign, check_identity, command_line, load_resolved, open_store
+    from autoprune.campaign import build_campaign
     from autoprune.export import ExportCheckError, export_trial, select_trial
+    from autoprune.provenance import check_identity, command_line, load_resolved, open_store
 
     cfg = load_resolved(args.dir, args.overrides)
     check_identity(cfg)

@@ -135,10 +135,11 @@ def train_dense(out: Path, args: argparse.Namespace) -> tuple[float, bool]:
 
 def run(args: argparse.Namespace) -> int:
     """Train, search with two agents, compare, report, export, summarise."""
-    from autoprune.campaign import compare, open_campaign, open_store, summarize
+    from autoprune.campaign import compare, open_campaign, summarize
     from autoprune.config import config_from_dict
     from autoprune.errors import ConfigError
     from autoprune.export import ExportCheckError, export_trial, select_trial
+    from autoprune.provenance import SPACE_FILE, open_store
     from autoprune.report import leaderboard_markdown, write_leaderboard, write_report
 
     start = time.perf_counter()
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_dict(campaign_dict(out, out / "checkpoint.pt", args.trials, args.seed, args.device))
     if retrained:  # trials scored on earlier weights would mix with the new ones
         stale = open_store(cfg).delete()
-        (out / "space.json").unlink(missing_ok=True)
+        (out / SPACE_FILE).unlink(missing_ok=True)
         if stale:
             print(f"the model was retrained: removed {stale} earlier search stud{'y' if stale == 1 else 'ies'}")
     agents = [a.strip() for a in args.agents.split(",") if a.strip()]

@@ -11,6 +11,7 @@ Example:
 """
 
 from autoprune.data import cifar, digits, mnist  # noqa: F401  (registers the datasets)
+from autoprune.data.augment import CIFAR_AUGMENT, Augment
 from autoprune.data.base import (
     DATASETS,
     DatasetInfo,
@@ -24,7 +25,7 @@ from autoprune.data.base import (
     subset,
     train_val_split,
 )
-from autoprune.data.loader import CIFAR_AUGMENT, Augment, BatchLoader, make_loader
+from autoprune.data.loader import BatchLoader, make_loader
 
 __all__ = [
     "CIFAR_AUGMENT",

@@ -16,17 +16,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from autoprune.data.augment import Augment
 from autoprune.errors import ConfigError, DataError
 from autoprune.registry import Registry
-
-if TYPE_CHECKING:
-    from autoprune.data.loader import Augment
 
 ENV_DATA_DIR = "AUTOPRUNE_DATA"
 """Environment variable naming the default data directory."""

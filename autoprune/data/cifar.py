@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from autoprune.data import download as dl
+from autoprune.data.augment import CIFAR_AUGMENT
 from autoprune.data.base import (
     DATASETS,
     ENV_DATA_DIR,
@@ -39,7 +40,6 @@ from autoprune.data.base import (
     check_labels,
     resolve_root,
 )
-from autoprune.data.loader import CIFAR_AUGMENT
 from autoprune.errors import DataError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

@@ -13,8 +13,8 @@ import os
 import numpy as np
 import torch
 
+from autoprune.data.augment import Augment
 from autoprune.data.base import DATASETS, DatasetInfo, DatasetSource, ImageTensorDataset, TrainTest, stratified_indices
-from autoprune.data.loader import Augment
 
 TEST_FRACTION = 0.2
 TEST_SEED = 0

@@ -80,14 +80,6 @@ RESOURCES: dict[str, tuple[Resource, ...]] = {
 }
 """Official files per dataset (CIFAR: the binary archives; MNIST / Fashion-MNIST: the four gzip idx files)."""
 
-ALTERNATIVE_RESOURCES: dict[str, tuple[Resource, ...]] = {
-    "cifar10": (Resource("cifar-10-python.tar.gz", (_TORONTO + "cifar-10-python.tar.gz",),
-                         md5="c58f30108f718f92721af3b95e74349a", extract=True),),
-    "cifar100": (Resource("cifar-100-python.tar.gz", (_TORONTO + "cifar-100-python.tar.gz",),
-                          md5="eb9058c3a382ffc7106e4002c42a8d85", extract=True),),
-}
-"""The official *python* (pickled) CIFAR archives; readable too, but the binary ones are what we fetch."""
-
 
 # ------------------------------------------------------------------------------------------ checksums
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from autoprune.data import download as dl
+from autoprune.data.augment import Augment
 from autoprune.data.base import (
     DATASETS,
     ENV_DATA_DIR,
@@ -34,7 +35,6 @@ from autoprune.data.base import (
     check_labels,
     resolve_root,
 )
-from autoprune.data.loader import Augment
 from autoprune.errors import DataError
 
 IDX_DTYPES: dict[int, np.dtype] = {

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from autoprune import campaign
+from autoprune import campaign, provenance
 from autoprune.config import load_config
 from autoprune.store import TrialStore
+from autoprune.workers import WORKER_ATTR
 
 from . import check_study, run_cli, start, write_config
 
@@ -119,7 +120,7 @@ def test_rl_kill_resume_cycles_restore_or_rebuild_the_agent(tmp_path: Path) -> N
     # The checkpoint the store points at is complete (its checksum matches) and loads.
     cfg = load_config(config)
     camp = campaign.build_campaign(cfg, measure_dense=False)
-    s = campaign.make_campaign_searcher(camp, campaign.open_store(cfg), "ddpg", seed=0, kwargs=kwargs)
+    s = campaign.make_campaign_searcher(camp, provenance.open_store(cfg), "ddpg", seed=0, kwargs=kwargs)
     s.study = s.store.study("ddpg", 0)
     s._count = n
     s.make_agent(s.make_env())
@@ -136,7 +137,7 @@ def _check_workers(tmp_path: Path, workers: int, n: int) -> None:
     for pid, stdout, stderr, code in results:
         assert code == 0, (pid, stdout, stderr)
     counted = check_study(out / "trials.db", "rel/random/seed0", n)
-    owners = {t.user_attrs[campaign.WORKER_ATTR]["pid"] for t in counted}
+    owners = {t.user_attrs[WORKER_ATTR]["pid"] for t in counted}
     assert owners <= {p.pid for p in procs} and len(owners) >= 2, owners
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import exc as sa_exc
 
-from autoprune import campaign, cli
+from autoprune import cli, provenance
 from autoprune.config import load_config
 from autoprune.errors import EXIT_USER_ERROR, AutoPruneError
 
@@ -133,4 +133,4 @@ def test_unreachable_postgresql_is_a_clear_bounded_error(tmp_path: Path, capsys:
     assert "cannot open the trial store" in err or "PostgreSQL driver" in err, err
     assert time.monotonic() - started < 30
     with pytest.raises(AutoPruneError):
-        campaign.open_store(load_config(config))
+        provenance.open_store(load_config(config))

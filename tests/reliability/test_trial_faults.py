@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoprune import campaign
+from autoprune import campaign, provenance
 from autoprune.config import config_from_dict
 from autoprune.evaluate import EVALUATORS, AdaptiveBNEvaluator, SGDSettings, StepTrainer, TrialTimeout
 from autoprune.types import EvalResult
@@ -82,7 +82,7 @@ def test_failed_candidates_are_recorded_and_the_campaign_goes_on(searcher: str, 
                                        evaluator={"name": "test_faulty", "kwargs": {"batches": 2, "faults": FAULTS}},
                                        searcher={"name": searcher, "kwargs": SEARCHER_KWARGS[searcher]}))
     camp = campaign.build_campaign(cfg, measure_dense=False)
-    store = campaign.open_store(cfg)
+    store = provenance.open_store(cfg)
     s = campaign.make_campaign_searcher(camp, store, searcher, seed=0, kwargs=SEARCHER_KWARGS[searcher])
     result = s.run()
     assert result.stop_reason == "n_trials" and len(result.trials) == n

@@ -1,0 +1,815 @@
+"""Per-op channel rules and the tables that dispatch graph nodes to them (ENGINE.md §2.2).
+
+A rule is a function ``rule(an, n, value)``: ``an`` is the running :class:`~autoprune.graph.analysis.Analysis`,
+``n`` the fx node and ``value`` what the node computed on the example input. It returns the node's channel
+layout (an :class:`~autoprune.graph.layout.Info`, a nested structure of them, a shape read, or None) and records
+what pruning needs through the analysis' state API (atoms, unions, uses, literals, MAC terms, block constraints).
+Anything without a rule goes to :func:`unknown`, which freezes the channels it touches.
+
+Dispatch: :data:`MODULE_RULES` (first ``isinstance`` match, in order), :data:`FUNCTION_RULES` (by function
+object) and :data:`METHOD_RULES` (by tensor method name). Adding an op means writing its rule here and listing it
+in one of these tables.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from autoprune.graph.common import node_args, norm_dim, prod, target_name
+from autoprune.graph.layout import Const, Info, SizeRef
+
+if TYPE_CHECKING:
+    from autoprune.graph.analysis import Analysis
+
+__all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "Rule", "apply_rule", "unknown"]
+
+#: ``rule(analysis, node, value) -> layout``.
+Rule = Callable[["Analysis", fx.Node, Any], Any]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Op sets
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _funcs(names: Iterable[str], *mods: Any) -> set[Any]:
+    out: set[Any] = set()
+    for name in names:
+        for mod in mods:
+            f = getattr(mod, name, None)
+            if f is not None and callable(f):
+                out.add(f)
+    return out
+
+
+_UNARY_NAMES = (
+    "relu", "relu_", "relu6", "gelu", "silu", "mish", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardswish",
+    "hardsigmoid", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu",
+    "softplus", "logsigmoid", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+    "feature_alpha_dropout", "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d",
+    "max_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+    "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "interpolate", "upsample", "abs",
+    "neg", "clamp", "clamp_", "clip", "exp", "sqrt", "square", "contiguous", "clone", "detach", "float",
+    "double", "half", "to", "type_as", "erf", "sin", "cos",
+)
+_BINARY_NAMES = (
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "multiply", "subtract",
+    "maximum", "minimum", "pow", "pow_",
+)
+_UNARY_FUNCS = _funcs(_UNARY_NAMES, torch, F) | {operator.neg, operator.pos}
+_BINARY_FUNCS = _funcs(_BINARY_NAMES, torch) | {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, operator.pow,
+}
+_CAT_FUNCS = _funcs(("cat", "concat", "concatenate"), torch)
+_SPLIT_FUNCS = _funcs(("split", "chunk", "tensor_split", "unbind", "split_with_sizes"), torch)
+_RESHAPE_FUNCS = _funcs(("flatten", "reshape", "squeeze", "unsqueeze"), torch)
+_REDUCE_FUNCS = _funcs(("mean", "sum", "amax", "amin", "std", "var"), torch)
+_PERMUTE_FUNCS = _funcs(("permute",), torch)
+_TRANSPOSE_FUNCS = _funcs(("transpose", "swapaxes", "swapdims"), torch)
+_SOFTMAX_FUNCS = _funcs(("softmax", "log_softmax"), torch, F)
+_PAD_FUNCS = _funcs(("pad",), F, torch._C._nn)
+_MATMUL_FUNCS = _funcs(("matmul", "bmm", "mm"), torch) | {operator.matmul}
+_SDPA_FUNCS = _funcs(("scaled_dot_product_attention",), F)
+_FUNC_LINEAR = _funcs(("linear",), F)
+_FUNC_CONV = _funcs(("conv1d", "conv2d", "conv3d"), F)
+
+_UNARY_METHODS = frozenset(_UNARY_NAMES) | {"type", "cpu", "cuda", "requires_grad_"}
+_BINARY_METHODS = frozenset(_BINARY_NAMES) | {"__add__", "__mul__", "__sub__", "__truediv__"}
+_SPLIT_METHODS = frozenset({"split", "chunk", "tensor_split", "unbind", "split_with_sizes"})
+_RESHAPE_METHODS = frozenset({"view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as"})
+_REDUCE_METHODS = frozenset({"mean", "sum", "amax", "amin", "std", "var"})
+_SIZE_METHODS = frozenset({"size", "dim", "numel", "ndimension", "nelement", "get_device"})
+_SHAPE_ATTRS = frozenset({"shape"})
+_MATMUL_METHODS = frozenset({"matmul", "bmm", "mm"})
+_TRANSPOSE_METHODS = frozenset({"transpose", "swapaxes", "swapdims", "t"})
+_SOFTMAX_METHODS = frozenset({"softmax", "log_softmax"})
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN_TYPES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+_PASS_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample, nn.UpsamplingNearest2d,
+    nn.UpsamplingBilinear2d,
+)
+_PAD_TYPES = (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
+
+# Parameters and buffers sliced per role, by module type: (attribute, dim).
+_NORM_TENSORS = (("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0))
+_AFFINE_TENSORS = (("weight", 0), ("bias", 0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def apply_rule(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """The channel layout of node ``n`` (which computed ``value``), from the rule its op dispatches to."""
+    if n.op == "placeholder":
+        an.observe_input(value)
+        return an.fresh(an.meta_of(n), f"input:{n.name}", f"model input {n.name}")
+    if n.op == "get_attr":
+        return Const(str(n.target)) if isinstance(value, torch.Tensor) else None
+    if n.op == "output":
+        an.observe_output(an.meta_of(n))
+        an.freeze([an.info_of(a) for a in node_args(n)], "model output")
+        return None
+    if n.target is not operator.getitem:
+        for a in node_args(n):
+            ref = an.info_of(a)
+            if isinstance(ref, SizeRef):
+                an.freeze(ref.info, f"shape of a tensor used by {target_name(n)} {an.where(n)}")
+    if n.op == "call_module":
+        return _call_module(an, n, value)
+    if n.op == "call_function":
+        return _call_function(an, n, value)
+    if n.op == "call_method":
+        return _call_method(an, n, value)
+    return unknown(an, n, value, f"unknown node kind {n.op} {an.where(n)}")
+
+
+def unknown(an: Analysis, n: fx.Node, value: Any, reason: str) -> Any:
+    """No rule applies: freeze the input channels; the outputs get new frozen atoms."""
+    an.freeze([an.info_of(a) for a in node_args(n)], reason)
+    label = f"{n.target}:out" if n.op == "call_module" else f"{n.name}:out"
+    return an.fresh(an.meta_of(n), label, reason)
+
+
+def _call_module(an: Analysis, n: fx.Node, value: Any) -> Any:
+    name = str(n.target)
+    mod = an.mods[name]
+    if name in an.leaf_reasons:
+        return unknown(an, n, value, an.leaf_reasons[name])
+    for types, rule in MODULE_RULES:
+        if isinstance(mod, types):
+            return rule(an, n, value)
+    return unknown(an, n, value, f"unknown module {type(mod).__name__} {an.where(n)}")
+
+
+def _call_function(an: Analysis, n: fx.Node, value: Any) -> Any:
+    rule = FUNCTION_RULES.get(n.target)
+    if rule is not None:
+        return rule(an, n, value)
+    return unknown(an, n, value, f"unknown op {target_name(n)} {an.where(n)}")
+
+
+def _call_method(an: Analysis, n: fx.Node, value: Any) -> Any:
+    m = str(n.target)
+    rule = METHOD_RULES.get(m)
+    if rule is not None:
+        return rule(an, n, value)
+    return unknown(an, n, value, f"unknown op Tensor.{m} {an.where(n)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers: producers and consumers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _module(an: Analysis, n: fx.Node) -> tuple[str, Any]:
+    name = str(n.target)
+    return name, an.mods[name]
+
+
+def conv(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``nn.Conv*d``: a consumer of its input and a producer (depthwise: pass-through; grouped: block rules)."""
+    name, mod = _module(an, n)
+    x = n.args[0]
+    info, meta = an.tensor_info(x), an.meta_of(x)
+    out_meta = an.meta_of(n)
+    cin, cout, g = mod.in_channels, mod.out_channels, mod.groups
+    an.add_mac_term(f"{name}.weight", float(prod(out_meta) / cout))
+    where = an.where(n)
+    if g == 1:
+        entries = an.layout_for(info, meta, 1, cin, name, where, allow_stride=False)
+        an.add_use(name, "in", entries, [("weight", 1)], cin)
+        atom = an.new_atom(cout, f"{name}:out")
+        an.add_use(name, "out", [(atom, 0, 1)], [("weight", 0), ("bias", 0)], cout)
+        return Info(1, ((atom, 1),))
+    if g == cin == cout and info is not None and isinstance(meta, tuple) \
+            and norm_dim(info.cdim, len(meta)) == 1 and all(s == 1 for _, s in info.segs):
+        an.add_use(name, "dw", an.entries(info), [("weight", 0), ("bias", 0)], cout)
+        return Info(1, info.segs)
+    # Grouped conv (1 < g, not depthwise; a conv with out_channels == 1 has g == 1, and g == out != in is
+    # grouped too): input block i (C_in/g channels) feeds only output block i (C_out/g channels). Both
+    # layouts get an "equal kept count per block" constraint, resolved into group divisors at the end.
+    entries = an.layout_for(info, meta, 1, cin, name, where, allow_stride=False)
+    an.add_use(name, "in", entries, [("weight", 1)], cin, groups=g)
+    atom = an.new_atom(cout, f"{name}:out")
+    an.add_use(name, "out", [(atom, 0, 1)], [("weight", 0), ("bias", 0)], cout)
+    label = f"grouped conv {name} (groups={g}, in={cin}, out={cout})"
+    an.add_blocks(label, g, entries, cin, "input")
+    an.add_blocks(label, g, [(atom, 0, 1)], cout, "output")
+    return Info(1, ((atom, 1),))
+
+
+def linear(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``nn.Linear``: a consumer of the last dim of its input (strided after a flatten) and a producer."""
+    name, mod = _module(an, n)
+    x = n.args[0]
+    info, meta = an.tensor_info(x), an.meta_of(x)
+    out_meta = an.meta_of(n)
+    nd = len(out_meta)
+    an.add_mac_term(f"{name}.weight", float(prod(out_meta) / mod.out_features))
+    entries = an.layout_for(info, meta, nd - 1, mod.in_features, name, an.where(n), allow_stride=True)
+    an.add_use(name, "in", entries, [("weight", 1)], mod.in_features)
+    atom = an.new_atom(mod.out_features, f"{name}:out")
+    an.add_use(name, "out", [(atom, 0, 1)], [("weight", 0), ("bias", 0)], mod.out_features)
+    return Info(nd - 1, ((atom, 1),))
+
+
+def _functional_layer(an: Analysis, n: fx.Node, value: Any, is_conv: bool) -> Any:
+    """``F.linear`` / ``F.conv*d`` with parameter attributes (``get_attr``): a producer and a consumer.
+
+    Returns None (the caller then freezes) for anything else: computed weights, grouped convs.
+    """
+    w_arg = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+    b_arg = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    groups = n.args[6] if is_conv and len(n.args) > 6 else n.kwargs.get("groups", 1)
+    w, b = an.info_of(w_arg), an.info_of(b_arg) if b_arg is not None else None
+    w_meta = an.meta_of(w_arg)
+    if not isinstance(w, Const) or (b_arg is not None and not isinstance(b, Const)) or groups != 1 \
+            or not isinstance(value, torch.Tensor) or not isinstance(w_meta, tuple):
+        return None
+    x = n.args[0]
+    info, meta = an.tensor_info(x), an.meta_of(x)
+    cout, cin = w_meta[0], w_meta[1]
+    name = w.target[: -len(".weight")] if w.target.endswith(".weight") else w.target
+    cdim = 1 if is_conv else value.dim() - 1
+    an.add_mac_term(w.target, float(value.numel() / cout))
+    entries = an.layout_for(info, meta, cdim, cin, name, an.where(n), allow_stride=not is_conv)
+    an.add_tensor_use(name, "in", entries, [(w.target, 1)], cin)
+    atom = an.new_atom(cout, f"{name}:out")
+    tensors = [(w.target, 0)] + ([(b.target, 0)] if isinstance(b, Const) else [])
+    an.add_tensor_use(name, "out", [(atom, 0, 1)], tensors, cout)
+    return Info(cdim, ((atom, 1),))
+
+
+def functional_linear(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``F.linear`` on parameter attributes; otherwise its MACs are counted and its channels frozen."""
+    out = _functional_layer(an, n, value, is_conv=False)
+    return out if out is not None else _frozen_with_macs(an, n, value, "linear")
+
+
+def functional_conv(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``F.conv*d`` on parameter attributes (groups = 1); otherwise MACs counted, channels frozen."""
+    out = _functional_layer(an, n, value, is_conv=True)
+    return out if out is not None else _frozen_with_macs(an, n, value, "conv")
+
+
+def matmul(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``matmul`` / ``bmm`` / ``mm`` / ``@``: MACs counted as constant, channels frozen."""
+    return _frozen_with_macs(an, n, value, "matmul")
+
+
+def matmul_method(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``x.matmul(y)`` / ``x.bmm(y)`` / ``x.mm(y)``: MACs counted as constant, channels frozen."""
+    _count_macs(an, n, value, "matmul")
+    return unknown(an, n, value, f"unknown op Tensor.{n.target} {an.where(n)}")
+
+
+def sdpa(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``F.scaled_dot_product_attention``: MACs (QKᵀ and AV) counted as constant, channels frozen."""
+    return _frozen_with_macs(an, n, value, "sdpa")
+
+
+def _frozen_with_macs(an: Analysis, n: fx.Node, value: Any, kind: str) -> Any:
+    _count_macs(an, n, value, kind)
+    return unknown(an, n, value, f"{target_name(n)} {an.where(n)}")
+
+
+def _count_macs(an: Analysis, n: fx.Node, value: Any, kind: str) -> None:
+    args = [an.meta_of(a) for a in n.args]
+    if not isinstance(value, torch.Tensor):
+        return
+    numel = value.numel()
+    if kind == "matmul" and isinstance(args[0], tuple) and len(args[0]) >= 1:
+        an.add_const_macs(numel * args[0][-1])
+    elif kind == "sdpa" and all(isinstance(a, tuple) for a in args[:3]):
+        q, k, v = args[:3]
+        rows = prod(q[:-1])
+        an.add_const_macs(rows * k[-2] * q[-1] + rows * k[-2] * v[-1])
+    elif kind == "linear" and len(args) > 1 and isinstance(args[1], tuple):
+        an.add_const_macs(numel * args[1][-1])
+    elif kind == "conv" and len(args) > 1 and isinstance(args[1], tuple):
+        an.add_const_macs(numel * prod(args[1][1:]))
+
+
+def _norm(an: Analysis, n: fx.Node, name: str, cdim: int, tensors: Sequence[tuple[str, int]], value: Any) -> Any:
+    x = n.args[0]
+    info, meta = an.tensor_info(x), an.meta_of(x)
+    if info is None or not isinstance(meta, tuple) or norm_dim(info.cdim, len(meta)) != norm_dim(
+            cdim, len(meta)) or (cdim == 1 and any(s != 1 for _, s in info.segs)):
+        return unknown(an, n, value, f"normalisation over a dimension that is not the channel dim {an.where(n)}")
+    an.add_use(name, "norm", an.entries(info), tensors, an.width(info))
+    return Info(info.cdim, info.segs)
+
+
+def batch_norm(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """BatchNorm / InstanceNorm over dim 1: a per-channel follower."""
+    name, _ = _module(an, n)
+    return _norm(an, n, name, 1, _NORM_TENSORS, value)
+
+
+def layer_norm(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """LayerNorm over the last dim (the channels): a follower; over several dims: frozen."""
+    name, mod = _module(an, n)
+    if len(mod.normalized_shape) != 1:
+        return unknown(an, n, value, f"LayerNorm over {len(mod.normalized_shape)} dims {an.where(n)}")
+    return _norm(an, n, name, -1, _AFFINE_TENSORS, value)
+
+
+def group_norm(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """GroupNorm with one group or one group per channel: a follower; otherwise frozen."""
+    name, mod = _module(an, n)
+    if mod.num_groups not in (1, mod.num_channels):
+        return unknown(an, n, value, f"GroupNorm with {mod.num_groups} groups {an.where(n)}")
+    return _norm(an, n, name, 1, _AFFINE_TENSORS, value)
+
+
+def prelu(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """PReLU: per-channel slopes follow the channels; a single slope is element-wise."""
+    name, mod = _module(an, n)
+    if mod.num_parameters > 1:
+        return _norm(an, n, name, 1, (("weight", 0),), value)
+    return unary(an, n, value)
+
+
+def embedding(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``nn.Embedding``: a producer of its embedding dim (the vocabulary is frozen)."""
+    name, mod = _module(an, n)
+    out_meta = an.meta_of(n)
+    vocab = an.new_atom(mod.num_embeddings, f"{name}:vocab", f"embedding vocabulary {an.where(n)}")
+    an.add_use(name, "param", [(vocab, 0, 1)], [("weight", 0)], mod.num_embeddings)
+    atom = an.new_atom(mod.embedding_dim, f"{name}:out")
+    an.add_use(name, "out", [(atom, 0, 1)], [("weight", 1)], mod.embedding_dim)
+    return Info(len(out_meta) - 1, ((atom, 1),))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Element-wise, concat, split, reshape, reductions, permutations
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _first_tensor(an: Analysis, n: fx.Node) -> tuple[Any, Info | None, Any]:
+    x = n.args[0] if n.args else next(iter(n.kwargs.values()), None)
+    return x, an.tensor_info(x), an.meta_of(x)
+
+
+def unary(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """Element-wise ops, pooling, dropout, casts: the layout passes through unless the channel dim changes."""
+    _, info, meta = _first_tensor(an, n)
+    out = an.meta_of(n)
+    if info is None or not isinstance(value, torch.Tensor) or not isinstance(meta, tuple):
+        return unknown(an, n, value, f"unknown use of {target_name(n)} {an.where(n)}")
+    c = norm_dim(info.cdim, len(meta))
+    if len(out) != len(meta) or out[c] != meta[c]:
+        return unknown(an, n, value, f"{target_name(n)} changes the channel dim {an.where(n)}")
+    return info
+
+
+def binary(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``add``/``mul``/…: same-shape operands are unioned channel by channel (residuals).
+
+    A constant attribute broadcast along the channels becomes a ``param`` member of the group.
+    """
+    if not isinstance(value, torch.Tensor):
+        return unknown(an, n, value, f"unknown use of {target_name(n)} {an.where(n)}")
+    out = tuple(value.shape)
+    nd = len(out)
+    full: list[Info] = []
+    consts: list[tuple[str, tuple[int, ...]]] = []
+    od: int | None = None
+    for a in list(n.args) + list(n.kwargs.values()):
+        i, m = an.info_of(a), an.meta_of(a)
+        if isinstance(i, Const) and isinstance(m, tuple):
+            consts.append((i.target, m))
+            continue
+        if not isinstance(i, Info) or not isinstance(m, tuple):
+            continue
+        c = norm_dim(i.cdim, len(m))
+        aligned = c + nd - len(m)
+        if m[c] == 1 and out[aligned] != 1:
+            continue  # broadcast along the channel dim: no channel coupling
+        if m[c] != out[aligned] or (od is not None and aligned != od):
+            return unknown(an, n, value, f"broadcast across the channel dim {an.where(n)}")
+        od = aligned
+        full.append(Info(aligned, i.segs))
+    if od is None:
+        return unknown(an, n, value, f"{target_name(n)} creates a channel dim {an.where(n)}")
+    if len(full) > 1 and not an.union_infos(full, an.where(n)):
+        return Info(od, full[0].segs)
+    info = Info(od, full[0].segs)
+    for target, m in consts:
+        k = od - (nd - len(m))
+        if k >= 0 and m[k] != 1:
+            if m[k] != out[od]:
+                an.freeze(info, f"constant {target} of another size {an.where(n)}")
+                continue
+            an.add_tensor_use(target, "param", an.entries(info), [(target, k)], m[k])
+    return info
+
+
+def cat(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``cat`` on the channel dim concatenates the layouts; on another dim it unions them."""
+    tensors = n.args[0] if n.args else n.kwargs.get("tensors")
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", n.kwargs.get("axis", 0))
+    if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or not isinstance(value, torch.Tensor):
+        return unknown(an, n, value, f"unknown use of cat {an.where(n)}")
+    infos = [an.tensor_info(t) for t in tensors]
+    metas = [an.meta_of(t) for t in tensors]
+    nd = value.dim()
+    if any(i is None for i in infos) or any(not isinstance(m, tuple) or len(m) != nd for m in metas):
+        return unknown(an, n, value, f"cat of untracked tensors {an.where(n)}")
+    cds = {norm_dim(i.cdim, nd) for i in infos if i is not None}
+    if len(cds) != 1:
+        return unknown(an, n, value, f"cat of tensors with different channel dims {an.where(n)}")
+    cd = cds.pop()
+    valid = [i for i in infos if i is not None]
+    if norm_dim(dim, nd) == cd:
+        return Info(cd, tuple(s for i in valid for s in i.segs))
+    an.union_infos([Info(cd, i.segs) for i in valid], an.where(n))
+    return Info(cd, valid[0].segs)
+
+
+def split(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``split``/``chunk``/``tensor_split``/``unbind`` (function or method); see :func:`_channel_split`."""
+    method = str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", "split")
+    _, info, meta = _first_tensor(an, n)
+    if method in ("unbind",):
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    else:
+        dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+    if info is None or not isinstance(meta, tuple) or not isinstance(dim, int) \
+            or not isinstance(value, (tuple, list)):
+        return unknown(an, n, value, f"unknown use of {method} {an.where(n)}")
+    nd = len(meta)
+    c = norm_dim(info.cdim, nd)
+    d = norm_dim(dim, nd)
+    if d == c:
+        return _channel_split(an, n, value, method, info)
+    new_c = c - 1 if method == "unbind" and d < c else c
+    return tuple(Info(new_c, info.segs) for _ in value)
+
+
+def _channel_split(an: Analysis, n: fx.Node, value: Any, method: str, info: Info) -> Any:
+    """``split``/``chunk`` on channels: each piece is a sub-layout; equal pieces of ``chunk`` are tied."""
+    sizes = [int(v.shape[info.cdim]) for v in value]
+    arg = n.args[1] if len(n.args) > 1 else n.kwargs.get("split_size_or_sections", n.kwargs.get("chunks"))
+    explicit = method in ("split", "split_with_sizes") and isinstance(arg, (list, tuple)) and all(
+        isinstance(v, int) for v in arg)
+    equal = (method == "chunk" and isinstance(arg, int)) or (method == "split" and isinstance(arg, int))
+    if not (explicit or (equal and len(set(sizes)) == 1)):
+        return unknown(an, n, value, f"{method} on the channel dim {an.where(n)}")
+    pieces, pos = [], 0
+    for size in sizes:
+        segs = an.sub_layout(info, pos, pos + size)
+        if segs is None:
+            return unknown(an, n, value, f"{method} inside a flattened channel {an.where(n)}")
+        pieces.append(segs)
+        pos += size
+    if equal:
+        for other in pieces[1:]:
+            an.align(pieces[0], other)
+        if method == "split":  # split(x, size): the size itself follows the (tied) pieces' width
+            an.add_literal(n.name, ("args", 1), sizes[0], pieces[0])
+    else:
+        path = ("args", 1) if len(n.args) > 1 else ("kwargs", "split_size_or_sections")
+        for i, segs in enumerate(pieces):
+            an.add_literal(n.name, (*path, i), sizes[i], segs)
+    return tuple(Info(info.cdim, segs) for segs in pieces)
+
+
+def reshape(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``view``/``reshape``/``flatten``/``(un)squeeze``: the channel dim moves or is flattened.
+
+    Flattened with the dims after it, each channel spans their product (the stride); a literal channel size in
+    the call is recorded for rewriting.
+    """
+    _, info, meta = _first_tensor(an, n)
+    if info is None or not isinstance(value, torch.Tensor) or not isinstance(meta, tuple):
+        return unknown(an, n, value, f"unknown use of {target_name(n)} {an.where(n)}")
+    src, dst = list(meta), list(value.shape)
+    c = norm_dim(info.cdim, len(src))
+    pre, chan, post = prod(src[:c]), src[c], prod(src[c + 1:])
+    for k in range(len(dst)):
+        if prod(dst[:k]) != pre:
+            continue
+        if dst[k] == chan and prod(dst[k + 1:]) == post:
+            _record_literal(an, n, k, info)
+            return Info(k, info.segs)
+        if k == len(dst) - 1 and dst[k] == chan * post and post > 1:
+            new = Info(k, tuple((a, s * post) for a, s in info.segs))
+            _record_literal(an, n, k, new)
+            return new
+    return unknown(an, n, value, f"reshape that mixes the channel dim {tuple(src)} -> {tuple(dst)} {an.where(n)}")
+
+
+def _record_literal(an: Analysis, n: fx.Node, k: int, info: Info) -> None:
+    """Remember a literal channel size in a view/reshape call so that apply can rewrite it."""
+    if n.op == "call_module" or target_name(n) not in ("view", "reshape"):
+        return
+    args = n.args[1:]
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        shape, path = list(args[0]), ("args", 1)
+    elif "shape" in n.kwargs and isinstance(n.kwargs["shape"], (tuple, list)):
+        shape, path = list(n.kwargs["shape"]), ("kwargs", "shape")
+    else:
+        shape, path = list(args), ("args",)
+    if k < len(shape) and isinstance(shape[k], int) and shape[k] != -1:
+        full_path = (*path, k) if path != ("args",) else ("args", k + 1)
+        an.add_literal(n.name, full_path, shape[k], info.segs)
+
+
+def reduce(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``mean``/``sum``/… over other dims: the layout follows; over the channel dim or all dims: frozen."""
+    _, info, meta = _first_tensor(an, n)
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    if info is None or dims is None or not isinstance(value, torch.Tensor) or not isinstance(meta, tuple):
+        return unknown(an, n, value, f"reduction over all dims {an.where(n)}")
+    dl = [dims] if isinstance(dims, int) else list(dims)
+    if not all(isinstance(d, int) for d in dl):
+        return unknown(an, n, value, f"reduction over dynamic dims {an.where(n)}")
+    nd = len(meta)
+    c = norm_dim(info.cdim, nd)
+    ds = {norm_dim(d, nd) for d in dl}
+    if c in ds:
+        return unknown(an, n, value, f"reduction over the channel dim {an.where(n)}")
+    new_c = c if keep else c - sum(1 for d in ds if d < c)
+    if value.dim() <= new_c or value.shape[new_c] != meta[c]:
+        return unknown(an, n, value, f"reduction with unexpected shape {an.where(n)}")
+    return Info(new_c, info.segs)
+
+
+def _permute(an: Analysis, n: fx.Node, value: Any, transpose: bool) -> Any:
+    _, info, meta = _first_tensor(an, n)
+    if info is None or not isinstance(meta, tuple) or not isinstance(value, torch.Tensor):
+        return unknown(an, n, value, f"unknown use of {target_name(n)} {an.where(n)}")
+    nd = len(meta)
+    c = norm_dim(info.cdim, nd)
+    rest = list(n.args[1:])
+    if transpose:
+        if target_name(n) == "t":
+            d0, d1 = 0, 1
+        else:
+            d0 = rest[0] if rest else n.kwargs.get("dim0")
+            d1 = rest[1] if len(rest) > 1 else n.kwargs.get("dim1")
+        if not isinstance(d0, int) or not isinstance(d1, int):
+            return unknown(an, n, value, f"dynamic transpose {an.where(n)}")
+        d0, d1 = norm_dim(d0, nd), norm_dim(d1, nd)
+        new_c = d1 if c == d0 else d0 if c == d1 else c
+    else:
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest or n.kwargs.get("dims")
+        if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims):
+            return unknown(an, n, value, f"dynamic permute {an.where(n)}")
+        new_c = [norm_dim(d, nd) for d in dims].index(c)
+    return Info(new_c, info.segs)
+
+
+def permute(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``permute``: the channel dim moves with the permutation."""
+    return _permute(an, n, value, transpose=False)
+
+
+def transpose(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``transpose``/``swapaxes``/``swapdims``/``t``: the channel dim moves if it is one of the two."""
+    return _permute(an, n, value, transpose=True)
+
+
+def _softmax(an: Analysis, n: fx.Node, value: Any, dim: Any) -> Any:
+    _, info, meta = _first_tensor(an, n)
+    if info is None or not isinstance(meta, tuple) or not isinstance(dim, int):
+        return unknown(an, n, value, f"unknown use of softmax {an.where(n)}")
+    if norm_dim(dim, len(meta)) == norm_dim(info.cdim, len(meta)):
+        return unknown(an, n, value, f"softmax over the channel dim {an.where(n)}")
+    return unary(an, n, value)
+
+
+def softmax(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``softmax``/``log_softmax`` (function or method) over another dim: pass-through; over channels: frozen."""
+    return _softmax(an, n, value, n.args[1] if len(n.args) > 1 else n.kwargs.get("dim"))
+
+
+def softmax_module(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``nn.Softmax``/``nn.LogSoftmax``: as :func:`softmax` with the module's ``dim``."""
+    _, mod = _module(an, n)
+    return _softmax(an, n, value, mod.dim)
+
+
+def pad(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``F.pad``: spatial pads pass through; channel pads become atoms whose widths the pad amounts follow.
+
+    Zero channels padded on the channel dim (option-A shortcuts) can then be coupled with a producer's channels by
+    a residual add.
+    """
+    _, info, meta = _first_tensor(an, n)
+    pads = n.args[1] if len(n.args) > 1 else n.kwargs.get("pad")
+    if info is None or not isinstance(meta, tuple) or not isinstance(pads, (tuple, list)) \
+            or not all(isinstance(p, int) for p in pads):
+        return unknown(an, n, value, f"unknown use of pad {an.where(n)}")
+    c = norm_dim(info.cdim, len(meta))
+    k = len(meta) - 1 - c  # pads[2k:2k+2] apply to the channel dim
+    if 2 * k + 1 >= len(pads) or (pads[2 * k] == 0 and pads[2 * k + 1] == 0):
+        return unary(an, n, value)
+    mode = n.args[2] if len(n.args) > 2 else n.kwargs.get("mode", "constant")
+    fill = n.args[3] if len(n.args) > 3 else n.kwargs.get("value")
+    if mode != "constant" or fill not in (None, 0, 0.0) or min(pads[2 * k], pads[2 * k + 1]) < 0 \
+            or any(s != 1 for _, s in info.segs):
+        return unknown(an, n, value, f"channel pad (F.pad mode={mode}, value={fill}) {an.where(n)}")
+    # Zero channels padded on the channel dim are new atoms (no producer); the pad amounts follow their
+    # widths, so a residual add can couple them with a producer's channels (option-A shortcuts).
+    path = ("args", 1) if len(n.args) > 1 else ("kwargs", "pad")
+    segs: list[tuple[int, int]] = []
+    for side, idx in (("lo", 2 * k), ("hi", 2 * k + 1)):
+        if pads[idx] == 0:
+            continue
+        atom = an.new_atom(pads[idx], f"{n.name}:pad_{side}")
+        an.add_literal(n.name, (*path, idx), pads[idx], ((atom, 1),))
+        segs.append((atom, 1))
+    lo_part = segs[:1] if pads[2 * k] else []
+    hi_part = segs[-1:] if pads[2 * k + 1] else []
+    return Info(c, (*lo_part, *info.segs, *hi_part))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Indexing, shape queries, attributes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def getitem(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``x[idx]``: an item of a tuple/dict, an entry of a shape, or indexing a tensor away from its channels."""
+    base, idx = n.args[0], n.args[1]
+    binfo = an.info_of(base)
+    if isinstance(binfo, (tuple, list)):
+        return binfo[idx] if isinstance(idx, int) and -len(binfo) <= idx < len(binfo) else unknown(
+            an, n, value, f"dynamic index into a tuple {an.where(n)}")
+    if isinstance(binfo, dict):
+        return binfo.get(idx)
+    if isinstance(binfo, SizeRef):
+        return _size_item(an, n, binfo, idx)
+    if not isinstance(binfo, Info):
+        if isinstance(binfo, Const) or isinstance(value, torch.Tensor):
+            return unknown(an, n, value, f"indexing an untracked tensor {an.where(n)}")
+        return None
+    meta = an.meta_of(base)
+    new_c = _index_channel_dim(idx, len(meta), norm_dim(binfo.cdim, len(meta)))
+    if new_c is None or not isinstance(value, torch.Tensor) or value.shape[new_c] != meta[binfo.cdim]:
+        return unknown(an, n, value, f"indexing along the channel dim {an.where(n)}")
+    return Info(new_c, binfo.segs)
+
+
+def _index_channel_dim(idx: Any, ndim: int, cdim: int) -> int | None:
+    """Where the channel dim goes after ``x[idx]``; None when the index touches the channels."""
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    if any(not isinstance(i, (slice, int, type(None), type(Ellipsis))) for i in items):
+        return None  # advanced indexing (tensors, lists) or a dynamic integer index
+    consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+    expanded: list[Any] = []
+    for i in items:
+        if i is Ellipsis:
+            expanded.extend([slice(None)] * (ndim - consumed))
+        else:
+            expanded.append(i)
+    in_dim = out_dim = 0
+    for i in expanded:
+        if i is None:
+            out_dim += 1
+            continue
+        if in_dim == cdim:
+            full = isinstance(i, slice) and i.start in (None, 0) and i.stop is None and i.step in (None, 1)
+            return out_dim if full else None
+        if isinstance(i, slice):
+            out_dim += 1
+        in_dim += 1
+    return out_dim + (cdim - in_dim)
+
+
+def setitem(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """Slice assignment: frozen (fx does not model aliasing)."""
+    return unknown(an, n, value, f"slice assignment (setitem) {an.where(n)}")
+
+
+def size_query(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``x.size()``, ``x.size(d)``, ``x.numel()`` …: channel counts must not leak into other ops."""
+    method = str(n.target)
+    info, meta = an.tensor_info(n.args[0]), an.meta_of(n.args[0])
+    if info is None or not isinstance(meta, tuple):
+        return None
+    c = norm_dim(info.cdim, len(meta))
+    if method in ("numel", "nelement"):
+        an.freeze(info, f"element count read {an.where(n)}")
+        return None
+    if method != "size":
+        return None
+    d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    if d is None:
+        return SizeRef(info, len(meta))
+    if not isinstance(d, int) or norm_dim(d, len(meta)) == c:
+        an.freeze(info, f"channel count read by size() {an.where(n)}")
+    return None
+
+
+def _size_item(an: Analysis, n: fx.Node, ref: SizeRef, idx: Any) -> Any:
+    c = norm_dim(ref.info.cdim, ref.ndim)
+    dims = range(ref.ndim)
+    hit = (norm_dim(idx, ref.ndim) == c) if isinstance(idx, int) else (
+        c in dims[idx] if isinstance(idx, slice) and all(
+            isinstance(v, (int, type(None))) for v in (idx.start, idx.stop, idx.step)) else True)
+    if hit:
+        an.freeze(ref.info, f"channel count read from the shape {an.where(n)}")
+    return None
+
+
+def attribute(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``getattr(x, name)``: ``x.shape`` is a shape read, ``x.data`` the same layout; other tensors frozen."""
+    attr = n.args[1] if len(n.args) > 1 else None
+    if attr in _SHAPE_ATTRS:
+        info, meta = an.tensor_info(n.args[0]), an.meta_of(n.args[0])
+        return SizeRef(info, len(meta)) if info is not None and isinstance(meta, tuple) else None
+    if not isinstance(value, torch.Tensor):
+        return None
+    info = an.tensor_info(n.args[0])
+    if attr == "data" and info is not None:
+        return info
+    return unknown(an, n, value, f"tensor attribute {attr} {an.where(n)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dispatch tables
+# ----------------------------------------------------------------------------------------------------------------
+
+
+#: Module types and their rules; the first ``isinstance`` match wins (leaf reasons are checked before).
+MODULE_RULES: tuple[tuple[type | tuple[type, ...], Rule], ...] = (
+    (_CONV_TYPES, conv),
+    (nn.Linear, linear),
+    (_BN_TYPES, batch_norm),
+    (nn.LayerNorm, layer_norm),
+    (nn.GroupNorm, group_norm),
+    (nn.PReLU, prelu),
+    (nn.Embedding, embedding),
+    (nn.Flatten, reshape),
+    ((nn.Softmax, nn.LogSoftmax), softmax_module),
+    (_PASS_TYPES, unary),
+    (_PAD_TYPES, unary),
+)
+
+
+def _table(entries: Iterable[tuple[Iterable[Any], Rule]]) -> dict[Any, Rule]:
+    """Key → rule; a key listed twice keeps its first rule."""
+    out: dict[Any, Rule] = {}
+    for keys, rule in entries:
+        for key in keys:
+            out.setdefault(key, rule)
+    return out
+
+
+#: Function targets (``call_function``) and their rules.
+FUNCTION_RULES: dict[Any, Rule] = _table([
+    ((operator.getitem,), getitem),
+    ((getattr,), attribute),
+    ((operator.setitem,), setitem),
+    (_BINARY_FUNCS, binary),
+    (_UNARY_FUNCS, unary),
+    (_CAT_FUNCS, cat),
+    (_SPLIT_FUNCS, split),
+    (_RESHAPE_FUNCS, reshape),
+    (_REDUCE_FUNCS, reduce),
+    (_PERMUTE_FUNCS, permute),
+    (_TRANSPOSE_FUNCS, transpose),
+    (_SOFTMAX_FUNCS, softmax),
+    (_PAD_FUNCS, pad),
+    (_FUNC_LINEAR, functional_linear),
+    (_FUNC_CONV, functional_conv),
+    (_MATMUL_FUNCS, matmul),
+    (_SDPA_FUNCS, sdpa),
+])
+
+#: Tensor method names (``call_method``) and their rules.
+METHOD_RULES: dict[str, Rule] = _table([
+    (_SIZE_METHODS, size_query),
+    (_BINARY_METHODS, binary),
+    (_UNARY_METHODS, unary),
+    (_SPLIT_METHODS, split),
+    (_RESHAPE_METHODS, reshape),
+    (_REDUCE_METHODS, reduce),
+    (("permute",), permute),
+    (_TRANSPOSE_METHODS, transpose),
+    (_SOFTMAX_METHODS, softmax),
+    (_MATMUL_METHODS, matmul_method),
+])

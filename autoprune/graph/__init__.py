@@ -6,7 +6,7 @@ This package owns :func:`analyze`, which turns a model and an example input into
 :class:`torch.fx.Interpreter`, which gives real shapes) and a rule per canonical op kind
 (:mod:`~autoprune.graph.rules`) maps the node's *channel layout* — a list of segments ``(atom, stride)`` along the
 tensor's channel dimension — from its inputs to its output. Atoms that must be pruned identically are merged with
-a union-find (:mod:`~autoprune.graph.analysis`). An atom can be refined into sub-ranges when only part of it is
+a union-find (:mod:`~autoprune.graph.state`). An atom can be refined into sub-ranges when only part of it is
 coupled to something else: a zero-pad on channels (option-A shortcuts: the pad amounts follow the widths of the
 padded ranges), ``split`` with explicit sizes (rewritten on apply) and ``chunk`` (the equal pieces are tied).
 Anything without a rule freezes the channels it touches, so a missing rule makes pruning less aggressive but
@@ -42,7 +42,8 @@ widths. :mod:`autoprune.pruning` slices tensors with it; the closed-form cost ro
 Modules: :mod:`~autoprune.graph.records` (the frozen records), :mod:`~autoprune.graph.groupset`
 (:class:`GroupSet`), :mod:`~autoprune.graph.trace` and :mod:`~autoprune.graph.export_trace` (front-ends),
 :mod:`~autoprune.graph.layout` (channel layouts), :mod:`~autoprune.graph.rules` (per-op rules and their dispatch
-tables), :mod:`~autoprune.graph.analysis` (state and driver), :mod:`~autoprune.graph.terms` (cost rows).
+tables), :mod:`~autoprune.graph.state` (the analysis state), :mod:`~autoprune.graph.analysis` (the driver,
+:func:`analyze`), :mod:`~autoprune.graph.terms` (cost rows).
 """
 
 from autoprune.graph.analysis import analyze

@@ -2,7 +2,7 @@
 
 A tensor's *channel layout* (:class:`Info`) is its channel dim and the list of segments ``(atom, stride)`` along
 it: ``stride > 1`` appears after flattening ``C×H×W`` into a linear layer's input. Atoms are integers owned by
-the analysis state (:class:`~autoprune.graph.analysis.Analysis`).
+the analysis state (:class:`~autoprune.graph.state.Analysis`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Per-op channel rules and the tables that dispatch graph nodes to them (ENGINE.md §2.2).
 
-A rule is a function ``rule(an, n, value)``: ``an`` is the running :class:`~autoprune.graph.analysis.Analysis`,
+A rule is a function ``rule(an, n, value)``: ``an`` is the running :class:`~autoprune.graph.state.Analysis`,
 ``n`` the fx node and ``value`` what the node computed on the example input. It returns the node's channel
 layout (an :class:`~autoprune.graph.layout.Info`, a nested structure of them, a shape read, or None) and records
 what pruning needs through the analysis' state API (atoms, unions, uses, literals, MAC terms, block constraints).
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,7 @@ from torch import fx, nn
 
 from autoprune.graph.common import node_args, norm_dim, prod, target_name
 from autoprune.graph.layout import Const, Info, SizeRef
-
-if TYPE_CHECKING:
-    from autoprune.graph.analysis import Analysis
+from autoprune.graph.state import Analysis
 
 __all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "Rule", "apply_rule", "unknown"]
 

@@ -47,7 +47,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import optuna
@@ -59,6 +59,9 @@ from autoprune.problem import Problem, SearchSpace
 from autoprune.registry import Registry
 from autoprune.store import COUNTED_STATES, TrialStore
 from autoprune.types import Candidate, CostReport, EvalResult, QuantSpec, TrialRecord
+
+if TYPE_CHECKING:
+    from autoprune.config import ObjectiveConfig
 
 HYPERPARAMS_DIR = Path(__file__).resolve().parent / "hyperparams"
 
@@ -137,8 +140,9 @@ class Objective:
         make_reward(self.reward, **dict(self.kwargs))  # validates the name and parameters now
 
     @classmethod
-    def from_spec(cls, spec: Objective | str | Mapping[str, Any] | Any | None) -> Objective:
-        """Build from a reward name, a mapping ``{reward, kwargs, objectives}``, or a config object."""
+    def from_spec(cls, spec: Objective | str | Mapping[str, Any] | ObjectiveConfig | None) -> Objective:
+        """Build from a reward name, a mapping ``{reward, kwargs, objectives}``, or the campaign's
+        :class:`~autoprune.config.ObjectiveConfig`."""
         if spec is None:
             return cls()
         if isinstance(spec, Objective):
@@ -151,9 +155,9 @@ class Objective:
                 raise ConfigError(f"unknown objective key(s) {unknown}", hint="keys: reward, kwargs, objectives")
             return cls(reward=spec.get("reward", "r_err"), kwargs=dict(spec.get("kwargs") or {}),
                        objectives=tuple(spec.get("objectives") or ("accuracy", "macs")))
-        if hasattr(spec, "reward"):
-            return cls(reward=spec.reward, kwargs=dict(getattr(spec, "kwargs", {}) or {}),
-                       objectives=tuple(getattr(spec, "objectives", None) or ("accuracy", "macs")))
+        if hasattr(spec, "reward"):  # an ObjectiveConfig (recognised without importing autoprune.config)
+            return cls(reward=spec.reward, kwargs=dict(spec.kwargs or {}),
+                       objectives=tuple(spec.objectives or ("accuracy", "macs")))
         raise ConfigError(f"cannot read an objective from {spec!r}",
                           hint="pass a reward name, a mapping or an autoprune.agents.base.Objective")
 
@@ -424,7 +428,7 @@ class Searcher(ABC):
     multi_objective: ClassVar[bool] = False
 
     def __init__(self, problem: Problem, *, store: TrialStore | str | Path,
-                 objective: Objective | str | Mapping[str, Any] | None = None,
+                 objective: Objective | str | Mapping[str, Any] | ObjectiveConfig | None = None,
                  budget: Budget | Mapping[str, Any] | None = None, n_trials: int | None = None,
                  time_limit: float | None = None, seed: int = 0,
                  callbacks: Sequence[Callable[[Searcher, TrialRecord], None]] = (), max_failures: int = 5,

@@ -48,6 +48,7 @@ from autoprune.utils import progress
 from .base import SEARCHERS, Searcher, load_hyperparams
 
 if TYPE_CHECKING:
+    from autoprune.evaluate import CandidateEvaluator
     from autoprune.graph import ChannelGroup, GroupSet, Member
     from autoprune.problem import SearchSpace
 
@@ -876,10 +877,12 @@ def search(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _from_evaluator(evaluator: Any, attr: str) -> Any:
+def _from_evaluator(evaluator: CandidateEvaluator | None, attr: str) -> Any:
     """``evaluator.<attr>``, looking through wrappers that hold the evaluator as ``inner``.
 
-    The campaign's :class:`~autoprune.campaign.ReproducibleEvaluator` is such a wrapper.
+    The campaign's :class:`~autoprune.campaign.ReproducibleEvaluator` is such a wrapper. The attribute is
+    optional (:class:`~autoprune.evaluate.CandidateEvaluator` promises only ``evaluate``), so its value is
+    whatever the evaluator holds (a loader, a device), ``None`` when no evaluator in the chain has it.
     """
     seen = 0
     while evaluator is not None and seen < 8:

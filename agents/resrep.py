@@ -40,7 +40,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,9 @@ from autoprune.utils import progress
 
 from .base import SEARCHERS
 from .dmcp import DifferentiableSearcher, channel_dim, legal_widths_of, prunable_groups
+
+if TYPE_CHECKING:
+    from autoprune.graph import GroupSet
 
 Batch = tuple[Tensor, Tensor]
 CostFn = Callable[[Mapping[str, int]], float]
@@ -86,20 +89,8 @@ class CompactorSite:
     blocks: int = 1
 
 
-def _graph(model: nn.Module, groups: Any) -> torch.fx.GraphModule | None:
-    gm = getattr(groups, "graph_module", None)
-    if gm is not None:
-        return gm
-    try:
-        return torch.fx.symbolic_trace(model)
-    except Exception:
-        return None
-
-
-def _direct_user(gm: torch.fx.GraphModule | None, producer: str) -> str | None:
+def _direct_user(gm: torch.fx.GraphModule, producer: str) -> str | None:
     """The module that alone consumes ``producer``'s output, if any."""
-    if gm is None:
-        return None
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target == producer:
             users = list(node.users)
@@ -114,7 +105,7 @@ def _foldable_norm(m: nn.Module) -> bool:
             and m.running_mean is not None)
 
 
-def find_sites(model: nn.Module, groups: Any, legal: Mapping[str, Sequence[int]] | None = None, *,
+def find_sites(model: nn.Module, groups: GroupSet, legal: Mapping[str, Sequence[int]] | None = None, *,
                include_depthwise: bool = True) -> tuple[list[CompactorSite], dict[str, str]]:
     """Compactor sites of ``model`` and the reason each other prunable group has none.
 
@@ -126,7 +117,7 @@ def find_sites(model: nn.Module, groups: Any, legal: Mapping[str, Sequence[int]]
             further norms (their masked channels are cut after those members).
     """
     modules = dict(model.named_modules())
-    gm = _graph(model, groups)
+    gm = groups.graph_module  # the analysis' trace (module names as in ``model``)
     sites: list[CompactorSite] = []
     skipped: dict[str, str] = {}
     for g in prunable_groups(groups):
@@ -420,7 +411,7 @@ def fold_compactor(producer: nn.Module, norm: nn.Module | None, q: Tensor) -> No
     norm.bias.copy_(const + new_mean)
 
 
-def convert(net: CompactorNet, groups: Any) -> tuple[nn.Module, dict[str, int]]:
+def convert(net: CompactorNet, groups: GroupSet) -> tuple[nn.Module, dict[str, int]]:
     """Exact conversion of a compactor network to a physically smaller one.
 
     Masked compactor rows are zeroed, BN and compactor are folded into each site's producer (so the masked
@@ -642,7 +633,7 @@ def _optimizer(net: CompactorNet, cfg: ResRepConfig) -> torch.optim.SGD:
 
 def search(
     model: nn.Module,
-    groups: Any,
+    groups: GroupSet,
     train_loader: Iterable[Batch],
     config: ResRepConfig | None = None,
     *,

@@ -45,8 +45,9 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -64,6 +65,10 @@ from autoprune.types import Candidate, CostReport, EvalResult
 from autoprune.workers import pid_alive
 
 from .base import SEARCHERS, Searcher, derive_seed, load_hyperparams
+
+if TYPE_CHECKING:
+    import torch
+    from stable_baselines3.common.vec_env import VecEnv
 
 log = logging.getLogger("autoprune.agents.rl")
 
@@ -160,7 +165,7 @@ class AMCDDPG(_TruncatedNoiseMixin, DDPG):
         self.actor_lr = float(actor_lr)
         super().__init__(*args, **kwargs)
 
-    def _update_learning_rate(self, optimizers: Any) -> None:
+    def _update_learning_rate(self, optimizers: list[torch.optim.Optimizer] | torch.optim.Optimizer) -> None:
         super()._update_learning_rate(optimizers)  # critic (and, for now, actor) at learning_rate
         update_learning_rate(self.actor.optimizer, self.actor_lr)
         self.logger.record("train/actor_learning_rate", self.actor_lr)
@@ -238,7 +243,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_save(path: Path, save: Any) -> str:
+def _atomic_save(path: Path, save: Callable[[Path], object]) -> str:
     """Write ``path`` through ``save(tmp_path)`` then ``os.replace`` (a kill never leaves half a file).
 
     Returns:
@@ -462,7 +467,7 @@ class RLSearcher(Searcher):
             return None
         return path
 
-    def _load_agent(self, state: dict[str, Any], venv: Any) -> BaseAlgorithm | None:
+    def _load_agent(self, state: dict[str, Any], venv: VecEnv) -> BaseAlgorithm | None:
         """The saved agent (and replay buffer), or ``None`` when it is missing, tampered with or unreadable.
 
         SB3 checkpoints hold pickled Python objects, so only files whose SHA-256 matches the one this searcher

@@ -19,7 +19,8 @@ oracle; :func:`expected_cost` is the differentiable form for expected widths (DM
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ from autoprune.graph.terms import Factors, build_terms, factors, quadratic
 from autoprune.types import Candidate, CostReport, QuantSpec
 
 __all__ = [
+    "annotate_groups",  # deprecated
     "build_terms",  # re-exported from autoprune.graph.terms (the analysis builds the rows)
     "closed_form",
     "count_macs",
@@ -44,6 +46,15 @@ __all__ = [
 ]
 
 FLOAT_BITS = 32
+
+
+def annotate_groups(gs: GroupSet) -> None:
+    """Deprecated, does nothing: :func:`autoprune.graph.analyze` builds every :class:`GroupSet` with its
+    groups' cost fields filled (:func:`autoprune.graph.terms.annotate`). Kept for one release.
+    """
+    warnings.warn("autoprune.cost.annotate_groups is deprecated and does nothing: analyze() fills the groups' "
+                  "cost fields (autoprune.graph.terms.annotate); it will be removed in the next release",
+                  DeprecationWarning, stacklevel=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,7 +239,7 @@ class _QuantForms(_Rows):
         index = self.index
         if not index.keys() >= bits.keys():
             raise _unknown_layer(next(k for k in bits if k not in index), self.names)
-        specs = [v if isinstance(v, QuantSpec) else _as_spec(k, v) for k, v in bits.items()]
+        specs = [QuantSpec.parse(v, k) for k, v in bits.items()]
         cols = np.array([index[k] for k in bits], dtype=np.intp)
         wq = np.zeros(len(index))
         ab = np.full(len(index), float(FLOAT_BITS))
@@ -245,21 +256,6 @@ def _unknown_layer(layer: str, names: list[str]) -> ConfigError:
         f"bits given for {layer!r}, which is not a conv/linear layer of the model"
         + (f"; did you mean {close[0]!r}?" if close else ""),
         hint=f"quantizable layers: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
-
-
-def _as_spec(layer: str, value: Any) -> QuantSpec:
-    """Accept what :func:`autoprune.quantization.apply` accepts: a QuantSpec, an int / None, or a pair."""
-    try:
-        if value is None or isinstance(value, int):
-            return QuantSpec(value, None)
-        if isinstance(value, Mapping):
-            return QuantSpec(value.get("w_bits", 8), value.get("a_bits"))
-        if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
-            return QuantSpec(value[0], value[1])
-    except ValueError as exc:
-        raise ConfigError(f"bits for layer {layer!r}: {exc}", hint="bit-widths are integers in 2..8 or None") from exc
-    raise ConfigError(f"bits for layer {layer!r} must be a QuantSpec, got {value!r}",
-                      hint="use QuantSpec(w_bits=4, a_bits=8)")
 
 
 def _stored_tensors(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:

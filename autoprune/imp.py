@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,9 @@ from autoprune.errors import ConfigError
 from autoprune.evaluate import SGDSettings, StepTrainer, validate
 from autoprune.infcop import DEFAULT_EPS, DISTANCE_FORMS, FlowReference
 from autoprune.utils import seed_everything
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 
 Batch = tuple[Tensor, Tensor]
 Loader = Iterable[Batch]
@@ -230,10 +233,10 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
             params[name].mul_(m.to(params[name].device, params[name].dtype))
 
 
-def mask_gradients(model: nn.Module, masks: Mapping[str, Tensor]) -> list[Any]:
+def mask_gradients(model: nn.Module, masks: Mapping[str, Tensor]) -> list[RemovableHandle]:
     """Register gradient hooks multiplying each masked parameter's gradient by its mask; return the handles."""
     params = dict(model.named_parameters())
-    handles = []
+    handles: list[RemovableHandle] = []
     for name, m in masks.items():
         p = params[name]
         mask = m.to(p.device, p.dtype)

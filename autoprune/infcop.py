@@ -27,13 +27,16 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoprune.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 
 IF_EXCLUDE: tuple[str, ...] = ("downsample", "shortcut")
 """Substrings of module names left out of the information-flow layer set."""
@@ -135,7 +138,7 @@ class _GapRecorder:
                 hint="pass module names as printed by `model.named_modules()`, or leave `layers` unset",
             )
         self._targets = [(n, modules[n]) for n in names]
-        self._handles: list[Any] = []
+        self._handles: list[RemovableHandle] = []
         self.acts: dict[str, Tensor] = {}
         self._order: list[str] = []
 
@@ -184,7 +187,7 @@ class _GapRecorder:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _inputs(loader: Iterable[Any], max_batches: int | None) -> Iterable[Tensor]:
+def _inputs(loader: Iterable[Tensor | Sequence[Tensor]], max_batches: int | None) -> Iterable[Tensor]:
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             return
@@ -193,7 +196,7 @@ def _inputs(loader: Iterable[Any], max_batches: int | None) -> Iterable[Tensor]:
 
 def information_flow(
     model: nn.Module,
-    loader: Iterable[Any],
+    loader: Iterable[Tensor | Sequence[Tensor]],
     layers: Sequence[str] | None = None,
     reduce: str = "mean",
     *,
@@ -268,7 +271,7 @@ def information_flow(
 
 def _if_first_pass(
     model: nn.Module,
-    loader: Iterable[Any],
+    loader: Iterable[Tensor | Sequence[Tensor]],
     rec: _GapRecorder,
     device: torch.device,
     max_batches: int | None,
@@ -306,7 +309,11 @@ def _if_first_pass(
 
 
 def _rerun(
-    model: nn.Module, loader: Iterable[Any], rec: _GapRecorder, device: torch.device, max_batches: int | None
+    model: nn.Module,
+    loader: Iterable[Tensor | Sequence[Tensor]],
+    rec: _GapRecorder,
+    device: torch.device,
+    max_batches: int | None,
 ) -> Iterable[dict[str, Tensor]]:
     for x in _inputs(loader, max_batches):
         rec.clear()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -112,6 +112,47 @@ class SearchSpace:
             if spec.w_bits not in lc.w_bits or spec.a_bits not in lc.a_bits:
                 raise ConfigError(f"bits {spec} are not allowed for layer {name!r}",
                                   hint=f"weight bits {lc.w_bits}, activation bits {lc.a_bits}")
+
+
+class ProblemLike(Protocol):
+    """What the layer-wise environment reads from a problem: :class:`Problem` itself, or a view of one.
+
+    Views wrap a :class:`Problem` and change one behaviour (the RL searchers' failure-tolerant view in
+    :mod:`autoprune.agents.rl`, the benchmark's build-only view); the environment accepts any of them.
+    """
+
+    @property
+    def model(self) -> nn.Module:
+        """The dense model."""
+        ...
+
+    @property
+    def groups(self) -> GroupSet:
+        """The engine's group analysis of :attr:`model`."""
+        ...
+
+    @property
+    def space(self) -> SearchSpace:
+        """The search space."""
+        ...
+
+    @property
+    def example_input(self) -> torch.Tensor:
+        """A representative input of :attr:`model`."""
+        ...
+
+    @property
+    def dense_cost(self) -> CostReport:
+        """Cost of the unpruned, unquantized model."""
+        ...
+
+    def cost(self, candidate: Candidate) -> CostReport:
+        """Closed-form cost of ``candidate``."""
+        ...
+
+    def evaluate(self, candidate: Candidate) -> tuple[EvalResult, CostReport]:
+        """Build and score ``candidate``."""
+        ...
 
 
 @dataclass

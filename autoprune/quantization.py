@@ -557,22 +557,6 @@ def _flat_args(args: Any) -> list[Any]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _as_spec(value: Any, name: str) -> QuantSpec:
-    if isinstance(value, QuantSpec):
-        return value
-    try:
-        if value is None or isinstance(value, int):
-            return QuantSpec(value, None)
-        if isinstance(value, Mapping):
-            return QuantSpec(value.get("w_bits", 8), value.get("a_bits"))
-        if isinstance(value, Sequence) and len(value) == 2:
-            return QuantSpec(value[0], value[1])
-    except ValueError as exc:
-        raise ConfigError(f"bits for layer {name!r}: {exc}", hint="bit-widths are integers in 2..8 or None") from exc
-    raise ConfigError(f"bits for layer {name!r} must be a QuantSpec, got {value!r}",
-                      hint="use QuantSpec(w_bits=4, a_bits=8)")
-
-
 def _normalize_bits(bits: Mapping[str, Any], layers: Sequence[str]) -> dict[str, QuantSpec]:
     import difflib
 
@@ -585,7 +569,7 @@ def _normalize_bits(bits: Mapping[str, Any], layers: Sequence[str]) -> dict[str,
                 + (f"; did you mean {close[0]!r}?" if close else ""),
                 hint=f"quantizable layers: {', '.join(layers[:8])}{' ...' if len(layers) > 8 else ''}",
             )
-        out[name] = _as_spec(value, name)
+        out[name] = QuantSpec.parse(value, name)
     return out
 
 
@@ -618,7 +602,7 @@ def enforce_floors(bits: Mapping[str, QuantSpec], model: nn.Module, first_last_m
                    ) -> dict[str, QuantSpec]:
     """Return ``bits`` with the first and last layer raised to at least ``first_last_min_bits`` (None stays float)."""
     layers = quantizable_layers(model)
-    out = {k: _as_spec(v, k) for k, v in bits.items()}
+    out = {k: QuantSpec.parse(v, k) for k, v in bits.items()}
     for name in {layers[0], layers[-1]} if layers else set():
         if name in out:
             s = out[name]
@@ -1021,9 +1005,9 @@ def legalize_bits(bits: Mapping[str, Any], size_fn: Callable[[dict[str, QuantSpe
     """
     if any(k not in ("a", "w") for k in kinds):
         raise ConfigError(f"kinds must be 'a' and/or 'w', got {kinds!r}")
-    cur = {k: _as_spec(v, k) for k, v in bits.items()}
+    cur = {k: QuantSpec.parse(v, k) for k, v in bits.items()}
     names = list(order) if order is not None else list(cur)
-    fl = {k: _as_spec(v, k) for k, v in (floors or {}).items()}
+    fl = {k: QuantSpec.parse(v, k) for k, v in (floors or {}).items()}
     allowed = {k: [b for b in v if b is not None] for k, v in (choices or {}).items()}
 
     def floor_of(name: str, kind: str) -> int:

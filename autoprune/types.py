@@ -55,6 +55,29 @@ class QuantSpec:
         """JSON-friendly form."""
         return {"w_bits": self.w_bits, "a_bits": self.a_bits}
 
+    @classmethod
+    def parse(cls, value: Any, layer: str) -> QuantSpec:
+        """A spec from what users write for one layer's bits: a QuantSpec, an int / None (weight bits), a
+        ``{"w_bits", "a_bits"}`` mapping or a ``(w_bits, a_bits)`` pair.
+
+        Raises:
+            ConfigError: Naming ``layer`` when the value is not one of those forms or the bits are illegal.
+        """
+        if isinstance(value, QuantSpec):
+            return value
+        try:
+            if value is None or isinstance(value, int):
+                return cls(value, None)
+            if isinstance(value, Mapping):
+                return cls(value.get("w_bits", 8), value.get("a_bits"))
+            if isinstance(value, (tuple, list)) and len(value) == 2:
+                return cls(value[0], value[1])
+        except ValueError as exc:
+            raise ConfigError(f"bits for layer {layer!r}: {exc}", hint="bit-widths are integers in 2..8 or None"
+                              ) from exc
+        raise ConfigError(f"bits for layer {layer!r} must be a QuantSpec, got {value!r}",
+                          hint="use QuantSpec(w_bits=4, a_bits=8)")
+
 
 @dataclass(frozen=True)
 class Candidate:

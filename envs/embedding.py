@@ -59,11 +59,15 @@ import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from autoprune.graph import ChannelGroup, GroupSet
+    from autoprune.problem import ProblemLike
 
 PRUNE_STATIC: tuple[str, ...] = ("index", "is_linear", "c_in", "c_out", "stride", "kernel", "weights", "fmap",
                                  "macs", "depthwise")
@@ -159,13 +163,11 @@ def collect_layer_stats(model: nn.Module, example_input: torch.Tensor) -> dict[s
     return stats
 
 
-def _group(groups: Any, group_id: str) -> Any:
-    if groups is None:
+def _group(groups: GroupSet, group_id: str) -> ChannelGroup | None:
+    """The engine group ``group_id``, or ``None`` when the group set has no such group."""
+    if group_id not in groups:
         return None
-    try:
-        return groups[group_id]
-    except (KeyError, IndexError, TypeError, ValueError):  # ValueError: the engine's ConfigError
-        return None
+    return groups[group_id]
 
 
 _STATS_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], dict[str, LayerStats]]] = (
@@ -184,31 +186,27 @@ def cached_layer_stats(model: nn.Module, example_input: torch.Tensor) -> dict[st
     return stats
 
 
-def group_members(groups: Any, group_id: str) -> list[tuple[str, str]]:
-    """``(module name, role)`` pairs of an engine group, tolerant of how members are represented.
+def group_members(groups: GroupSet, group_id: str) -> list[tuple[str, str]]:
+    """``(module name, role)`` pairs of the engine group ``group_id``.
 
-    Members may be objects with ``module``/``name`` and ``role`` attributes, or ``(module, role, ...)``
-    tuples. Unknown groups (or no group set at all) give an empty list.
+    Args:
+        groups: The engine's group analysis.
+        group_id: A group id; one the group set does not hold gives an empty list.
     """
     group = _group(groups, group_id)
-    if group is None:
-        return []
-    out: list[tuple[str, str]] = []
-    for m in getattr(group, "members", ()) or ():
-        name = getattr(m, "module", None)
-        if not isinstance(name, str):
-            name = getattr(m, "name", None)
-        role = getattr(m, "role", None)
-        if not isinstance(name, str) and isinstance(m, (tuple, list)) and len(m) >= 2:
-            name, role = m[0], m[1]
-        if isinstance(name, str):
-            out.append((name, str(role)))
-    return out
+    return [] if group is None else [(m.module, m.role) for m in group.members]
 
 
-def group_static_rows(group_ids: Sequence[str], sizes: Sequence[int], groups: Any,
+def group_static_rows(group_ids: Sequence[str], sizes: Sequence[int], groups: GroupSet,
                       stats: Mapping[str, LayerStats]) -> np.ndarray:
-    """Raw (un-normalised) :data:`PRUNE_STATIC` rows, one per group."""
+    """Raw (un-normalised) :data:`PRUNE_STATIC` rows, one per group.
+
+    Args:
+        group_ids: The search space's group ids, in step order.
+        sizes: Their full widths.
+        groups: The engine's group analysis (members, and the width-dependent params/MACs totals).
+        stats: Per-layer statistics of the dense model (:func:`collect_layer_stats`).
+    """
     rows = np.zeros((len(group_ids), len(PRUNE_STATIC)), dtype=np.float64)
     for t, (gid, size) in enumerate(zip(group_ids, sizes, strict=True)):
         members = group_members(groups, gid)
@@ -223,7 +221,7 @@ def group_static_rows(group_ids: Sequence[str], sizes: Sequence[int], groups: An
         row[0] = t
         row[3] = size
         engine = _group(groups, gid)
-        engine_params, engine_macs = getattr(engine, "params", 0), getattr(engine, "macs", 0)
+        engine_params, engine_macs = (engine.params, engine.macs) if engine is not None else (0, 0)
         row[6] = engine_params if engine_params else sum(stats[n].params for n in touching)
         row[8] = engine_macs if engine_macs else sum(stats[n].macs for n in touching)
         row[9] = float(depthwise)
@@ -285,16 +283,12 @@ class StateEmbedding:
         return (*prune, *quant, "phase")
 
     @classmethod
-    def from_problem(cls, mode: str, problem: Any, group_ids: Sequence[str], sizes: Sequence[int],
+    def from_problem(cls, mode: str, problem: ProblemLike, group_ids: Sequence[str], sizes: Sequence[int],
                      layers: Sequence[str]) -> StateEmbedding:
-        """Describe ``problem``'s groups and layers (one forward pass of its dense model, if it has one)."""
-        model = getattr(problem, "model", None)
-        example = getattr(problem, "example_input", None)
-        stats: dict[str, LayerStats] = {}
-        if isinstance(model, nn.Module) and isinstance(example, torch.Tensor):
-            stats = cached_layer_stats(model, example)
-        groups = getattr(problem, "groups", None)
-        return cls(mode, group_static_rows(group_ids, sizes, groups, stats), layer_static_rows(layers, stats))
+        """Describe ``problem``'s groups and layers (one forward pass of its dense model)."""
+        stats = cached_layer_stats(problem.model, problem.example_input)
+        return cls(mode, group_static_rows(group_ids, sizes, problem.groups, stats),
+                   layer_static_rows(layers, stats))
 
     def observation(self, phase: str, index: int | None, dynamic: Sequence[float]) -> np.ndarray:
         """The observation for step ``index`` of ``phase`` (``"prune"``/``"quantize"``).

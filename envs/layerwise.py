@@ -51,7 +51,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
@@ -60,10 +60,13 @@ from gymnasium import spaces
 
 from autoprune.errors import ConfigError
 from autoprune.objectives import Budget, Reward, make_reward
-from autoprune.problem import LayerChoice
+from autoprune.problem import GroupChoice, LayerChoice
 from autoprune.types import Candidate, CostReport, QuantSpec
 
 from .embedding import StateEmbedding
+
+if TYPE_CHECKING:
+    from autoprune.problem import ProblemLike
 
 MODES: tuple[str, ...] = ("prune", "quantize", "joint")
 #: Limits the width steps can enforce through the closed-form cost (latency cannot be priced in closed form).
@@ -141,8 +144,8 @@ class LayerwiseCompressionEnv(gym.Env[np.ndarray, np.ndarray]):
     """Gymnasium environment: one step per channel group and/or layer, terminal reward from the evaluator.
 
     Args:
-        problem: The :class:`~autoprune.problem.Problem` (or any object with ``space``, ``cost``,
-            ``dense_cost`` and ``evaluate``).
+        problem: The :class:`~autoprune.problem.Problem`, or a view of one
+            (:class:`~autoprune.problem.ProblemLike`).
         mode: ``"prune"``, ``"quantize"`` or ``"joint"`` (see the module docstring).
         reward: Name in :data:`autoprune.objectives.REWARDS` or a :class:`~autoprune.objectives.Reward`.
         reward_kwargs: Parameters of the reward.
@@ -157,7 +160,7 @@ class LayerwiseCompressionEnv(gym.Env[np.ndarray, np.ndarray]):
 
     metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012 - Gymnasium's class attribute
 
-    def __init__(self, problem: Any, *, mode: str = "prune", reward: str | Reward = "r_err",
+    def __init__(self, problem: ProblemLike, *, mode: str = "prune", reward: str | Reward = "r_err",
                  reward_kwargs: Mapping[str, Any] | None = None, budget: Budget | Mapping[str, float] | None = None,
                  legal_actions: bool = True, bits_legalize: bool = True, render_mode: str | None = None) -> None:
         super().__init__()
@@ -204,7 +207,7 @@ class LayerwiseCompressionEnv(gym.Env[np.ndarray, np.ndarray]):
         self._env_seconds = 0.0
 
     # -- static set-up ---------------------------------------------------------------------------------
-    def _grid(self, g: Any) -> tuple[int, ...]:
+    def _grid(self, g: GroupChoice) -> tuple[int, ...]:
         floor = math.ceil(self.lb * g.size - 1e-9)
         grid = tuple(sorted(w for w in g.widths if floor <= w <= g.size))
         return grid or (int(g.size),)
@@ -465,7 +468,7 @@ class EnvFactory:
             keeps parallel workers from oversubscribing the cores.
     """
 
-    problem: Any
+    problem: ProblemLike | Callable[[], ProblemLike]
     env_kwargs: Mapping[str, Any] = field(default_factory=dict)
     threads: int | None = 1
 
@@ -477,7 +480,8 @@ class EnvFactory:
         return LayerwiseCompressionEnv(problem, **dict(self.env_kwargs))
 
 
-def make_env(problem: Any, *, threads: int | None = 1, **env_kwargs: Any) -> EnvFactory:
+def make_env(problem: ProblemLike | Callable[[], ProblemLike], *, threads: int | None = 1,
+             **env_kwargs: Any) -> EnvFactory:
     """A picklable factory for :class:`LayerwiseCompressionEnv`.
 
     Args:

@@ -16,7 +16,7 @@ import fnmatch
 import math
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import nn
 
@@ -24,23 +24,18 @@ from autoprune.errors import ConfigError
 from autoprune.problem import GroupChoice, LayerChoice, SearchSpace
 from autoprune.registry import Registry
 
+if TYPE_CHECKING:
+    from autoprune.graph import ChannelGroup, GroupSet
+
 DEFAULT_W_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
 
 
-def producers(group: Any) -> list[str]:
+def producers(group: ChannelGroup) -> list[str]:
     """Module names of the group's ``out`` members (the layers that create its channels), in order."""
-    names: list[str] = []
-    for m in getattr(group, "members", ()) or ():
-        name = getattr(m, "module", None)
-        role = getattr(m, "role", None)
-        if not isinstance(name, str) and isinstance(m, (tuple, list)) and len(m) >= 2:
-            name, role = m[0], m[1]
-        if isinstance(name, str) and role == "out" and name not in names:
-            names.append(name)
-    return names
+    return list(dict.fromkeys(m.module for m in group.members if m.role == "out"))
 
 
-def is_residual_stream(group: Any) -> bool:
+def is_residual_stream(group: ChannelGroup) -> bool:
     """True if two or more layers produce the group's channels (they are summed: a residual stream)."""
     return len(producers(group)) >= 2
 
@@ -59,7 +54,7 @@ class SpacePreset:
     def __init__(self, residual: bool | None = None) -> None:
         self.residual = self.default_residual if residual is None else bool(residual)
 
-    def select_group(self, group: Any) -> bool:
+    def select_group(self, group: ChannelGroup) -> bool:
         """Whether a prunable engine group becomes a search dimension."""
         return self.residual or not is_residual_stream(group)
 
@@ -88,7 +83,7 @@ def _excluded(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _group_choices(groups: Any, preset: SpacePreset, round_to: int, min_ratio: float,
+def _group_choices(groups: GroupSet, preset: SpacePreset, round_to: int, min_ratio: float,
                    exclude: Sequence[str]) -> tuple[GroupChoice, ...]:
     choices = []
     for g in groups.prunable():
@@ -103,17 +98,22 @@ def _group_choices(groups: Any, preset: SpacePreset, round_to: int, min_ratio: f
     return tuple(choices)
 
 
-def quantizable_layers(groups: Any = None, model: nn.Module | None = None) -> list[str]:
+def quantizable_layers(groups: GroupSet | None = None, model: nn.Module | None = None) -> list[str]:
     """Conv/linear layers that take bit-widths, in execution order: exactly the layers that
     :func:`autoprune.quantization.quantizable_layers` lists (and ``quantization.apply`` / ``cost.closed_form``
-    accept) for the group set's traced graph, or for ``model`` when the group set has none."""
+    accept) for the group set's traced graph, or for ``model`` when no group set is given.
+
+    Raises:
+        ConfigError: If neither a group set nor a model is given.
+    """
     from autoprune import quantization
 
-    gm = getattr(groups, "graph_module", None)
-    if gm is None and model is None:
-        raise ConfigError("cannot list quantizable layers: the group set has no traced graph and no model was given",
-                          hint="pass model= to build_space")
-    return quantization.quantizable_layers(gm if gm is not None else model)
+    if groups is not None:
+        return quantization.quantizable_layers(groups.graph_module)
+    if model is None:
+        raise ConfigError("cannot list quantizable layers: neither a group set nor a model was given",
+                          hint="pass groups= (the engine's analysis) or model=")
+    return quantization.quantizable_layers(model)
 
 
 def _floor_bits(bits: Iterable[int | None], floor: int) -> tuple[int | None, ...]:
@@ -149,7 +149,7 @@ def _check_bits(w_bits: Sequence[int], a_bits: Sequence[int | None], floor: int 
             raise ConfigError(f"bit-width {b!r} is not an integer in 2..8", hint="bits are chosen from 2..8 (or None)")
 
 
-def build_space(groups: Any, *, family: str | None = None, model_name: str | None = None,
+def build_space(groups: GroupSet, *, family: str | None = None, model_name: str | None = None,
                 model: nn.Module | None = None, round_to: int = 1, min_ratio: float = 0.2, prune: bool = True,
                 quantize: bool = False, w_bits: Sequence[int] = DEFAULT_W_BITS,
                 a_bits: Sequence[int | None] = (None,), first_last_min_bits: int | None = 8,
@@ -160,7 +160,7 @@ def build_space(groups: Any, *, family: str | None = None, model_name: str | Non
         groups: The :class:`autoprune.graph.GroupSet` of the model.
         family: A name in :data:`SEARCH_SPACES`; inferred from ``model_name`` when ``None``.
         model_name: Model name used to infer the family (e.g. ``"resnet20"``).
-        model: The model, used to list layers when the group set carries no traced graph.
+        model: Not needed: the layers are listed from the group set's traced graph (kept for callers that pass it).
         round_to: Channel rounding step passed to each group's ``legal_widths``.
         min_ratio: Smallest keep ratio; widths below ``ceil(min_ratio · size)`` are dropped.
         prune: Include the prunable groups.

@@ -239,3 +239,14 @@ def test_closed_form_speed() -> None:
         cost.closed_form(gs, w)
     per_call = (time.perf_counter() - t) / len(ws)
     assert per_call < 2e-3  # thousands of calls per second (measured ≈ 20 µs unloaded)
+
+
+def test_annotate_groups_is_deprecated_and_leaves_the_annotated_groups_alone() -> None:
+    from autoprune.models import build_model
+
+    gs = graph.analyze(build_model("resnet20"), torch.rand(1, 3, 32, 32))
+    before = [(g.id, g.macs, g.params) for g in gs]
+    assert any(macs > 0 for _, macs, _ in before)  # analyze() filled them already
+    with pytest.warns(DeprecationWarning, match="annotate_groups is deprecated"):
+        cost.annotate_groups(gs)
+    assert [(g.id, g.macs, g.params) for g in gs] == before

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import pickle
-from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from torch import nn
 
+from autoprune import graph
 from autoprune._imports import is_available
 from autoprune.envs import ENV_IDS, LayerwiseCompressionEnv, legalize_bits, make_env
 from autoprune.envs.embedding import PRUNE_STATIC, QUANT_STATIC, StateEmbedding, collect_layer_stats
@@ -58,7 +58,7 @@ SIZES = {"conv0:out": 8, "conv1:out": 16, "conv2:out": 16, "conv3:out": 32}
 
 
 class FakeProblem:
-    """Implements the Problem seam with a closed-form bilinear cost and a smooth fake accuracy."""
+    """A :class:`~autoprune.problem.ProblemLike` with a closed-form bilinear cost and a smooth fake accuracy."""
 
     def __init__(self, min_ratio: float = 0.2) -> None:
         self.model = TinyNet()
@@ -71,11 +71,14 @@ class FakeProblem:
         layers[0] = LayerChoice("conv0", w_bits=(8,))
         layers[-1] = LayerChoice("fc", w_bits=(8,))
         self.space = SearchSpace(groups=tuple(groups), layers=tuple(layers), min_ratio=min_ratio)
-        self.groups = {gid: SimpleNamespace(members=[(gid.split(":")[0], "out")]
-                                            + [(name, "in") for name, src, *_ in LAYERS if src == gid])
-                       for gid in SIZES}
         self.calls = 0
         self._dense: CostReport | None = None
+
+    @property
+    def groups(self) -> graph.GroupSet:
+        """The engine's analysis of the model, on each read (the environment reads it once; a traced graph
+        does not pickle, and the fake must)."""
+        return graph.analyze(self.model, self.example_input)
 
     def cost(self, candidate: Candidate) -> CostReport:
         macs = params = size = payload = 0

@@ -22,6 +22,7 @@ import pytest
 import torch
 from torch import nn
 
+from autoprune import graph
 from autoprune._imports import is_available
 from autoprune.agents.base import (
     SEARCHERS,
@@ -134,8 +135,9 @@ def make_problem(evaluator: Any = None, quantize: bool = False) -> FakeProblem:
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
     x = torch.zeros(1, 3, 8, 8)
     model(x)
-    return FakeProblem(model=model, groups=None, space=make_space(quantize), evaluator=evaluator or FakeEvaluator(),
-                       example_input=x)
+    # the model's real analysis; the space's ids (g0, g1, ...) are not its groups (the cost is the fake's own)
+    return FakeProblem(model=model, groups=graph.analyze(model, x), space=make_space(quantize),
+                       evaluator=evaluator or FakeEvaluator(), example_input=x)
 
 
 @pytest.fixture(scope="module")

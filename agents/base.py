@@ -57,7 +57,7 @@ from autoprune.errors import AutoPruneError, ConfigError
 from autoprune.objectives import Budget, Reward, failure_reward, make_reward
 from autoprune.problem import Problem, SearchSpace
 from autoprune.registry import Registry
-from autoprune.store import COUNTED_STATES, TrialStore
+from autoprune.store import COUNTED_STATES, TrialStore, record_candidate_params
 from autoprune.types import Candidate, CostReport, EvalResult, QuantSpec, TrialRecord
 
 if TYPE_CHECKING:
@@ -682,6 +682,8 @@ class Searcher(ABC):
             else:
                 values = [reward if reward is not None else self.failure_value()]
             seconds = time.perf_counter() - started
+            if not trial.params:  # proposed without trial.suggest_*: the same dashboard axes as the Optuna searchers
+                record_candidate_params(trial, candidate, self.problem.space)
             TrialStore.finish(self.study, trial, candidate=candidate, cost=cost, result=result, reward=reward,
                               seconds=seconds, searcher=self.name, seed=self.seed, state=state, reason=reason,
                               values=values, constraints=constraints, extra=extra)

@@ -62,6 +62,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from autoprune.errors import AutoPruneError, ConfigError
 from autoprune.problem import Problem
 from autoprune.types import Candidate, CostReport, EvalResult
+from autoprune.utils import atomic_path
 from autoprune.workers import pid_alive
 
 from .base import SEARCHERS, Searcher, derive_seed, load_hyperparams
@@ -244,21 +245,15 @@ def _sha256(path: Path) -> str:
 
 
 def _atomic_save(path: Path, save: Callable[[Path], object]) -> str:
-    """Write ``path`` through ``save(tmp_path)`` then ``os.replace`` (a kill never leaves half a file).
+    """Write ``path`` through ``save(tmp_path)`` then ``os.replace`` (a kill never leaves half a file;
+    :func:`autoprune.utils.atomic_path`: the temporary name ends ``.<pid>.tmp<suffix>``).
 
     Returns:
         The SHA-256 of the written file.
     """
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
+    with atomic_path(path, fsync=True) as tmp:
         save(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
         digest = _sha256(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return digest
 
 

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import inspect
 import json
 import logging
 import math
 import signal
-import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ import torch
 from torch import nn
 
 from autoprune.config import CampaignConfig
-from autoprune.errors import AutoPruneError, CheckpointError, ConfigError
+from autoprune.errors import AutoPruneError, CheckpointError, ConfigError, DataError
 from autoprune.provenance import (
     COMMAND_FILE,
     CONFIG_FILE,
@@ -63,10 +64,13 @@ from autoprune.provenance import (
     command_line,
     environment_info,
     git_commit,
+    identity_changes,
     load_resolved,
     open_store,
     prepare_out_dir,
+    release_identity,
     storage_location,
+    stored_trials,
     write_atomic,
     write_provenance,
 )
@@ -92,16 +96,18 @@ if TYPE_CHECKING:
     from autoprune.graph import GroupSet
     from autoprune.objectives import Budget
     from autoprune.problem import Problem, SearchSpace
+    from autoprune.registry import Registry
     from autoprune.types import EvalResult
 
 __all__ = [
     "COMMAND_FILE", "CONFIG_FILE", "ENVIRONMENT_FILE", "HEARTBEAT_ATTR", "HISTORY_FILE", "IDENTITY_KEYS",
     "SPACE_FILE", "STORE_FILE", "WORKER_ATTR", "Campaign", "EpochLoader", "FirstEpoch", "ProgressBar",
-    "ReproducibleEvaluator", "WorkerIdentity", "build_campaign", "build_model", "check_budget", "check_checkpoint",
-    "check_identity", "command_line", "compare", "deferred_sigint", "environment_info", "fail_stale", "git_commit",
-    "is_stale", "load_resolved", "make_campaign_searcher", "make_evaluator", "make_loaders", "open_campaign",
-    "open_store", "pid_alive", "prepare_out_dir", "run_search", "sigterm_as_interrupt", "space_summary",
-    "storage_location", "summarize", "write_provenance",
+    "ReproducibleEvaluator", "WorkerIdentity", "build_campaign", "build_model", "campaign_summary", "check_budget",
+    "check_checkpoint", "check_identity", "check_names", "command_line", "compare", "deferred_sigint",
+    "dense_score_label", "environment_info", "fail_stale", "git_commit", "identity_changes", "is_stale",
+    "load_resolved", "make_campaign_searcher", "make_evaluator", "make_loaders", "open_campaign", "open_store",
+    "pid_alive", "prepare_out_dir", "release_identity", "run_search", "searched", "sigterm_as_interrupt",
+    "space_summary", "storage_location", "stored_trials", "summarize", "val_caveat", "val_label", "write_provenance",
 ]
 
 log = logging.getLogger("autoprune.campaign")
@@ -240,6 +246,90 @@ def _resolve_path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def _check_name(registry: Registry[Any], name: str, where: str, listed: str, hint: str = "") -> None:
+    """Raise a :class:`ConfigError` naming ``where`` and the closest choice if ``registry`` lacks ``name``.
+
+    Args:
+        registry: The registry.
+        name: The name the user gave.
+        where: The config key (``searcher.name``) or command-line option (``--agents``) that holds it.
+        listed: What ``autoprune list`` calls the registry (``searchers``), for the hint.
+        hint: More advice, appended to the hint.
+    """
+    if name in registry:
+        return
+    close = difflib.get_close_matches(str(name), registry.names(), n=1, cutoff=0.5)
+    fix = [f"use {close[0]} in {where}" if where.startswith("-") else f"use {where}={close[0]}"] if close else []
+    advice = [*fix, f"`autoprune list {listed}` describes each", *([hint] if hint else [])]
+    raise ConfigError(f"{where}: {registry.unknown_message(name)}", hint="; ".join(advice))
+
+
+def _check_model_name(name: str) -> None:
+    """A zoo name, ``torchvision:NAME`` or ``package.module:callable`` whose module can be found (not imported)."""
+    from autoprune.models import MODELS
+    from autoprune.models.external import TORCHVISION_PREFIX, is_external_name
+    from autoprune.user_code import find_import_string
+
+    if not is_external_name(name):
+        _check_name(MODELS, name, "model.name", "models", "your own network is model.name=package.module:callable")
+        return
+    if name.startswith(TORCHVISION_PREFIX):
+        if not name.partition(":")[2]:
+            raise ConfigError(f"model.name: {name!r} names no torchvision model", hint="e.g. torchvision:resnet18")
+        return
+    try:
+        find_import_string(name, "model", "mymodels:build_net")
+    except ConfigError as exc:
+        raise ConfigError(f"model.name: {exc.message}", hint=exc.hint) from None
+
+
+def check_names(cfg: CampaignConfig, searchers: Sequence[tuple[str, str]] | None = None) -> None:
+    """Check every name of ``cfg`` against its registry, before anything is loaded or evaluated.
+
+    Checked: the model (zoo name, ``torchvision:NAME`` or ``package.module:callable`` whose module exists),
+    the dataset, the search-space family and importance criterion, the evaluator, the reward (and its
+    parameters) and the multi-objective metrics, and the searchers. Registries are imported (torch among
+    them); no model, checkpoint or data is loaded.
+
+    Args:
+        cfg: The validated config.
+        searchers: ``(where, name)`` of each searcher that will run, ``where`` being what the user set (for
+            the message), e.g. ``("--agents", "tpe")``; default: ``[("searcher.name", cfg.searcher.name)]``.
+
+    Raises:
+        ConfigError: The first unknown name, with the key that holds it, the closest choice and the choices.
+    """
+    from autoprune.agents.base import OBJECTIVE_METRICS, SEARCHERS, Objective, load_builtin_searchers
+    from autoprune.data import check_dataset_name
+    from autoprune.evaluate import EVALUATORS
+    from autoprune.importance import IMPORTANCE
+    from autoprune.objectives import REWARDS
+    from autoprune.search_spaces import SEARCH_SPACES
+
+    _check_model_name(cfg.model.name)
+    check_dataset_name(cfg.dataset.name, cfg.dataset.kwargs, "dataset.name")
+    s = cfg.search_space
+    if s.family is not None:
+        _check_name(SEARCH_SPACES, s.family, "search_space.family", "spaces",
+                    "or leave search_space.family unset (null) to infer it from the model name")
+    _check_name(IMPORTANCE, s.importance, "search_space.importance", "importance")
+    _check_name(EVALUATORS, cfg.evaluator.name, "evaluator.name", "evaluators")
+    o = cfg.objective
+    _check_name(REWARDS, o.reward, "objective.reward", "rewards")
+    bad = [m for m in o.objectives if m not in OBJECTIVE_METRICS]
+    if bad or not o.objectives:
+        raise ConfigError(f"objective.objectives: unknown metric(s) {bad}" if bad else
+                          "objective.objectives: no metric given",
+                          hint=f"choose from {', '.join(OBJECTIVE_METRICS)}")
+    try:
+        Objective.from_spec(o)  # the reward's parameters
+    except ConfigError as exc:
+        raise ConfigError(f"objective.kwargs: {exc.message}", hint=exc.hint) from None
+    load_builtin_searchers()
+    for where, name in searchers if searchers is not None else [("searcher.name", cfg.searcher.name)]:
+        _check_name(SEARCHERS, name, where, "searchers")
+
+
 def check_checkpoint(cfg: CampaignConfig) -> None:
     """Raise :class:`CheckpointError` early if ``model.checkpoint`` is set but missing."""
     ckpt = cfg.model.checkpoint
@@ -359,12 +449,18 @@ def build_campaign(cfg: CampaignConfig, *, measure_dense: bool = True) -> Campai
         AutoPruneError: Bad names, missing files, an empty search space or an impossible budget.
     """
     from autoprune import graph
-    from autoprune.data import load_dataset
+    from autoprune.data import DataNotFound, load_dataset
+    from autoprune.data.base import ENV_DATA_DIR
     from autoprune.search_spaces import build_space
 
     d = cfg.dataset
     data_dir = str(_resolve_path(d.data_dir)) if d.data_dir else None
-    splits = load_dataset(d.name, data_dir, val_size=_val_size(d.val_size), seed=d.seed)
+    try:
+        splits = load_dataset(d.name, data_dir, val_size=_val_size(d.val_size), seed=d.seed, options=d.kwargs)
+    except DataNotFound as exc:  # a campaign names its data directory with a key, not with --data-dir
+        raise DataError(exc.message, hint=f"set dataset.data_dir=DIR in the config or as an override, DIR being "
+                        f"{exc.point_at}; the files are looked up in dataset.data_dir, else ${ENV_DATA_DIR}, else "
+                        f"./data (this run looked in {exc.root})") from None
     model, kwargs = build_model(cfg, splits.info)
     example = (splits.val.images[:1] if len(splits.val) else splits.train.images[:1]).float().div(255.0)
     groups = graph.analyze(model, example)
@@ -419,35 +515,43 @@ def space_summary(camp: Campaign) -> dict[str, Any]:
     }
 
 
-def open_campaign(cfg: CampaignConfig, *, argv: Sequence[str] | None = None, role: str = "search"
-                  ) -> tuple[Campaign, TrialStore]:
+def open_campaign(cfg: CampaignConfig, *, argv: Sequence[str] | None = None, role: str = "search",
+                  searchers: Sequence[tuple[str, str]] | None = None) -> tuple[Campaign, TrialStore]:
     """Validate, build and open a campaign; write its provenance.
 
     Everything that can fail because of the input fails here, before anything is written to the store or
-    the campaign directory (the directory is only created): an unwritable output directory, a missing
-    checkpoint, a storage URL that cannot be reached, bad names, an impossible budget, or a config that
-    contradicts the campaign already in the directory.
+    the campaign directory (the directory is only created): bad names (checked first, before anything is
+    loaded: :func:`check_names`), an unwritable output directory, a missing checkpoint, a storage URL that
+    cannot be reached, an impossible budget, or a config that contradicts the campaign already in the
+    directory. A directory whose store holds no trial yet (a run that failed before its first trial) takes the
+    new problem (:func:`~autoprune.provenance.check_identity`).
 
     Args:
         cfg: The validated config.
         argv: The command line (for ``command.txt``); ``None`` takes the process's.
         role: ``search``, ``worker``, ``compare`` or ``quickstart`` (recorded in ``commands.log``).
+        searchers: ``(where, name)`` of the searchers that will run (see :func:`check_names`); default: the
+            config's ``searcher.name``.
     """
+    check_names(cfg, searchers)
     prepare_out_dir(cfg.out_dir)
     check_checkpoint(cfg)
     store = open_store(cfg)
+    replaced = [] if stored_trials(store) else identity_changes(cfg)
+    if replaced:  # nothing computed, nothing to protect: forget the old problem before its dense score is read
+        release_identity(cfg)
+        log.warning("note: %s holds no trial yet, so it takes this config's problem (%s)", cfg.out_dir,
+                    "; ".join(replaced[:3]) + (" ..." if len(replaced) > 3 else ""))
     camp = build_campaign(cfg)
-    check_identity(cfg)
+    check_identity(cfg, store)  # after the build, so that e.g. an impossible budget is named as such
     try:
-        write_provenance(cfg, argv, role=role)
+        write_provenance(cfg, argv, role=role, new_identity=bool(replaced))
         write_atomic(cfg.out_dir / SPACE_FILE, json.dumps(space_summary(camp), indent=2) + "\n")
     except OSError as exc:  # a full disk or a directory that became read-only: nothing in the store changed
         raise (storage_error(exc, str(cfg.out_dir)) or AutoPruneError(
             f"cannot write the campaign files in {cfg.out_dir}: {exc.strerror or exc}",
             hint="check the disk space and permissions of the output directory")) from exc
-    log.info("campaign %s: %s on %s, %d groups / %d layers searched, dense %s MACs, val accuracy %.4f",
-             cfg.name, cfg.model.name, cfg.dataset.name, len(camp.space.groups), len(camp.space.layers),
-             f"{camp.problem.dense_cost.macs:,}", camp.dense_accuracy or float("nan"))
+    log.info("%s", campaign_summary(camp))
     return camp, store
 
 
@@ -490,23 +594,57 @@ def make_campaign_searcher(camp: Campaign, store: TrialStore, name: str, *, seed
 class ProgressBar:
     """A searcher callback showing trials done and the best-so-far reward, accuracy and MACs.
 
-    A tqdm bar on a terminal; silent when stderr is not a terminal or ``quiet``.
+    How is decided once, when it is created, by :func:`autoprune.utils.progress_mode` (``quiet`` forces
+    silence): a tqdm bar on a terminal; on a file or a pipe (CI, ``nohup``, ``tee``) one flushed stdout line per
+    trial with its number, state, reward, validation accuracy and MACs, the best so far and the elapsed time
+    (:meth:`trial_line`); nothing under ``--quiet``.
     """
 
     def __init__(self, desc: str, total: int | None, initial: int, dense_macs: int, *, quiet: bool = False) -> None:
-        self.enabled = not quiet and sys.stderr.isatty()
+        from autoprune.utils import progress_mode
+
+        self.mode = "quiet" if quiet else progress_mode()
+        self.enabled = self.mode != "quiet"
+        self.desc = desc
+        self.total = total
         self.dense_macs = max(1, int(dense_macs))
         self.best: TrialRecord | None = None
+        self.started = time.perf_counter()
         self.bar = None
-        if self.enabled:
+        if self.mode == "bar":
             from tqdm.auto import tqdm
 
             self.bar = tqdm(desc=desc, total=total, initial=initial, dynamic_ncols=True, leave=True)
+        elif self.mode == "lines":
+            done = f"{initial}/{total}" if total is not None else str(initial)
+            finished = total is not None and initial >= total
+            print(f"{desc}: {done} trials done" + (" already" if finished else
+                                                   f"{', resuming' if initial else ''} (a line per trial)"),
+                  flush=True)
+
+    def _figures(self, record: TrialRecord) -> str:
+        parts = [] if record.reward is None else [f"reward {record.reward:.4f}"]
+        if record.result is not None:
+            parts.append(f"val acc {100 * record.result.accuracy:.2f} %")
+        parts.append(f"MACs {record.cost.macs / self.dense_macs:.1%}")
+        return ", ".join(parts)
+
+    def trial_line(self, searcher: Searcher, record: TrialRecord) -> str:
+        """The line of a finished trial: ``tpe seed0 trial 5/12 (#6) complete: reward ..., val acc ..., MACs ...;
+        best #2: ...; 35 s``."""
+        done = f"{searcher.n_done}/{self.total}" if self.total is not None else str(searcher.n_done)
+        reason = f" ({record.reason})" if record.reason and record.state != "complete" else ""
+        best = (f"best #{self.best.number}: {self._figures(self.best)}" if self.best is not None
+                else "no feasible candidate yet")
+        return (f"{self.desc} trial {done} (#{record.number}) {record.state}{reason}: {self._figures(record)}; "
+                f"{best}; {time.perf_counter() - self.started:.0f} s")
 
     def __call__(self, searcher: Searcher, record: TrialRecord) -> None:
         ok = record.state == "complete" and record.result is not None and record.reward is not None
         if ok and (self.best is None or record.reward > self.best.reward):  # type: ignore[operator]
             self.best = record
+        if self.mode == "lines":
+            print(self.trial_line(searcher, record), flush=True)
         if self.bar is None:
             return
         self.bar.n = searcher.n_done
@@ -588,14 +726,92 @@ def _counted(store: TrialStore, searcher: str, seed: int) -> int:
     return len(TrialStore.counted(optuna.load_study(study_name=name, storage=store.storage)))
 
 
-def summarize(result: SearchResult, dense_macs: int) -> str:
-    """One line about a search result: trials, stop reason, best reward / accuracy / MACs."""
+def summarize(result: SearchResult, dense_macs: int, *, val_label: str = "val accuracy") -> str:
+    """One line about a search result: trials, stop reason, best reward / accuracy / MACs.
+
+    Args:
+        result: The search result.
+        dense_macs: MACs of the dense model (for the percentage).
+        val_label: What the validation accuracy is called (:func:`val_label` adds a caveat when the figure is
+            optimistic).
+    """
     head = f"{result.searcher} seed{result.seed}: {len(result.trials)} trials ({result.stop_reason})"
     b = result.best
     if b is None or b.result is None:
         return head + ", no feasible evaluated candidate yet"
-    return (f"{head}, best #{b.number}: reward {b.reward:.4f}, val accuracy {b.result.accuracy:.4f}, "
+    return (f"{head}, best #{b.number}: reward {b.reward:.4f}, {val_label} {100 * b.result.accuracy:.2f} %, "
             f"MACs {b.cost.macs:,} ({b.cost.macs / max(1, dense_macs):.1%} of dense)")
+
+
+def val_caveat(cfg: CampaignConfig) -> str | None:
+    """Why the campaign's validation accuracies may be optimistic; ``None`` when they are not.
+
+    The validation split is carved from the dataset's training set (``dataset.val_size``, ``dataset.seed``).
+    Its accuracies are honest only if the model's weights never trained on those images: no checkpoint, or an
+    autoprune checkpoint (written by ``autoprune train`` / ``quickstart``) that records training on this
+    dataset with the same validation size and seed. Any other checkpoint — another format, such as the
+    pretrained CIFAR-10 ResNets (akamaster's, trained on all 50,000 training images), or an autoprune one
+    trained on another split or not saying which — may have seen them.
+    """
+    from autoprune.models.checkpoint import checkpoint_metadata
+
+    ckpt = cfg.model.checkpoint
+    if not ckpt:
+        return None
+    try:
+        meta = checkpoint_metadata(_resolve_path(ckpt))
+    except AutoPruneError:
+        return None  # the build reports the broken checkpoint
+    if meta.get("format") != "autoprune":  # e.g. akamaster's: not trained by autoprune on this split
+        return "carved from the training set the pretrained weights were trained on: optimistic"
+    extra = meta.get("extra") or {}
+    if not {"dataset", "val_size", "seed"} <= set(extra):
+        return "carved from the training set; the checkpoint does not record its training split: maybe optimistic"
+    d = cfg.dataset
+    if (extra["dataset"] != d.name or _val_size(extra["val_size"]) != _val_size(d.val_size)
+            or int(extra["seed"] or 0) != int(d.seed)):
+        return "carved from the training set; the checkpoint was trained with another validation split: optimistic"
+    return None
+
+
+def val_label(cfg: CampaignConfig) -> str:
+    """``"val accuracy"``, with the :func:`val_caveat` in parentheses when there is one."""
+    caveat = val_caveat(cfg)
+    return "val accuracy" + (f" ({caveat})" if caveat else "")
+
+
+def searched(space: SearchSpace) -> str:
+    """What a search space searches, e.g. ``"9 channel groups"`` or ``"9 channel groups and the bits of 20
+    layers"`` (only what is searched)."""
+    parts = []
+    if space.groups:
+        parts.append(f"{len(space.groups)} channel group{'s' if len(space.groups) != 1 else ''}")
+    if space.layers:
+        parts.append(f"the bits of {len(space.layers)} layer{'s' if len(space.layers) != 1 else ''}")
+    return " and ".join(parts) or "nothing"
+
+
+def dense_score_label(camp: Campaign) -> str:
+    """How the dense model's validation accuracy was measured: with the campaign's evaluator, like every
+    candidate (after batch-norm re-estimation for ``adaptive_bn``)."""
+    name = camp.config.evaluator.name
+    if name == "adaptive_bn":
+        batches = getattr(camp.evaluator.inner, "batches", None)
+        on = f" on {batches} training batches" if batches else ""
+        return f"after batch-norm re-estimation{on} (adaptive_bn: how every candidate is scored)"
+    return f"under the {name} evaluator (how every candidate is scored)"
+
+
+def campaign_summary(camp: Campaign) -> str:
+    """The line a campaign starts with: model, data, what is searched, the dense model's MACs and accuracy."""
+    cfg = camp.config
+    acc = camp.dense_accuracy
+    caveat = val_caveat(cfg)
+    score = ("dense val accuracy not measured" if acc is None else
+             f"dense val accuracy {100 * acc:.2f} % {dense_score_label(camp)}")
+    return (f"campaign {cfg.name}: {cfg.model.name} on {cfg.dataset.name}, {searched(camp.space)} searched, "
+            f"dense {camp.problem.dense_cost.macs:,} MACs, {score}"
+            + (f"; the validation images are {caveat}" if caveat else ""))
 
 
 def compare(camp: Campaign, store: TrialStore, agents: Sequence[str], seeds: Sequence[int], *,

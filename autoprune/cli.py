@@ -23,6 +23,7 @@ from typing import Any
 
 from autoprune import __version__
 from autoprune.errors import EXIT_USER_ERROR, AutoPruneError
+from autoprune.helptext import plain_parser_help
 
 COMMANDS: list[str] = [
     "quickstart",
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: $AUTOPRUNE_THREADS, else all cores)"
     )
+    parser.add_argument(
+        "--plugin", action="append", default=[], metavar="MODULE",
+        help="import MODULE first, so that the searchers, evaluators, rewards, models, ... it registers can be "
+        "used (repeatable; a campaign's `plugins:` key does the same; see docs/EXTENDING.md)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name in COMMANDS:
         try:
@@ -70,8 +76,32 @@ def build_parser() -> argparse.ArgumentParser:
             if name not in subparsers.choices:
                 _add_unavailable(subparsers, name, exc)
             continue
-        sub.set_defaults(_run=module.run)
+        sub.set_defaults(_run=module.run, _parser=sub)
+        if hasattr(module, "prepare"):
+            sub.set_defaults(_prepare=module.prepare)
+    plain_parser_help(parser)  # descriptions taken from docstrings: no reST markup in --help
     return parser
+
+
+def _as_override(option: str, following: str | None) -> str:
+    """The ``KEY=VALUE`` override a user probably meant by ``--key value`` (or ``--key=value``)."""
+    key, eq, value = option.lstrip("-").partition("=")
+    if not eq:
+        value = following if following is not None and not following.startswith("-") else "VALUE"
+    return f"{key.replace('-', '_')}={value}"
+
+
+def _unknown_option_error(command: str, unknown: Sequence[str]) -> AutoPruneError:
+    """The error for options a campaign command does not have, pointing at the ``KEY=VALUE`` overrides."""
+    first = next(i for i, a in enumerate(unknown) if a.startswith("-"))
+    option = unknown[first]
+    following = unknown[first + 1] if first + 1 < len(unknown) else None
+    return AutoPruneError(
+        f"unrecognized option {option.partition('=')[0]!r} for `autoprune {command}`"
+        + (f" (all unrecognized: {' '.join(unknown)})" if len(unknown) > 2 else ""),
+        hint=f"campaign settings are overrides: {_as_override(option, following)} (KEY=VALUE, dotted keys like "
+        f"searcher.name=tpe); `autoprune {command} --help` lists the options",
+    )
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -79,36 +109,62 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     of the campaign commands after their options (argparse stops collecting positionals at the first option)."""
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if a not in _GLOBAL_FLAGS]
-    if unknown and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in unknown):
-        args.overrides = [*args.overrides, *unknown]
-        unknown = []
+    if unknown and hasattr(args, "overrides"):
+        if any(a.startswith("-") for a in unknown):
+            raise _unknown_option_error(args.command, unknown)
+        if all("=" in a for a in unknown):
+            args.overrides = [*args.overrides, *unknown]
+            unknown = []
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        sub = getattr(args, "_parser", None) or parser  # the usage of the command, not the top level
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}")
     if any(a in _GLOBAL_FLAGS for a in extra):
         args.quiet = True
     return args
 
 
-def _configure(args: argparse.Namespace) -> None:
-    from autoprune.utils import configure_threads, set_quiet
-
-    set_quiet(args.quiet)
+def _configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
     )
+
+
+def _load_plugins(args: argparse.Namespace) -> None:
+    """Import the installed ``autoprune.plugins`` entry points and the ``--plugin`` modules, before any name is
+    looked up (a campaign's ``plugins:`` are imported when its config is read)."""
+    from autoprune.plugins import import_plugin, load_entry_points
+
+    load_entry_points()
+    for name in getattr(args, "plugin", None) or []:
+        import_plugin(name, "--plugin")
+
+
+def _configure(args: argparse.Namespace) -> None:
+    from autoprune.utils import configure_threads, set_quiet  # imports torch
+
+    set_quiet(args.quiet)
     configure_threads(args.threads)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code."""
+    """Run the CLI; returns the process exit code.
+
+    A command module may define ``prepare(args)``: light checks (config files, option values) that run before
+    torch is imported, so that such mistakes are reported at once.
+    """
     parser = build_parser()
-    args = _parse(parser, argv)
-    if not args.command:
-        parser.print_help()
-        return EXIT_USER_ERROR
     try:
+        args = _parse(parser, argv)
+        if not args.command:
+            parser.print_help()
+            return EXIT_USER_ERROR
         if getattr(args, "_unavailable", None):
             raise AutoPruneError(args._unavailable, hint="install the missing dependency named above")
+        _configure_logging(args)
+        _load_plugins(args)
+        prepare = getattr(args, "_prepare", None)
+        if prepare is not None:
+            prepare(args)
         _configure(args)
         return int(args._run(args) or 0)
     except AutoPruneError as exc:

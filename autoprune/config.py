@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,7 @@ import yaml
 
 from autoprune.errors import ConfigError
 from autoprune.objectives import Budget
+from autoprune.plugins import load_entry_points, load_plugins
 
 # Numbers bigger than this are certainly a typo (and would overflow torch/numpy ints downstream).
 _MAX_INT = 2**53
@@ -29,6 +31,8 @@ _MAX_INT = 2**53
 MAX_CONFIG_BYTES = 1_000_000
 MAX_CONFIG_NODES = 100_000
 MAX_CONFIG_DEPTH = 64
+
+log = logging.getLogger("autoprune.config")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ class DatasetConfig:
         batch_size: Batch size of the training/calibration loader.
         eval_batch_size: Batch size of the validation and test loaders.
         seed: Seed of the validation split and of the loaders.
+        kwargs: Options of the dataset: ``image_folder``'s ``image_size``, ``channels``, ``test_size``,
+            ``hflip``, ``crop_padding``; the keyword arguments of a ``package.module:callable`` dataset. The
+            other built-in datasets take none (checked when the data is loaded).
     """
 
     name: str
@@ -66,6 +73,7 @@ class DatasetConfig:
     batch_size: int = 128
     eval_batch_size: int = 512
     seed: int = 0
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def _default_criterion() -> str:
@@ -122,9 +130,11 @@ class SearcherConfig:
 
     Attributes:
         name: Searcher name (``autoprune list searchers``).
-        kwargs: Hyper-parameters of ``name``.
-        agent_kwargs: Hyper-parameters per searcher name, for ``autoprune compare`` (``{ddpg: {...}}``);
-            ``kwargs`` still applies to ``name``.
+        kwargs: Hyper-parameters of ``name``. They belong to the searcher the config file names: an override
+            of ``searcher.name`` moves them to ``agent_kwargs[<the file's searcher>]`` (with a note) instead of
+            handing them to the other searcher.
+        agent_kwargs: Hyper-parameters per searcher name (``{ddpg: {...}}``), used whichever searcher runs
+            (``search`` with ``name`` overridden, ``compare``); ``kwargs`` still applies to ``name``.
     """
 
     name: str = "tpe"
@@ -184,7 +194,9 @@ class CampaignConfig:
 
     ``time_limit_per_trial`` (seconds, default none) stops an evaluation that runs longer and records the
     candidate as a failed trial; ``storage_timeout`` (seconds) bounds the wait for a database lock held by
-    another program or for a server to answer before the command fails with a clear error.
+    another program or for a server to answer before the command fails with a clear error. ``plugins`` lists
+    modules to import before any name is looked up (their searchers, evaluators, rewards, criteria, search
+    spaces, models and datasets register themselves; :mod:`autoprune.plugins`, docs/EXTENDING.md).
     """
 
     name: str
@@ -204,6 +216,7 @@ class CampaignConfig:
     device: str | None = None
     export: ExportConfig = field(default_factory=ExportConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    plugins: list[str] = field(default_factory=list)
 
     @property
     def out_dir(self) -> Path:
@@ -273,13 +286,15 @@ def _convert(value: Any, tp: Any, path: str) -> Any:  # noqa: C901 - one branch 
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             if abs(value) > _MAX_INT:
-                raise ConfigError(f"{path}: {value} is out of range")
+                raise ConfigError(f"{path}: {value} is out of range",
+                                  hint=f"integers up to {_MAX_INT:,} in magnitude")
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             f = float(value)
             if f != f or f in (float("inf"), float("-inf")) or abs(f) > _MAX_INT:
-                raise ConfigError(f"{path}: {value!r} is not a finite number in range")
+                raise ConfigError(f"{path}: {value!r} is not a finite number in range",
+                                  hint=f"give a finite number, at most {_MAX_INT:,} in magnitude")
             return f
     elif tp is str:
         if isinstance(value, str):
@@ -289,11 +304,30 @@ def _convert(value: Any, tp: Any, path: str) -> Any:  # noqa: C901 - one branch 
     raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+def _flow(value: Any) -> str:
+    """``value`` as one line of YAML (how it is written in an override)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("...").strip()
+
+
+def _value_hint(where: str, f: dataclasses.Field[Any], tp: Any) -> str:
+    """The hint of a value error at ``where``: what the key takes, and its default as an example."""
+    default: Any = f.default
+    if default is dataclasses.MISSING and typing.get_origin(tp) in (list, dict):
+        default = f.default_factory()  # type: ignore[misc]  # only the list/dict factories (others may be heavy)
+    if typing.get_origin(tp) is dict:
+        return f"{where} takes a mapping, e.g. {where}.KEY=VALUE or {where}={{KEY: VALUE}}"
+    if default is dataclasses.MISSING or default is None:
+        return f"{where} takes {_type_name(tp)}"
+    return f"{where} takes {_type_name(tp)}, e.g. {where}={_flow(default)} (the default)"
+
+
 def _build(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}",
+                          hint=f"write {path or 'the config'} as a mapping of its keys: {', '.join(fields)}")
     kwargs = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
@@ -301,30 +335,46 @@ def _build(cls: type, data: Any, path: str) -> Any:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             did = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{where}: unknown key.{did}", hint=f"allowed keys here: {', '.join(fields)}")
-        kwargs[key] = _convert(value, hints[key], where)
+        try:
+            kwargs[key] = _convert(value, hints[key], where)
+        except ConfigError as exc:
+            if exc.hint is not None:
+                raise
+            raise ConfigError(exc.message, hint=_value_hint(where, fields[key], hints[key])) from None
         if cls is Budget:  # the budget's own value rule, reported with the key path
             Budget.check_limit(key, kwargs[key], where)
     missing = [n for n, f in fields.items() if n not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         where = path or "config"
-        raise ConfigError(f"{where}: missing required key(s): {', '.join(missing)}")
+        need = ("a campaign needs at least name, model.name and dataset.name" if cls is CampaignConfig
+                else "set " + ", ".join(f"{where}.{m}" for m in missing))
+        raise ConfigError(f"{where}: missing required key(s): {', '.join(missing)}",
+                          hint=f"{need}; see configs/ for examples")
     return cls(**kwargs)
 
 
 def _check_values(cfg: CampaignConfig) -> None:
     if cfg.n_trials < 1:
-        raise ConfigError(f"n_trials: must be ≥ 1, got {cfg.n_trials}")
+        raise ConfigError(f"n_trials: must be ≥ 1, got {cfg.n_trials}",
+                          hint="n_trials is the number of candidates a study evaluates in total, e.g. n_trials=20")
     if cfg.time_limit is not None and cfg.time_limit <= 0:
-        raise ConfigError(f"time_limit: must be > 0 seconds, got {cfg.time_limit}")
+        raise ConfigError(f"time_limit: must be > 0 seconds, got {cfg.time_limit}",
+                          hint="e.g. time_limit=3600, or null for no limit (the search then stops at n_trials)")
     if not 0 < cfg.search_space.min_ratio <= 1:
-        raise ConfigError(f"search_space.min_ratio: must be in (0, 1], got {cfg.search_space.min_ratio}")
+        raise ConfigError(f"search_space.min_ratio: must be in (0, 1], got {cfg.search_space.min_ratio}",
+                          hint="the narrowest width a group may keep, as a fraction of its channels, "
+                          "e.g. search_space.min_ratio=0.2")
     if cfg.search_space.round_to < 1:
-        raise ConfigError(f"search_space.round_to: must be ≥ 1, got {cfg.search_space.round_to}")
+        raise ConfigError(f"search_space.round_to: must be ≥ 1, got {cfg.search_space.round_to}",
+                          hint="widths are rounded to multiples of it, e.g. search_space.round_to=8; 1 keeps every "
+                          "width")
     if cfg.dataset.batch_size < 1:
-        raise ConfigError(f"dataset.batch_size: must be ≥ 1, got {cfg.dataset.batch_size}")
+        raise ConfigError(f"dataset.batch_size: must be ≥ 1, got {cfg.dataset.batch_size}",
+                          hint="e.g. dataset.batch_size=128")
     if cfg.dataset.eval_batch_size < 1:
-        raise ConfigError(f"dataset.eval_batch_size: must be ≥ 1, got {cfg.dataset.eval_batch_size}")
+        raise ConfigError(f"dataset.eval_batch_size: must be ≥ 1, got {cfg.dataset.eval_batch_size}",
+                          hint="e.g. dataset.eval_batch_size=512")
     val = cfg.dataset.val_size
     if val is not None and (val <= 0 or (isinstance(val, float) and val >= 1)):
         raise ConfigError(f"dataset.val_size: must be a count ≥ 1 or a fraction in (0, 1), got {val}",
@@ -332,10 +382,13 @@ def _check_values(cfg: CampaignConfig) -> None:
     _check_campaign_extras(cfg)
     for b in cfg.search_space.w_bits:
         if not 2 <= b <= 8:
-            raise ConfigError(f"search_space.w_bits: {b} is outside 2..8")
+            raise ConfigError(f"search_space.w_bits: {b} is outside 2..8",
+                              hint="weight bit-widths are 2 to 8, e.g. search_space.w_bits=[4,6,8]")
     for b in cfg.search_space.a_bits:
         if b is not None and not 2 <= b <= 8:
-            raise ConfigError(f"search_space.a_bits: {b} is outside 2..8 (or null for float)")
+            raise ConfigError(f"search_space.a_bits: {b} is outside 2..8 (or null for float)",
+                              hint="activation bit-widths are 2 to 8 or null (float), e.g. "
+                              "search_space.a_bits=[null,8]")
     if not cfg.name or any(c in cfg.name for c in "/\\\0") or cfg.name in (".", ".."):
         raise ConfigError(f"name: {cfg.name!r} cannot be used as a directory name",
                           hint="use letters, digits, '-', '_' and '.'")
@@ -347,19 +400,24 @@ def _check_campaign_extras(cfg: CampaignConfig) -> None:
         raise ConfigError(f"time_limit_per_trial: must be > 0 seconds, got {cfg.time_limit_per_trial}",
                           hint="or null for no limit (a trial over the limit is recorded as failed)")
     if cfg.storage_timeout <= 0:
-        raise ConfigError(f"storage_timeout: must be > 0 seconds, got {cfg.storage_timeout}")
+        raise ConfigError(f"storage_timeout: must be > 0 seconds, got {cfg.storage_timeout}",
+                          hint="seconds to wait for a locked database or a server, e.g. storage_timeout=60")
     for agent, kw in cfg.searcher.agent_kwargs.items():
         if not isinstance(kw, Mapping):
-            raise ConfigError(f"searcher.agent_kwargs.{agent}: expected a mapping of hyper-parameters, got {kw!r}")
+            raise ConfigError(f"searcher.agent_kwargs.{agent}: expected a mapping of hyper-parameters, got {kw!r}",
+                              hint=f"one mapping per searcher, e.g. searcher.agent_kwargs.{agent}.KEY=VALUE")
     if cfg.export.epochs <= 0:
-        raise ConfigError(f"export.epochs: must be > 0, got {cfg.export.epochs}")
+        raise ConfigError(f"export.epochs: must be > 0, got {cfg.export.epochs}",
+                          hint="e.g. export.epochs=30 (a fraction runs part of an epoch), or export.finetune=none")
     if cfg.export.lr <= 0:
-        raise ConfigError(f"export.lr: must be > 0, got {cfg.export.lr}")
+        raise ConfigError(f"export.lr: must be > 0, got {cfg.export.lr}", hint="e.g. export.lr=0.01")
     if cfg.export.calibration_batches < 1:
-        raise ConfigError(f"export.calibration_batches: must be ≥ 1, got {cfg.export.calibration_batches}")
+        raise ConfigError(f"export.calibration_batches: must be ≥ 1, got {cfg.export.calibration_batches}",
+                          hint="e.g. export.calibration_batches=20")
     if cfg.workers.heartbeat_seconds <= 0 or cfg.workers.stale_seconds <= cfg.workers.heartbeat_seconds:
         raise ConfigError("workers: need heartbeat_seconds > 0 and stale_seconds > heartbeat_seconds, got "
-                          f"{cfg.workers.heartbeat_seconds} and {cfg.workers.stale_seconds}")
+                          f"{cfg.workers.heartbeat_seconds} and {cfg.workers.stale_seconds}",
+                          hint="e.g. workers.heartbeat_seconds=10 workers.stale_seconds=120 (the defaults)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -369,13 +427,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise ConfigError(f"override {text!r} has an empty key")
+        raise ConfigError(f"override {text!r} has an empty key", hint="e.g. n_trials=50 or searcher.name=tpe")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({getattr(exc, 'problem', None) or exc})",
+                          hint=f"quote the value, e.g. {key}='...' (with the shell's quotes around the whole "
+                          "argument)") from None
     except RecursionError:
-        raise ConfigError(f"override {key!r}: value nests too deeply") from None
+        raise ConfigError(f"override {key!r}: value nests too deeply",
+                          hint="campaign values need only a few levels") from None
     return parts, value
 
 
@@ -387,10 +448,37 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         node = out
         for i, p in enumerate(parts[:-1]):
             if not isinstance(node.get(p, {}), dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+                prefix = ".".join(parts[: i + 1])
+                raise ConfigError(f"override {text!r}: {prefix} is not a mapping",
+                                  hint=f"{prefix} holds a single value: set it with {prefix}=VALUE")
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return out
+
+
+def _searcher_kwargs_apart(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``overrides`` to ``data``, keeping ``searcher.kwargs`` with the searcher they were written for.
+
+    The ``searcher.kwargs`` of a config belong to the config's own ``searcher.name``. When the overrides name
+    another searcher, those settings move to ``searcher.agent_kwargs.<the config's searcher>`` (where
+    ``compare`` still finds them) instead of reaching a searcher that does not take them, and one note says
+    so; ``searcher.kwargs.KEY=VALUE`` overrides belong to the searcher the overrides name.
+    """
+    out = apply_overrides(dict(data), overrides)
+    before, after = data.get("searcher"), out.get("searcher")
+    if not isinstance(before, Mapping) or not isinstance(after, Mapping):
+        return out
+    owner, now = before.get("name", SearcherConfig.name), after.get("name", SearcherConfig.name)
+    kwargs, agents = before.get("kwargs"), before.get("agent_kwargs") or {}
+    if (owner == now or not isinstance(owner, str) or not kwargs or not isinstance(kwargs, Mapping)
+            or not isinstance(agents, Mapping) or not isinstance(agents.get(owner) or {}, Mapping)):
+        return out  # nothing to move (or malformed: validation names the problem)
+    searcher = {k: v for k, v in before.items() if k != "kwargs"}
+    searcher["agent_kwargs"] = {**agents, owner: {**(agents.get(owner) or {}), **kwargs}}
+    log.warning("note: the config's searcher.kwargs %s are %s's settings and are not applied to %s (kept as "
+                "searcher.agent_kwargs.%s; set %s's own with searcher.kwargs.KEY=VALUE)",
+                _flow(dict(kwargs)), owner, now, owner, now)
+    return apply_overrides({**data, "searcher": searcher}, overrides)
 
 
 def check_bounded(data: Any, where: str = "config") -> None:
@@ -421,17 +509,24 @@ def check_bounded(data: Any, where: str = "config") -> None:
 def config_from_dict(data: Any, overrides: Sequence[str] = ()) -> CampaignConfig:
     """Validate plain data (e.g. parsed YAML) into a :class:`CampaignConfig`.
 
+    The modules listed under ``plugins`` and the installed ``autoprune.plugins`` entry points are imported here
+    (:func:`autoprune.plugins.load_plugins`), before any name of the config is looked up in a registry.
+
     Raises:
         ConfigError: Anything wrong with the data, including documents that expand too much
-            (:func:`check_bounded`).
+            (:func:`check_bounded`), and a plugin module that cannot be imported.
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"a campaign config must be a YAML mapping, got {type(data).__name__}",
                           hint="see configs/ for examples")
     check_bounded(data)
-    data = apply_overrides(dict(data), overrides)
+    data = _searcher_kwargs_apart(data, overrides)
     check_bounded(data)
     cfg = _build(CampaignConfig, data, "")
+    # the plugins register their names before anything looks a name up (also when a campaign is reopened
+    # from its config.resolved.yaml); installed plugin packages come in through their entry points
+    load_plugins(cfg.plugins)
+    load_entry_points()
     _check_values(cfg)
     return cfg
 
@@ -449,7 +544,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> CampaignConf
     except FileNotFoundError:
         raise ConfigError(f"config file {str(p)!r} does not exist", hint="see configs/ for examples") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {str(p)!r}: {exc}") from None
+        raise ConfigError(f"cannot read config file {str(p)!r}: {exc}",
+                          hint="pass a readable UTF-8 YAML file (a directory or a binary file does not work)") from None
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"config file {str(p)!r} is {len(text):,} characters; the limit is {MAX_CONFIG_BYTES:,}",
                           hint="a campaign config is a few dozen lines; check that this is the right file")
@@ -462,5 +558,5 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> CampaignConf
                           hint="fix the syntax there (indentation, brackets, quotes); see configs/ for examples"
                           ) from None
     except RecursionError:
-        raise ConfigError(f"{p}: YAML nesting is too deep") from None
+        raise ConfigError(f"{p}: YAML nesting is too deep", hint="campaign configs need only a few levels") from None
     return config_from_dict(data, overrides)

@@ -36,6 +36,7 @@ from torch import nn
 
 from autoprune.errors import AutoPruneError, ConfigError
 from autoprune.types import Candidate, QuantSpec
+from autoprune.utils import atomic_write, progress_line
 
 if TYPE_CHECKING:
     from autoprune.campaign import Campaign
@@ -148,22 +149,24 @@ def finetune(camp: Campaign, module: nn.Module, *, method: str, epochs: float, l
 
     BN statistics of the pruned network are re-estimated on ``bn_batches`` training batches before training
     (the running statistics of the dense network no longer fit) and again at the end (the candidate was
-    scored that way during the search, and a short fine-tune leaves the running averages behind).
+    scored that way during the search, and a short fine-tune leaves the running averages behind). Progress:
+    a line per epoch (or four for less than one epoch) with loss, training accuracy, learning rate and seconds
+    (:func:`autoprune.train.watch_training`; not under ``--quiet``).
 
     Args:
         camp: The :class:`~autoprune.campaign.Campaign`.
         module: The pruned network (not modified).
         method: ``fixed`` (the ``full`` evaluator: ``epochs`` epochs, cosine schedule; a fractional number
-            of epochs runs that share of one epoch), ``infcop`` (the ``infcop`` evaluator) or ``none`` (only
-            the BN re-estimation).
-        epochs: Epochs for ``fixed``.
+            of epochs runs that share of the training set, e.g. ``0.25`` a quarter of an epoch, ``1.5`` one and
+            a half), ``infcop`` (the ``infcop`` evaluator) or ``none`` (only the BN re-estimation).
+        epochs: Epochs for ``fixed`` (fractions allowed).
         lr: Peak learning rate.
         settings: More evaluator settings (``momentum``, ``max_steps`` for ``infcop``, ...).
         bn_batches: Batches of the BN re-estimation.
     """
     from autoprune.campaign import make_evaluator
     from autoprune.evaluate import TrainingEvaluator, recalibrate_bn
-    from autoprune.train import evaluate
+    from autoprune.train import evaluate, watch_training
 
     def recalibrate(model: nn.Module) -> None:
         camp.calib_loader.set_epoch(0)
@@ -185,14 +188,25 @@ def finetune(camp: Campaign, module: nn.Module, *, method: str, epochs: float, l
         name = "infcop"
     else:
         raise ConfigError(f"unknown fine-tune method {method!r}", hint="use fixed, infcop or none")
-    ev = make_evaluator(camp.config, name, kw, model=camp.model, train_loader=camp.train_loader,
-                        calib_loader=camp.calib_loader, val_loader=camp.val_loader)
-    assert isinstance(ev, TrainingEvaluator), f"the {name!r} evaluator does not train"
     work = copy.deepcopy(module)
-    torch.manual_seed(camp.config.seed)
-    camp.train_loader.set_epoch(0)
-    camp.calib_loader.set_epoch(0)
-    outcome = ev.fine_tune(work)  # trains our own copy in place (we keep the weights)
+    per_epoch = len(camp.train_loader)
+    total = None
+    if name == "full":
+        total = int(kw["epochs"]) * int(kw.get("steps_per_epoch", per_epoch))
+        progress_line(f"fine-tune: {_epochs_text(total / per_epoch)}, {total:,} SGD steps of batch "
+                      f"{camp.config.dataset.batch_size}, lr {kw['lr']:g} cosine; a line per "
+                      f"{'epoch' if total >= per_epoch else 'quarter of the run'}", with_bars=True)
+    else:
+        progress_line(f"fine-tune: {method} (at most {kw.get('max_steps', 'the default number of')} steps, "
+                      f"{per_epoch:,} steps per epoch), lr {kw['lr']:g}", with_bars=True)
+    with watch_training(work, camp.train_loader, total_steps=total, steps_per_epoch=per_epoch) as loader:
+        ev = make_evaluator(camp.config, name, kw, model=camp.model, train_loader=loader,
+                            calib_loader=camp.calib_loader, val_loader=camp.val_loader)
+        assert isinstance(ev, TrainingEvaluator), f"the {name!r} evaluator does not train"
+        torch.manual_seed(camp.config.seed)
+        camp.train_loader.set_epoch(0)
+        camp.calib_loader.set_epoch(0)
+        outcome = ev.fine_tune(work)  # trains our own copy in place (we keep the weights)
     work = work.cpu()
     recalibrate(work)
     val = evaluate(work, camp.val_loader, desc="val")
@@ -200,6 +214,14 @@ def finetune(camp: Campaign, module: nn.Module, *, method: str, epochs: float, l
             "val_accuracy": float(val.top1), "bn_batches": bn_batches,
             **{k: v for k, v in outcome.extra.items() if k in ("steps", "epochs", "stop_reason")}}
     return work.eval(), info
+
+
+def _epochs_text(epochs: float) -> str:
+    """``3`` → ``"3 epochs"``, ``1`` → ``"1 epoch"``, ``0.25`` → ``"0.25 of an epoch"``."""
+    text = f"{epochs:.3f}".rstrip("0").rstrip(".")
+    if epochs < 1:
+        return f"{text} of an epoch"
+    return f"{text} epoch{'' if epochs == 1 else 's'}"
 
 
 def _plain(v: Any) -> bool:
@@ -293,16 +315,27 @@ def export_trial(camp: Campaign, trial: SelectedTrial, *, out_dir: str | os.Path
     out.mkdir(parents=True, exist_ok=True)
     cand = trial.candidate
     camp.space.validate(cand)
-    log.info("exporting %s: val accuracy %.4f during the search", trial.label, trial.accuracy)
+    from autoprune.campaign import val_caveat
+
+    caveat = val_caveat(cfg)
+    progress_line(f"exporting {trial.label}: val accuracy {100 * trial.accuracy:.2f} % during the search"
+                  + (f" ({caveat})" if caveat else ""), with_bars=True)
 
     pruned = pruning.apply(camp.model, camp.groups, dict(cand.widths), importance=cfg.search_space.importance,
                            round_to=cfg.search_space.round_to)
     tuned, ft_info = finetune(camp, pruned, method=finetune_method or ecfg.finetune,
                               epochs=ecfg.epochs if epochs is None else epochs, lr=ecfg.lr, settings=ecfg.kwargs,
                               bn_batches=ecfg.calibration_batches)
+    if "val_accuracy" in ft_info:
+        progress_line(f"fine-tuned: val accuracy {100 * ft_info['val_accuracy']:.2f} % after batch-norm "
+                      "re-estimation", with_bars=True)
     final = quantize(camp, tuned, cand.bits, ecfg.calibration_batches) if cand.bits else tuned
+    progress_line(f"testing on {len(camp.splits.test):,} test images (the exported and the original model)",
+                  with_bars=True)
     test_acc, test_loss, n_test = _test(final, camp.test_loader)
     dense_acc, dense_loss, _ = _test(camp.model, camp.test_loader)
+    progress_line(f"test accuracy {100 * test_acc:.2f} % (original {100 * dense_acc:.2f} %); saving to {out}",
+                  with_bars=True)
 
     cost, dense_cost = camp.problem.cost(cand), camp.problem.dense_cost
     meta = {"campaign": cfg.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "trial": trial.label,
@@ -330,13 +363,15 @@ def export_trial(camp: Campaign, trial: SelectedTrial, *, out_dir: str | os.Path
         except AutoPruneError as exc:
             deploy_error = exc.message.strip().splitlines()[0]
             log.warning("deployment export failed: %s", exc.message)
-    latency = _latency({"original": camp.model, "exported": reloaded}, camp.example_input) \
-        if (ecfg.latency if measure_latency is None else measure_latency) else {}
+    latency: dict[str, dict[str, float]] = {}
+    if ecfg.latency if measure_latency is None else measure_latency:
+        progress_line("measuring CPU latency (batch 1, 1 thread)", with_bars=True)
+        latency = _latency({"original": camp.model, "exported": reloaded}, camp.example_input)
 
     metrics: dict[str, Any] = {
         "campaign": cfg.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "trial": trial.label,
         "searcher": trial.searcher, "seed": trial.seed, "number": trial.number,
-        "search_val_accuracy": trial.accuracy, "search_reward": trial.reward,
+        "search_val_accuracy": trial.accuracy, "search_reward": trial.reward, "val_caveat": caveat,
         "finetune": ft_info, "test_samples": n_test,
         "original": {"test_accuracy": dense_acc, "test_loss": dense_loss, **dense_cost.to_dict()},
         "exported": {"test_accuracy": test_acc, "test_loss": test_loss, **cost.to_dict(),
@@ -346,13 +381,13 @@ def export_trial(camp: Campaign, trial: SelectedTrial, *, out_dir: str | os.Path
         "candidate": cand.to_dict(), "command": command, "search_command": search_command,
         "files": {"model": str(model_dir), "card": str(out / "MODEL_CARD.md")},
     }
-    (out / "export.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")
+    atomic_write(out / "export.json", json.dumps(metrics, indent=2, default=str) + "\n")
     if not check["passed"]:
         raise ExportCheckError(
             f"the exported model in {model_dir} does not reproduce the measured accuracy: test accuracy "
             f"{test_acc:.6f} before saving, {re_acc:.6f} after reloading (max logit difference {diff:.3g})")
     card = out / "MODEL_CARD.md"
-    card.write_text(model_card(camp, trial, metrics), encoding="utf-8")
+    atomic_write(card, model_card(camp, trial, metrics))
     return ExportResult(out, model_dir, card, metrics, deployment)
 
 
@@ -417,6 +452,7 @@ def model_card(camp: Campaign, trial: SelectedTrial, m: Mapping[str, Any]) -> st
         f"# Model card: {m['model']} compressed on {m['dataset']} ({m['campaign']})\n",
         f"Candidate **{trial.label}** (searcher `{trial.searcher}`, seed {trial.seed}, trial {trial.number}); "
         f"validation accuracy during the search {_pct(trial.accuracy)}"
+        + (f" (validation images {m['val_caveat']})" if m.get("val_caveat") else "")
         + (f", reward {trial.reward:.4f}" if trial.reward is not None else "") + ".\n",
         f"Final fine-tune: {ft_text}" + (f"; validation accuracy after it {_pct(ft.get('val_accuracy'))}"
                                           if "val_accuracy" in ft else "") + ".\n",

@@ -28,6 +28,7 @@ from torch.utils.benchmark import Timer
 
 from autoprune.errors import AutoPruneError, ConfigError
 from autoprune.types import QuantSpec
+from autoprune.utils import atomic_write
 
 __all__ = ["LatencyResult", "LatencyTable", "LayerKey", "compare_latency", "measure_latency"]
 
@@ -245,10 +246,7 @@ class LatencyTable:
         target.parent.mkdir(parents=True, exist_ok=True)
         doc = {"version": self.VERSION, "threads": self.threads, "batch": self.batch, "unit": "ms",
                "torch": torch.__version__, "entries": dict(sorted(self.entries.items()))}
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, target)
-        return target
+        return atomic_write(target, json.dumps(doc, indent=1))
 
     def key(self, op: str, c_in: int, c_out: int, k: int = 1, stride: int = 1, h: int = 1, w: int = 1,
             groups: int = 1, bits: int | None = None) -> LayerKey:

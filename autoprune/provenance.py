@@ -5,8 +5,12 @@ started the campaign; ``commands.log`` keeps every command run on it), ``environ
 git commit, host), ``space.json`` (groups, layers, dense cost and accuracy; written by
 :func:`autoprune.campaign.open_campaign`) and, by default, the trial store ``trials.db``.
 
-This module only reads and writes those files and opens the store; it builds no model and loads no data, so
-readers of finished campaigns (:mod:`autoprune.report`, ``autoprune export``) depend on it alone.
+The problem a directory holds (model, data, search space, objective, evaluator) is fixed by its first trial
+(:func:`check_identity`): until then a new config replaces the stored one.
+
+This module only reads and writes those files and opens the store; it builds no model, loads no data and does
+not import torch at module level, so readers of finished campaigns (:mod:`autoprune.report`, ``autoprune
+export``) depend on it alone and the commands can check a campaign directory before torch is loaded.
 """
 
 from __future__ import annotations
@@ -87,36 +91,85 @@ def _identity(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: data.get(k) for k in IDENTITY_KEYS}
 
 
-def check_identity(cfg: CampaignConfig) -> None:
-    """Refuse a config whose problem (model, data, space, objective, evaluator) differs from the stored one.
+def identity_changes(cfg: CampaignConfig) -> list[str]:
+    """How the problem of ``cfg`` differs from the one stored in its campaign directory.
 
-    Trials scored on another problem would silently mix with this campaign's; ``n_trials``, ``time_limit``,
-    the searcher, the seed, the storage and the export settings may change between runs.
-
-    Raises:
-        ConfigError: Naming the differing keys.
+    Returns:
+        ``"key.sub: old → new"`` per differing setting of :data:`IDENTITY_KEYS`; empty when the directory holds
+        no ``config.resolved.yaml`` or the same problem; one entry naming the file when it cannot be read.
     """
     path = cfg.out_dir / CONFIG_FILE
     if not path.is_file():
-        return
+        return []
     try:
         stored = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read the campaign's stored config {path}: {exc}",
-                          hint="restore the file, or use a new campaign name") from None
+        if not isinstance(stored, Mapping):
+            raise ValueError(f"a {type(stored).__name__}, not a mapping")
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        return [f"{CONFIG_FILE}: unreadable ({exc})"]
     mine = json.loads(json.dumps(_identity(cfg.to_dict())))
     theirs = json.loads(json.dumps(_identity(stored), default=str))
     diff = []
     for key in IDENTITY_KEYS:
         a, b = theirs.get(key) or {}, mine.get(key) or {}
+        if not isinstance(a, Mapping):
+            a = {"": a}
         for sub in sorted(set(a) | set(b)):
             if a.get(sub) != b.get(sub):
                 diff.append(f"{key}.{sub}: {a.get(sub)!r} → {b.get(sub)!r}")
-    if diff:
-        raise ConfigError(f"campaign {cfg.name!r} in {cfg.out_dir} was run with another problem: "
-                          + "; ".join(diff[:6]) + (" ..." if len(diff) > 6 else ""),
-                          hint="keep those settings to resume, or start a new campaign (name=<new> or "
-                          "output_dir=<dir>); the stored trials were left untouched")
+    return diff
+
+
+def stored_trials(store: TrialStore) -> int:
+    """How many trials the campaign's studies hold, in any state (running and interrupted ones included)."""
+    storage = store.storage
+    return sum(storage.get_n_trials(storage.get_study_id_from_name(name)) for name in store.study_names())
+
+
+def check_identity(cfg: CampaignConfig, store: TrialStore | None = None) -> list[str]:
+    """Refuse a config whose problem (model, data, space, objective, evaluator) differs from the stored one,
+    once the campaign has computed something.
+
+    Trials scored on another problem would silently mix with this campaign's; ``n_trials``, ``time_limit``,
+    the searcher, the seed, the storage and the export settings may change between runs. The problem is fixed
+    by the first trial: a directory whose store holds no trial at all (a run that failed before its first
+    trial, e.g. on a typo) accepts a new problem — nothing computed, nothing to protect. The caller then
+    calls :func:`release_identity` and rewrites the provenance (:func:`write_provenance` with
+    ``new_identity=True``).
+
+    Args:
+        cfg: The config about to be run.
+        store: The campaign's trial store; ``None`` refuses any change (the trials are not looked at).
+
+    Returns:
+        The differences that were accepted (empty when the problem is unchanged or the directory is new).
+
+    Raises:
+        ConfigError: Naming the differing keys, when the store holds at least one trial (or ``store`` is
+            ``None``).
+    """
+    diff = identity_changes(cfg)
+    if not diff:
+        return []
+    if store is not None and stored_trials(store) == 0:
+        return diff
+    if diff[0].startswith(f"{CONFIG_FILE}: "):
+        raise ConfigError(f"cannot read the campaign's stored config {cfg.out_dir / CONFIG_FILE}: "
+                          f"{diff[0].removeprefix(CONFIG_FILE + ': ')}",
+                          hint="restore the file, or use a new campaign name; the stored trials were left untouched")
+    raise ConfigError(f"campaign {cfg.name!r} in {cfg.out_dir} was run with another problem: "
+                      + "; ".join(diff[:6]) + (" ..." if len(diff) > 6 else ""),
+                      hint="keep those settings to resume, or start a new campaign (name=<new> or "
+                      "output_dir=<dir>); the stored trials were left untouched")
+
+
+def release_identity(cfg: CampaignConfig) -> None:
+    """Forget the problem of a campaign directory whose store holds no trial (see :func:`check_identity`).
+
+    Removes ``space.json`` (the dense model's cost and accuracy of the old problem); the provenance files
+    are rewritten by :func:`write_provenance`.
+    """
+    (cfg.out_dir / SPACE_FILE).unlink(missing_ok=True)
 
 
 def git_commit(path: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
@@ -162,24 +215,28 @@ def command_line(argv: Sequence[str] | None) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` through a temporary file and a rename (readers never see half a file;
+    :func:`autoprune.utils.atomic_write`)."""
+    from autoprune.utils import atomic_write  # imports torch: not at module level, so that reading a campaign
+    # directory (report, the checks of export) stays free of it
+
+    atomic_write(path, text)
 
 
-def write_provenance(cfg: CampaignConfig, argv: Sequence[str] | None, *, role: str = "search") -> None:
+def write_provenance(cfg: CampaignConfig, argv: Sequence[str] | None, *, role: str = "search",
+                     new_identity: bool = False) -> None:
     """Write ``config.resolved.yaml``, ``command.txt``, ``environment.json`` and append to ``commands.log``.
 
-    A ``worker`` only appends to the log (and writes the other files if the directory is new), so that the
-    command that started the campaign stays in ``command.txt``.
+    A ``worker`` only appends to the log (and writes the other files if the directory is new, or holds no
+    trial and gets a new problem: ``new_identity``), so that the command that started the campaign stays in
+    ``command.txt``.
     """
     out = cfg.out_dir
     line = command_line(argv)
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     with open(out / HISTORY_FILE, "a", encoding="utf-8") as fh:
         fh.write(f"{stamp}\t{role}\t{socket.gethostname()}:{os.getpid()}\tcwd={os.getcwd()}\t{line}\n")
-    if role == "worker" and (out / CONFIG_FILE).is_file():
+    if role == "worker" and (out / CONFIG_FILE).is_file() and not new_identity:
         return
     write_atomic(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_atomic(out / COMMAND_FILE, f"# run from {os.getcwd()}\n{line}\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 from autoprune.errors import ConfigError
@@ -85,3 +86,12 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+    @contextmanager
+    def restored(self) -> Iterator[None]:
+        """Inside the block entries may be registered (a test's plugin); afterwards the registry is as before."""
+        items, helps = dict(self._items), dict(self._help)
+        try:
+            yield
+        finally:
+            self._items, self._help = items, helps

@@ -39,7 +39,6 @@ import json
 import math
 import operator
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ import torch.fx as fx
 from torch import nn
 
 from autoprune.errors import AutoPruneError, CheckpointError, ConfigError
+from autoprune.utils import atomic_write
 
 __all__ = [
     "ARCH_FILE",
@@ -651,14 +651,7 @@ def _fetch_attr(root: nn.Module, target: str) -> Any:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)  # the permissions of a plain open() (umask), not mkstemp's 0600
 
 
 def _example_spec(example_input: ExampleInput) -> dict[str, Any]:

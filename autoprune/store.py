@@ -11,8 +11,12 @@ baselines) as JSON in the study's user attributes and larger files in :meth:`Tri
 Nothing here knows how candidates are proposed; the searchers (``autoprune.agents``) write through
 :meth:`TrialStore.study` and :meth:`TrialStore.finish`.
 
+Searchers that propose without ``trial.suggest_*`` store their candidate as Optuna parameters with
+:func:`record_candidate_params` (the same names the Optuna searchers use), so that optuna-dashboard plots every
+searcher on the same axes.
+
 This is the only module that uses Optuna's private attributes (a study's storage and id, a trial's id), behind
-:func:`interrupt_trial` and :func:`ask_with_attrs`.
+:func:`interrupt_trial`, :func:`ask_with_attrs` and :func:`record_candidate_params`.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
+
+if TYPE_CHECKING:
+    from autoprune.problem import SearchSpace
 
 from autoprune._imports import is_available
 from autoprune.errors import AutoPruneError, ConfigError
@@ -515,6 +522,48 @@ def interrupt_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> Non
     storage.set_trial_user_attr(trial_id, "state", "interrupted")
     storage.set_trial_user_attr(trial_id, "reason", reason)
     storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
+def record_candidate_params(trial: optuna.Trial, candidate: Candidate, space: SearchSpace) -> int:
+    """Store ``candidate``'s keep ratios (and bits) as the Optuna parameters of the running ``trial``.
+
+    For searchers that propose without ``trial.suggest_*`` (baselines, RL agents, differentiable searchers):
+    their trials then carry the same parameters as the Optuna searchers' — ``ratio:<group>`` (a float in
+    ``[min_ratio, 1]``: the candidate's kept width / the group's size), ``w_bits:<layer>`` and ``a_bits:<layer>``
+    (categorical over the layer's choices, only where it has more than one, as the Optuna searchers suggest
+    them) — so that optuna-dashboard compares every searcher on the same axes. Nothing is proposed or sampled:
+    the searchers' proposals do not change.
+
+    Args:
+        trial: A RUNNING trial of the searcher's study.
+        candidate: The candidate it records.
+        space: The search space (group sizes, ``min_ratio``, bit choices).
+
+    Returns:
+        The number of parameters written.
+    """
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    storage, trial_id = _storage_of(trial.study), _trial_id(trial)
+    written = 0
+
+    def put(name: str, value: Any, dist: optuna.distributions.BaseDistribution) -> None:
+        nonlocal written
+        storage.set_trial_param(trial_id, name, dist.to_internal_repr(value), dist)
+        written += 1
+
+    lo = float(space.min_ratio)
+    for g in space.groups:
+        ratio = int(candidate.widths.get(g.group_id, g.size)) / g.size
+        put(f"ratio:{g.group_id}", ratio, FloatDistribution(min(lo, ratio), 1.0))
+    for lc in space.layers:
+        spec = candidate.bits.get(lc.layer)
+        if spec is None:
+            continue
+        for kind, choices, value in (("w_bits", lc.w_bits, spec.w_bits), ("a_bits", lc.a_bits, spec.a_bits)):
+            if len(choices) > 1 and value in choices:
+                put(f"{kind}:{lc.layer}", value, CategoricalDistribution(list(choices)))
+    return written
 
 
 def ask_with_attrs(study: optuna.Study, user_attrs: Mapping[str, Any]) -> optuna.Trial:

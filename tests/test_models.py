@@ -224,7 +224,7 @@ def test_import_string_builds_wrapped_user_model(user_module: str) -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("ap_no_such_module_xyz:build", "cannot import module"),
+        ("ap_no_such_module_xyz:build", "cannot be imported"),
         ("{mod}:missing", "has no attribute 'missing'"),
         ("{mod}:not_a_model", "not a torch.nn.Module"),
         ("{mod}:NUMBER", "not callable"),

@@ -9,9 +9,18 @@ budget, candidates and time to reach the baseline's accuracy; mean ± std over s
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from autoprune.commands.search import EXIT_INTERRUPTED, add_campaign_args, campaign_argv
+from autoprune.commands.search import (
+    EXIT_INTERRUPTED,
+    add_campaign_args,
+    campaign_argv,
+    campaign_config,
+    load_campaign_config,
+)
+
+if TYPE_CHECKING:
+    from autoprune.agents.base import SearchResult
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -25,24 +34,56 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def agent_names(args: argparse.Namespace) -> list[str]:
+    """The ``--agents`` list (names stripped, empty entries dropped).
+
+    Raises:
+        ConfigError: If it names no agent.
+    """
+    from autoprune.errors import ConfigError
+
+    agents = [a.strip() for a in args.agents.split(",") if a.strip()]
+    if not agents:
+        raise ConfigError(f"--agents {args.agents!r} names no searcher", hint="e.g. --agents tpe,random,ddpg")
+    return agents
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """Check the options and the config before anything heavy is imported.
+
+    Raises:
+        ConfigError: ``--seeds`` below 1, an empty ``--agents``, or a bad config.
+    """
+    from autoprune.errors import ConfigError
+
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be ≥ 1, got {args.seeds}", hint="--seeds N runs every agent with N seeds")
+    agent_names(args)
+    load_campaign_config(args)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run every agent × seed, then print and save the leaderboard."""
     import sys
 
-    from autoprune.campaign import compare, open_campaign, summarize
-    from autoprune.config import load_config
-    from autoprune.errors import ConfigError
+    from autoprune.campaign import compare, open_campaign, summarize, val_label
     from autoprune.report import leaderboard_markdown, write_leaderboard
 
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds must be ≥ 1, got {args.seeds}")
-    agents = [a.strip() for a in args.agents.split(",") if a.strip()]
-    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "campaign", None) is None:
+        prepare(args)
+    agents = agent_names(args)
+    cfg = campaign_config(args)
     argv = campaign_argv("compare", args, "--agents", ",".join(agents), "--seeds", str(args.seeds))
-    camp, store = open_campaign(cfg, argv=argv, role="compare")
+    searchers = [*(("--agents", a) for a in agents), ("--reference", args.reference)]
+    camp, store = open_campaign(cfg, argv=argv, role="compare", searchers=searchers)
     dense = camp.problem.dense_cost.macs
+    label = val_label(cfg)
+
+    def on_result(result: SearchResult) -> None:
+        print(summarize(result, dense, val_label=label), flush=True)
+
     board = compare(camp, store, agents, list(range(cfg.seed, cfg.seed + args.seeds)), quiet=args.quiet,
-                    reference=args.reference, on_result=lambda r: print(summarize(r, dense), flush=True))
+                    reference=args.reference, on_result=on_result)
     csv, md = write_leaderboard(board, cfg.out_dir)
     print()
     print(leaderboard_markdown(board))

@@ -29,7 +29,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="study seed for --trial N (default: the config's)")
     p.add_argument("--finetune", choices=("fixed", "infcop", "none"), default=None,
                    help="final fine-tune (default: export.finetune of the config)")
-    p.add_argument("--epochs", type=float, default=None, help="epochs of the fixed fine-tune (default: config)")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="epochs of the fixed fine-tune (default: export.epochs of the config); fractions are "
+                   "allowed: --epochs 0.25 trains on a quarter of the training set (a quarter of an epoch), "
+                   "--epochs 1.5 on one and a half. The shipped configs (configs/*.yaml) state what an epoch "
+                   "costs on a CPU")
     p.add_argument("--formats", default=None,
                    help="deployment formats, comma-separated (pt2, torchscript, onnx) or 'none' (default: config)")
     p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
@@ -54,13 +58,27 @@ def _search_command(out_dir: Any) -> str:
     return lines[-1] if lines else ""
 
 
+def prepare(args: argparse.Namespace) -> None:
+    """Read the campaign's resolved config with the overrides before anything heavy is imported.
+
+    Raises:
+        ConfigError: ``DIR`` holds no campaign, or an override is bad.
+    """
+    from autoprune.provenance import load_resolved
+
+    args.campaign = load_resolved(args.dir, args.overrides)
+
+
 def run(args: argparse.Namespace) -> int:
     """Select, fine-tune, save, reload-check and describe the candidate."""
-    from autoprune.campaign import build_campaign
+    from autoprune.campaign import build_campaign, check_names
     from autoprune.export import ExportCheckError, export_trial, select_trial
-    from autoprune.provenance import check_identity, command_line, load_resolved, open_store
+    from autoprune.provenance import check_identity, command_line, open_store
 
-    cfg = load_resolved(args.dir, args.overrides)
+    if getattr(args, "campaign", None) is None:
+        prepare(args)
+    cfg = args.campaign
+    check_names(cfg, searchers=[("--searcher", args.searcher)] if args.searcher else [])
     check_identity(cfg)
     store = open_store(cfg)
     trial = select_trial(store.to_dataframe(), args.trial,

@@ -1,6 +1,6 @@
 """``autoprune imp``: iterative magnitude pruning whose retraining stops by the InfCoP criterion.
 
-Runs :func:`autoprune.imp.run_imp` (ALGORITHMS.md §4.4) and writes ``imp.csv`` (one row per iteration:
+Runs ``autoprune.imp.run_imp`` (the loop of docs/ALGORITHMS.md §4.4) and writes ``imp.csv`` (one row per iteration:
 sparsity, rounds/epochs used, seconds, validation accuracy, stop reason), ``imp.json`` (settings, warm-up,
 dense flow reference, per-round trajectories, final test accuracy) and ``final.pt`` (state dict + masks).
 The test split is evaluated once, at the end.

@@ -21,6 +21,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def prepare(args: argparse.Namespace) -> None:
+    """Check that ``DIR`` holds a campaign before anything heavy is imported.
+
+    Raises:
+        ConfigError: ``DIR`` is missing or holds no ``config.resolved.yaml``.
+    """
+    from autoprune.provenance import load_resolved
+
+    load_resolved(args.dir)
+
+
 def run(args: argparse.Namespace) -> int:
     """Write the report and print where it is."""
     from autoprune.report import leaderboard_markdown, write_report

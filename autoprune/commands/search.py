@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from autoprune.agents.base import SearchResult
+    from autoprune.campaign import Campaign
+    from autoprune.config import CampaignConfig
 
 EXIT_INTERRUPTED = 130
 
@@ -21,16 +26,34 @@ def add_campaign_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", default=[], help=OVERRIDES_HELP)
 
 
+def load_campaign_config(args: argparse.Namespace) -> None:
+    """Read and validate ``CONFIG`` with its overrides into ``args.campaign`` (before torch is imported).
+
+    Raises:
+        ConfigError: A missing or malformed file, or a bad key or value (with the key path and a hint).
+    """
+    from autoprune.config import load_config
+
+    args.campaign = load_config(args.config, args.overrides)
+
+
+def campaign_config(args: argparse.Namespace) -> CampaignConfig:
+    """The config read by :func:`load_campaign_config` (read now if ``prepare`` did not run)."""
+    if getattr(args, "campaign", None) is None:
+        load_campaign_config(args)
+    return args.campaign
+
+
 def campaign_argv(command: str, args: argparse.Namespace, *extra: str) -> list[str]:
     """The command line of a campaign command, rebuilt from its parsed arguments (for ``command.txt``)."""
     return [command, args.config, *args.overrides, *extra]
 
 
-def report_result(result: Any, dense_macs: int) -> int:
+def report_result(result: SearchResult, camp: Campaign) -> int:
     """Print the summary of a search run; return its exit code (130 when it was interrupted)."""
-    from autoprune.campaign import summarize
+    from autoprune.campaign import summarize, val_label
 
-    print(summarize(result, dense_macs))
+    print(summarize(result, camp.problem.dense_cost.macs, val_label=val_label(camp.config)))
     if result.stop_reason == "interrupted":
         print("interrupted: finished trials are stored; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -51,14 +74,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def prepare(args: argparse.Namespace) -> None:
+    """Validate the config before anything heavy is imported."""
+    load_campaign_config(args)
+
+
 def run(args: argparse.Namespace) -> int:
     """Open the campaign, search, print the best candidate."""
     from autoprune.campaign import open_campaign, run_search
-    from autoprune.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = campaign_config(args)
     camp, store = open_campaign(cfg, argv=campaign_argv("search", args), role="search")
     result = run_search(camp, store, quiet=args.quiet)
-    code = report_result(result, camp.problem.dense_cost.macs)
+    code = report_result(result, camp)
     print(f"campaign directory: {cfg.out_dir}  (next: autoprune report {cfg.out_dir})")
     return code

@@ -30,12 +30,17 @@ def int_or_float(text: str) -> int | float:
 
 
 def add_data_args(p: argparse.ArgumentParser, *, dataset_required: bool = True) -> None:
-    """``--dataset``, ``--data-dir``, ``--download``, ``--val-size``, ``--seed``, ``--batch-size``, ``--device``."""
+    """``--dataset``, ``--data-dir``, ``--data-option``, ``--download``, ``--val-size``, ``--seed``, ``--batch-size``,
+    ``--device``."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=dataset_required, help="dataset name (see `autoprune list datasets`)")
     g.add_argument(
         "--data-dir", default=None, help="where the dataset files are (default: $AUTOPRUNE_DATA, else ./data)"
     )
+    g.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE", type=data_option,
+                   help="a dataset option, repeatable; the value is read as YAML, e.g. --data-option image_size=32 "
+                   "for image_folder, or a keyword argument of your own dataset callable (a campaign's "
+                   "dataset.kwargs)")
     g.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     g.add_argument(
         "--val-size",
@@ -57,11 +62,26 @@ def check_model_name(name: str) -> None:
         MODELS.get(name)
 
 
+def data_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` → ``(KEY, VALUE read as YAML)`` (an argparse type: a bad form is a usage error)."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r} (e.g. image_size=32)")
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"the value of {key.strip()!r} is not valid YAML: {exc}") from exc
+
+
 def load_data(args: argparse.Namespace) -> DataSplits:
     """``load_dataset`` with the command-line data options."""
     from autoprune.data import load_dataset
 
-    return load_dataset(args.dataset, args.data_dir, val_size=args.val_size, seed=args.seed, download=args.download)
+    options = dict(getattr(args, "data_option", None) or [])
+    return load_dataset(args.dataset, args.data_dir, val_size=args.val_size, seed=args.seed, download=args.download,
+                        options=options or None)
 
 
 def model_kwargs_for(info: DatasetInfo) -> dict[str, Any]:
@@ -106,21 +126,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "train",
         help="train a model on a dataset and save a checkpoint",
         description="Train a model with SGD (cosine LR by default) and write <out>/checkpoint.pt (model, optimizer, "
-        "history; resumable) and <out>/metrics.json. Prints validation and final test accuracy.",
+        "history; resumable) and <out>/metrics.json. Prints a line per epoch (loss, accuracy, learning rate, "
+        "seconds; progress bars as well on a terminal; nothing with --quiet), then the validation and test "
+        "accuracy. The validation split is carved from the training set; the test split is used once, at the "
+        "end.",
     )
     p.add_argument(
         "--model", required=True, help="zoo name (`autoprune list models`), module:callable or torchvision:X"
     )
     add_data_args(p)
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=30, help="epochs (default: %(default)s)")
+    t.add_argument("--epochs", type=int, default=30,
+                   help="whole epochs (default: %(default)s); a line per epoch shows loss, accuracy, learning rate "
+                   "and seconds. Fractional epochs are for fine-tunes: `autoprune export DIR --epochs 0.25` "
+                   "fine-tunes on a quarter of the training set")
     t.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default: %(default)s)")
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     t.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default: %(default)s)")
     t.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     t.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default: %(default)s)")
     t.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine", help="LR schedule")
-    t.add_argument("--warmup-epochs", type=float, default=0.0, help="linear LR warm-up epochs")
+    t.add_argument("--warmup-epochs", type=float, default=0.0,
+                   help="linear LR warm-up epochs; fractions allowed, e.g. 0.5 (default: %(default)s)")
     t.add_argument("--no-augment", action="store_true", help="disable the dataset's training augmentation")
     o = p.add_argument_group("checkpoints")
     o.add_argument("--out", default=None, help="output directory (default: results/train/<model>-<dataset>)")

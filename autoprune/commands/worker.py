@@ -10,7 +10,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from autoprune.commands.search import add_campaign_args, campaign_argv, report_result
+from autoprune.commands.search import (
+    add_campaign_args,
+    campaign_argv,
+    campaign_config,
+    load_campaign_config,
+    report_result,
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -24,13 +30,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def prepare(args: argparse.Namespace) -> None:
+    """Validate the config before anything heavy is imported."""
+    load_campaign_config(args)
+
+
 def run(args: argparse.Namespace) -> int:
     """Join the campaign's study and search until it holds ``n_trials`` trials."""
     from autoprune.campaign import open_campaign, run_search
-    from autoprune.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = campaign_config(args)
     camp, store = open_campaign(cfg, argv=campaign_argv("worker", args), role="worker")
     print(f"worker joined study {store.study_name(cfg.searcher.name, cfg.seed)} ({store!r})")
     result = run_search(camp, store, quiet=args.quiet)
-    return report_result(result, camp.problem.dense_cost.macs)
+    return report_result(result, camp)

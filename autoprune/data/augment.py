@@ -77,3 +77,20 @@ class Augment:
 
 CIFAR_AUGMENT = Augment(padding=4, hflip=True)
 """The standard CIFAR training augmentation."""
+
+
+def augment_for_size(height: int, width: int, *, hflip: bool = True) -> Augment:
+    """The CIFAR recipe scaled to an image size: zero padding of 1/8 of the shorter side, then a random crop.
+
+    The padding is ``max(1, round(min(height, width) / 8))``: 4 pixels for 32×32 (exactly
+    :data:`CIFAR_AUGMENT`) and for 28×28, 1 for 8×8, 2 for 12×12, 28 for 224×224; non-square images are
+    padded by the same number of pixels on every side and cropped back to ``height × width``.
+
+    Args:
+        height: Image height in pixels.
+        width: Image width in pixels.
+        hflip: Also flip each image left-right with probability 1/2.
+    """
+    if height < 1 or width < 1:
+        raise ConfigError(f"image size must be at least 1×1, got {height}×{width}")
+    return Augment(padding=max(1, round(min(height, width) / 8)), hflip=hflip)

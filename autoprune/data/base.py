@@ -2,9 +2,10 @@
 
 Everything a dataset module produces ends up here: :class:`DatasetInfo` (classes, shape, normalisation
 statistics), :class:`ImageTensorDataset` (uint8 images N×C×H×W and int64 labels held in memory) and, from
-:func:`load_dataset`, a :class:`DataSplits` of train / validation / test. The validation split is always
-carved out of the official training set with a seeded, class-stratified draw (:func:`train_val_split`); the
-official test set is passed through untouched. :func:`subset` draws stratified calibration subsets.
+:func:`~autoprune.data.sources.load_dataset`, a :class:`DataSplits` of train / validation / test. Unless a
+dataset brings its own validation set (:attr:`TrainTest.val`), the validation split is carved out of the
+official training set with a seeded, class-stratified draw (:func:`train_val_split`); the official test set is
+passed through untouched. :func:`subset` draws stratified calibration subsets.
 
 Dataset modules register a :class:`DatasetSource` in :data:`DATASETS`; where they look for files on disk is
 decided by :func:`resolve_root` (explicit directory, else ``$AUTOPRUNE_DATA``, else ``./data``).
@@ -123,7 +124,8 @@ class DataSplits:
 
     Attributes:
         train: Training split (the official training set minus ``val``).
-        val: Validation split carved from the official training set (used by the search).
+        val: Validation split (used by the search): carved from the official training set, or the dataset's
+            own validation set where it has one.
         test: The official test set, untouched (only for final reports).
         info: Classes, shape and normalisation statistics.
     """
@@ -136,11 +138,20 @@ class DataSplits:
 
 @dataclass(frozen=True)
 class TrainTest:
-    """The official training and test sets of a dataset, as read from disk (before the validation split)."""
+    """The official training and test sets of a dataset, as read from disk (before the validation split).
+
+    Attributes:
+        train: The official training set.
+        test: The official test set.
+        info: Classes, shape and normalisation statistics.
+        val: The dataset's own validation set, if it has one (e.g. an image folder's ``val/``): then no
+            validation split is carved from ``train``. ``None`` for the built-in datasets.
+    """
 
     train: ImageTensorDataset
     test: ImageTensorDataset
     info: DatasetInfo
+    val: ImageTensorDataset | None = None
 
 
 @dataclass(frozen=True)
@@ -148,16 +159,22 @@ class DatasetSource:
     """How to read one registered dataset.
 
     Attributes:
-        read: ``read(data_dir, download) -> TrainTest``.
+        read: ``read(data_dir, download, **options) -> TrainTest``.
         default_val_size: Validation size used when ``load_dataset`` gets ``val_size=None``.
+        options: Names of the keyword options ``read`` accepts (``dataset.kwargs`` of a campaign); any other
+            option is refused before ``read`` is called.
+        train_statistics: Recompute ``info.mean`` / ``info.std`` from the final training split (after the
+            validation split is carved), so that no validation or test image contributes to them.
     """
 
-    read: Callable[[str | os.PathLike[str] | None, bool], TrainTest]
+    read: Callable[..., TrainTest]
     default_val_size: int | float
+    options: tuple[str, ...] = ()
+    train_statistics: bool = False
 
 
 DATASETS: Registry[DatasetSource] = Registry("dataset")
-"""Registered datasets: ``cifar10``, ``cifar100``, ``mnist``, ``fashion_mnist``, ``digits``."""
+"""Registered datasets: ``cifar10``, ``cifar100``, ``mnist``, ``fashion_mnist``, ``digits``, ``image_folder``."""
 
 
 def resolve_root(data_dir: str | os.PathLike[str] | None) -> Path:
@@ -170,31 +187,38 @@ def resolve_root(data_dir: str | os.PathLike[str] | None) -> Path:
     return DEFAULT_DATA_DIR
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *, val_size: int | float | None = None,
-                 seed: int = 0, download: bool = False) -> DataSplits:
-    """Read a registered dataset and split it into train / val / test.
+class DataNotFound(DataError):
+    """A dataset's files are not where they were looked for.
+
+    The message lists every place searched. The hint depends on how the calling command lets its user name the
+    data directory, which the dataset module does not know: by default it names the command-line flags
+    (``--download``, ``--data-dir``, see :meth:`hint_for`); a command that takes the directory from elsewhere
+    (a campaign's ``dataset.data_dir``) catches this error and words its own hint from :attr:`root`,
+    :attr:`point_at` and :attr:`download_to`.
 
     Args:
-        name: Registry name (``cifar10``, ``cifar100``, ``mnist``, ``fashion_mnist``, ``digits``).
-        data_dir: Where the files are (the directory holding them, or a parent of the official extracted
-            directory); default ``$AUTOPRUNE_DATA``, else ``./data``.
-        val_size: Validation samples carved from the training set: an int count, or a float fraction in
-            [0, 1). ``None`` uses the dataset's default (5000 for CIFAR, 10 % otherwise).
-        seed: Seed of the stratified validation draw; the same seed always gives the same split.
-        download: Download the official files into the data directory when they are missing.
-
-    Returns:
-        The splits and the dataset's :class:`DatasetInfo`.
-
-    Raises:
-        ConfigError: Unknown name or invalid ``val_size``.
-        DataError: Files missing (the message lists where it looked), corrupt, or failing their checksum.
+        message: What is missing and where it was looked for.
+        root: The data directory that was searched (see :func:`resolve_root`).
+        point_at: What the data directory may be, e.g. ``"the extracted directory (e.g. .../cifar-10-batches-bin)"``.
+        download_to: Where a download puts the files; ``None`` when the dataset cannot be downloaded.
+        fetched: What a download fetches (``"the official archive"``, ``"the official files"``).
     """
-    source = DATASETS.get(name)
-    full = source.read(data_dir, download)
-    size = source.default_val_size if val_size is None else val_size
-    train, val = train_val_split(full.train, size, seed=seed)
-    return DataSplits(train=train, val=val, test=full.test, info=full.info)
+
+    def __init__(self, message: str, *, root: Path, point_at: str, download_to: Path | None = None,
+                 fetched: str = "the official files") -> None:
+        self.root = root
+        self.point_at = point_at
+        self.download_to = download_to
+        self.fetched = fetched
+        super().__init__(message, hint=self.hint_for("--data-dir", "--download"))
+
+    def hint_for(self, data_dir: str, download: str | None = None) -> str:
+        """The hint for a command whose user names the data directory with the option ``data_dir`` and asks for a
+        download with ``download`` (``None``: the command cannot download)."""
+        point = f"point {data_dir} (or ${ENV_DATA_DIR}) at {self.point_at}"
+        if download is None or self.download_to is None:
+            return point
+        return f"pass {download} to fetch {self.fetched} into {self.download_to}, or {point}"
 
 
 # --------------------------------------------------------------------------------------------- splits
@@ -297,3 +321,35 @@ def check_labels(labels: np.ndarray, num_classes: int, source: str | os.PathLike
         raise DataError(f"{source}: labels range {int(labels.min())}..{int(labels.max())}, expected "
                         f"0..{num_classes - 1}; the file is corrupt or belongs to another dataset",
                         hint="re-extract or re-download the dataset")
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) standard deviation of uint8 images N×C×H×W, scaled to [0, 1].
+
+    Sums are accumulated exactly in integers over chunks of ``chunk`` images, so memory stays bounded and the
+    result does not depend on the chunking.
+
+    Args:
+        images: uint8 tensor N×C×H×W with N ≥ 1.
+        chunk: Images per chunk.
+
+    Returns:
+        ``(mean, std)``, one value per channel each.
+    """
+    n, c, h, w = images.shape
+    if n == 0:
+        raise DataError("cannot compute normalisation statistics of an empty training split",
+                        hint="the training split needs at least one image")
+    s1 = torch.zeros(c, dtype=torch.int64)
+    s2 = torch.zeros(c, dtype=torch.int64)
+    for lo in range(0, n, chunk):
+        part = images[lo:lo + chunk].to(torch.int64)
+        s1 += part.sum(dim=(0, 2, 3))
+        s2 += part.square().sum(dim=(0, 2, 3))
+    count = n * h * w
+    means, stds = [], []
+    for a, b in zip(s1.tolist(), s2.tolist(), strict=True):
+        var = (b * count - a * a) / (count * count)  # exact integers until this division
+        means.append(a / count / 255.0)
+        stds.append(max(var, 0.0) ** 0.5 / 255.0)
+    return tuple(means), tuple(stds)

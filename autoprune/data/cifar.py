@@ -32,7 +32,7 @@ from autoprune.data import download as dl
 from autoprune.data.augment import CIFAR_AUGMENT
 from autoprune.data.base import (
     DATASETS,
-    ENV_DATA_DIR,
+    DataNotFound,
     DatasetInfo,
     DatasetSource,
     ImageTensorDataset,
@@ -282,10 +282,10 @@ def find_cifar(name: str, data_dir: str | os.PathLike[str] | None = None) -> tup
                 looked.append(f"{directory} ({layout.kind} layout: missing {', '.join(missing)})")
     title, *_ = _INFO[name]
     binary = LAYOUTS[name][0]
-    raise DataError(
+    raise DataNotFound(
         f"{title} not found. Looked in:\n  - " + "\n  - ".join(dict.fromkeys(looked)),
-        hint=f"pass --download to fetch the official archive into {root}, or point --data-dir (or "
-             f"${ENV_DATA_DIR}) at the extracted directory (e.g. .../{binary.dir_name})",
+        root=root, point_at=f"the extracted directory (e.g. .../{binary.dir_name})", download_to=root,
+        fetched="the official archive",
     )
 
 

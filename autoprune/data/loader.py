@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from autoprune.data.augment import CIFAR_AUGMENT, Augment
+from autoprune.data.augment import Augment, augment_for_size
 from autoprune.data.base import ImageTensorDataset
 from autoprune.errors import ConfigError
 
@@ -47,7 +47,7 @@ class BatchLoader:
         self.shuffle = shuffle
         self.augment: Augment | None
         if augment is True:
-            self.augment = dataset.augment or CIFAR_AUGMENT
+            self.augment = dataset.augment or augment_for_size(*dataset.image_shape[1:])
         elif isinstance(augment, Augment):
             self.augment = augment
         else:
@@ -105,8 +105,9 @@ def make_loader(ds: ImageTensorDataset, batch_size: int, *, shuffle: bool = Fals
         ds: The dataset (uint8 images, int64 labels).
         batch_size: Samples per batch (the last batch may be smaller unless ``drop_last``).
         shuffle: Shuffle every epoch, seeded by ``(seed, epoch)``.
-        augment: ``True`` for the dataset's augmentation (CIFAR: 4-pixel zero-padded random crop +
-            horizontal flip), an :class:`Augment` for a custom one, ``False`` for none.
+        augment: ``True`` for the dataset's augmentation (``ds.augment``; if it has none, a random crop with
+            zero padding of 1/8 of the shorter side + horizontal flip, :func:`~autoprune.data.augment.augment_for_size`:
+            CIFAR's 4-pixel crop at 32×32), an :class:`Augment` for a custom one, ``False`` for none.
         seed: Seed of shuffling and augmentation.
         drop_last: Drop a final incomplete batch.
         limit: At most this many batches per epoch (``None``: all).

@@ -27,7 +27,7 @@ from autoprune.data import download as dl
 from autoprune.data.augment import Augment
 from autoprune.data.base import (
     DATASETS,
-    ENV_DATA_DIR,
+    DataNotFound,
     DatasetInfo,
     DatasetSource,
     ImageTensorDataset,
@@ -133,9 +133,8 @@ def find_idx_files(name: str, data_dir: str | os.PathLike[str] | None = None) ->
             missing = [FILES[k] + "[.gz]" for k, v in found.items() if v is None]
             looked.append(f"{directory} (missing {', '.join(missing)})")
     title = _INFO[name][0]
-    raise DataError(f"{title} not found. Looked in:\n  - " + "\n  - ".join(looked),
-                    hint=f"pass --download to fetch the official files into {root / SUBDIRS[name][0]}, or point "
-                         f"--data-dir (or ${ENV_DATA_DIR}) at the directory holding the idx files")
+    raise DataNotFound(f"{title} not found. Looked in:\n  - " + "\n  - ".join(looked), root=root,
+                       point_at="the directory holding the idx files", download_to=root / SUBDIRS[name][0])
 
 
 def _split(images: np.ndarray, labels: np.ndarray, paths: tuple[Path, Path], name: str) -> ImageTensorDataset:

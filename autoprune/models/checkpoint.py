@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch import nn
 
 from autoprune.errors import CheckpointError
 from autoprune.models.layers import IMAGENET_MEAN, IMAGENET_STD, find_normalize
+from autoprune.utils import atomic_open
 
 FORMAT_MARKER = "autoprune-checkpoint"
 FORMAT_VERSION = 1
@@ -301,16 +301,8 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` it (no half-written files)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(p, "wb", fsync=True) as fh:  # the permissions of a plain open() (umask), not mkstemp's
+        torch.save(obj, fh)
     return p
 
 

@@ -11,10 +11,7 @@ as it would with ``python -m``.
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +21,7 @@ from torch import nn
 from autoprune._imports import optional_import
 from autoprune.errors import ConfigError
 from autoprune.models.layers import Normalize
+from autoprune.user_code import resolve_import_string
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -62,40 +60,7 @@ def _accepted(fn: Callable[..., Any], offered: dict[str, Any]) -> dict[str, Any]
 
 
 def _resolve_import_string(spec: str) -> Callable[..., Any]:
-    module_name, _, attr_path = spec.partition(":")
-    if not module_name or not attr_path or ":" in attr_path:
-        raise ConfigError(
-            f"malformed model import string {spec!r}",
-            hint="use 'package.module:callable', e.g. 'mymodels:build_net' for build_net in ./mymodels.py",
-        )
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.append(cwd)
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ConfigError(
-            f"cannot import module {module_name!r} for model {spec!r}: {exc}",
-            hint="check the spelling, and that the module is installed or lies in the current directory",
-        ) from exc
-    except Exception as exc:  # the user's module failed while importing
-        raise ConfigError(
-            f"importing module {module_name!r} for model {spec!r} failed: {type(exc).__name__}: {exc}",
-            hint="fix the error in that module (try `python -c 'import " + module_name + "'`)",
-        ) from exc
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            public = sorted(n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None)))
-            raise ConfigError(
-                f"module {module_name!r} has no attribute {attr_path!r} (model {spec!r})",
-                hint=f"callables it defines: {', '.join(public[:20]) or 'none'}",
-            )
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ConfigError(
-            f"{spec!r} is not callable (it is a {type(obj).__name__})", hint="point at a class or function"
-        )
-    return obj
+    return resolve_import_string(spec, "model", "mymodels:build_net", "point at a class or function")
 
 
 def _call(fn: Callable[..., Any], spec: str, kwargs: dict[str, Any]) -> nn.Module:

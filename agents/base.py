@@ -53,6 +53,7 @@ import numpy as np
 import optuna
 import yaml
 
+from autoprune import interrupts
 from autoprune.errors import AutoPruneError, ConfigError
 from autoprune.objectives import Budget, Reward, failure_reward, make_reward
 from autoprune.problem import Problem, SearchSpace
@@ -499,7 +500,13 @@ class Searcher(ABC):
         return time.monotonic() - self._start
 
     def should_stop(self) -> bool:
-        """True when the trial budget or time limit is reached or :meth:`stop` was called (sets the reason)."""
+        """True when the trial budget or time limit is reached or :meth:`stop` was called (sets the reason).
+
+        Raises:
+            KeyboardInterrupt: When a Ctrl-C was requested whose first ``KeyboardInterrupt`` was swallowed
+                somewhere (see :mod:`autoprune.interrupts`).
+        """
+        interrupts.check()
         if self._stop_event.is_set():
             self.stop_reason = self.stop_reason or "stopped"
         elif self.n_trials is not None and self.n_done >= self.n_trials:

@@ -37,13 +37,10 @@ import inspect
 import json
 import logging
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import optuna
@@ -52,6 +49,7 @@ from torch import nn
 
 from autoprune.config import CampaignConfig
 from autoprune.errors import AutoPruneError, CheckpointError, ConfigError, DataError
+from autoprune.interrupts import deferred_sigint, sigterm_as_interrupt
 from autoprune.provenance import (
     COMMAND_FILE,
     CONFIG_FILE,
@@ -81,7 +79,6 @@ from autoprune.workers import (
     WORKER_ATTR,
     SharedStudy,
     WorkerIdentity,
-    deferred_sigint,
     fail_stale,
     is_stale,
     pid_alive,
@@ -657,23 +654,6 @@ class ProgressBar:
         """Close the bar."""
         if self.bar is not None:
             self.bar.close()
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C inside the block (clean stop of batch jobs); main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run_search(camp: Campaign, store: TrialStore, *, searcher: str | None = None, seed: int | None = None,

@@ -152,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     A command module may define ``prepare(args)``: light checks (config files, option values) that run before
     torch is imported, so that such mistakes are reported at once.
     """
+    from autoprune import interrupts
+
+    interrupts.install()  # Ctrl-C is recorded before it is raised, so a swallowed one still stops the run
     parser = build_parser()
     try:
         args = _parse(parser, argv)
@@ -173,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  hint: {exc.hint}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        interrupts.clear()
         print(
             "\ninterrupted (what was written so far is kept: `--resume` continues a training run, the same "
             "search/compare/worker command resumes a campaign)",

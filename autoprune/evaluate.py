@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from autoprune import interrupts
 from autoprune.errors import ConfigError, DataError
 from autoprune.infcop import DEFAULT_EPS, DISTANCE_FORMS, FLOW_KINDS, FlowReference
 from autoprune.registry import Registry
@@ -93,9 +94,11 @@ class DivergedError(FloatingPointError):
     """Training or validation produced a non-finite loss (the candidate cannot be scored)."""
 
 
-def _deadline_hook(deadline: float, timeout: float) -> Callable[..., None]:
+def _guard_hook(deadline: float | None, timeout: float | None) -> Callable[..., None]:
+    """A forward pre-hook: a requested Ctrl-C (:func:`autoprune.interrupts.check`) and the time limit."""
     def check(module: nn.Module, args: Any) -> None:
-        if time.perf_counter() > deadline:
+        interrupts.check()
+        if deadline is not None and time.perf_counter() > deadline:
             raise TrialTimeout(f"evaluation exceeded the per-trial time limit of {timeout:g} s")
     return check
 
@@ -275,6 +278,7 @@ class StepTrainer:
         self.model.train()
         total = 0.0
         for _ in range(steps):
+            interrupts.check()  # a Ctrl-C swallowed elsewhere still stops a fine-tune (export's too)
             x, y = next(self._batches)
             x, y = x.to(self.device), y.to(self.device)
             for group in self.optimizer.param_groups:
@@ -412,8 +416,8 @@ class Evaluator(ABC):
         """
         start = time.perf_counter()
         work = copy.deepcopy(model).to(self.device)
-        if self.timeout is not None:
-            work.register_forward_pre_hook(_deadline_hook(start + self.timeout, self.timeout))
+        deadline = None if self.timeout is None else start + self.timeout
+        work.register_forward_pre_hook(_guard_hook(deadline, self.timeout))
         out = self._run(work, report)
         if not math.isfinite(out.loss):
             raise DivergedError(f"the candidate's validation loss is {out.loss} (diverged or non-finite outputs)")

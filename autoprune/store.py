@@ -186,6 +186,57 @@ def _creation_lock(url: str, timeout: float) -> Iterator[None]:
         fh.close()  # releases the lock
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+_OPTUNA_TABLES = {"studies", "trials", "alembic_version"}
+
+
+def _sqlite_hint(path: str) -> str:
+    name = Path(path).name
+    return (f"the file is read, never written, while it is damaged: restore {name} from a backup, or move it aside "
+            f"(mv {name} {name}.damaged) to start the campaign's store afresh; `sqlite3 {name} .recover` salvages "
+            "the rows SQLite can still read")
+
+
+def check_sqlite_file(path: str | os.PathLike[str]) -> None:
+    """Refuse a SQLite trial store that is damaged or not Optuna's, before anything opens it for writing.
+
+    Checked, read-only: the file header, SQLite's ``PRAGMA quick_check`` and Optuna's tables (Optuna itself then
+    refuses a schema newer than it knows). A missing or empty file is fine (a new store).
+
+    Raises:
+        AutoPruneError: Naming the file and what is wrong with it, with a hint for a local SQLite file.
+    """
+    import sqlite3
+
+    p = Path(path)
+    if not p.is_file() or p.stat().st_size == 0:
+        return
+    with open(p, "rb") as fh:
+        header = fh.read(len(SQLITE_HEADER))
+    if header != SQLITE_HEADER:
+        raise AutoPruneError(f"the trial store {p} is not a SQLite database (its first bytes are {header[:16]!r})",
+                             hint=_sqlite_hint(str(p)))
+    try:
+        con = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error as exc:
+        raise AutoPruneError(f"the trial store {p} cannot be opened: {exc}", hint=_sqlite_hint(str(p))) from None
+    try:
+        problems = [r[0] for r in con.execute("PRAGMA quick_check(5)").fetchall()]
+        if problems != ["ok"]:
+            raise AutoPruneError(f"the trial store {p} is damaged (SQLite's quick_check: {'; '.join(problems)})",
+                                 hint=_sqlite_hint(str(p)))
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and not tables >= _OPTUNA_TABLES:
+            shown = ", ".join(sorted(tables)[:6])
+            raise AutoPruneError(f"the trial store {p} is another program's database (tables: {shown}), not an "
+                                 "Optuna trial store", hint="point the campaign at another file (output_dir or "
+                                 "storage); autoprune never writes into a database it did not create")
+    except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
+        raise AutoPruneError(f"the trial store {p} is damaged: {exc}", hint=_sqlite_hint(str(p))) from None
+    finally:
+        con.close()
+
+
 def _open_storage(url: str, *, timeout: float = 60.0, attempts: int = 5) -> optuna.storages.RDBStorage:
     """Open (creating the schema if needed) the Optuna storage at ``url``.
 
@@ -200,6 +251,8 @@ def _open_storage(url: str, *, timeout: float = 60.0, attempts: int = 5) -> optu
     elif url.startswith(("postgresql", "postgres")):
         engine_kwargs = {"connect_args": {"connect_timeout": max(1, int(min(timeout, 10)))}, "pool_pre_ping": True}
         url = _postgres_driver(url)
+    if url.startswith("sqlite:///"):
+        check_sqlite_file(url[len("sqlite:///"):])
     for attempt in range(attempts):
         try:
             with _creation_lock(url, timeout):
@@ -218,6 +271,10 @@ def _open_storage(url: str, *, timeout: float = 60.0, attempts: int = 5) -> optu
             if attempt + 1 < attempts and _is_creation_race(exc):
                 time.sleep(0.2 * (attempt + 1))  # another process is creating the same schema right now
                 continue
+            if url.startswith("sqlite"):
+                raise AutoPruneError(f"cannot open the trial store {_redact(url)}: {_first_line(exc)}",
+                                     hint="check that the file and its directory are readable and writable and that "
+                                     "no other program holds a lock on it") from exc
             raise AutoPruneError(
                 f"cannot open the trial store {_redact(url)}: {_first_line(exc)}",
                 hint="check that the database server is running and reachable and the URL (user, host, port, "

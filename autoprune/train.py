@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from autoprune import interrupts
 from autoprune.errors import ConfigError
 from autoprune.models.checkpoint import load_checkpoint, save_checkpoint
 from autoprune.utils import default_device, progress, progress_line, seed_everything
@@ -375,6 +376,7 @@ def _step(
     y: torch.Tensor,
     running: _Running,
 ) -> None:
+    interrupts.check()  # a Ctrl-C swallowed elsewhere still stops training (see autoprune.interrupts)
     logits = model(x)
     loss = criterion(logits, y)
     optimizer.zero_grad(set_to_none=True)

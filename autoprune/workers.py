@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import threading
 import time
@@ -24,12 +23,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.agents.base import StudySharing
+from autoprune.interrupts import deferred_sigint
 from autoprune.store import COUNTED_STATES, ask_with_attrs, interrupt_trial
 
 #: Trial user attributes written by campaign processes: the owner (:meth:`WorkerIdentity.to_dict`) and the
@@ -104,33 +103,6 @@ def fail_stale(study: optuna.Study, *, me: WorkerIdentity, stale_seconds: float)
             continue
         n += 1
     return n
-
-
-@contextlib.contextmanager
-def deferred_sigint() -> Iterator[None]:
-    """Hold back Ctrl-C while the store is written; raise the ``KeyboardInterrupt`` afterwards.
-
-    A no-op outside the main thread (signal handlers live there).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[FrameType | None] = []
-    previous = signal.getsignal(signal.SIGINT)
-
-    def hold(signum: int, frame: FrameType | None) -> None:
-        pending.append(frame)
-
-    signal.signal(signal.SIGINT, hold)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending:
-            if callable(previous):
-                previous(signal.SIGINT, pending[0])
-            else:
-                raise KeyboardInterrupt
 
 
 class Heartbeat:

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 from autoprune.data.base import DATASETS, DatasetSource, DataSplits, channel_stats, train_val_split
 from autoprune.data.external import is_import_string, read_import_string
 from autoprune.errors import ConfigError
+from autoprune.user_code import find_import_string
 
 DEFAULT_VAL_SIZE = 0.1
 """Validation fraction of datasets from an import string when ``val_size`` is not given."""
@@ -68,21 +67,10 @@ def check_dataset_name(name: str, options: Mapping[str, Any] | None = None, wher
         ConfigError: Naming ``where``, the problem and the choices.
     """
     if is_import_string(name):
-        module, _, attr = name.partition(":")
-        if not module or not attr or ":" in attr:
-            raise ConfigError(f"{where}: malformed dataset import string {name!r}",
-                              hint="use 'package.module:callable', e.g. 'mydata:load' for load in ./mydata.py")
-        cwd = os.getcwd()
-        if cwd not in sys.path:  # as read_import_string does: ./mydata.py is found from the console script
-            sys.path.append(cwd)
         try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):  # a parent package that is missing or fails to import
-            found = False
-        if not found:
-            raise ConfigError(f"{where}: cannot find module {module!r} of dataset {name!r}",
-                              hint="check the spelling, and that the module is installed or lies in the current "
-                              "directory")
+            find_import_string(name, "dataset", "mydata:load")
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
         return
     if name not in DATASETS:
         raise ConfigError(f"{where}: {DATASETS.unknown_message(name)}",

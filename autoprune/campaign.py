@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import inspect
 import json
 import logging
@@ -50,6 +49,7 @@ from torch import nn
 from autoprune.config import CampaignConfig
 from autoprune.errors import AutoPruneError, CheckpointError, ConfigError, DataError
 from autoprune.interrupts import deferred_sigint, sigterm_as_interrupt
+from autoprune.names import check_names
 from autoprune.provenance import (
     COMMAND_FILE,
     CONFIG_FILE,
@@ -93,7 +93,6 @@ if TYPE_CHECKING:
     from autoprune.graph import GroupSet
     from autoprune.objectives import Budget
     from autoprune.problem import Problem, SearchSpace
-    from autoprune.registry import Registry
     from autoprune.types import EvalResult
 
 __all__ = [
@@ -241,90 +240,6 @@ class Campaign:
 
 def _resolve_path(text: str) -> Path:
     return Path(text).expanduser()
-
-
-def _check_name(registry: Registry[Any], name: str, where: str, listed: str, hint: str = "") -> None:
-    """Raise a :class:`ConfigError` naming ``where`` and the closest choice if ``registry`` lacks ``name``.
-
-    Args:
-        registry: The registry.
-        name: The name the user gave.
-        where: The config key (``searcher.name``) or command-line option (``--agents``) that holds it.
-        listed: What ``autoprune list`` calls the registry (``searchers``), for the hint.
-        hint: More advice, appended to the hint.
-    """
-    if name in registry:
-        return
-    close = difflib.get_close_matches(str(name), registry.names(), n=1, cutoff=0.5)
-    fix = [f"use {close[0]} in {where}" if where.startswith("-") else f"use {where}={close[0]}"] if close else []
-    advice = [*fix, f"`autoprune list {listed}` describes each", *([hint] if hint else [])]
-    raise ConfigError(f"{where}: {registry.unknown_message(name)}", hint="; ".join(advice))
-
-
-def _check_model_name(name: str) -> None:
-    """A zoo name, ``torchvision:NAME`` or ``package.module:callable`` whose module can be found (not imported)."""
-    from autoprune.models import MODELS
-    from autoprune.models.external import TORCHVISION_PREFIX, is_external_name
-    from autoprune.user_code import find_import_string
-
-    if not is_external_name(name):
-        _check_name(MODELS, name, "model.name", "models", "your own network is model.name=package.module:callable")
-        return
-    if name.startswith(TORCHVISION_PREFIX):
-        if not name.partition(":")[2]:
-            raise ConfigError(f"model.name: {name!r} names no torchvision model", hint="e.g. torchvision:resnet18")
-        return
-    try:
-        find_import_string(name, "model", "mymodels:build_net")
-    except ConfigError as exc:
-        raise ConfigError(f"model.name: {exc.message}", hint=exc.hint) from None
-
-
-def check_names(cfg: CampaignConfig, searchers: Sequence[tuple[str, str]] | None = None) -> None:
-    """Check every name of ``cfg`` against its registry, before anything is loaded or evaluated.
-
-    Checked: the model (zoo name, ``torchvision:NAME`` or ``package.module:callable`` whose module exists),
-    the dataset, the search-space family and importance criterion, the evaluator, the reward (and its
-    parameters) and the multi-objective metrics, and the searchers. Registries are imported (torch among
-    them); no model, checkpoint or data is loaded.
-
-    Args:
-        cfg: The validated config.
-        searchers: ``(where, name)`` of each searcher that will run, ``where`` being what the user set (for
-            the message), e.g. ``("--agents", "tpe")``; default: ``[("searcher.name", cfg.searcher.name)]``.
-
-    Raises:
-        ConfigError: The first unknown name, with the key that holds it, the closest choice and the choices.
-    """
-    from autoprune.agents.base import OBJECTIVE_METRICS, SEARCHERS, Objective, load_builtin_searchers
-    from autoprune.data import check_dataset_name
-    from autoprune.evaluate import EVALUATORS
-    from autoprune.importance import IMPORTANCE
-    from autoprune.objectives import REWARDS
-    from autoprune.search_spaces import SEARCH_SPACES
-
-    _check_model_name(cfg.model.name)
-    check_dataset_name(cfg.dataset.name, cfg.dataset.kwargs, "dataset.name")
-    s = cfg.search_space
-    if s.family is not None:
-        _check_name(SEARCH_SPACES, s.family, "search_space.family", "spaces",
-                    "or leave search_space.family unset (null) to infer it from the model name")
-    _check_name(IMPORTANCE, s.importance, "search_space.importance", "importance")
-    _check_name(EVALUATORS, cfg.evaluator.name, "evaluator.name", "evaluators")
-    o = cfg.objective
-    _check_name(REWARDS, o.reward, "objective.reward", "rewards")
-    bad = [m for m in o.objectives if m not in OBJECTIVE_METRICS]
-    if bad or not o.objectives:
-        raise ConfigError(f"objective.objectives: unknown metric(s) {bad}" if bad else
-                          "objective.objectives: no metric given",
-                          hint=f"choose from {', '.join(OBJECTIVE_METRICS)}")
-    try:
-        Objective.from_spec(o)  # the reward's parameters
-    except ConfigError as exc:
-        raise ConfigError(f"objective.kwargs: {exc.message}", hint=exc.hint) from None
-    load_builtin_searchers()
-    for where, name in searchers if searchers is not None else [("searcher.name", cfg.searcher.name)]:
-        _check_name(SEARCHERS, name, where, "searchers")
 
 
 def check_checkpoint(cfg: CampaignConfig) -> None:
@@ -518,8 +433,8 @@ def open_campaign(cfg: CampaignConfig, *, argv: Sequence[str] | None = None, rol
 
     Everything that can fail because of the input fails here, before anything is written to the store or
     the campaign directory (the directory is only created): bad names (checked first, before anything is
-    loaded: :func:`check_names`), an unwritable output directory, a missing checkpoint, a storage URL that
-    cannot be reached, an impossible budget, or a config that contradicts the campaign already in the
+    loaded: :func:`autoprune.names.check_names`), an unwritable output directory, a missing checkpoint, a
+    storage URL that cannot be reached, an impossible budget, or a config that contradicts the campaign already in the
     directory. A directory whose store holds no trial yet (a run that failed before its first trial) takes the
     new problem (:func:`~autoprune.provenance.check_identity`).
 
@@ -527,8 +442,8 @@ def open_campaign(cfg: CampaignConfig, *, argv: Sequence[str] | None = None, rol
         cfg: The validated config.
         argv: The command line (for ``command.txt``); ``None`` takes the process's.
         role: ``search``, ``worker``, ``compare`` or ``quickstart`` (recorded in ``commands.log``).
-        searchers: ``(where, name)`` of the searchers that will run (see :func:`check_names`); default: the
-            config's ``searcher.name``.
+        searchers: ``(where, name)`` of the searchers that will run (see :func:`autoprune.names.check_names`);
+            default: the config's ``searcher.name``.
     """
     check_names(cfg, searchers)
     prepare_out_dir(cfg.out_dir)

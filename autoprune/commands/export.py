@@ -71,8 +71,9 @@ def prepare(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Select, fine-tune, save, reload-check and describe the candidate."""
-    from autoprune.campaign import build_campaign, check_names
+    from autoprune.campaign import build_campaign
     from autoprune.export import ExportCheckError, export_trial, select_trial
+    from autoprune.names import check_names
     from autoprune.provenance import check_identity, command_line, open_store
 
     if getattr(args, "campaign", None) is None:

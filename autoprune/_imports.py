@@ -32,7 +32,7 @@ def optional_import(name: str, feature: str) -> ModuleType:
 
 
 def is_available(name: str) -> bool:
-    """True if ``name`` imports cleanly (used by tests to skip optional features)."""
+    """True if ``name`` imports cleanly (optional features; serialize's known extension providers)."""
     try:
         importlib.import_module(name)
     except Exception:

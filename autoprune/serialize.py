@@ -48,6 +48,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from autoprune._imports import is_available
 from autoprune.errors import AutoPruneError, CheckpointError, ConfigError
 from autoprune.utils import atomic_write
 
@@ -304,15 +305,6 @@ _CORE_KEYS = frozenset({"format", "format_version", "autoprune_version", "torch_
 _SECTIONS: dict[str, SectionLoader] = {}
 
 
-def _import_provider(module: str) -> bool:
-    """Import a known extension module (which registers itself); False if it cannot be imported here."""
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
-
-
 def register_module_type(cls: type[nn.Module], encoder: ModuleEncoder) -> str:
     """Allow-list a module type for :func:`save_module` / :func:`load_module` (called by the module defining it).
 
@@ -357,7 +349,7 @@ def register_section(name: str, loader: SectionLoader) -> None:
 
 def _resolve_type(qualname: str) -> type[nn.Module] | None:
     entry = _MODULE_TYPES.get(qualname)
-    if entry is None and qualname in _TYPE_PROVIDERS and _import_provider(_TYPE_PROVIDERS[qualname]):
+    if entry is None and qualname in _TYPE_PROVIDERS and is_available(_TYPE_PROVIDERS[qualname]):
         entry = _MODULE_TYPES.get(qualname)
     if entry is None:
         return None
@@ -1008,7 +1000,7 @@ def _section_loader(doc: Mapping[str, Any]) -> SectionLoader | None:
                               hint="the file is corrupt or was edited by hand; re-export the model")
     name = names[0]
     if name not in _SECTIONS and name in _SECTION_PROVIDERS:
-        _import_provider(_SECTION_PROVIDERS[name])
+        is_available(_SECTION_PROVIDERS[name])
     loader = _SECTIONS.get(name)
     if loader is None:
         raise CheckpointError(f"{ARCH_FILE} has a {name!r} section, but its loader cannot be imported here",

@@ -9,6 +9,8 @@ marked with the module that registered them.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -31,58 +33,29 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _searchers() -> Any:
-    from autoprune.agents.base import SEARCHERS, load_builtin_searchers
-
-    load_builtin_searchers()
-    return SEARCHERS
-
-
-def _evaluators() -> Any:
-    from autoprune.evaluate import EVALUATORS
-
-    return EVALUATORS
-
-
-def _rewards() -> Any:
-    from autoprune.objectives import REWARDS
-
-    return REWARDS
-
-
-def _spaces() -> Any:
-    from autoprune.search_spaces import SEARCH_SPACES
-
-    return SEARCH_SPACES
-
-
-def _importance() -> Any:
-    from autoprune.importance import IMPORTANCE
-
-    return IMPORTANCE
-
-
-def _models() -> Any:
-    from autoprune.models import MODELS
-
-    return MODELS
-
-
-def _datasets() -> Any:
-    from autoprune.data import DATASETS
-
-    return DATASETS
-
-
-REGISTRIES: dict[str, Callable[[], Any]] = {
-    "searchers": _searchers,
-    "evaluators": _evaluators,
-    "rewards": _rewards,
-    "spaces": _spaces,
-    "importance": _importance,
-    "models": _models,
-    "datasets": _datasets,
+#: ``WHAT`` → (module, attribute) of its :class:`~autoprune.registry.Registry`, imported on demand.
+_HOMES: dict[str, tuple[str, str]] = {
+    "searchers": ("autoprune.agents.base", "SEARCHERS"),
+    "evaluators": ("autoprune.evaluate", "EVALUATORS"),
+    "rewards": ("autoprune.objectives", "REWARDS"),
+    "spaces": ("autoprune.search_spaces", "SEARCH_SPACES"),
+    "importance": ("autoprune.importance", "IMPORTANCE"),
+    "models": ("autoprune.models", "MODELS"),
+    "datasets": ("autoprune.data", "DATASETS"),
 }
+
+
+def registry(kind: str) -> Any:
+    """The registry listed as ``kind`` (imported now; the built-in searcher modules are loaded first)."""
+    if kind == "searchers":
+        from autoprune.agents.base import load_builtin_searchers
+
+        load_builtin_searchers()
+    module, attr = _HOMES[kind]
+    return getattr(importlib.import_module(module), attr)
+
+
+REGISTRIES: dict[str, Callable[[], Any]] = {kind: functools.partial(registry, kind) for kind in _HOMES}
 """``WHAT`` → a function returning its :class:`~autoprune.registry.Registry` (imported on demand)."""
 
 

@@ -75,6 +75,8 @@ OBJECTIVE_METRICS: dict[str, str] = {
     "params": "minimize",
     "size_bytes": "minimize",
     "bitops": "minimize",
+    "latency": "minimize",
+    "latency_ms": "minimize",
 }
 
 
@@ -457,6 +459,13 @@ class Searcher(ABC):
         self.sharing = sharing if sharing is not None else StudySharing()
         self.guard = BudgetGuard(problem, self.budget)
         self.dense = problem.dense_cost
+        if self.multi_objective:
+            unmeasured = [m for m in self.objective.objectives if m not in ("accuracy", "loss")
+                          and self.dense.metric(m) is None]
+            if unmeasured:
+                raise ConfigError(f"objective(s) {unmeasured} need a cost model that predicts them, and this "
+                                  "problem's does not", hint="give the problem a latency predictor "
+                                  "(autoprune.latency_model; a campaign listing `latency` builds one)")
         self.study: optuna.Study | None = None
         self.stop_reason = ""
         self._stop_event = threading.Event()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import math
 import random
 import time
@@ -45,7 +46,9 @@ from autoprune.problem import Problem
 from autoprune.types import Candidate, CostReport, EvalResult
 from autoprune.utils import progress
 
-from .base import SEARCHERS, Searcher, load_hyperparams
+from .base import SEARCHERS, BudgetGuard, Searcher, load_hyperparams
+
+log = logging.getLogger("autoprune.agents.dmcp")
 
 if TYPE_CHECKING:
     from autoprune.evaluate import CandidateEvaluator
@@ -909,8 +912,9 @@ class DifferentiableSearcher(Searcher):
     records the final widths, their closed-form cost and the searcher's own validation accuracy (its trained
     weights, BN recalibrated); the trained, physically smaller network is saved with
     :func:`autoprune.serialize.save_module` under the store's artifact directory (``extra["artifact"]``), so
-    that ``export`` can start from it. The MACs target is the budget's ``macs`` limit when set, else the
-    ``macs_target`` hyper-parameter.
+    that ``export`` can start from it. The MACs target is the budget's ``macs`` limit when set; with a latency
+    budget (and no MACs limit), the MACs of the uniform candidate that meets it by the latency prediction; else
+    the ``macs_target`` hyper-parameter.
 
     Args:
         problem: The compression problem (model, groups, search space, evaluator).
@@ -940,6 +944,8 @@ class DifferentiableSearcher(Searcher):
         options = {**defaults, **self.presets[preset], **user}
         if self.budget.macs is not None:
             options["macs_target"] = float(self.budget.macs)
+        elif self.budget.latency_ms is not None:
+            options["macs_target"] = self._macs_for_latency()
         self.train_loader = train_loader if train_loader is not None else _from_evaluator(problem.evaluator,
                                                                                           "train_loader")
         self.val_loader = val_loader if val_loader is not None else _from_evaluator(problem.evaluator, "val_loader")
@@ -951,6 +957,16 @@ class DifferentiableSearcher(Searcher):
         self.device = torch.device(device) if device is not None else (
             _from_evaluator(problem.evaluator, "device") or torch.device("cpu"))
         self.outcome: Any = None
+
+    def _macs_for_latency(self) -> float:
+        """The MACs target for a latency budget (these searchers train against MACs): the MACs of the uniform
+        candidate that meets the whole budget by the problem's latency prediction (the ``uniform`` baseline)."""
+        guard = BudgetGuard(self.problem, self.budget)
+        cand, _ = guard.shrink([1.0] * len(self.problem.space.groups))
+        macs = float(self.problem.cost(cand).macs)
+        log.info("%s: latency budget %.3g ms -> MACs target %s (the uniform candidate within the budget)",
+                 self.name, guard.limits["latency_ms"], f"{macs:,.0f}")
+        return macs
 
     def _epochs_to_iters(self, options: dict[str, Any]) -> dict[str, Any]:
         """Turn ``epochs``-style keys (``epochs``, ``warmup_epochs``) into iteration counts."""

@@ -27,7 +27,8 @@ Hyper-parameters come from ``agents/hyperparams/<algo>.yaml`` (``yaml.safe_load`
 arguments. Keys that are not SB3 constructor arguments: ``warmup_episodes``, ``buffer_episodes``,
 ``rollout_episodes``, ``net_arch``, ``actor_lr``, ``critic_lr``, ``noise_sigma``, ``noise_decay``,
 ``reward_baseline`` (α, or ``null`` for none), ``save_every`` (episodes between checkpoints), ``mode``
-(environment mode) and ``legal_actions``.
+(environment mode; unset, it follows the search space: ``joint`` when the space holds channel groups and layer
+bits, see :func:`env_mode`) and ``legal_actions``.
 
 **Resume.** The agent (SB3 ``save``), its replay buffer (off-policy) and the reward baseline are saved in the
 store's artifact directory every ``save_every`` episodes and when the run ends; their paths are kept in the
@@ -346,6 +347,32 @@ _SPECIAL = ("warmup_episodes", "buffer_episodes", "rollout_episodes", "net_arch"
             "noise_sigma", "noise_decay", "reward_baseline", "save_every", "mode", "legal_actions")
 
 
+def env_mode(space: Any, asked: Any, searcher: str) -> str:
+    """The environment mode for a search space: what it holds (``prune`` for channel groups only, ``quantize`` for
+    layer bits only, ``joint`` for both) unless the user asked for a mode; a mode that leaves out part of what the
+    space holds is logged as a warning (the decisions it leaves out stay at the dense width / the highest bits).
+
+    Raises:
+        ConfigError: ``asked`` is not a mode name.
+    """
+    from autoprune.envs.layerwise import MODES
+
+    holds = "joint" if space.groups and space.layers else "quantize" if space.layers else "prune"
+    if asked is None:
+        return holds
+    mode = str(asked)
+    if mode not in MODES:
+        raise ConfigError(f"unknown environment mode {mode!r} for searcher {searcher!r}",
+                          hint=f"choices: {', '.join(MODES)}; leave `mode` unset to search what the space holds "
+                          f"({holds})")
+    left = [what for what, n, used in (("channel groups", len(space.groups), mode != "quantize"),
+                                       ("layer bit-widths", len(space.layers), mode != "prune")) if n and not used]
+    if left:
+        log.warning("%s: mode %r leaves out the search space's %s (searched: only what mode %r decides; "
+                    "unset `mode` to search all of it as %r)", searcher, mode, " and ".join(left), mode, holds)
+    return mode
+
+
 class RLSearcher(Searcher):
     """Common machinery of the SB3 searchers (subclasses name the algorithm).
 
@@ -371,7 +398,7 @@ class RLSearcher(Searcher):
                               hint=f"special keys: {', '.join(_SPECIAL)}; SB3 {self.algo_cls.__name__} takes: "
                               f"{', '.join(sorted(allowed))}")
         self.hp = hp
-        self.mode = str(hp.get("mode", "prune"))
+        self.mode = env_mode(problem.space, hp.get("mode"), self.name)
         self.save_every = max(1, int(hp.get("save_every", 1)))
         self.model: BaseAlgorithm | None = None
         self._baseline_env: MovingAverageBaseline | None = None

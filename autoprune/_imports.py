@@ -11,7 +11,8 @@ _HINTS = {
     "torchvision": "install the `vision` extra (`pip install autoprune[vision]`) on a machine where a "
     "torchvision build matching your torch is available",
     "psycopg2": "install the `postgres` extra: `pip install autoprune[postgres]`",
-    "onnx": "install onnx: `pip install onnx`",
+    "onnx": "install the `onnx` extra: `pip install autoprune[onnx]` (onnx and onnxruntime)",
+    "onnxruntime": "install the `onnx` extra: `pip install autoprune[onnx]` (onnx and onnxruntime)",
     "torchao": "install torchao matching your torch version: `pip install torchao`",
 }
 

@@ -65,15 +65,15 @@ from autoprune.provenance import (
     identity_changes,
     load_resolved,
     open_store,
-    prepare_out_dir,
     release_identity,
     storage_location,
     stored_trials,
     write_atomic,
     write_provenance,
 )
-from autoprune.store import TrialStore, storage_error
+from autoprune.store import TrialStore, storage_error, storage_errors
 from autoprune.types import TrialRecord
+from autoprune.utils import prepare_out_dir
 from autoprune.workers import (
     HEARTBEAT_ATTR,
     WORKER_ATTR,
@@ -91,6 +91,7 @@ if TYPE_CHECKING:
     from autoprune.data import BatchLoader, DatasetInfo, DataSplits
     from autoprune.evaluate import Batch, Evaluator, ReportFn
     from autoprune.graph import GroupSet
+    from autoprune.latency_model import LatencyPredictor
     from autoprune.objectives import Budget
     from autoprune.problem import Problem, SearchSpace
     from autoprune.types import EvalResult
@@ -98,12 +99,13 @@ if TYPE_CHECKING:
 __all__ = [
     "COMMAND_FILE", "CONFIG_FILE", "ENVIRONMENT_FILE", "HEARTBEAT_ATTR", "HISTORY_FILE", "IDENTITY_KEYS",
     "SPACE_FILE", "STORE_FILE", "WORKER_ATTR", "Campaign", "EpochLoader", "FirstEpoch", "ProgressBar",
-    "ReproducibleEvaluator", "WorkerIdentity", "build_campaign", "build_model", "campaign_summary", "check_budget",
-    "check_checkpoint", "check_identity", "check_names", "command_line", "compare", "deferred_sigint",
-    "dense_score_label", "environment_info", "fail_stale", "git_commit", "identity_changes", "is_stale",
-    "load_resolved", "make_campaign_searcher", "make_evaluator", "make_loaders", "open_campaign", "open_store",
-    "pid_alive", "prepare_out_dir", "release_identity", "run_search", "searched", "sigterm_as_interrupt",
-    "space_summary", "storage_location", "stored_trials", "summarize", "val_caveat", "val_label", "write_provenance",
+    "ReproducibleEvaluator", "WorkerIdentity", "build_campaign", "build_latency_predictor", "build_model",
+    "campaign_summary", "check_budget", "check_checkpoint", "check_identity", "check_names", "command_line",
+    "compare", "deferred_sigint", "dense_score_label", "environment_info", "fail_stale", "git_commit",
+    "identity_changes", "is_stale", "latency_summary", "load_resolved", "make_campaign_searcher", "make_evaluator",
+    "make_loaders", "needs_latency", "open_campaign", "open_store", "pid_alive", "prepare_out_dir",
+    "release_identity", "run_search", "searched", "sigterm_as_interrupt", "space_summary", "storage_location",
+    "stored_trials", "summarize", "val_caveat", "val_label", "write_provenance",
 ]
 
 log = logging.getLogger("autoprune.campaign")
@@ -186,6 +188,8 @@ class Campaign:
         val_loader: Validation batches.
         test_loader: Test batches (export and final reports only).
         dense_accuracy: Validation accuracy of the dense model under the evaluator (``None``: not measured).
+        latency: The latency predictor (only when the campaign budgets or optimises latency:
+            :func:`needs_latency`); its problem's cost reports then carry ``latency_ms``.
     """
 
     config: CampaignConfig
@@ -201,6 +205,7 @@ class Campaign:
     val_loader: BatchLoader
     test_loader: BatchLoader
     dense_accuracy: float | None = None
+    latency: LatencyPredictor | None = None
     _problem: Problem | None = field(default=None, repr=False)
 
     @property
@@ -214,7 +219,7 @@ class Campaign:
 
         return Problem(self.model, self.groups, self.space, self.evaluator, self.example_input,
                        importance=self.config.search_space.importance, round_to=self.config.search_space.round_to,
-                       calib_loader=FirstEpoch(self.calib_loader))
+                       calib_loader=FirstEpoch(self.calib_loader), latency=self.latency)
 
     @property
     def problem(self) -> Problem:
@@ -307,7 +312,7 @@ def make_evaluator(cfg: CampaignConfig, name: str, settings: Mapping[str, Any], 
     What each evaluator gets is declared on its class (:class:`~autoprune.evaluate.Evaluator`): evaluators that
     train (``trains``) get the augmented training loader, the others the un-augmented one; ``needs_dense``
     ones (``infcop``) also get the dense model, and ``needs_flow_loader`` ones the un-augmented loader for
-    their flow subset.
+    their flow subset; training evaluators with ``distill`` > 0 get the dense model as their teacher.
     """
     from autoprune.evaluate import EVALUATORS
     from autoprune.evaluate import make_evaluator as make
@@ -322,6 +327,9 @@ def make_evaluator(cfg: CampaignConfig, name: str, settings: Mapping[str, Any], 
         kw.setdefault("dense", model)
     if cls.needs_flow_loader:
         kw.setdefault("flow_loader", calib_loader)
+    distill = kw.get("distill")
+    if cls.trains and isinstance(distill, int | float) and not isinstance(distill, bool) and distill > 0:
+        kw.setdefault("teacher", model)  # distillation: the dense model teaches the candidate
     return make(name, train_loader if cls.trains else calib_loader, val_loader, **kw)
 
 
@@ -343,9 +351,13 @@ def check_budget(problem: Problem, budget: Budget, min_ratio: float) -> None:
             have, full = floor.metric(metric), dense.metric(metric)
             if have is None or full is None or have <= limit:
                 continue
-            parts.append(f"objective.budget.{metric}={getattr(budget, metric):g} allows {limit:,.0f} but the "
-                         f"smallest achievable is {have:,} ({have / full:.1%} of the dense model's {full:,}; every "
-                         f"group at keep ratio {min_ratio})")
+            def num(v: float, metric: str = metric) -> str:
+                return f"{v:.3g} ms" if metric == "latency_ms" else f"{v:,.0f}"
+
+            parts.append(f"objective.budget.{metric}={getattr(budget, metric):g} allows {num(limit)} but the "
+                         f"smallest achievable is {num(have)} ({have / full:.1%} of the dense model's {num(full)}; "
+                         f"every group at keep ratio {min_ratio}"
+                         + ("; latency as predicted on this machine" if metric == "latency_ms" else "") + ")")
             fixes.append(f"objective.budget.{metric}={math.ceil(1000 * have / full) / 1000:g}")
         if not parts:
             raise
@@ -388,10 +400,47 @@ def build_campaign(cfg: CampaignConfig, *, measure_dense: bool = True) -> Campai
                            calib_loader=calib, val_loader=val)
     evaluator = ReproducibleEvaluator(inner, [train, calib], seed=cfg.seed)
     camp = Campaign(cfg, model, kwargs, splits, example, groups, space, evaluator, train, calib, val, test)
+    if needs_latency(cfg):
+        camp.latency = build_latency_predictor(cfg, model, groups, space, example)
     check_budget(camp.problem, camp.budget(), s.min_ratio)
     if measure_dense:
         camp.dense_accuracy = _dense_accuracy(camp)
     return camp
+
+
+def needs_latency(cfg: CampaignConfig) -> bool:
+    """True when the campaign budgets latency, lists it as an objective or rewards it."""
+    o = cfg.objective
+    return (o.budget.latency_ms is not None or any(m in ("latency", "latency_ms") for m in o.objectives)
+            or o.reward == "latency_aware" or o.kwargs.get("metric") in ("latency", "latency_ms"))
+
+
+def build_latency_predictor(cfg: CampaignConfig, model: nn.Module, groups: GroupSet, space: SearchSpace,
+                            example: torch.Tensor) -> LatencyPredictor:
+    """The campaign's latency predictor: the per-layer table and the calibration are read from the campaign
+    directory when they were measured there with the same settings, else measured now (once) and saved."""
+    import random
+
+    from autoprune import pruning
+    from autoprune.latency_model import LatencyPredictor
+    from autoprune.utils import progress_line
+
+    lc = cfg.latency
+    pred = LatencyPredictor(groups, cfg.out_dir, threads=lc.threads, batch=lc.batch, min_run_time=lc.min_run_time)
+    new = pred.fill(progress=progress_line)
+    if new:
+        log.info("latency table: timed %d layer configurations on this machine (batch %d, %d thread%s), kept in %s",
+                 new, lc.batch, lc.threads, "s" if lc.threads != 1 else "", pred.table.path)
+    if new or not pred.load_calibration():
+        rng = random.Random(cfg.seed)
+        cands = [space.full().widths] + [
+            space.widths_for_ratios([rng.uniform(space.min_ratio, 1.0) for _ in space.groups])
+            for _ in range(lc.calibration - 1)]
+        fit = pred.calibrate(lambda w: pruning.apply(model, groups, dict(w)), cands, example,
+                             progress=progress_line)
+        log.info("latency model: calibrated on %d candidates timed end to end (median error %.1f %%, largest "
+                 "%.1f %%)", fit["candidates"], 100 * fit["median_rel_error"], 100 * fit["max_rel_error"])
+    return pred
 
 
 def _dense_accuracy(camp: Campaign) -> float:
@@ -449,13 +498,14 @@ def open_campaign(cfg: CampaignConfig, *, argv: Sequence[str] | None = None, rol
     prepare_out_dir(cfg.out_dir)
     check_checkpoint(cfg)
     store = open_store(cfg)
-    replaced = [] if stored_trials(store) else identity_changes(cfg)
-    if replaced:  # nothing computed, nothing to protect: forget the old problem before its dense score is read
-        release_identity(cfg)
-        log.warning("note: %s holds no trial yet, so it takes this config's problem (%s)", cfg.out_dir,
-                    "; ".join(replaced[:3]) + (" ..." if len(replaced) > 3 else ""))
-    camp = build_campaign(cfg)
-    check_identity(cfg, store)  # after the build, so that e.g. an impossible budget is named as such
+    with storage_errors(repr(store)):  # a disk that fills or a server that goes away now: a clear error
+        replaced = [] if stored_trials(store) else identity_changes(cfg)
+        if replaced:  # nothing computed, nothing to protect: forget the old problem before its dense score is read
+            release_identity(cfg)
+            log.warning("note: %s holds no trial yet, so it takes this config's problem (%s)", cfg.out_dir,
+                        "; ".join(replaced[:3]) + (" ..." if len(replaced) > 3 else ""))
+        camp = build_campaign(cfg)
+        check_identity(cfg, store)  # after the build, so that e.g. an impossible budget is named as such
     try:
         write_provenance(cfg, argv, role=role, new_identity=bool(replaced))
         write_atomic(cfg.out_dir / SPACE_FILE, json.dumps(space_summary(camp), indent=2) + "\n")
@@ -539,6 +589,8 @@ class ProgressBar:
         if record.result is not None:
             parts.append(f"val acc {100 * record.result.accuracy:.2f} %")
         parts.append(f"MACs {record.cost.macs / self.dense_macs:.1%}")
+        if record.cost.latency_ms is not None:
+            parts.append(f"latency {record.cost.latency_ms:.3g} ms (predicted)")
         return ", ".join(parts)
 
     def trial_line(self, searcher: Searcher, record: TrialRecord) -> str:
@@ -595,13 +647,14 @@ def run_search(camp: Campaign, store: TrialStore, *, searcher: str | None = None
     hp = cfg.searcher.kwargs_for(name) if kwargs is None else dict(kwargs)
     problem = camp.new_problem() if fresh_problem else camp.problem
     total = n_trials if n_trials is not None else cfg.n_trials
-    done = _counted(store, name, seed)
-    bar = ProgressBar(f"{name} seed{seed}", total, min(done, total), problem.dense_cost.macs, quiet=quiet)
-    s = make_campaign_searcher(camp, store, name, seed=seed, kwargs=hp, callbacks=[bar], n_trials=total,
-                               problem=problem)
     from autoprune import utils
 
+    bar: ProgressBar | None = None
     try:
+        done = _counted(store, name, seed)  # reads the store: a server lost since the start is a clear error too
+        bar = ProgressBar(f"{name} seed{seed}", total, min(done, total), problem.dense_cost.macs, quiet=quiet)
+        s = make_campaign_searcher(camp, store, name, seed=seed, kwargs=hp, callbacks=[bar], n_trials=total,
+                                   problem=problem)
         # the evaluators' own per-batch bars would flicker under the search's bar
         with utils.quiet(), sigterm_as_interrupt():
             return s.run()
@@ -611,7 +664,8 @@ def run_search(camp: Campaign, store: TrialStore, *, searcher: str | None = None
             raise
         raise err from exc
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
 
 def _counted(store: TrialStore, searcher: str, seed: int) -> int:
@@ -636,6 +690,22 @@ def summarize(result: SearchResult, dense_macs: int, *, val_label: str = "val ac
         return head + ", no feasible evaluated candidate yet"
     return (f"{head}, best #{b.number}: reward {b.reward:.4f}, {val_label} {100 * b.result.accuracy:.2f} %, "
             f"MACs {b.cost.macs:,} ({b.cost.macs / max(1, dense_macs):.1%} of dense)")
+
+
+def latency_summary(camp: Campaign, best: TrialRecord) -> str | None:
+    """The best candidate's and the dense model's latency, predicted and measured now (interleaved), in one line;
+    ``None`` when the campaign does not predict latency."""
+    from autoprune import pruning
+
+    pred = camp.latency
+    if pred is None:
+        return None
+    res = pred.measure(lambda w: pruning.apply(camp.model, camp.groups, dict(w)),
+                       {"best": best.candidate.widths, "dense": camp.space.full().widths}, camp.example_input)
+    b, d = res["best"], res["dense"]
+    return (f"latency (batch {pred.batch}, {pred.threads} thread{'s' if pred.threads != 1 else ''}): best "
+            f"#{best.number} predicted {b['predicted_ms']:.3g} ms, measured {b['measured_ms']:.3g} ms; dense "
+            f"predicted {d['predicted_ms']:.3g} ms, measured {d['measured_ms']:.3g} ms")
 
 
 def val_caveat(cfg: CampaignConfig) -> str | None:

@@ -172,8 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except AutoPruneError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"  hint: {exc.hint}", file=sys.stderr)
+        words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+        command = words[0] if words and words[0].isidentifier() else "COMMAND"
+        # every user error says how to fix it: the raise site's hint, else its kind's
+        print(f"  hint: {exc.hint or exc.default_hint.replace('COMMAND', command)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         interrupts.clear()

@@ -31,6 +31,7 @@ _MAX_INT = 2**53
 MAX_CONFIG_BYTES = 1_000_000
 MAX_CONFIG_NODES = 100_000
 MAX_CONFIG_DEPTH = 64
+_MAX_SEED = 2**32 - 1  # NumPy's and Optuna's samplers refuse anything else
 
 log = logging.getLogger("autoprune.config")
 
@@ -164,6 +165,9 @@ class ExportConfig:
             quantizers.
         formats: Deployment artifacts (``pt2``, ``torchscript``, ``onnx``); empty for none.
         latency: Measure CPU latency of the original and the exported model for the model card.
+        distill: Weight ``α`` in [0, 1] of knowledge distillation from the dense model in the fine-tune
+            (:mod:`autoprune.distill`; 0 = plain cross-entropy).
+        distill_temperature: Temperature ``T`` of the distillation.
     """
 
     finetune: Literal["fixed", "infcop", "none"] = "fixed"
@@ -173,6 +177,28 @@ class ExportConfig:
     calibration_batches: int = 20
     formats: list[str] = field(default_factory=lambda: ["pt2"])
     latency: bool = True
+    distill: float = 0.0
+    distill_temperature: float = 4.0
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """How a candidate's latency is predicted when the campaign budgets or optimises it (``objective.budget.
+    latency_ms``, the ``latency`` objective, the ``latency_aware`` reward): per-layer timings on this machine plus
+    a calibration on end-to-end timings (:mod:`autoprune.latency_model`), kept in the campaign directory.
+
+    Attributes:
+        threads: Intra-op threads of every timing (the prediction is for this thread count).
+        batch: Batch size of the timings (the prediction is for this batch).
+        calibration: Candidates timed end to end to calibrate the prediction (the dense model and random
+            candidates of the search space).
+        min_run_time: Seconds of timed runs per table entry and per calibration round.
+    """
+
+    threads: int = 1
+    batch: int = 1
+    calibration: int = 8
+    min_run_time: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -215,6 +241,7 @@ class CampaignConfig:
     output_dir: str | None = None
     device: str | None = None
     export: ExportConfig = field(default_factory=ExportConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     plugins: list[str] = field(default_factory=list)
 
@@ -389,6 +416,10 @@ def _check_values(cfg: CampaignConfig) -> None:
             raise ConfigError(f"search_space.a_bits: {b} is outside 2..8 (or null for float)",
                               hint="activation bit-widths are 2 to 8 or null (float), e.g. "
                               "search_space.a_bits=[null,8]")
+    for where, seed in (("seed", cfg.seed), ("dataset.seed", cfg.dataset.seed)):
+        if not 0 <= seed <= _MAX_SEED:
+            raise ConfigError(f"{where}: must be in 0..{_MAX_SEED}, got {seed}",
+                              hint=f"seeds are non-negative 32-bit integers (NumPy's rule), e.g. {where}=0")
     if not cfg.name or any(c in cfg.name for c in "/\\\0") or cfg.name in (".", ".."):
         raise ConfigError(f"name: {cfg.name!r} cannot be used as a directory name",
                           hint="use letters, digits, '-', '_' and '.'")
@@ -411,9 +442,18 @@ def _check_campaign_extras(cfg: CampaignConfig) -> None:
                           hint="e.g. export.epochs=30 (a fraction runs part of an epoch), or export.finetune=none")
     if cfg.export.lr <= 0:
         raise ConfigError(f"export.lr: must be > 0, got {cfg.export.lr}", hint="e.g. export.lr=0.01")
+    if not 0.0 <= cfg.export.distill <= 1.0 or cfg.export.distill_temperature <= 0:
+        raise ConfigError(f"export.distill must be in [0, 1] and export.distill_temperature > 0, got "
+                          f"{cfg.export.distill} and {cfg.export.distill_temperature}",
+                          hint="e.g. export.distill=0.9 export.distill_temperature=4, or export.distill=0 (off)")
     if cfg.export.calibration_batches < 1:
         raise ConfigError(f"export.calibration_batches: must be ≥ 1, got {cfg.export.calibration_batches}",
                           hint="e.g. export.calibration_batches=20")
+    lat = cfg.latency
+    if lat.threads < 1 or lat.batch < 1 or lat.calibration < 3 or lat.min_run_time <= 0:
+        raise ConfigError(f"latency: need threads ≥ 1, batch ≥ 1, calibration ≥ 3 and min_run_time > 0, got "
+                          f"{lat.threads}, {lat.batch}, {lat.calibration} and {lat.min_run_time}",
+                          hint="e.g. latency.threads=1 latency.batch=1 latency.calibration=8 (the defaults)")
     if cfg.workers.heartbeat_seconds <= 0 or cfg.workers.stale_seconds <= cfg.workers.heartbeat_seconds:
         raise ConfigError("workers: need heartbeat_seconds > 0 and stale_seconds > heartbeat_seconds, got "
                           f"{cfg.workers.heartbeat_seconds} and {cfg.workers.stale_seconds}",

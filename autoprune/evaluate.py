@@ -42,12 +42,14 @@ from __future__ import annotations
 
 import copy
 import inspect
+import io
 import itertools
 import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -55,13 +57,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoprune import interrupts
+from autoprune.distill import Distillation, Teacher, distillation_loss
 from autoprune.errors import ConfigError, DataError
 from autoprune.infcop import DEFAULT_EPS, DISTANCE_FORMS, FLOW_KINDS, FlowReference
 from autoprune.registry import Registry
 from autoprune.train import SCHEDULES, lr_at, make_optimizer
 from autoprune.train import evaluate as evaluate_metrics
 from autoprune.types import EvalResult
-from autoprune.utils import default_device
+from autoprune.utils import atomic_write, default_device
 
 Batch = tuple[Tensor, Tensor]
 Loader = Iterable[Batch]
@@ -244,6 +247,10 @@ class StepTrainer:
         total_steps: Length of the cosine schedule (ignored for ``"constant"``).
         device: Device of the steps (default: the model's).
         after_step: Optional callback run after every optimizer step (e.g. re-applying pruning masks).
+        distill: Distillation settings (:mod:`autoprune.distill`); with ``weight > 0`` every step's loss mixes
+            the cross-entropy with the KL divergence to ``teacher``'s outputs on the same batch.
+        teacher: The teacher (a :class:`~autoprune.distill.Teacher`, or a model that is wrapped in one); needed
+            when ``distill.weight > 0``.
     """
 
     def __init__(
@@ -255,9 +262,17 @@ class StepTrainer:
         total_steps: int | None = None,
         device: torch.device | str | None = None,
         after_step: Callable[[], None] | None = None,
+        distill: Distillation | None = None,
+        teacher: Teacher | nn.Module | None = None,
     ) -> None:
         self.model = model
         self.settings = settings
+        self.distill = distill if distill is not None and distill.enabled else None
+        if self.distill is not None and teacher is None:
+            raise ConfigError("distillation needs a teacher (the dense model)",
+                              hint="pass teacher=the dense model, or distill weight 0")
+        self.teacher = (teacher if isinstance(teacher, Teacher) or teacher is None
+                        else Teacher(teacher, _model_device(model, device)))
         self.device = _model_device(model, device)
         self.after_step = after_step
         self.optimizer = make_optimizer(model, lr=settings.lr, momentum=settings.momentum,
@@ -265,7 +280,29 @@ class StepTrainer:
         self.total_steps = total_steps
         self.steps = 0
         self.samples = 0
+        self.loader = loader
         self._batches = cycle_batches(loader)
+        self._start_epoch: int | None = None  # an epoch-seeded loader's epoch at the first step
+
+    def state_dict(self) -> dict[str, Any]:
+        """What continues this run exactly: model, optimizer, steps, the torch RNG and the loader's epoch."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "steps": self.steps,
+                "samples": self.samples, "start_epoch": self._start_epoch or 0, "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the run saved by :meth:`state_dict`: with an epoch-seeded loader (``set_epoch``, ``len``) the
+        next batch is the one the saved run would have taken next."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps, self.samples = int(state["steps"]), int(state["samples"])
+        self._start_epoch = int(state["start_epoch"])
+        torch.set_rng_state(state["rng"])
+        per_epoch = _num_batches_of(self.loader)
+        if per_epoch and hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self._start_epoch + self.steps // per_epoch)
+            self._batches = cycle_batches(self.loader)
+            for _ in range(self.steps % per_epoch):
+                next(self._batches)
 
     def _lr(self) -> float:
         s = self.settings
@@ -277,13 +314,21 @@ class StepTrainer:
         """Run ``steps`` optimizer steps in train mode; return the mean training loss of the chunk."""
         self.model.train()
         total = 0.0
+        if self._start_epoch is None:  # read when the first batch is taken (BN calibration may iterate first)
+            self._start_epoch = int(getattr(self.loader, "epoch", 0))
         for _ in range(steps):
             interrupts.check()  # a Ctrl-C swallowed elsewhere still stops a fine-tune (export's too)
             x, y = next(self._batches)
             x, y = x.to(self.device), y.to(self.device)
             for group in self.optimizer.param_groups:
                 group["lr"] = self._lr()
-            loss = F.cross_entropy(self.model(x), y, label_smoothing=self.settings.label_smoothing)
+            logits = self.model(x)
+            if self.distill is not None:
+                assert self.teacher is not None
+                loss = distillation_loss(logits, self.teacher(x), y, self.distill,
+                                         label_smoothing=self.settings.label_smoothing)
+            else:
+                loss = F.cross_entropy(logits, y, label_smoothing=self.settings.label_smoothing)
             if not torch.isfinite(loss):
                 raise DivergedError(f"fine-tuning diverged: loss {float(loss.detach())} at step {self.steps + 1}")
             self.optimizer.zero_grad(set_to_none=True)
@@ -296,6 +341,13 @@ class StepTrainer:
             total += float(loss.detach())
         self.optimizer.zero_grad(set_to_none=True)
         return total / max(steps, 1)
+
+
+def _num_batches_of(loader: Loader) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def cycle_batches(loader: Loader) -> Iterator[Batch]:
@@ -499,6 +551,9 @@ class TrainingEvaluator(Evaluator):
         schedule: str = "constant",
         bn_calibration: int = 0,
         bn_loader: Loader | None = None,
+        distill: float = 0.0,
+        distill_temperature: float = 4.0,
+        teacher: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(train_loader, val_loader, **kwargs)
@@ -507,6 +562,14 @@ class TrainingEvaluator(Evaluator):
             raise ConfigError(f"bn_calibration must be >= 0 batches, got {bn_calibration}", hint="0 disables it")
         self.bn_calibration = bn_calibration
         self.bn_loader = bn_loader if bn_loader is not None else train_loader
+        self.distill = Distillation(float(distill), float(distill_temperature))
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise ConfigError(f"teacher must be a model, got {type(teacher).__name__}",
+                              hint="leave `teacher` out: campaigns pass the dense model when distill > 0")
+        if self.distill.enabled and teacher is None:
+            raise ConfigError(f"distill={distill}: distillation needs the dense model as the teacher",
+                              hint="campaigns pass it; in Python pass teacher=the dense model, or distill=0")
+        self.teacher = Teacher(teacher, self.device) if self.distill.enabled and teacher is not None else None
 
     def fine_tune(self, model: nn.Module, *, report: ReportFn | None = None) -> Outcome:
         """Fine-tune ``model`` **in place** with this evaluator's schedule, then score it on the validation split.
@@ -521,7 +584,13 @@ class TrainingEvaluator(Evaluator):
         Returns:
             The :class:`Outcome` (accuracy, loss, training samples, evaluator-specific ``extra``).
         """
-        return self._train(model.to(self.device), report)
+        if self.teacher is None:
+            return self._train(model.to(self.device), report)
+        self.teacher.seconds, self.teacher.batches = 0.0, 0
+        outcome = self._train(model.to(self.device), report)
+        outcome.extra["distill"] = {"weight": self.distill.weight, "temperature": self.distill.temperature,
+                                    "teacher_seconds": self.teacher.seconds, "teacher_batches": self.teacher.batches}
+        return outcome
 
     def _run(self, model: nn.Module, report: ReportFn | None) -> Outcome:
         return self.fine_tune(model, report=report)
@@ -531,7 +600,8 @@ class TrainingEvaluator(Evaluator):
         """Train ``model`` (already on the evaluator's device) and score it."""
 
     def _start(self, model: nn.Module, total_steps: int) -> StepTrainer:
-        trainer = StepTrainer(model, self.train_loader or [], self.sgd, total_steps=total_steps, device=self.device)
+        trainer = StepTrainer(model, self.train_loader or [], self.sgd, total_steps=total_steps, device=self.device,
+                              distill=self.distill, teacher=self.teacher)
         if self.bn_calibration:
             trainer.samples += recalibrate_bn(model, self.bn_loader or [], self.bn_calibration, device=self.device)
         return trainer
@@ -576,9 +646,16 @@ class FineTuneEvaluator(TrainingEvaluator):
 class FullFineTuneEvaluator(TrainingEvaluator):
     """Fixed-schedule fine-tuning for final models: ``epochs`` epochs, cosine LR; reports every epoch.
 
+    With ``checkpoint`` (a file path) the run is saved after every epoch (model, optimizer, step, RNG and data
+    position) and a new run with the same ``checkpoint_key`` and settings continues after the last saved epoch,
+    with the same result as an uninterrupted run (an epoch-seeded loader such as :class:`autoprune.data.
+    BatchLoader` replays the same batches).
+
     Args:
         epochs: Number of epochs (each ``len(train_loader)`` steps, or ``steps_per_epoch``).
         steps_per_epoch: Steps per epoch when the loader has no ``len()``.
+        checkpoint: File to save the run to after every epoch and to resume it from.
+        checkpoint_key: What the run is (e.g. the candidate); a checkpoint of another key is not resumed.
         **kwargs: Optimizer settings (schedule defaults to ``"cosine"``, lr to 0.01), :class:`Evaluator`
             arguments.
     """
@@ -587,8 +664,10 @@ class FullFineTuneEvaluator(TrainingEvaluator):
 
     def __init__(self, train_loader: Loader | None = None, val_loader: Loader | None = None, *,
                  epochs: int = 30, steps_per_epoch: int | None = None, schedule: str = "cosine",
-                 **kwargs: Any) -> None:
+                 checkpoint: str | None = None, checkpoint_key: str = "", **kwargs: Any) -> None:
         super().__init__(train_loader, val_loader, schedule=schedule, **kwargs)
+        self.checkpoint = Path(str(checkpoint)) if checkpoint else None
+        self.checkpoint_key = str(checkpoint_key)
         if epochs < 1:
             raise ConfigError(f"full fine-tuning needs epochs >= 1, got {epochs}", hint="e.g. epochs=30")
         if steps_per_epoch is None:
@@ -602,18 +681,46 @@ class FullFineTuneEvaluator(TrainingEvaluator):
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
 
+    def _resume(self, model: nn.Module) -> tuple[StepTrainer, int] | None:
+        """The trainer and the last completed epoch saved in :attr:`checkpoint`, if it is this run's."""
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            return None
+        try:
+            saved = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+        except Exception:  # a checkpoint cut short by a kill: start again
+            return None
+        if not isinstance(saved, dict) or saved.get("key") != self._key():
+            return None
+        trainer = StepTrainer(model, self.train_loader or [], self.sgd, total_steps=self.epochs * self.steps_per_epoch,
+                              device=self.device, distill=self.distill, teacher=self.teacher)
+        trainer.load_state_dict(saved["trainer"])
+        return trainer, int(saved["epoch"])
+
+    def _key(self) -> str:
+        return f"{self.checkpoint_key}|{self.epochs}|{self.steps_per_epoch}|{self.sgd}|{self.distill}"
+
+    def _save(self, trainer: StepTrainer, epoch: int) -> None:
+        if self.checkpoint is None:
+            return
+        buf = io.BytesIO()
+        torch.save({"key": self._key(), "epoch": epoch, "trainer": trainer.state_dict()}, buf)
+        atomic_write(self.checkpoint, buf.getvalue())
+
     def _train(self, model: nn.Module, report: ReportFn | None) -> Outcome:
-        trainer = self._start(model, self.epochs * self.steps_per_epoch)
+        resumed = self._resume(model)
+        trainer, done = resumed if resumed is not None else (self._start(model, self.epochs * self.steps_per_epoch), 0)
         history: list[float] = []
-        for epoch in range(1, self.epochs + 1):
+        for epoch in range(done + 1, self.epochs + 1):
             trainer.run(self.steps_per_epoch)
+            self._save(trainer, epoch)
             if report is not None:
                 acc, loss = self._validate(model)
                 history.append(acc)
                 if report(epoch, acc):
                     return self._pruned(acc, loss, trainer.samples, trainer.steps, epochs=epoch, history=history)
         acc, loss = self._validate(model)
-        return Outcome(acc, loss, trainer.samples, {"steps": trainer.steps, "epochs": self.epochs})
+        return Outcome(acc, loss, trainer.samples, {"steps": trainer.steps, "epochs": self.epochs,
+                                                    "resumed_after_epoch": done})
 
 
 @EVALUATORS.register("infcop")

@@ -46,6 +46,8 @@ Loader = Iterable[tuple[torch.Tensor, torch.Tensor]]
 log = logging.getLogger("autoprune.export")
 
 EXPORT_DIR = "export"
+#: The export fine-tune saved after every epoch (removed once the export is complete).
+FINETUNE_CHECKPOINT = "finetune.ckpt"
 #: Largest tolerated difference between the in-memory and the reloaded model's logits.
 LOGIT_TOLERANCE = 1e-4
 
@@ -144,7 +146,8 @@ def _selected(row: pd.Series) -> SelectedTrial:
 
 
 def finetune(camp: Campaign, module: nn.Module, *, method: str, epochs: float, lr: float,
-             settings: Mapping[str, Any] | None = None, bn_batches: int = 20) -> tuple[nn.Module, dict[str, Any]]:
+             settings: Mapping[str, Any] | None = None, bn_batches: int = 20,
+             checkpoint: Path | None = None, checkpoint_key: str = "") -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune a copy of ``module`` with the campaign's training data; return it and what was done.
 
     BN statistics of the pruned network are re-estimated on ``bn_batches`` training batches before training
@@ -163,6 +166,9 @@ def finetune(camp: Campaign, module: nn.Module, *, method: str, epochs: float, l
         lr: Peak learning rate.
         settings: More evaluator settings (``momentum``, ``max_steps`` for ``infcop``, ...).
         bn_batches: Batches of the BN re-estimation.
+        checkpoint: For ``fixed``: the file the fine-tune is saved to after every epoch; a killed export run
+            again continues after the last saved epoch, with the same result.
+        checkpoint_key: What is fine-tuned (a checkpoint of another candidate or other settings is not resumed).
     """
     from autoprune.campaign import make_evaluator
     from autoprune.evaluate import TrainingEvaluator, recalibrate_bn
@@ -179,6 +185,8 @@ def finetune(camp: Campaign, module: nn.Module, *, method: str, epochs: float, l
     kw: dict[str, Any] = {"lr": lr, "bn_calibration": bn_batches, **dict(settings or {})}
     if method == "fixed":
         name = "full"
+        if checkpoint is not None:
+            kw.update(checkpoint=str(checkpoint), checkpoint_key=checkpoint_key)
         if float(epochs).is_integer():
             kw.setdefault("epochs", int(epochs))
         else:
@@ -212,7 +220,11 @@ def finetune(camp: Campaign, module: nn.Module, *, method: str, epochs: float, l
     val = evaluate(work, camp.val_loader, desc="val")
     info = {"method": method, "evaluator": name, "settings": {k: v for k, v in kw.items() if _plain(v)},
             "val_accuracy": float(val.top1), "bn_batches": bn_batches,
-            **{k: v for k, v in outcome.extra.items() if k in ("steps", "epochs", "stop_reason")}}
+            **{k: v for k, v in outcome.extra.items() if k in ("steps", "epochs", "stop_reason", "distill",
+                                                                "resumed_after_epoch")}}
+    if info.get("resumed_after_epoch"):
+        progress_line(f"fine-tune: continued after epoch {info['resumed_after_epoch']} saved by an earlier run",
+                      with_bars=True)
     return work.eval(), info
 
 
@@ -251,6 +263,24 @@ def _max_logit_diff(a: nn.Module, b: nn.Module, loader: Loader) -> float:
     x, _ = next(iter(loader))
     with torch.inference_mode():
         return float((a.eval()(x) - b.eval()(x)).abs().max())
+
+
+def _check_onnx(deployment: Mapping[str, Path], model: nn.Module, example: torch.Tensor) -> dict[str, Any] | None:
+    """ONNX Runtime's outputs and latency beside torch's for an ONNX artifact (None without one, or without
+    onnxruntime: then the reason)."""
+    if "onnx" not in deployment:
+        return None
+    from autoprune import serialize
+    from autoprune._imports import is_available
+
+    if not is_available("onnxruntime"):
+        return {"skipped": "onnxruntime is not installed (pip install autoprune[onnx])"}
+    progress_line("checking model.onnx with ONNX Runtime (batches 1 and 7; latency at batch 1, 1 thread)")
+    try:
+        return serialize.check_onnx(deployment["onnx"], model, example)
+    except AutoPruneError as exc:
+        log.warning("ONNX check failed: %s", exc.message)
+        return {"error": exc.message.strip().splitlines()[0]}
 
 
 def _latency(models: Mapping[str, nn.Module], example: torch.Tensor) -> dict[str, dict[str, float]]:
@@ -324,8 +354,11 @@ def export_trial(camp: Campaign, trial: SelectedTrial, *, out_dir: str | os.Path
     pruned = pruning.apply(camp.model, camp.groups, dict(cand.widths), importance=cfg.search_space.importance,
                            round_to=cfg.search_space.round_to)
     tuned, ft_info = finetune(camp, pruned, method=finetune_method or ecfg.finetune,
-                              epochs=ecfg.epochs if epochs is None else epochs, lr=ecfg.lr, settings=ecfg.kwargs,
-                              bn_batches=ecfg.calibration_batches)
+                              epochs=ecfg.epochs if epochs is None else epochs, lr=ecfg.lr,
+                              settings={"distill": ecfg.distill, "distill_temperature": ecfg.distill_temperature,
+                                        **ecfg.kwargs},
+                              bn_batches=ecfg.calibration_batches, checkpoint=out / FINETUNE_CHECKPOINT,
+                              checkpoint_key=f"{trial.label}|{cand.key()}|seed{cfg.seed}")
     if "val_accuracy" in ft_info:
         progress_line(f"fine-tuned: val accuracy {100 * ft_info['val_accuracy']:.2f} % after batch-norm "
                       "re-estimation", with_bars=True)
@@ -363,6 +396,7 @@ def export_trial(camp: Campaign, trial: SelectedTrial, *, out_dir: str | os.Path
         except AutoPruneError as exc:
             deploy_error = exc.message.strip().splitlines()[0]
             log.warning("deployment export failed: %s", exc.message)
+    onnx_check = _check_onnx(deployment, reloaded, camp.example_input)
     latency: dict[str, dict[str, float]] = {}
     if ecfg.latency if measure_latency is None else measure_latency:
         progress_line("measuring CPU latency (batch 1, 1 thread)", with_bars=True)
@@ -378,7 +412,7 @@ def export_trial(camp: Campaign, trial: SelectedTrial, *, out_dir: str | os.Path
                      "file_bytes": _dir_bytes(model_dir)},
         "check": check, "latency": latency,
         "deployment": {k: str(v) for k, v in deployment.items()}, "deployment_error": deploy_error,
-        "candidate": cand.to_dict(), "command": command, "search_command": search_command,
+        "onnx_check": onnx_check, "candidate": cand.to_dict(), "command": command, "search_command": search_command,
         "files": {"model": str(model_dir), "card": str(out / "MODEL_CARD.md")},
     }
     atomic_write(out / "export.json", json.dumps(metrics, indent=2, default=str) + "\n")
@@ -388,6 +422,7 @@ def export_trial(camp: Campaign, trial: SelectedTrial, *, out_dir: str | os.Path
             f"{test_acc:.6f} before saving, {re_acc:.6f} after reloading (max logit difference {diff:.3g})")
     card = out / "MODEL_CARD.md"
     atomic_write(card, model_card(camp, trial, metrics))
+    (out / FINETUNE_CHECKPOINT).unlink(missing_ok=True)  # the export is complete: nothing left to resume
     return ExportResult(out, model_dir, card, metrics, deployment)
 
 
@@ -422,6 +457,11 @@ def layer_table(camp: Campaign, cand: Candidate) -> pd.DataFrame:
     return table
 
 
+def _distill_text(d: Mapping[str, Any]) -> str:
+    return (f", distilled from the dense model (weight {d['weight']:g}, temperature {d['temperature']:g}; the "
+            f"teacher's forward passes took {d['teacher_seconds']:.0f} s)")
+
+
 def model_card(camp: Campaign, trial: SelectedTrial, m: Mapping[str, Any]) -> str:
     """The Markdown model card of an export."""
     from autoprune.report import to_markdown
@@ -454,8 +494,9 @@ def model_card(camp: Campaign, trial: SelectedTrial, m: Mapping[str, Any]) -> st
         f"validation accuracy during the search {_pct(trial.accuracy)}"
         + (f" (validation images {m['val_caveat']})" if m.get("val_caveat") else "")
         + (f", reward {trial.reward:.4f}" if trial.reward is not None else "") + ".\n",
-        f"Final fine-tune: {ft_text}" + (f"; validation accuracy after it {_pct(ft.get('val_accuracy'))}"
-                                          if "val_accuracy" in ft else "") + ".\n",
+        f"Final fine-tune: {ft_text}" + (_distill_text(ft["distill"]) if ft.get("distill") else "")
+        + (f"; validation accuracy after it {_pct(ft.get('val_accuracy'))}" if "val_accuracy" in ft else "")
+        + ".\n",
         "## Results (test split)\n",
         to_markdown(summary),
         f"Reload check: the saved model was reloaded without the model code and re-evaluated: test accuracy "
@@ -475,6 +516,16 @@ def model_card(camp: Campaign, trial: SelectedTrial, m: Mapping[str, Any]) -> st
               for fmt, path in (m.get("deployment") or {}).items()]
     if m.get("deployment_error"):
         files.append(f"- deployment export failed: {m['deployment_error']}")
+    oc = m.get("onnx_check")
+    if oc and "max_abs_diff" in oc:
+        lat = oc.get("latency_ms") or {}
+        files.append(f"- `deploy/model.onnx` checked with ONNX Runtime {oc['onnxruntime']}: largest output difference "
+                     f"{oc['max_abs_diff']:.2g} at batches {', '.join(map(str, oc['batches']))} "
+                     f"({'within' if oc['passed'] else 'OVER'} {oc['tolerance']:g})"
+                     + (f"; batch 1, 1 thread: {lat['onnxruntime']:.3f} ms in ONNX Runtime, {lat['torch']:.3f} ms "
+                        "in torch" if lat else "") + ".")
+    elif oc:
+        files.append(f"- `deploy/model.onnx` not checked: {oc.get('skipped') or oc.get('error')}.")
     files.append("- `export.json` — every number on this card.")
     commands = [c for c in (m.get("search_command"), m.get("command")) if c]
     parts += ["## Files", "\n".join(files)]

@@ -37,10 +37,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from autoprune.distill import Distillation, Teacher
 from autoprune.errors import ConfigError
 from autoprune.evaluate import SGDSettings, StepTrainer, validate
 from autoprune.infcop import DEFAULT_EPS, DISTANCE_FORMS, FlowReference
-from autoprune.utils import seed_everything
+from autoprune.utils import prepare_out_dir, seed_everything
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
@@ -80,6 +81,8 @@ class IMPConfig:
         flow_samples: Size of the fixed flow subset (training data, test-time transforms).
         stop_on_accuracy: With IF/GF, also stop when validation accuracy reaches the warm-up best.
         sgd: Optimizer (identical for every variant).
+        distill: Knowledge distillation in the retraining phases, from the model IMP started from
+            (:mod:`autoprune.distill`; weight 0 = off).
         seed: Seed of the run.
     """
 
@@ -106,6 +109,7 @@ class IMPConfig:
     flow_samples: int = 2000
     stop_on_accuracy: bool = True
     sgd: SGDSettings = field(default_factory=SGDSettings)
+    distill: Distillation = field(default_factory=Distillation)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -428,8 +432,7 @@ class IMPResult:
 
     def write(self, out_dir: str | Path) -> list[Path]:
         """Write ``imp.csv`` (the per-iteration table), ``imp.json`` and ``final.pt`` (state dict + masks)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = prepare_out_dir(out_dir, hint="pass --out <a writable directory>")
         table = out / "imp.csv"
         with table.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=[f.name for f in fields(IMPRow)])
@@ -489,6 +492,7 @@ def run_imp(
     dev = next(work.parameters()).device
     say = log or (lambda _s: None)
     example = next(iter(train_loader))[0][:2].to(dev)
+    teacher = Teacher(model, dev) if config.distill.enabled else None
     targets = prune_targets(work, example, config.granularity)
     masks = init_masks(work, targets)
 
@@ -520,7 +524,7 @@ def run_imp(
             else:
                 apply_masks(work, masks)
         rounds, reason, trajectory = _retrain(work, masks, train_loader, val_loader, reference, target, config,
-                                              steps_per_round, dev)
+                                              steps_per_round, dev, teacher)
         acc = trajectory[-1]["val_accuracy"]
         seconds = time.perf_counter() - t0
         epochs = rounds * config.round_epochs
@@ -552,11 +556,11 @@ def _warm_up(model: nn.Module, train_loader: Loader, val_loader: Loader, config:
 
 def _retrain(model: nn.Module, masks: Masks, train_loader: Loader, val_loader: Loader,
              reference: FlowReference | None, target: float, config: IMPConfig, steps_per_round: int,
-             device: torch.device) -> tuple[int, str, list[dict[str, Any]]]:
+             device: torch.device, teacher: Teacher | None = None) -> tuple[int, str, list[dict[str, Any]]]:
     """Retrain round by round until the stopping rule fires; return rounds used, reason and the trajectory."""
     handles = mask_gradients(model, masks)
     trainer = StepTrainer(model, train_loader, config.sgd, device=device,
-                          after_step=lambda: apply_masks(model, masks))
+                          after_step=lambda: apply_masks(model, masks), distill=config.distill, teacher=teacher)
     trajectory: list[dict[str, Any]] = []
     reason = "budget"
     try:

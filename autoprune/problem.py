@@ -9,6 +9,7 @@ candidate key).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from autoprune.types import Candidate, CostReport, EvalResult, QuantSpec
 if TYPE_CHECKING:
     from autoprune.evaluate import CandidateEvaluator
     from autoprune.graph import GroupSet
+    from autoprune.latency_model import LatencyPredictor
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,8 @@ class Problem:
             bits (required only then).
         calib_batches: Number of calibration batches.
         calib_method: ``"minmax"``, ``"percentile"`` or ``"mse"`` (see :func:`autoprune.quantization.calibrate`).
+        latency: A :class:`~autoprune.latency_model.LatencyPredictor` of ``groups``: when set, every cost report
+            carries the candidate's predicted ``latency_ms`` (what latency budgets and objectives read).
     """
 
     model: nn.Module
@@ -187,6 +191,7 @@ class Problem:
     calib_loader: Iterable[Any] | None = None
     calib_batches: int = 8
     calib_method: str = "minmax"
+    latency: LatencyPredictor | None = None
     _dense_cost: CostReport | None = field(default=None, init=False, repr=False)
     _cache: dict[str, tuple[EvalResult, CostReport]] = field(default_factory=dict, init=False, repr=False)
 
@@ -196,7 +201,10 @@ class Problem:
         from autoprune import cost as cost_model
 
         bits = dict(candidate.bits) or None
-        return cost_model.closed_form(self.groups, dict(candidate.widths), bits=bits)
+        cost = cost_model.closed_form(self.groups, dict(candidate.widths), bits=bits)
+        if self.latency is not None:
+            cost = dataclasses.replace(cost, latency_ms=self.latency.predict(candidate.widths))
+        return cost
 
     @property
     def dense_cost(self) -> CostReport:

@@ -32,7 +32,7 @@ import optuna
 import yaml
 
 from autoprune.config import CampaignConfig, load_config
-from autoprune.errors import AutoPruneError, ConfigError
+from autoprune.errors import ConfigError
 from autoprune.store import TrialStore
 
 CONFIG_FILE = "config.resolved.yaml"
@@ -45,27 +45,6 @@ STORE_FILE = "trials.db"
 IDENTITY_KEYS = ("model", "dataset", "search_space", "objective", "evaluator")
 _PACKAGES = ("autoprune", "torch", "numpy", "optuna", "sqlalchemy", "pandas", "matplotlib", "scikit-learn",
              "stable-baselines3", "gymnasium", "pyyaml", "psycopg2-binary")
-
-
-def prepare_out_dir(path: str | os.PathLike[str]) -> Path:
-    """Create the campaign directory and check that files can be written in it.
-
-    Raises:
-        AutoPruneError: If it cannot be created or written (names the directory and the reason).
-    """
-    out = Path(path).expanduser()
-    hint = "set output_dir=<a writable directory> (or run from a directory where results/ can be written)"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AutoPruneError(f"cannot create the output directory {out}: {exc.strerror or exc}", hint=hint) from None
-    probe = out / f".autoprune-write-test-{os.getpid()}"
-    try:
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise AutoPruneError(f"the output directory {out} is not writable: {exc.strerror or exc}", hint=hint) from None
-    return out
 
 
 def storage_location(cfg: CampaignConfig) -> str:
@@ -253,6 +232,11 @@ def load_resolved(campaign_dir: str | os.PathLike[str], overrides: Sequence[str]
     """
     d = Path(campaign_dir)
     path = d / CONFIG_FILE
+    try:
+        d.is_dir()
+    except OSError as exc:  # a name too long for the file system, a path through a file, ...
+        raise ConfigError(f"campaign directory {str(d)[:200]} cannot be read: {exc.strerror or exc}",
+                          hint="pass the directory of a campaign, e.g. results/<campaign name>") from None
     if not d.is_dir():
         raise ConfigError(f"campaign directory {d} does not exist",
                           hint="pass the directory of a campaign, e.g. results/<campaign name>")

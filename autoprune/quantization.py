@@ -202,7 +202,15 @@ def activation_qparams(lo: float, hi: float, bits: int, *, unsigned: bool = Fals
 
 def fake_quant_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
                           ) -> torch.Tensor:
-    """Per-tensor fake quantization on [0, 2^b − 1] with a straight-through gradient."""
+    """Per-tensor fake quantization on [0, 2^b − 1] with a straight-through gradient.
+
+    While torch.export traces, the same arithmetic is written out in plain ops (the fused op has no kernel for a
+    symbolic batch size), so an exported model takes any batch and gives the same numbers.
+    """
+    is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
+    if torch.jit.is_tracing() or (is_exporting is not None and is_exporting()):  # no training here: no gradient
+        s, z = scale.float(), zero_point.float()
+        return (torch.clamp(torch.round(x * (1.0 / s)) + z, 0, 2**bits - 1) - z) * s
     return torch.fake_quantize_per_tensor_affine(x, scale.float(), zero_point.to(torch.int32), 0, 2**bits - 1)
 
 

@@ -36,6 +36,7 @@ from autoprune.errors import ConfigError
 from autoprune.provenance import SPACE_FILE, load_resolved, open_store
 from autoprune.store import COUNTED_STATES
 from autoprune.types import COST_METRICS
+from autoprune.utils import prepare_out_dir
 
 REPORT_DIR = "report"
 LEADERBOARD_COLUMNS = {
@@ -446,8 +447,8 @@ def write_report(campaign_dir: str | os.PathLike[str], *, df: pd.DataFrame | Non
         raise ConfigError(f"campaign {campaign_dir} has no finished trial yet",
                           hint="run `autoprune search CONFIG` (or compare) first")
     space = read_space(campaign_dir)
-    out = Path(out_dir) if out_dir is not None else Path(campaign_dir) / REPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_dir(Path(out_dir) if out_dir is not None else Path(campaign_dir) / REPORT_DIR,
+                          hint="pass --out <a writable directory> for the report")
     res = ReportResult(out_dir=out, trials=len(counted(df)))
     flat = df.drop(columns=["widths", "bits"]).assign(
         widths=df["widths"].map(lambda w: json.dumps(w, sort_keys=True) if w is not None else ""),

@@ -36,6 +36,7 @@ import hashlib
 import importlib
 import io
 import json
+import logging
 import math
 import operator
 import os
@@ -51,6 +52,8 @@ from torch import nn
 from autoprune._imports import is_available
 from autoprune.errors import AutoPruneError, CheckpointError, ConfigError
 from autoprune.utils import atomic_write
+
+log = logging.getLogger("autoprune.serialize")
 
 __all__ = [
     "ARCH_FILE",
@@ -815,7 +818,7 @@ def _lookup(tensor_specs: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         return built[name]
     if "alias_of" in spec:
         src = spec["alias_of"]
-        if src not in built:
+        if not isinstance(src, str) or src not in built:
             raise CheckpointError(f"tensor {name!r} aliases {src!r}, which is not a stored tensor")
         built[name] = built[src]
         return built[src]
@@ -842,7 +845,7 @@ def build_module(arch: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -
         raise CheckpointError(f"weights.pt and arch.json disagree on the stored tensors ({diff})",
                               hint="the files do not belong together; re-export the model")
     built: dict[str, torch.Tensor] = {}
-    for name in sorted(specs, key=lambda n: "alias_of" in specs[n]):  # originals before their aliases
+    for name in sorted(specs, key=lambda n: isinstance(specs[n], dict) and "alias_of" in specs[n]):  # originals first
         _lookup(specs, tensors, name, built)
     root: dict[str, Any] = {}
     for mname, mspec in arch["modules"].items():
@@ -1011,12 +1014,83 @@ def _section_loader(doc: Mapping[str, Any]) -> SectionLoader | None:
 _FORMATS = ("pt2", "torchscript", "onnx")
 
 
+def _export_any_batch(model: nn.Module, example_input: torch.Tensor) -> torch.export.ExportedProgram:
+    """``torch.export`` with a dynamic batch dimension (traced at batch 2: torch.export specialises a size of 1),
+    or at the example's own batch when the model's code fixes it (logged)."""
+    example = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    except Exception as exc:  # a batch size fixed in the model's code: constraint violation, guard on the size
+        log.warning("pt2 export: the model fixes its batch size (%s); model.pt2 takes batch %d only",
+                    (str(exc).strip().splitlines() or [type(exc).__name__])[0], example_input.shape[0])
+        return torch.export.export(model, (example_input,))
+
+
+class _OnnxRuntimeModule(nn.Module):
+    """An ONNX Runtime session behind ``nn.Module``'s call (so the latency helpers time it like a torch model)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.detach().cpu().numpy()})[0])
+
+
+def check_onnx(path: str | os.PathLike[str], model: nn.Module, example_input: torch.Tensor, *,
+               batches: Sequence[int] = (1, 7), tolerance: float = 1e-4, measure: bool = True) -> dict[str, Any]:
+    """Run an exported ``model.onnx`` with ONNX Runtime beside ``model``: the largest output difference at each
+    batch size in ``batches``, and (``measure``) both latencies at batch 1, 1 thread, timed in interleaved rounds.
+
+    Returns:
+        ``{"onnxruntime": version, "batches": [...], "max_abs_diff": d, "passed": d <= tolerance,
+        "tolerance": t, "latency_ms": {"torch": ..., "onnxruntime": ...}}`` (latency only when ``measure``).
+
+    Raises:
+        AutoPruneError: ``onnxruntime`` is not installed (the ``onnx`` extra), or the file does not run.
+    """
+    from autoprune._imports import optional_import
+
+    ort = optional_import("onnxruntime", "checking an ONNX export")
+    try:
+        session = _OnnxRuntimeModule(Path(path))
+    except Exception as exc:
+        raise AutoPruneError(f"ONNX Runtime cannot load {path}: {exc}",
+                             hint="export again with formats: [onnx]; check the onnx/onnxruntime versions") from exc
+    model = model.eval()
+    one = example_input[:1]
+    diff = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            x = one.expand(batch, *one.shape[1:]).contiguous() + 0.01 * torch.randn(batch, *one.shape[1:])
+            diff = max(diff, float((session(x) - model(x).float()).abs().max()))
+    out: dict[str, Any] = {"onnxruntime": ort.__version__, "batches": list(batches), "max_abs_diff": diff,
+                           "tolerance": tolerance, "passed": diff <= tolerance}
+    if measure:
+        from autoprune.latency import compare_latency
+
+        lat = compare_latency({"torch": model, "onnxruntime": session}, one, rounds=3, threads=1, min_run_time=0.1)
+        out["latency_ms"] = {k: v.median_ms for k, v in lat.items()}
+    return out
+
+
 def export_deployment(gm: nn.Module, example_input: torch.Tensor, out_dir: str | os.PathLike[str],
                       formats: Sequence[str] = ("pt2",)) -> dict[str, Path]:
     """Write deployment artifacts: ``model.pt2`` (``torch.export``), ``model.ts`` (TorchScript trace) and/or
     ``model.onnx`` (needs the ``onnx`` package).
 
-    The model is exported in eval mode; its training flag is restored afterwards.
+    The model is exported in eval mode; its training flag is restored afterwards. ``model.pt2`` and ``model.onnx``
+    take any batch size (the batch dimension is exported as dynamic, whatever the batch of ``example_input``); a
+    model whose code fixes its batch size (e.g. ``x.view(1, -1)``) is exported at the example's batch instead,
+    with a warning.
 
     Returns:
         Format → written path.
@@ -1036,7 +1110,7 @@ def export_deployment(gm: nn.Module, example_input: torch.Tensor, out_dir: str |
         try:
             if fmt == "pt2":
                 path = out / "model.pt2"
-                torch.export.save(torch.export.export(model, (example_input,)), str(path))
+                torch.export.save(_export_any_batch(model, example_input), str(path))
             elif fmt == "torchscript":
                 path = out / "model.ts"
                 with torch.no_grad():
@@ -1046,7 +1120,9 @@ def export_deployment(gm: nn.Module, example_input: torch.Tensor, out_dir: str |
 
                 optional_import("onnx", "ONNX export")
                 path = out / "model.onnx"
-                torch.onnx.export(model, (example_input,), str(path))
+                torch.onnx.export(model, (example_input,), str(path), input_names=["input"],
+                                  output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                                  dynamo=False)
         except AutoPruneError:
             raise
         except Exception as exc:

@@ -55,6 +55,35 @@ _OPTUNA_STATE = {
 }
 #: Trial states that count towards a searcher's candidate budget (an interrupted trial is proposed again).
 COUNTED_STATES = ("complete", "infeasible", "pruned", "failed")
+#: User attributes :meth:`TrialStore.finish` has always written on every trial (``constraints`` and ``feasible`` too
+#: when the campaign has a budget; attributes added later, such as ``latency_ms``, may be missing from older
+#: stores): the record that ``report`` and ``export`` read, required of a trial recovered by ``autoprune.salvage``.
+RECORD_ATTRS = ("widths", "bits", "key", "macs", "params", "bytes", "bitops", "accuracy", "loss", "eval_seconds",
+                "evaluator", "reward", "seconds", "searcher", "seed", "state", "reason")
+
+_INT, _REAL = (int,), (int, float)
+_NUMBERS = {"macs": _INT, "params": _INT, "bytes": _INT, "bitops": _INT, "seed": _INT, "accuracy": _REAL,
+            "loss": _REAL, "eval_seconds": _REAL, "reward": _REAL, "seconds": _REAL, "latency_ms": _REAL}
+
+
+def record_is_consistent(attrs: Mapping[str, Any]) -> bool:
+    """Whether a finished trial's record is consistent: its candidate rebuilds to its stored key, numbers are numbers.
+
+    SQLite keeps no checksums, so a damaged byte inside a value can only be caught this way (the key is a hash
+    of the widths and bits).
+    """
+    try:
+        cand = Candidate.from_dict({"widths": attrs["widths"] or {}, "bits": attrs["bits"] or {}})
+        if cand.key() != attrs["key"] or not all(isinstance(w, int) for w in cand.widths.values()):
+            return False
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+    for name, kind in _NUMBERS.items():
+        value = attrs.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            return False
+    return all(attrs.get(k) is None or isinstance(attrs[k], str) for k in ("searcher", "evaluator", "reason"))
+
 
 _STATE_KEY = "autoprune.state."
 #: ``location`` of a store kept in this process only.
@@ -188,13 +217,19 @@ def _creation_lock(url: str, timeout: float) -> Iterator[None]:
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 _OPTUNA_TABLES = {"studies", "trials", "alembic_version"}
+#: Every table of Optuna's schema: a store holding some of them, and no trial, is one whose creation was cut short
+#: (a full disk, a read-only file system, a killed process); Optuna creates the missing ones.
+_OPTUNA_SCHEMA = _OPTUNA_TABLES | {
+    "study_directions", "study_user_attributes", "study_system_attributes", "trial_user_attributes",
+    "trial_system_attributes", "trial_params", "trial_values", "trial_intermediate_values", "trial_heartbeats",
+    "version_info"}
 
 
 def _sqlite_hint(path: str) -> str:
     name = Path(path).name
     return (f"the file is read, never written, while it is damaged: restore {name} from a backup, or move it aside "
-            f"(mv {name} {name}.damaged) to start the campaign's store afresh; `sqlite3 {name} .recover` salvages "
-            "the rows SQLite can still read")
+            f"(mv {name} {name}.damaged) to start the campaign's store afresh; `autoprune report DIR --salvage` "
+            "and `autoprune export DIR --salvage` read the trials that survive (read-only)")
 
 
 def check_sqlite_file(path: str | os.PathLike[str]) -> None:
@@ -220,19 +255,25 @@ def check_sqlite_file(path: str | os.PathLike[str]) -> None:
         con = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
     except sqlite3.Error as exc:
         raise AutoPruneError(f"the trial store {p} cannot be opened: {exc}", hint=_sqlite_hint(str(p))) from None
+    con.text_factory = lambda raw: raw.decode("utf-8", "replace")  # a damaged schema page may hold any bytes
     try:
         problems = [r[0] for r in con.execute("PRAGMA quick_check(5)").fetchall()]
         if problems != ["ok"]:
             raise AutoPruneError(f"the trial store {p} is damaged (SQLite's quick_check: {'; '.join(problems)})",
                                  hint=_sqlite_hint(str(p)))
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if tables and not tables >= _OPTUNA_TABLES:
+        half_created = "studies" in tables and tables <= _OPTUNA_SCHEMA and (
+            "trials" not in tables or con.execute("SELECT count(*) FROM trials").fetchone()[0] == 0)
+        if tables and not tables >= _OPTUNA_TABLES and not half_created:
             shown = ", ".join(sorted(tables)[:6])
             raise AutoPruneError(f"the trial store {p} is another program's database (tables: {shown}), not an "
                                  "Optuna trial store", hint="point the campaign at another file (output_dir or "
                                  "storage); autoprune never writes into a database it did not create")
     except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
         raise AutoPruneError(f"the trial store {p} is damaged: {exc}", hint=_sqlite_hint(str(p))) from None
+    except UnicodeDecodeError:  # SQLite's own message quotes damaged bytes
+        raise AutoPruneError(f"the trial store {p} is damaged (SQLite's quick_check fails)",
+                             hint=_sqlite_hint(str(p))) from None
     finally:
         con.close()
 
@@ -303,8 +344,18 @@ def storage_error(exc: BaseException, where: str) -> AutoPruneError | None:
             "run the same command again to resume")
     if isinstance(exc, AutoPruneError):
         return None
-    if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
-        exc = exc.__cause__  # Optuna wraps the database's own error
+    if isinstance(exc, optuna.exceptions.StorageInternalError | sa_exc.PendingRollbackError):
+        # Optuna wraps the database's own error; a server lost mid-query shows as a pending rollback whose
+        # context is the driver's error: follow the chain to it
+        seen: BaseException | None = exc
+        while seen is not None and not isinstance(seen, sa_exc.OperationalError | sa_exc.InterfaceError |
+                                                  sa_exc.DatabaseError):
+            seen = seen.__cause__ or seen.__context__
+        if seen is None and isinstance(exc, optuna.exceptions.StorageInternalError):
+            return AutoPruneError(f"the trial store {where} failed: {_first_line(exc)}", hint=hint)
+        exc = seen if seen is not None else exc
+    if isinstance(exc, sa_exc.PendingRollbackError):
+        return AutoPruneError(f"the connection to the trial store {where} was lost: {_first_line(exc)}", hint=hint)
     if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.DatabaseError):
         text = _first_line(getattr(exc, "orig", None) or exc)
         if "locked" in text:
@@ -314,6 +365,19 @@ def storage_error(exc: BaseException, where: str) -> AutoPruneError | None:
         return AutoPruneError(f"writing campaign files failed ({exc.strerror or exc}): {exc.filename or where}",
                               hint=hint)
     return None
+
+
+@contextlib.contextmanager
+def storage_errors(where: str) -> Iterator[None]:
+    """Turn a storage failure inside the block (see :func:`storage_error`) into its :class:`AutoPruneError`;
+    anything else passes through unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        err = storage_error(exc, where)
+        if err is None:
+            raise
+        raise err from exc
 
 
 def _finite(x: float | None) -> float | None:
@@ -453,6 +517,7 @@ class TrialStore:
             "params": cost.params if cost else None,
             "bytes": cost.bytes if cost else None,
             "bitops": cost.bitops if cost else None,
+            "latency_ms": cost.latency_ms if cost else None,
             "accuracy": _finite(result.accuracy) if result else None,
             "loss": _finite(result.loss) if result else None,
             "eval_seconds": result.seconds if result else None,
@@ -504,12 +569,32 @@ class TrialStore:
         return [_record(t) for _, t in self._iter_trials(searcher, seed) if t.state.is_finished()]
 
     def _iter_trials(self, searcher: str | None, seed: int | None) -> Iterator[tuple[str, FrozenTrial]]:
+        """Every trial of the matching studies; a record that cannot be read, or a counted trial whose record
+        is inconsistent (a file changed by another program), is an :class:`AutoPruneError`, not a traceback."""
         for name in self.study_names():
-            _, s, sd = name.split("/")
+            parts = name.split("/")
+            if len(parts) != 3:
+                raise self._unreadable(f"a study named {name!r} that autoprune did not write")
+            _, s, sd = parts
             if (searcher is None or s == searcher) and (seed is None or sd == f"seed{int(seed)}"):
-                study = optuna.load_study(study_name=name, storage=self.storage)
-                for t in study.get_trials(deepcopy=False):
+                try:
+                    trials = optuna.load_study(study_name=name, storage=self.storage).get_trials(deepcopy=False)
+                except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+                    raise self._unreadable(f"study {name}: {_first_line(exc)}") from exc
+                for t in trials:
+                    if (t.state.is_finished() and t.user_attrs.get("state") in COUNTED_STATES
+                            and not (set(RECORD_ATTRS) <= set(t.user_attrs)
+                                     and record_is_consistent(t.user_attrs))):
+                        raise self._unreadable(f"study {name}, trial #{t.number}: its record is inconsistent "
+                                               "(a missing value, a value of the wrong type, or a candidate "
+                                               "that does not match its key)")
                     yield name, t
+
+    def _unreadable(self, what: str) -> AutoPruneError:
+        return AutoPruneError(f"the trial store {_redact(self.url)} holds records that cannot be read ({what}); it "
+                              "was changed by another program or is damaged",
+                              hint="`autoprune report DIR --salvage` and `autoprune export DIR --salvage` read the "
+                              "intact trials (read-only); or restore the store from a backup")
 
     def to_dataframe(self, searcher: str | None = None, seed: int | None = None) -> pd.DataFrame:
         """One row per trial: study, number, searcher, seed, state, reason, costs, scores, widths, bits, times."""
@@ -521,14 +606,15 @@ class TrialStore:
                 "state": ua.get("state", t.state.name.lower()), "reason": ua.get("reason", ""),
                 "accuracy": ua.get("accuracy"), "loss": ua.get("loss"), "reward": ua.get("reward"),
                 "macs": ua.get("macs"), "params": ua.get("params"), "bytes": ua.get("bytes"),
-                "feasible": ua.get("feasible"), "seconds": ua.get("seconds"), "key": ua.get("key"),
+                "latency_ms": ua.get("latency_ms"), "feasible": ua.get("feasible"), "seconds": ua.get("seconds"),
+                "key": ua.get("key"),
                 "widths": ua.get("widths"), "bits": ua.get("bits"),
                 "values": list(t.values) if t.values is not None else None,
                 "datetime_start": t.datetime_start, "datetime_complete": t.datetime_complete,
             })
         columns = ["study", "number", "searcher", "seed", "state", "reason", "accuracy", "loss", "reward", "macs",
-                   "params", "bytes", "feasible", "seconds", "key", "widths", "bits", "values", "datetime_start",
-                   "datetime_complete"]
+                   "params", "bytes", "latency_ms", "feasible", "seconds", "key", "widths", "bits", "values",
+                   "datetime_start", "datetime_complete"]
         return pd.DataFrame(rows, columns=columns)
 
     # -- searcher state ------------------------------------------------------------------------------
@@ -654,7 +740,8 @@ def _record(t: FrozenTrial) -> TrialRecord:
     bits = ua.get("bits") or {}
     cand = Candidate.from_dict({"widths": ua.get("widths") or {}, "bits": bits})
     cost = CostReport(macs=int(ua.get("macs") or 0), params=int(ua.get("params") or 0),
-                      bytes=int(ua.get("bytes") or 0), bitops=int(ua.get("bitops") or 0))
+                      bytes=int(ua.get("bytes") or 0), bitops=int(ua.get("bitops") or 0),
+                      latency_ms=None if ua.get("latency_ms") is None else float(ua["latency_ms"]))
     result = None
     if ua.get("accuracy") is not None:
         result = EvalResult(accuracy=float(ua["accuracy"]), loss=float(ua.get("loss") or float("nan")),

@@ -326,7 +326,13 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device) if device is not None else default_device()
+    if device is None:
+        return default_device()
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:  # "Invalid device string", "Expected one of cpu, cuda..."
+        raise ConfigError(f"device {device!r} is not a torch device ({str(exc).splitlines()[0][:120]})",
+                          hint="use cpu, cuda or cuda:N (--device / a campaign's device)") from None
 
 
 @dataclass(frozen=True)

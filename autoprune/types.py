@@ -25,6 +25,7 @@ COST_METRICS: Mapping[str, str] = MappingProxyType({
     "size_bytes": "bytes",
     "bytes": "bytes",
     "latency_ms": "latency_ms",
+    "latency": "latency_ms",
     "bitops": "bitops",
 })
 

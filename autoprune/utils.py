@@ -24,6 +24,8 @@ from typing import IO, Any, Literal, TypeVar
 import numpy as np
 import torch
 
+from autoprune.errors import AutoPruneError
+
 T = TypeVar("T")
 
 
@@ -194,3 +196,28 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes, *, encoding: s
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w", encoding=encoding, fsync=fsync) as fh:
         fh.write(data)
     return Path(path)
+
+
+def prepare_out_dir(path: str | os.PathLike[str], *, hint: str | None = None) -> Path:
+    """Create an output directory (by default the campaign directory) and check that files can be written in it.
+
+    Args:
+        path: The directory.
+        hint: The fix to suggest (default: the campaign's ``output_dir``).
+
+    Raises:
+        AutoPruneError: If it cannot be created or written (names the directory and the reason).
+    """
+    out = Path(path).expanduser()
+    hint = hint or "set output_dir=<a writable directory> (or run from a directory where results/ can be written)"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AutoPruneError(f"cannot create the output directory {out}: {exc.strerror or exc}", hint=hint) from None
+    probe = out / f".autoprune-write-test-{os.getpid()}"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise AutoPruneError(f"the output directory {out} is not writable: {exc.strerror or exc}", hint=hint) from None
+    return out

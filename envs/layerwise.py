@@ -69,8 +69,8 @@ if TYPE_CHECKING:
     from autoprune.problem import ProblemLike
 
 MODES: tuple[str, ...] = ("prune", "quantize", "joint")
-#: Limits the width steps can enforce through the closed-form cost (latency cannot be priced in closed form).
-WIDTH_METRICS: tuple[str, ...] = ("macs", "params", "size_bytes")
+#: Limits the width steps can enforce through the problem's cost (latency when the problem predicts it).
+WIDTH_METRICS: tuple[str, ...] = ("macs", "params", "size_bytes", "latency_ms")
 
 
 def keep_ratio(u: float, lb: float) -> float:
@@ -243,8 +243,9 @@ class LayerwiseCompressionEnv(gym.Env[np.ndarray, np.ndarray]):
             return
         dense = self.dense_cost
         if "latency_ms" in self.budget.metrics() and dense.latency_ms is None:
-            raise ConfigError("the budget limits latency_ms, but this problem's cost model does not measure latency",
-                              hint="use a MACs/params/size budget with this environment, or a latency-aware reward")
+            raise ConfigError("the budget limits latency_ms, but this problem's cost model does not predict latency",
+                              hint="give the problem a latency predictor (autoprune.latency_model; a campaign with "
+                              "objective.budget.latency_ms builds one), or use a MACs/params/size budget")
         self._limits = self.budget.limits(dense)
         self._check_feasible(dense)
         self._embedding = StateEmbedding.from_problem(self.mode, self.problem, [g.group_id for g in self.groups],
@@ -259,8 +260,6 @@ class LayerwiseCompressionEnv(gym.Env[np.ndarray, np.ndarray]):
     def _check_feasible(self, dense: CostReport) -> None:
         lowest = self.problem.cost(self.minimal_candidate())
         for metric, limit in self._limits.items():
-            if metric == "latency_ms":
-                continue
             value = lowest.metric(metric)
             base = dense.metric(metric)
             if value is not None and value > limit:

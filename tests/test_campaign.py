@@ -27,6 +27,7 @@ from autoprune.agents.base import NoSlotLeft
 from autoprune.config import config_from_dict, load_config
 from autoprune.errors import AutoPruneError, CheckpointError, ConfigError
 from autoprune.store import COUNTED_STATES, TrialStore
+from autoprune.utils import prepare_out_dir
 from autoprune.workers import HEARTBEAT_ATTR, WORKER_ATTR, WorkerIdentity, is_stale
 
 REPO = Path(__file__).resolve().parents[1]
@@ -310,7 +311,7 @@ def test_bad_locations_fail_with_clear_errors(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(AutoPruneError, match="cannot create the output directory"):
-        provenance.prepare_out_dir(blocker / "sub")
+        prepare_out_dir(blocker / "sub")
     cfg = config_from_dict(tiny(tmp_path / "c"), ["storage=postgresql://nobody@127.0.0.1:1/none"])
     with pytest.raises(AutoPruneError, match="cannot open the trial store"):
         provenance.open_store(cfg)

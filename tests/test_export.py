@@ -125,6 +125,75 @@ def test_export_reloads_without_the_model_code_and_reproduces_accuracy(user_camp
     assert float(out.stdout.strip().splitlines()[-1]) == m["exported"]["test_accuracy"]
 
 
+def test_an_onnx_artifact_is_checked_with_onnx_runtime_or_says_why_not(user_campaign: tuple, tmp_path: Path) -> None:
+    from autoprune._imports import is_available
+
+    camp, store, _ = user_campaign
+    trial = select_trial(store.to_dataframe())
+    res = export_trial(camp, trial, out_dir=tmp_path / "onnx", finetune_method="none", formats=["pt2", "onnx"],
+                       measure_latency=False)
+    check, card = res.metrics["onnx_check"], res.card.read_text()
+    if not is_available("onnx"):
+        assert "onnx" not in res.deployment and res.metrics["deployment_error"]
+    elif not is_available("onnxruntime"):
+        assert "onnxruntime is not installed" in check["skipped"] and "not checked" in card
+    else:
+        assert check["passed"] and check["batches"] == [1, 7] and set(check["latency_ms"]) == {"torch", "onnxruntime"}
+        assert "checked with ONNX Runtime" in card
+
+
+def test_export_distils_from_the_dense_model_when_asked(user_campaign: tuple, tmp_path: Path) -> None:
+    import dataclasses
+
+    camp, store, _ = user_campaign
+    trial = select_trial(store.to_dataframe())
+    original = camp.config
+    try:
+        camp.config = dataclasses.replace(original, export=dataclasses.replace(original.export, distill=0.5,
+                                                                              distill_temperature=3.0))
+        res = export_trial(camp, trial, out_dir=tmp_path / "kd", epochs=0.25, formats=[], measure_latency=False)
+    finally:
+        camp.config = original
+    d = res.metrics["finetune"]["distill"]
+    assert (d["weight"], d["temperature"]) == (0.5, 3.0) and d["teacher_batches"] == res.metrics["finetune"]["steps"]
+    assert "distilled from the dense model (weight 0.5, temperature 3" in res.card.read_text()
+    assert res.metrics["check"]["passed"]
+
+
+def test_a_killed_export_continues_after_its_last_epoch_with_the_uninterrupted_result(
+        user_campaign: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoprune import serialize
+    from autoprune.evaluate import StepTrainer
+    from autoprune.export import FINETUNE_CHECKPOINT
+
+    camp, store, _ = user_campaign
+    trial = select_trial(store.to_dataframe())
+    kw = {"epochs": 3, "formats": [], "measure_latency": False}
+    whole = export_trial(camp, trial, out_dir=tmp_path / "whole", **kw)
+    assert not (tmp_path / "whole" / FINETUNE_CHECKPOINT).exists()  # removed once the export is complete
+
+    real_run, calls = StepTrainer.run, {"n": 0}
+
+    def killed_in_epoch_2(self: StepTrainer, steps: int) -> float:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as Ctrl-C (or a kill) during the second epoch
+        return real_run(self, steps)
+
+    monkeypatch.setattr(StepTrainer, "run", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        export_trial(camp, trial, out_dir=tmp_path / "cut", **kw)
+    assert (tmp_path / "cut" / FINETUNE_CHECKPOINT).is_file()
+    monkeypatch.setattr(StepTrainer, "run", real_run)
+    resumed = export_trial(camp, trial, out_dir=tmp_path / "cut", **kw)
+    assert resumed.metrics["finetune"]["resumed_after_epoch"] == 1
+    assert resumed.metrics["finetune"]["steps"] == whole.metrics["finetune"]["steps"]
+    assert resumed.metrics["exported"]["test_accuracy"] == whole.metrics["exported"]["test_accuracy"]
+    a = serialize.load_module(whole.model_dir).state_dict()
+    b = serialize.load_module(resumed.model_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same weights as the uninterrupted export
+
+
 def test_export_of_a_quantized_candidate(user_campaign: tuple, tmp_path: Path) -> None:
     camp, store, _ = user_campaign
     qspace = build_space(camp.groups, model=camp.model, model_name=camp.config.model.name, quantize=True,

@@ -293,3 +293,19 @@ def test_run_imp_structured_without_rewind_keeps_whole_filters_dead() -> None:
     assert torch.equal(params["conv2.weight"].detach()[dead], torch.zeros_like(params["conv2.weight"][dead]))
     assert torch.equal(params["bn2.bias"].detach()[dead], torch.zeros(int(dead.sum())))
     assert "fc.weight" not in res.masks  # the classifier keeps its outputs
+
+
+def test_imp_retraining_can_distil_from_the_starting_model() -> None:
+    from autoprune.distill import Distillation
+
+    data, sgd = _data(), SGDSettings(lr=0.05)
+    kw = {"flow": "none", "iterations": 2, "warmup_rounds": 0, "max_rounds": 1, "round_epochs": 0.5, "sgd": sgd}
+    model = Net()
+    plain = run_imp(model, data, data[:2], IMPConfig(**kw))
+    again = run_imp(model, data, data[:2], IMPConfig(**kw, distill=Distillation(0.0)))
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(),
+                                                   plain.model.state_dict().values(), strict=True))
+    kd = run_imp(model, data, data[:2], IMPConfig(**kw, distill=Distillation(0.9, 4.0)))
+    assert [r.sparsity for r in kd.rows] == [r.sparsity for r in plain.rows]  # same schedule, other loss
+    assert any(not torch.equal(a, b) for a, b in zip(kd.model.state_dict().values(),
+                                                       plain.model.state_dict().values(), strict=True))

@@ -595,3 +595,25 @@ def test_gp_sampler_runs_batched_without_the_greenlet_fallback_warning() -> None
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "4"
     assert "greenlet" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("agent", RL)  # not `name`: the searcher contract suite reruns `name` tests for plugins
+def test_rl_searchers_search_the_bits_a_quantizing_space_holds(agent: str) -> None:
+    problem = make_problem(quantize=True)
+    s = make_searcher(agent, problem, store=new_store(), n_trials=2, budget=BUDGET, **RL_TINY[agent])
+    assert s.mode == "joint"  # the mode follows the space: channel groups and layer bits
+    res = s.run()
+    assert res.trials
+    for t in res.trials:
+        assert set(t.candidate.bits) == {f"conv{i}" for i in range(5)}
+
+
+def test_an_rl_mode_that_leaves_out_part_of_the_space_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="autoprune.agents.rl"):
+        s = make_searcher("ddpg", make_problem(quantize=True), store=new_store(), n_trials=1, budget=BUDGET,
+                          mode="prune")
+    assert s.mode == "prune"
+    assert "leaves out the search space's layer bit-widths" in caplog.text and "'joint'" in caplog.text
+    assert make_searcher("ddpg", make_problem(), store=new_store(), n_trials=1, budget=BUDGET).mode == "prune"
+    with pytest.raises(ConfigError, match="unknown environment mode 'both'"):
+        make_searcher("ddpg", make_problem(), store=new_store(), n_trials=1, budget=BUDGET, mode="both")

@@ -378,6 +378,46 @@ def test_export_pt2_round_trip(tmp_path: Path) -> None:
         serialize.export_deployment(gm, x, tmp_path, formats=("tflite",))
 
 
+@pytest.mark.parametrize("example_batch", [1, 3])
+def test_pt2_export_runs_at_any_batch(tmp_path: Path, example_batch: int) -> None:
+    gm = _trace(OptionAResNet()).eval()
+    paths = serialize.export_deployment(gm, torch.randn(example_batch, 3, 8, 8), tmp_path, formats=("pt2",))
+    program = torch.export.load(str(paths["pt2"])).module()
+    for batch in (1, 7):
+        x = torch.randn(batch, 3, 8, 8)
+        with torch.no_grad():
+            assert torch.allclose(program(x), gm(x), atol=1e-6)
+
+
+def test_onnx_export_round_trips_through_onnx_runtime_at_any_batch(tmp_path: Path) -> None:
+    pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install autoprune[onnx])")
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install autoprune[onnx])")
+    gm = _trace(OptionAResNet()).eval()
+    paths = serialize.export_deployment(gm, torch.randn(1, 3, 8, 8), tmp_path, formats=("onnx",))
+    check = serialize.check_onnx(paths["onnx"], gm, torch.randn(1, 3, 8, 8), batches=(1, 7))
+    assert check["passed"] and check["max_abs_diff"] <= 1e-4 and check["batches"] == [1, 7]
+    assert check["latency_ms"]["onnxruntime"] > 0 and check["latency_ms"]["torch"] > 0
+
+
+class _FixedBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).view(2, -1)  # the batch size is written into the code
+
+
+def test_pt2_export_of_a_fixed_batch_model_keeps_its_batch_and_says_so(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    model, x = _FixedBatch().eval(), torch.randn(2, 3, 8, 8)
+    with caplog.at_level("WARNING", logger="autoprune.serialize"):
+        paths = serialize.export_deployment(model, x, tmp_path, formats=("pt2",))
+    assert "fixes its batch size" in caplog.text and "batch 2 only" in caplog.text
+    with torch.no_grad():
+        assert torch.equal(torch.export.load(str(paths["pt2"])).module()(x), model(x))
+
+
 # --------------------------------------------------------------------------- zoo models (when present)
 
 

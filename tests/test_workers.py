@@ -23,7 +23,7 @@ import torch
 from optuna.trial import TrialState
 from torch import nn
 
-from autoprune import campaign, provenance, workers
+from autoprune import campaign, provenance, utils, workers
 from autoprune.agents.base import NoSlotLeft, StudySharing, make_searcher
 from autoprune.problem import GroupChoice, Problem, SearchSpace
 from autoprune.store import COUNTED_STATES, TrialStore, ask_with_attrs, interrupt_trial
@@ -269,12 +269,13 @@ def test_no_slot_left_gives_the_trial_back_and_stops_with_n_trials() -> None:
 
 def test_campaign_re_exports_the_names_that_moved() -> None:
     for name in ("CONFIG_FILE", "COMMAND_FILE", "HISTORY_FILE", "ENVIRONMENT_FILE", "SPACE_FILE", "STORE_FILE",
-                 "IDENTITY_KEYS", "prepare_out_dir", "storage_location", "open_store", "check_identity",
+                 "IDENTITY_KEYS", "storage_location", "open_store", "check_identity",
                  "git_commit", "environment_info", "command_line", "write_provenance", "load_resolved"):
         assert getattr(campaign, name) is getattr(provenance, name), name
     for name in ("WORKER_ATTR", "HEARTBEAT_ATTR", "WorkerIdentity", "pid_alive", "is_stale", "fail_stale",
                  "deferred_sigint"):
         assert getattr(campaign, name) is getattr(workers, name), name
+    assert campaign.prepare_out_dir is utils.prepare_out_dir  # output directories of every command
     assert set(campaign.__all__) <= set(dir(campaign))
 
 

@@ -73,6 +73,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     o.add_argument("--momentum", type=float, default=0.9, help="momentum (default: %(default)s)")
     o.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default: %(default)s)")
     o.add_argument("--no-augment", action="store_true", help="disable the dataset's training augmentation")
+    o.add_argument("--distill", type=float, default=0.0,
+                   help="weight in [0, 1] of distillation from the starting model while retraining (default: off)")
+    o.add_argument("--distill-temperature", type=float, default=4.0,
+                   help="distillation temperature (default: %(default)s)")
     p.add_argument("--out", default=None, help="output directory (default: results/imp/<model>-<dataset>-<flow>)")
     return p
 
@@ -84,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from autoprune.data import make_loader
+    from autoprune.distill import Distillation
     from autoprune.evaluate import SGDSettings
     from autoprune.imp import IMPConfig, run_imp
     from autoprune.models import build_model
@@ -113,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         "stop_on_accuracy": not args.no_accuracy_stop,
         "seed": args.seed,
         "sgd": SGDSettings(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay),
+        "distill": Distillation(args.distill, args.distill_temperature),
     }
     config = (
         IMPConfig.lth(**{k: v for k, v in settings.items() if k not in ("flow", "scope", "prune_ratio", "pq")})

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from autoprune.commands.train import format_metrics, json_safe, model_kwargs_for, percent
+from autoprune.commands.train import format_metrics, json_safe, model_kwargs_for, percent, seed_value
 
 MODEL = "small_cnn"
 DATASET = "digits"
@@ -51,7 +51,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs (default: %(default)s)")
     p.add_argument("--agents", default=AGENTS, help="searchers to compare (default: %(default)s)")
     p.add_argument("--trials", type=int, default=TRIALS, help="candidates per searcher (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, init, shuffling and search (default: 0)")
+    p.add_argument("--seed", type=seed_value, default=0,
+                   help="seed of the split, init, shuffling and search (default: 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--retrain", action="store_true", help="train again even if <out>/checkpoint.pt exists")
     return p
@@ -145,12 +146,12 @@ def run(args: argparse.Namespace) -> int:
     from autoprune.export import ExportCheckError, export_trial, select_trial
     from autoprune.provenance import SPACE_FILE, open_store
     from autoprune.report import leaderboard_markdown, write_leaderboard, write_report
+    from autoprune.utils import prepare_out_dir
 
     start = time.perf_counter()
     if args.trials < 1:
         raise ConfigError(f"--trials must be ≥ 1, got {args.trials}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_dir(args.out, hint="pass --out <a writable directory>")
     dense_acc, retrained = train_dense(out, args)
     if dense_acc < MIN_TEST_ACCURACY:
         print(f"quickstart check FAILED: test accuracy {percent(dense_acc)} < {percent(MIN_TEST_ACCURACY)}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from typing import Any
 
 
@@ -18,6 +20,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="campaign directory, e.g. results/<campaign name>")
     p.add_argument("--out", default=None, help="output directory (default: DIR/report)")
     p.add_argument("--reference", default="uniform", help="baseline searcher of the leaderboard")
+    p.add_argument("--salvage", action="store_true",
+                   help="when the SQLite trial store is damaged, report the trials that can still be read: they are "
+                   "copied into a temporary store and read from there; the damaged file is only read, never changed")
     return p
 
 
@@ -29,14 +34,38 @@ def prepare(args: argparse.Namespace) -> None:
     """
     from autoprune.provenance import load_resolved
 
-    load_resolved(args.dir)
+    args.campaign = load_resolved(args.dir)
+
+
+def _salvage_command(args: argparse.Namespace) -> str:
+    out = ["autoprune", "report", args.dir]
+    if args.out is not None:
+        out += ["--out", args.out]
+    if args.reference != "uniform":
+        out += ["--reference", args.reference]
+    return shlex.join([*out, "--salvage"])
 
 
 def run(args: argparse.Namespace) -> int:
-    """Write the report and print where it is."""
+    """Write the report and print where it is (with ``--salvage``, from the readable trials of a damaged store)."""
+    from autoprune.provenance import load_resolved, open_store, storage_location
     from autoprune.report import leaderboard_markdown, write_report
+    from autoprune.salvage import load_trials
 
-    res = write_report(args.dir, out_dir=args.out, reference=args.reference)
+    cfg = getattr(args, "campaign", None) or load_resolved(args.dir)
+    salvage = bool(getattr(args, "salvage", False))
+    df, salvaged = load_trials(lambda: open_store(cfg), storage_location(cfg), campaign=cfg.name, salvage=salvage,
+                               command=_salvage_command(args))
+    if salvaged is not None:
+        print(f"warning: {salvaged.summary}", file=sys.stderr)
+        for note in salvaged.notes:
+            print(f"warning: {note}", file=sys.stderr)
+        print(f"salvaged {salvaged.recovered} trials (read-only copy of {salvaged.source}):")
+        for line in salvaged.trial_lines():
+            print(f"  {line}")
+    elif salvage:
+        print("note: the trial store is intact; --salvage was not needed", file=sys.stderr)
+    res = write_report(args.dir, df=df, out_dir=args.out, reference=args.reference)
     if res.leaderboard is not None and not res.leaderboard.empty:
         print(leaderboard_markdown(res.leaderboard))
     print(f"report of {res.trials} trials in {res.out_dir}:")

@@ -51,9 +51,11 @@ def campaign_argv(command: str, args: argparse.Namespace, *extra: str) -> list[s
 
 def report_result(result: SearchResult, camp: Campaign) -> int:
     """Print the summary of a search run; return its exit code (130 when it was interrupted)."""
-    from autoprune.campaign import summarize, val_label
+    from autoprune.campaign import latency_summary, summarize, val_label
 
     print(summarize(result, camp.problem.dense_cost.macs, val_label=val_label(camp.config)))
+    if result.best is not None and result.best.result is not None and camp.latency is not None:
+        print(latency_summary(camp, result.best))
     if result.stop_reason == "interrupted":
         print("interrupted: finished trials are stored; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

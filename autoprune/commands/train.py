@@ -29,6 +29,17 @@ def int_or_float(text: str) -> int | float:
             raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
 
 
+def seed_value(text: str) -> int:
+    """Parse a ``--seed``: an integer in 0..2**32-1 (NumPy's rule; anything else would fail deep inside)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"must be in 0..{2**32 - 1}, got {value}")
+    return value
+
+
 def add_data_args(p: argparse.ArgumentParser, *, dataset_required: bool = True) -> None:
     """``--dataset``, ``--data-dir``, ``--data-option``, ``--download``, ``--val-size``, ``--seed``, ``--batch-size``,
     ``--device``."""
@@ -48,7 +59,7 @@ def add_data_args(p: argparse.ArgumentParser, *, dataset_required: bool = True) 
         default=None,
         help="validation samples carved from the training set: a count or a fraction (default: per dataset)",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed of the validation split, init and shuffling")
+    g.add_argument("--seed", type=seed_value, default=0, help="seed of the validation split, init and shuffling")
     g.add_argument("--batch-size", type=int, default=128, help="batch size (default: %(default)s)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 

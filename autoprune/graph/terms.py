@@ -17,7 +17,7 @@ import numpy as np
 
 from autoprune.graph.records import ChannelGroup, CostTerms, QuadraticForm
 
-__all__ = ["Factors", "Rows", "annotate", "build_terms", "factors", "quadratic"]
+__all__ = ["Factors", "Rows", "affine", "annotate", "build_terms", "factors", "quadratic"]
 
 #: ``(k, a0, A, b0, B)`` of one row ``k·(A·w + a0)·(B·w + b0)``.
 Factors = tuple[float, float, np.ndarray, float, np.ndarray]
@@ -36,8 +36,10 @@ class Rows(Protocol):
     b0: np.ndarray
 
 
-def _affine(shape_d: int, entries: Sequence[tuple[str, int, int]] | None, idx: Mapping[str, int],
-            sizes: Mapping[str, int], p: int) -> tuple[float, np.ndarray]:
+def affine(shape_d: int, entries: Sequence[tuple[str, int, int]] | None, idx: Mapping[str, int],
+           sizes: Mapping[str, int], p: int) -> tuple[float, np.ndarray]:
+    """A channel count as ``const + coef·w``: ``shape_d`` at full width, minus every prunable group's channels
+    (``entries``: ``(group id, offset, stride)``), plus ``stride·w_g`` for each (frozen groups stay constant)."""
     const = float(shape_d)
     coef = np.zeros(p)
     for g, _off, s in entries or ():
@@ -74,7 +76,7 @@ def factors(name: str, shape: tuple[int, ...], dims: Mapping[int, Sequence[tuple
     found: list[tuple[float, np.ndarray]] = []
     for d, n in enumerate(shape):
         g = (grouped or {}).get(d, 1)
-        const, coef = _affine(n * g, dims.get(d), idx, sizes, p)
+        const, coef = affine(n * g, dims.get(d), idx, sizes, p)
         k /= g
         if coef.any():
             found.append((const, coef))
@@ -158,7 +160,7 @@ def build_terms(prunable: list[str], sizes: Mapping[str, int], tensor_dims: Tens
         t = names[info["weight"]]
         bias = canon.get(f"{layer}.bias")
         info["bias"] = tensor_row(bias) if bias in tensor_shapes else None
-        const, coef = _affine(tensor_shapes[t][0], tensor_dims.get(t, {}).get(0), idx, sizes, p)
+        const, coef = affine(tensor_shapes[t][0], tensor_dims.get(t, {}).get(0), idx, sizes, p)
         info["cout"] = add_row(f"{t}#cout", 1.0, const, coef, 1.0, np.zeros(p))
     n = len(k_l)
     mc = np.zeros(n)

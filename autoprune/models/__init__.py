@@ -116,3 +116,9 @@ def build_model(
             f"model {name!r}: bad option values {kwargs}: {exc}",
             hint="check the model's options in its docstring (`autoprune list models`)",
         ) from exc
+    except (RuntimeError, MemoryError, OverflowError) as exc:  # e.g. a width whose weights cannot be allocated
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(
+            f"model {name!r} cannot be built with {kwargs}: {first[:300]}",
+            hint="a width or depth this large does not fit in memory; use smaller model options",
+        ) from exc

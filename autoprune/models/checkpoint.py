@@ -101,6 +101,30 @@ def _is_tensor_map(obj: Any) -> bool:
     )
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: Fields of an autoprune checkpoint that autoprune reads back (``extra`` holds the training run's split), and
+#: what each must be when present.
+_RECORDED: dict[str, Any] = {
+    "epoch": lambda v: _is_int(v) and v >= 0,
+    "extra.dataset": lambda v: isinstance(v, str),
+    "extra.seed": lambda v: _is_int(v) and 0 <= v <= 2**32 - 1,
+    "extra.val_size": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+}
+
+
+def _check_recorded(meta: Mapping[str, Any], path: Path) -> None:
+    """Refuse a checkpoint whose recorded epoch or training split has the wrong type (a damaged or edited file)."""
+    for key, ok in _RECORDED.items():
+        head, _, sub = key.partition(".")
+        value = meta[head].get(sub) if sub else meta[head]
+        if value is not None and not ok(value):
+            raise CheckpointError(f"{path} is an autoprune checkpoint with a malformed {key!r}: {value!r}",
+                                  hint="re-create the file (or keep only its weights: the 'state_dict' entry)")
+
+
 def _split_format(raw: Any, path: Path) -> tuple[str, Mapping[str, torch.Tensor], dict[str, Any]]:
     """Return (format, state_dict, metadata) for any supported layout."""
     if isinstance(raw, Mapping) and raw.get("format") == FORMAT_MARKER:
@@ -114,7 +138,12 @@ def _split_format(raw: Any, path: Path) -> tuple[str, Mapping[str, torch.Tensor]
         if not _is_tensor_map(state):
             raise CheckpointError(f"{path} is an autoprune checkpoint without weights", hint="re-create the file")
         meta = {k: raw.get(k) for k in ("model_name", "model_kwargs", "epoch", "optimizer", "extra")}
+        for key, kinds in (("model_name", str), ("model_kwargs", Mapping), ("extra", Mapping)):
+            if meta[key] is not None and not isinstance(meta[key], kinds):
+                raise CheckpointError(f"{path} is an autoprune checkpoint with a malformed {key!r} "
+                                      f"({type(meta[key]).__name__})", hint="re-create the file")
         meta["extra"] = meta["extra"] or {}
+        _check_recorded(meta, path)
         return "autoprune", state, meta
     if isinstance(raw, Mapping) and "state_dict" in raw and _is_tensor_map(raw["state_dict"]):
         meta = {k: v for k, v in raw.items() if k != "state_dict" and isinstance(v, (int, float, str))}

@@ -134,3 +134,24 @@ def test_unreachable_postgresql_is_a_clear_bounded_error(tmp_path: Path, capsys:
     assert time.monotonic() - started < 30
     with pytest.raises(AutoPruneError):
         provenance.open_store(load_config(config))
+
+
+def test_a_server_lost_mid_query_is_a_storage_error_not_a_traceback() -> None:
+    """What Optuna raises when the server dies during a query in a worker: a pending rollback whose context is the
+    driver's error, wrapped in StorageInternalError (seen in the reliability soak)."""
+    import optuna
+
+    from autoprune.store import storage_error
+
+    try:
+        try:
+            try:
+                raise sa_exc.OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))
+            except sa_exc.OperationalError:
+                raise sa_exc.PendingRollbackError("Can't reconnect until invalid transaction is rolled back.") from None
+        except sa_exc.PendingRollbackError as e:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from e
+    except optuna.exceptions.StorageInternalError as exc:
+        err = storage_error(exc, "postgresql://db")
+    assert isinstance(err, AutoPruneError) and "finished trials are kept" in (err.hint or "")
+    assert storage_error(sa_exc.PendingRollbackError("rollback first"), "db") is not None

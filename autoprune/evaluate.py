@@ -64,7 +64,7 @@ from autoprune.registry import Registry
 from autoprune.train import SCHEDULES, lr_at, make_optimizer
 from autoprune.train import evaluate as evaluate_metrics
 from autoprune.types import EvalResult
-from autoprune.utils import atomic_write, default_device
+from autoprune.utils import atomic_write, resolve_device
 
 Batch = tuple[Tensor, Tensor]
 Loader = Iterable[Batch]
@@ -449,7 +449,7 @@ class Evaluator(ABC):
             raise ConfigError(f"val_batches must be >= 1, got {val_batches}", hint="or leave it unset (all)")
         self.train_loader = train_loader
         self.val_loader = val_loader
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.val_batches = val_batches
 
     def evaluate(self, model: nn.Module, *, key: str | None = None, report: ReportFn | None = None) -> EvalResult:

@@ -470,7 +470,11 @@ class TrialStore:
     def study_names(self) -> list[str]:
         """Names of this campaign's studies."""
         prefix = f"{self.campaign}/"
-        return sorted(s.study_name for s in self.storage.get_all_studies() if s.study_name.startswith(prefix))
+        try:
+            studies = self.storage.get_all_studies()
+        except (ValueError, TypeError, LookupError, AttributeError, OverflowError) as exc:  # values Optuna can't read
+            raise self._unreadable(f"its list of studies: {_first_line(exc)}") from exc
+        return sorted(s.study_name for s in studies if s.study_name.startswith(prefix))
 
     def delete(self, searcher: str | None = None, seed: int | None = None) -> int:
         """Delete this campaign's studies (optionally only one searcher and/or seed); return how many."""
@@ -579,7 +583,7 @@ class TrialStore:
             if (searcher is None or s == searcher) and (seed is None or sd == f"seed{int(seed)}"):
                 try:
                     trials = optuna.load_study(study_name=name, storage=self.storage).get_trials(deepcopy=False)
-                except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+                except (ValueError, TypeError, LookupError, AttributeError, OverflowError) as exc:
                     raise self._unreadable(f"study {name}: {_first_line(exc)}") from exc
                 for t in trials:
                     if (t.state.is_finished() and t.user_attrs.get("state") in COUNTED_STATES

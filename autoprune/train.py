@@ -40,7 +40,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from autoprune import interrupts
 from autoprune.errors import ConfigError
 from autoprune.models.checkpoint import load_checkpoint, save_checkpoint
-from autoprune.utils import default_device, progress, progress_line, seed_everything
+from autoprune.utils import default_device, progress, progress_line, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -326,13 +326,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return default_device()
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as exc:  # "Invalid device string", "Expected one of cpu, cuda..."
-        raise ConfigError(f"device {device!r} is not a torch device ({str(exc).splitlines()[0][:120]})",
-                          hint="use cpu, cuda or cuda:N (--device / a campaign's device)") from None
+    return resolve_device(device)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,28 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device (``None``: :func:`default_device`), checked to exist on this machine.
+
+    Raises:
+        AutoPruneError: Not a device string, or a CUDA/MPS device this machine or torch build does not have.
+    """
+    if device is None:
+        return default_device()
+    hint = "use cpu, cuda or cuda:N (--device / a campaign's device); cuda needs a GPU and a CUDA build of torch"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:  # "Invalid device string", "Expected one of cpu, cuda..."
+        raise AutoPruneError(f"device {device!r} is not a torch device ({str(exc).splitlines()[0][:120]})",
+                             hint=hint) from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise AutoPruneError(f"device {device!r} is not available here (torch {torch.__version__}, "
+                             f"{torch.cuda.device_count()} CUDA device(s))", hint=hint)
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise AutoPruneError(f"device {device!r} is not available here", hint=hint)
+    return dev
+
+
 def configure_threads(num_threads: int | None = None) -> int:
     """Set torch's intra-op threads (default: all cores, or ``AUTOPRUNE_THREADS``); return the number used."""
     if num_threads is None:

@@ -268,3 +268,19 @@ def test_no_note_when_the_searcher_stays(override: str, caplog: pytest.LogCaptur
             "searcher": {"name": "tpe", "kwargs": {"n_startup_trials": 5}}}
     assert config_from_dict(base, [override]).searcher.kwargs == {"n_startup_trials": 5}
     assert not [r for r in caplog.records if "note:" in r.getMessage()]
+
+
+def test_devices_that_this_machine_lacks_are_user_errors() -> None:
+    import torch
+
+    from autoprune.errors import AutoPruneError
+    from autoprune.utils import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(AutoPruneError, match="is not a torch device"):
+        resolve_device("tpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(AutoPruneError, match="is not available here"):
+            resolve_device("cuda")
+    with pytest.raises(AutoPruneError, match="is not available here"):
+        resolve_device(f"cuda:{torch.cuda.device_count() + 3}")

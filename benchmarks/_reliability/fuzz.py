@@ -291,7 +291,7 @@ def _run_job(kind: str, payload: Any) -> dict[str, Any]:
         return {"outcome": _HANDLERS[kind](payload)}
     except AutoPruneError as exc:
         return {"outcome": "refused", "error": type(exc).__name__, "message": str(exc.message)[:200],
-                "has_hint": bool(exc.hint)}
+                "has_hint": bool(exc.hint or exc.default_hint)}  # what the CLI prints as `hint:`
     except BaseException as exc:  # the very thing the fuzzer looks for
         return {"outcome": "exception", "error": f"{type(exc).__name__}: {str(exc)[:300]}", "where": _where(exc)}
 

@@ -453,6 +453,8 @@ class Searcher(ABC):
         self.budget = Budget.from_config(budget)
         self.n_trials = n_trials
         self.time_limit = time_limit
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ConfigError(f"seed must be an integer in 0..{2**32 - 1}, got {seed!r}", hint="e.g. seed=0")
         self.seed = int(seed)
         self.callbacks = list(callbacks)
         self.max_failures = int(max_failures)

@@ -28,7 +28,8 @@ arguments. Keys that are not SB3 constructor arguments: ``warmup_episodes``, ``b
 ``rollout_episodes``, ``net_arch``, ``actor_lr``, ``critic_lr``, ``noise_sigma``, ``noise_decay``,
 ``reward_baseline`` (α, or ``null`` for none), ``save_every`` (episodes between checkpoints), ``mode``
 (environment mode; unset, it follows the search space: ``joint`` when the space holds channel groups and layer
-bits, see :func:`env_mode`) and ``legal_actions``.
+bits, see :func:`env_mode`), ``legal_actions`` and ``action_center`` (``middle``: AMC's action map, an action of 0
+keeps the middle of [min_ratio, 1]; ``uniform``: an action of 0 keeps the uniform keep ratio that meets the budget).
 
 **Resume.** The agent (SB3 ``save``), its replay buffer (off-policy) and the reward baseline are saved in the
 store's artifact directory every ``save_every`` episodes and when the run ends; their paths are kept in the
@@ -344,7 +345,7 @@ def _init_params(cls: type) -> set[str]:
 
 
 _SPECIAL = ("warmup_episodes", "buffer_episodes", "rollout_episodes", "net_arch", "actor_lr", "critic_lr",
-            "noise_sigma", "noise_decay", "reward_baseline", "save_every", "mode", "legal_actions")
+            "noise_sigma", "noise_decay", "reward_baseline", "save_every", "mode", "legal_actions", "action_center")
 
 
 def env_mode(space: Any, asked: Any, searcher: str) -> str:
@@ -415,7 +416,8 @@ class RLSearcher(Searcher):
         env: gym.Env = LayerwiseCompressionEnv(_GuardedProblem(self.problem), mode=self.mode,
                                                reward=self.objective.reward,
                                                reward_kwargs=dict(self.objective.kwargs), budget=self.budget,
-                                               legal_actions=bool(self.hp.get("legal_actions", True)))
+                                               legal_actions=bool(self.hp.get("legal_actions", True)),
+                                               action_center=str(self.hp.get("action_center", "middle")))
         self._episode_len = env.episode_length
         env = _EpisodeRecorder(env, self)
         alpha = self.hp.get("reward_baseline")

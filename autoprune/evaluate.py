@@ -368,7 +368,7 @@ def _take(it: Iterator[Batch], n: int) -> Iterator[Batch]:
 
 def _model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        return resolve_device(device)
     for t in model.parameters():
         return t.device
     for t in model.buffers():

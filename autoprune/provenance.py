@@ -100,9 +100,12 @@ def identity_changes(cfg: CampaignConfig) -> list[str]:
 
 
 def stored_trials(store: TrialStore) -> int:
-    """How many trials the campaign's studies hold, in any state (running and interrupted ones included)."""
-    storage = store.storage
-    return sum(storage.get_n_trials(storage.get_study_id_from_name(name)) for name in store.study_names())
+    """How many trials the campaign's studies hold, in any state (running and interrupted ones included).
+
+    Every trial is read and checked (:meth:`~autoprune.store.TrialStore.check_readable`): a store changed by
+    another program is refused here, before a command builds on it.
+    """
+    return store.check_readable()
 
 
 def check_identity(cfg: CampaignConfig, store: TrialStore | None = None) -> list[str]:

@@ -594,6 +594,15 @@ class TrialStore:
                                                "that does not match its key)")
                     yield name, t
 
+    def check_readable(self, searcher: str | None = None, seed: int | None = None) -> int:
+        """Read every trial of the matching studies once (see :meth:`trials`); returns how many.
+
+        Raises:
+            AutoPruneError: A record that cannot be read (a store changed by another program), before a search
+                builds on it.
+        """
+        return sum(1 for _ in self._iter_trials(searcher, seed))
+
     def _unreadable(self, what: str) -> AutoPruneError:
         return AutoPruneError(f"the trial store {_redact(self.url)} holds records that cannot be read ({what}); it "
                               "was changed by another program or is damaged",

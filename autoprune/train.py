@@ -428,7 +428,7 @@ def train_steps(
     """
     if steps < 0:
         raise ConfigError(f"steps must be ≥ 0, got {steps}")
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = resolve_device(device) if device is not None else _model_device(model)
     model.to(dev)
     opt = optimizer or make_optimizer(model, lr=lr or 0.01, momentum=momentum, weight_decay=weight_decay)
     base_lrs = [float(lr if lr is not None else g["lr"]) for g in opt.param_groups]
@@ -765,7 +765,7 @@ def evaluate(
     Raises:
         ConfigError: The loader yielded no samples.
     """
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = resolve_device(device) if device is not None else _model_device(model)
     model.to(dev)
     was_training = model.training
     model.eval()

@@ -58,6 +58,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except (RuntimeError, TypeError, ValueError) as exc:  # "Invalid device string", "Expected one of cpu, cuda..."
         raise AutoPruneError(f"device {device!r} is not a torch device ({str(exc).splitlines()[0][:120]})",
                              hint=hint) from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise AutoPruneError(f"device {device!r} cannot run autoprune's models (a {dev.type} device)", hint=hint)
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
         raise AutoPruneError(f"device {device!r} is not available here (torch {torch.__version__}, "
                              f"{torch.cuda.device_count()} CUDA device(s))", hint=hint)
@@ -67,11 +69,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def configure_threads(num_threads: int | None = None) -> int:
-    """Set torch's intra-op threads (default: all cores, or ``AUTOPRUNE_THREADS``); return the number used."""
+    """Set torch's intra-op threads (default: all cores, or ``AUTOPRUNE_THREADS``); return the number used.
+
+    Raises:
+        AutoPruneError: A count that is not an integer in ``1..max(256, 8 × cores)`` (OpenMP cannot start tens of
+            thousands of threads: it fails or crashes the process).
+    """
+    cap = max(256, 8 * (os.cpu_count() or 1))
+    hint = f"use 1..{cap} (--threads N or AUTOPRUNE_THREADS=N); 1 gives the steadiest timings"
     if num_threads is None:
         env = os.environ.get("AUTOPRUNE_THREADS")
-        num_threads = int(env) if env else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, num_threads))
+        try:
+            num_threads = int(env) if env else (os.cpu_count() or 1)
+        except ValueError:
+            raise AutoPruneError(f"AUTOPRUNE_THREADS={env!r} is not a number of threads", hint=hint) from None
+    if not 1 <= num_threads <= cap:
+        raise AutoPruneError(f"{num_threads} torch threads is outside 1..{cap}", hint=hint)
+    torch.set_num_threads(num_threads)
     return torch.get_num_threads()
 
 
@@ -234,8 +248,10 @@ def prepare_out_dir(path: str | os.PathLike[str], *, hint: str | None = None) ->
     hint = hint or "set output_dir=<a writable directory> (or run from a directory where results/ can be written)"
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AutoPruneError(f"cannot create the output directory {out}: {exc.strerror or exc}", hint=hint) from None
+    except (OSError, ValueError) as exc:  # ValueError: a name the file system cannot encode (lone surrogates)
+        shown = str(out).encode("utf-8", "backslashreplace").decode()  # printable even with undecodable names
+        raise AutoPruneError(f"cannot create the output directory {shown}: {getattr(exc, 'strerror', None) or exc}",
+                             hint=hint) from None
     probe = out / f".autoprune-write-test-{os.getpid()}"
     try:
         probe.write_text("ok")

@@ -69,13 +69,23 @@ if TYPE_CHECKING:
     from autoprune.problem import ProblemLike
 
 MODES: tuple[str, ...] = ("prune", "quantize", "joint")
+#: Where an action of 0 lands (see :class:`LayerwiseCompressionEnv`).
+ACTION_CENTERS: tuple[str, ...] = ("middle", "uniform")
 #: Limits the width steps can enforce through the problem's cost (latency when the problem predicts it).
 WIDTH_METRICS: tuple[str, ...] = ("macs", "params", "size_bytes", "latency_ms")
 
 
-def keep_ratio(u: float, lb: float) -> float:
-    """Rescale an action component ``u`` in [-1, 1] to a keep ratio in [lb, 1]."""
-    return lb + (1.0 - lb) * (float(u) + 1.0) / 2.0
+def keep_ratio(u: float, lb: float, center: float | None = None) -> float:
+    """Rescale an action component ``u`` in [-1, 1] to a keep ratio in [lb, 1].
+
+    Without ``center`` the map is linear (AMC's: ``u = 0`` is the middle of [lb, 1]); with it, piecewise linear
+    so that ``u = 0`` is ``center`` ([-1, 0] → [lb, center], [0, 1] → [center, 1]).
+    """
+    u = float(u)
+    if center is None:
+        return lb + (1.0 - lb) * (u + 1.0) / 2.0
+    c = min(1.0, max(lb, float(center)))
+    return c + (c - lb) * u if u <= 0 else c + (1.0 - c) * u
 
 
 def _bits_order(b: int | None) -> tuple[bool, int]:
@@ -152,6 +162,9 @@ class LayerwiseCompressionEnv(gym.Env[np.ndarray, np.ndarray]):
         budget: A :class:`~autoprune.objectives.Budget` (or a mapping such as ``{"macs": 0.5}``).
         legal_actions: Clip pruning actions with the autoprune rule so every episode meets the width limits.
         bits_legalize: Lower weight bits after the episode until a size limit holds (quantize/joint modes).
+        action_center: ``"middle"`` (AMC: an action of 0 keeps the middle of [lb, 1]) or ``"uniform"`` (an action of
+            0 keeps the uniform keep ratio that meets the budget, so an untrained or exploring agent proposes
+            allocations around the ``uniform`` baseline; the middle when nothing limits the widths).
         render_mode: Must be ``None`` (nothing to render).
 
     Raises:
@@ -162,10 +175,15 @@ class LayerwiseCompressionEnv(gym.Env[np.ndarray, np.ndarray]):
 
     def __init__(self, problem: ProblemLike, *, mode: str = "prune", reward: str | Reward = "r_err",
                  reward_kwargs: Mapping[str, Any] | None = None, budget: Budget | Mapping[str, float] | None = None,
-                 legal_actions: bool = True, bits_legalize: bool = True, render_mode: str | None = None) -> None:
+                 legal_actions: bool = True, bits_legalize: bool = True, action_center: str = "middle",
+                 render_mode: str | None = None) -> None:
         super().__init__()
         if mode not in MODES:
             raise ConfigError(f"unknown environment mode {mode!r}", hint=f"choices: {', '.join(MODES)}")
+        if action_center not in ACTION_CENTERS:
+            raise ConfigError(f"unknown action_center {action_center!r}", hint=f"choices: {', '.join(ACTION_CENTERS)}")
+        self.action_center = action_center
+        self.center: float | None = None  # the keep ratio of action 0 ("uniform": set when the budget is known)
         if render_mode is not None:
             raise ConfigError(f"render_mode {render_mode!r} is not supported", hint="use render_mode=None")
         self.render_mode = render_mode
@@ -248,9 +266,32 @@ class LayerwiseCompressionEnv(gym.Env[np.ndarray, np.ndarray]):
                               "objective.budget.latency_ms builds one), or use a MACs/params/size budget")
         self._limits = self.budget.limits(dense)
         self._check_feasible(dense)
+        if self.action_center == "uniform" and self.groups:
+            self.center = self._uniform_ratio()
         self._embedding = StateEmbedding.from_problem(self.mode, self.problem, [g.group_id for g in self.groups],
                                                       [g.size for g in self.groups], [lc.layer for lc in self.layers])
         self._prepared = True
+
+    def _uniform_ratio(self) -> float | None:
+        """The largest common keep ratio whose candidate meets the width limits (bisection; None: no limit)."""
+        metrics = tuple(m for m in WIDTH_METRICS if m in self._limits)
+        if not metrics:
+            return None
+        bits = self._min_bits if "size_bytes" in metrics and self.mode == "joint" else None
+
+        def fits(r: float) -> bool:
+            widths = {g.group_id: min(grid, key=lambda w, t=r * g.size: (abs(w - t), w))
+                      for g, grid in zip(self.groups, self._grids, strict=True)}
+            c = self._cost(widths, bits)
+            return all(self._metric(c, m) <= self._limits[m] for m in metrics)
+
+        lo, hi = self.lb, 1.0
+        if fits(hi):
+            return None  # nothing to cut: the middle it is
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
 
     def minimal_candidate(self) -> Candidate:
         """The cheapest candidate this environment can produce (every step at its minimum)."""
@@ -386,7 +427,7 @@ class LayerwiseCompressionEnv(gym.Env[np.ndarray, np.ndarray]):
 
     def _prune_step(self, i: int, u: float) -> dict[str, Any]:
         g, grid = self.groups[i], self._grids[i]
-        target = keep_ratio(u, self.lb) * g.size
+        target = keep_ratio(u, self.lb, self.center) * g.size
         proposed = min(grid, key=lambda w: (abs(w - target), w))
         lo, hi = self.width_bounds(i)
         width = min(max(proposed, lo), hi)

@@ -284,3 +284,33 @@ def test_devices_that_this_machine_lacks_are_user_errors() -> None:
             resolve_device("cuda")
     with pytest.raises(AutoPruneError, match="is not available here"):
         resolve_device(f"cuda:{torch.cuda.device_count() + 3}")
+
+
+def test_thread_counts_openmp_cannot_start_are_user_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from autoprune.errors import AutoPruneError
+    from autoprune.utils import configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        for bad in (0, -2, 99999):
+            with pytest.raises(AutoPruneError, match="torch threads is outside"):
+                configure_threads(bad)
+        monkeypatch.setenv("AUTOPRUNE_THREADS", "many")
+        with pytest.raises(AutoPruneError, match="AUTOPRUNE_THREADS"):
+            configure_threads(None)
+        assert configure_threads(1) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_output_directories_that_cannot_exist_are_user_errors(tmp_path: Path) -> None:
+    from autoprune.errors import AutoPruneError
+    from autoprune.utils import prepare_out_dir
+
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / "file", tmp_path / "file" / "sub", "\ud800"):
+        with pytest.raises(AutoPruneError, match="output directory") as info:
+            prepare_out_dir(bad, hint="pass --out DIR")
+        info.value.message.encode("utf-8")  # printable

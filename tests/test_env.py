@@ -17,12 +17,14 @@ from torch import nn
 
 from autoprune import graph
 from autoprune._imports import is_available
+from autoprune.agents.base import make_searcher
 from autoprune.envs import ENV_IDS, LayerwiseCompressionEnv, legalize_bits, make_env
 from autoprune.envs.embedding import PRUNE_STATIC, QUANT_STATIC, StateEmbedding, collect_layer_stats
 from autoprune.envs.layerwise import keep_ratio, pick_bits
 from autoprune.errors import ConfigError
 from autoprune.objectives import Budget, make_reward
 from autoprune.problem import GroupChoice, LayerChoice, SearchSpace
+from autoprune.store import TrialStore
 from autoprune.types import Candidate, CostReport, EvalResult, QuantSpec
 
 # --------------------------------------------------------------------------------------------------------
@@ -301,6 +303,29 @@ def test_action_rescaling() -> None:
     counts = [picked.count(b) for b in choices]
     assert max(counts) - min(counts) <= 2  # equal-width bins (HAQ)
     assert pick_bits((4, None), 1.0) is None and pick_bits((4, None), -1.0) == 4
+
+
+def test_a_centred_action_map_puts_action_zero_on_the_uniform_allocation() -> None:
+    assert keep_ratio(0.0, 0.2, 0.7) == pytest.approx(0.7)
+    assert keep_ratio(-1.0, 0.2, 0.7) == pytest.approx(0.2) and keep_ratio(1.0, 0.2, 0.7) == pytest.approx(1.0)
+    assert keep_ratio(-0.5, 0.2, 0.7) == pytest.approx(0.45) and keep_ratio(0.5, 0.2, 0.7) == pytest.approx(0.85)
+    problem = FakeProblem()
+    env = LayerwiseCompressionEnv(problem, mode="prune", budget=Budget(macs=0.5), action_center="uniform")
+    _, _, info = run_episode(env, [np.array([0.0], np.float32)] * 4)
+    uniform = make_searcher("uniform", problem, store=TrialStore(":memory:", campaign="u"), n_trials=1,
+                            budget={"macs": 0.5}).run().trials[0].candidate
+    assert env.center is not None and 0.2 < env.center < 1.0
+    assert info["cost"]["macs"] <= info["limits"]["macs"]
+    widths = info["candidate"]["widths"]
+    *first, last = list(widths)
+    for gid in first:  # the uniform baseline's allocation, up to the grid ...
+        assert abs(widths[gid] - uniform.widths[gid]) <= 2, (gid, widths[gid], uniform.widths[gid])
+    assert widths[last] >= uniform.widths[last]  # ... and the last step spends what the budget still allows
+    free = LayerwiseCompressionEnv(problem, mode="prune", action_center="uniform")
+    free.reset(seed=0)
+    assert free.center is None  # nothing limits the widths: AMC's middle
+    with pytest.raises(ConfigError, match="action_center"):
+        LayerwiseCompressionEnv(problem, mode="prune", action_center="left")
 
 
 def test_unclipped_actions_map_to_nearest_legal_width() -> None:

@@ -617,3 +617,9 @@ def test_an_rl_mode_that_leaves_out_part_of_the_space_is_reported(caplog: pytest
     assert make_searcher("ddpg", make_problem(), store=new_store(), n_trials=1, budget=BUDGET).mode == "prune"
     with pytest.raises(ConfigError, match="unknown environment mode 'both'"):
         make_searcher("ddpg", make_problem(), store=new_store(), n_trials=1, budget=BUDGET, mode="both")
+
+
+def test_a_seed_that_is_not_an_integer_is_a_config_error() -> None:
+    for bad in ("x", -1, 2**32, 1.5, True):
+        with pytest.raises(ConfigError, match="seed must be an integer"):
+            make_searcher("random", make_problem(), store=new_store(), n_trials=1, budget=BUDGET, seed=bad)

@@ -176,3 +176,14 @@ def test_a_store_edited_by_another_program_is_a_clear_error_from_report(finished
     r = cli("report", "results", cwd=db.parent.parent)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "error:" in r.stderr and "hint:" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("sql", ["UPDATE trials SET state = 5", "UPDATE trial_params SET distribution_json = '1e999'"])
+def test_search_on_a_store_edited_by_another_program_is_a_clear_error(finished: Path, tmp_path: Path, sql: str) -> None:
+    db = damaged_copy(finished, tmp_path, "not damaged")
+    _edit(db, sql)
+    work = db.parent.parent
+    campaign_yaml(work / "c.yaml")
+    r = cli("search", "c.yaml", "n_trials=4", cwd=work)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "error:" in r.stderr and "hint:" in r.stderr and "Traceback" not in r.stderr

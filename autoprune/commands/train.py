@@ -177,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
     from autoprune.models import build_model
     from autoprune.models.checkpoint import load_checkpoint
     from autoprune.train import evaluate, train
+    from autoprune.utils import prepare_out_dir
 
     log = logging.getLogger("autoprune.train")
     check_model_name(args.model)
@@ -188,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         meta = load_checkpoint(model, args.checkpoint, model_name=args.model)
         log.info("initialised %s from %s (%s format)", args.model, meta["path"], meta["format"])
     out = Path(args.out) if args.out else DEFAULT_OUT / f"{safe_name(args.model)}-{safe_name(args.dataset)}"
+    prepare_out_dir(out, hint="pass --out <a writable directory>")
     ckpt = out / "checkpoint.pt"
     if ckpt.exists() and not args.resume:
         log.warning("overwriting %s (pass --resume to continue it instead)", ckpt)

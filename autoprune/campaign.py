@@ -431,11 +431,11 @@ def build_latency_predictor(cfg: CampaignConfig, model: nn.Module, groups: Group
     if new:
         log.info("latency table: timed %d layer configurations on this machine (batch %d, %d thread%s), kept in %s",
                  new, lc.batch, lc.threads, "s" if lc.threads != 1 else "", pred.table.path)
-    if new or not pred.load_calibration():
-        rng = random.Random(cfg.seed)
-        cands = [space.full().widths] + [
+    if new or not pred.load_calibration(lc.calibration):
+        rng = random.Random(cfg.seed)  # the dense model, the smallest candidate and random ones in between
+        cands = [space.full().widths, space.minimal().widths] + [
             space.widths_for_ratios([rng.uniform(space.min_ratio, 1.0) for _ in space.groups])
-            for _ in range(lc.calibration - 1)]
+            for _ in range(lc.calibration - 2)]
         fit = pred.calibrate(lambda w: pruning.apply(model, groups, dict(w)), cands, example,
                              progress=progress_line)
         log.info("latency model: calibrated on %d candidates timed end to end (median error %.1f %%, largest "

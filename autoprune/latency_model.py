@@ -150,8 +150,10 @@ def layer_sites(groups: GroupSet) -> list[LayerSite]:
     return sites
 
 
-def _levels(full: int) -> list[int]:
-    return sorted({max(1, round(full * f)) for f in LEVELS})
+def _levels(full: int, step: int = 1) -> list[int]:
+    """Grid levels of a dimension of ``full`` channels, multiples of ``step`` (a grouped conv's group count)."""
+    step = max(1, step)
+    return sorted({max(step, step * round(full * f / step)) for f in LEVELS})
 
 
 def _interp_index(levels: Sequence[int], x: float) -> tuple[int, int, float]:
@@ -233,7 +235,8 @@ class LatencyPredictor:
 
     def fingerprint(self) -> str:
         """Identifies the model's layer sites and the timing settings (a stored calibration must match it)."""
-        text = json.dumps([[s.name, s.signature()] for s in self.sites] + [self._settings()])
+        text = json.dumps([[s.name, s.signature()] for s in self.sites]
+                          + [self._settings(), {"min_run_time": self.min_run_time}])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     # -- the per-layer table ----------------------------------------------------------------------------
@@ -246,7 +249,7 @@ class LatencyPredictor:
                 ms = np.asarray([[self._time(site, c, c)] for c in lv])
                 grid = _Grid(lv, [0], ms)
             else:
-                lin, lout = _levels(site.full_in), _levels(site.full_out)
+                lin, lout = _levels(site.full_in, site.groups), _levels(site.full_out, site.groups)
                 ms = np.asarray([[self._time(site, a, b) for b in lout] for a in lin])
                 grid = _Grid(lin, lout, ms)
             self._grids[sig] = grid
@@ -324,13 +327,16 @@ class LatencyPredictor:
                        "iqr_ms": r.iqr_ms} for name, r in measured.items()}
 
     # -- calibration ------------------------------------------------------------------------------------
-    def load_calibration(self) -> bool:
-        """Use the stored calibration if it was fitted for this model and these settings."""
+    def load_calibration(self, candidates: int | None = None) -> bool:
+        """Use the stored calibration if it was fitted for this model and these settings (and, when given, on
+        this many candidates)."""
         if self.directory is None or not (self.directory / MODEL_FILE).is_file():
             return False
         try:
             doc = json.loads((self.directory / MODEL_FILE).read_text())
             if doc.get("fingerprint") != self.fingerprint():
+                return False
+            if candidates is not None and doc.get("fit", {}).get("candidates") != candidates:
                 return False
             self.coef = tuple(float(x) for x in doc["coef"])  # type: ignore[assignment]
             self.fit = dict(doc.get("fit", {}))
@@ -339,7 +345,7 @@ class LatencyPredictor:
             return False
 
     def calibrate(self, build: Callable[[Mapping[str, int]], nn.Module], candidates: Sequence[Mapping[str, int]],
-                  example_input: torch.Tensor, *, rounds: int = 3,
+                  example_input: torch.Tensor, *, rounds: int = 5,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Fit ``α, β, γ`` to end-to-end timings of ``candidates`` (built with ``build``), timed interleaved.
 

@@ -221,3 +221,12 @@ def test_a_latency_objective_without_a_predictor_is_refused_up_front() -> None:
     with pytest.raises(ConfigError, match=r"\['latency'\] need a cost model that predicts them"):
         make_searcher("nsga2", make_problem(), store=TrialStore(":memory:", campaign="x"), n_trials=2,
                       budget=BUDGET, objective={"objectives": ["accuracy", "latency"]})
+
+
+def test_grouped_convs_are_timed_at_widths_their_groups_divide(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 24, 3, padding=1, groups=4),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5)).eval()
+    gs = graph.analyze(model, torch.randn(1, 3, 8, 8))
+    pred = LatencyPredictor(gs, tmp_path, min_run_time=FAST)
+    assert pred.fill() > 0
+    assert all(int(k.split("|")[1]) % 4 == 0 for k in pred.table.entries if k.split("|")[7] == "4")

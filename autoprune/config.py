@@ -168,6 +168,8 @@ class ExportConfig:
         distill: Weight ``α`` in [0, 1] of knowledge distillation from the dense model in the fine-tune
             (:mod:`autoprune.distill`; 0 = plain cross-entropy).
         distill_temperature: Temperature ``T`` of the distillation.
+        fold_bn: Fold every BatchNorm that follows a conv into it in the exported float model (exact in eval
+            mode and faster on CPUs: results/benchmarks/latency.md); quantized exports always fold.
     """
 
     finetune: Literal["fixed", "infcop", "none"] = "fixed"
@@ -179,6 +181,7 @@ class ExportConfig:
     latency: bool = True
     distill: float = 0.0
     distill_temperature: float = 4.0
+    fold_bn: bool = True
 
 
 @dataclass(frozen=True)

@@ -362,7 +362,14 @@ def export_trial(camp: Campaign, trial: SelectedTrial, *, out_dir: str | os.Path
     if "val_accuracy" in ft_info:
         progress_line(f"fine-tuned: val accuracy {100 * ft_info['val_accuracy']:.2f} % after batch-norm "
                       "re-estimation", with_bars=True)
-    final = quantize(camp, tuned, cand.bits, ecfg.calibration_batches) if cand.bits else tuned
+    if cand.bits:
+        final = quantize(camp, tuned, cand.bits, ecfg.calibration_batches)  # folds BN itself
+    elif ecfg.fold_bn:
+        from autoprune.quantization import fold_batchnorm
+
+        final = fold_batchnorm(tuned).eval()  # exact in eval mode; one op less per conv at inference
+    else:
+        final = tuned
     progress_line(f"testing on {len(camp.splits.test):,} test images (the exported and the original model)",
                   with_bars=True)
     test_acc, test_loss, n_test = _test(final, camp.test_loader)
@@ -412,7 +419,8 @@ def export_trial(camp: Campaign, trial: SelectedTrial, *, out_dir: str | os.Path
                      "file_bytes": _dir_bytes(model_dir)},
         "check": check, "latency": latency,
         "deployment": {k: str(v) for k, v in deployment.items()}, "deployment_error": deploy_error,
-        "onnx_check": onnx_check, "candidate": cand.to_dict(), "command": command, "search_command": search_command,
+        "onnx_check": onnx_check, "bn_folded": bool(cand.bits) or ecfg.fold_bn,
+        "candidate": cand.to_dict(), "command": command, "search_command": search_command,
         "files": {"model": str(model_dir), "card": str(out / "MODEL_CARD.md")},
     }
     atomic_write(out / "export.json", json.dumps(metrics, indent=2, default=str) + "\n")
@@ -499,7 +507,9 @@ def model_card(camp: Campaign, trial: SelectedTrial, m: Mapping[str, Any]) -> st
         + ".\n",
         "## Results (test split)\n",
         to_markdown(summary),
-        f"Reload check: the saved model was reloaded without the model code and re-evaluated: test accuracy "
+        ("Batch norm is folded into the convolutions of the exported model (`export.fold_bn`).\n"
+         if m.get("bn_folded") else "")
+        + f"Reload check: the saved model was reloaded without the model code and re-evaluated: test accuracy "
         f"{_pct(check['reloaded_test_accuracy'])}, largest logit difference {check['max_logit_difference']:.2e} "
         f"({'passed' if check['passed'] else 'FAILED'}). {m['test_samples']} test images.\n",
         "## Per-layer widths\n",

@@ -264,3 +264,29 @@ def test_select_trial_specs(user_campaign: tuple) -> None:
         select_trial(infeasible, "random/seed0/7")
     with pytest.raises(ConfigError, match="no completed candidate"):
         select_trial(df.iloc[0:0])
+
+
+def test_the_exported_float_model_has_its_batch_norm_folded_unless_asked_not_to(user_campaign: tuple,
+                                                                                tmp_path: Path) -> None:
+    import dataclasses
+
+    from autoprune import serialize
+
+    camp, store, _ = user_campaign
+    trial = select_trial(store.to_dataframe())
+    kw = {"finetune_method": "none", "formats": [], "measure_latency": False}
+    folded = export_trial(camp, trial, out_dir=tmp_path / "folded", **kw)
+    original = camp.config
+    try:
+        camp.config = dataclasses.replace(original, export=dataclasses.replace(original.export, fold_bn=False))
+        kept = export_trial(camp, trial, out_dir=tmp_path / "kept", **kw)
+    finally:
+        camp.config = original
+
+    def norms(model: torch.nn.Module) -> int:
+        return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+    assert norms(serialize.load_module(folded.model_dir)) == 0 < norms(serialize.load_module(kept.model_dir))
+    assert folded.metrics["bn_folded"] and not kept.metrics["bn_folded"]
+    assert "folded into the convolutions" in folded.card.read_text()
+    assert abs(folded.metrics["exported"]["test_accuracy"] - kept.metrics["exported"]["test_accuracy"]) <= 0.01

@@ -381,11 +381,8 @@ def _check_trials(trials: Sequence[optuna.trial.FrozenTrial], ledger: Ledger, wh
 
 def _sha256(path: Path) -> str:
     """The file's SHA-256 (hex)."""
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _check_artifacts(trials: Sequence[optuna.trial.FrozenTrial], study_attrs: Mapping[str, Any], ledger: Ledger,

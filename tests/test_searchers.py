@@ -602,6 +602,7 @@ def test_rl_searchers_search_the_bits_a_quantizing_space_holds(agent: str) -> No
     problem = make_problem(quantize=True)
     s = make_searcher(agent, problem, store=new_store(), n_trials=2, budget=BUDGET, **RL_TINY[agent])
     assert s.mode == "joint"  # the mode follows the space: channel groups and layer bits
+    assert s.hp["action_center"] == "uniform"  # measured default (docs/ALGORITHMS.md §1.2); AMC's map: middle
     res = s.run()
     assert res.trials
     for t in res.trials:

@@ -273,8 +273,10 @@ def run_speedup(sizes: Sizes, work: Path, model_name: str = "resnet56", target: 
     dense_macs = cost.closed_form(groups, {}).macs
     macs = {"pruned": cost.closed_form(groups, widths).macs, "r8": cost.closed_form(groups, widths8).macs}
     shutil.rmtree(work, ignore_errors=True)
-    pruning.save_pruned(pruning.apply(model, groups, widths), work / "export", example)
-    exported = serialize.load_module(work / "export").eval()  # what `autoprune export` writes, reloaded
+    unfolded = pruning.apply(model, groups, widths).eval()
+    # what `autoprune export` writes (batch norm folded: export.fold_bn, the default), saved and reloaded
+    pruning.save_pruned(fold(unfolded), work / "export", example)
+    exported = serialize.load_module(work / "export").eval()
     r8 = pruning.apply(model, groups, widths8).eval()
 
     def pt2(module: nn.Module, name: str) -> nn.Module:  # `autoprune export`'s default deployment artifact
@@ -292,7 +294,8 @@ def run_speedup(sizes: Sizes, work: Path, model_name: str = "resnet56", target: 
                            (", optimize_for_inference", lambda m: _frozen(m, x, optimize=True))):
             name = "pruned (export, fx)" if who == "pruned" and not how else who + how
             variants[name] = (build(mod).eval(), key, "dense" + how)
-    variants["pruned, plain nn.Module"] = (plain_module(model, exported), "pruned", "dense")
+    variants["pruned, BN not folded (export.fold_bn: false)"] = (unfolded, "pruned", "dense")
+    variants["pruned, plain nn.Module"] = (plain_module(model, unfolded), "pruned", "dense")
     variants["pruned, widths to ×8"] = (r8, "r8", "dense")
     variants["pruned, widths to ×8, BN folded, channels_last"] = (_cl(fold(r8)), "r8",
                                                                    "dense, BN folded, channels_last")

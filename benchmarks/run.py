@@ -22,8 +22,9 @@ from benchmarks._common import write_result
 
 HERE = Path(__file__).resolve().parent
 # Cheap, engine-level benchmarks first; search-level ones (which train and evaluate networks) last.
-ORDER = ["data_loading", "engine", "env_overhead", "quantization", "deployment", "search_cost", "fidelity",
-         "infcop_imp", "searchers", "differentiable", "search_quality"]
+# The reliability soak (an hour, with the test suite under load) runs last.
+ORDER = ["data_loading", "engine", "env_overhead", "quantization", "deployment", "latency", "search_cost", "fidelity",
+         "infcop_imp", "searchers", "differentiable", "rl_center", "search_quality", "reliability"]
 
 
 def discover() -> list[str]:

@@ -133,10 +133,10 @@ def test_yaml_bombs_and_oversized_documents_are_refused_quickly(tmp_path: Path, 
         message = "expands to more than"
     path = tmp_path / "bomb.yaml"
     path.write_text(text)
-    started = time.monotonic()
+    started = time.process_time()  # CPU seconds of this process: what the refusal costs, whatever else runs
     with pytest.raises(ConfigError, match=message):
         load_config(path)
-    assert time.monotonic() - started < 10
+    assert time.process_time() - started < 10
 
 
 class _Payload:

@@ -651,7 +651,6 @@ def run_search(camp: Campaign, store: TrialStore, *, searcher: str | None = None
 
     bar: ProgressBar | None = None
     try:
-        store.check_readable(name, seed)  # a record changed by another program: a clear error, not a traceback
         done = _counted(store, name, seed)  # reads the store: a server lost since the start is a clear error too
         bar = ProgressBar(f"{name} seed{seed}", total, min(done, total), problem.dense_cost.macs, quiet=quiet)
         s = make_campaign_searcher(camp, store, name, seed=seed, kwargs=hp, callbacks=[bar], n_trials=total,

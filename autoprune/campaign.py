@@ -422,11 +422,23 @@ def build_latency_predictor(cfg: CampaignConfig, model: nn.Module, groups: Group
     import random
 
     from autoprune import pruning
+    from autoprune.deploy import choose_memory_format, deployable
     from autoprune.latency_model import LatencyPredictor
     from autoprune.utils import progress_line
 
-    lc = cfg.latency
-    pred = LatencyPredictor(groups, cfg.out_dir, threads=lc.threads, batch=lc.batch, min_run_time=lc.min_run_time)
+    lc, ec = cfg.latency, cfg.export
+    deploy = {"fold_bn": ec.fold_bn, "memory_format": ec.memory_format}
+
+    def build(layout: str) -> Callable[[Mapping[str, int]], nn.Module]:  # the candidate as export writes it
+        return lambda w: deployable(pruning.apply(model, groups, dict(w)), example, fold_bn=ec.fold_bn,
+                                    memory_format=layout)[0]
+
+    layout = ec.memory_format
+    if layout == "auto":  # the dense model's faster layout, as export would choose it; resolved once and kept
+        layout = (LatencyPredictor.stored_layout(cfg.out_dir, deploy)
+                  or choose_memory_format(build("contiguous")(space.full().widths), example)[0])
+    pred = LatencyPredictor(groups, cfg.out_dir, threads=lc.threads, batch=lc.batch, min_run_time=lc.min_run_time,
+                            deploy=deploy, layout=layout)
     new = pred.fill(progress=progress_line)
     if new:
         log.info("latency table: timed %d layer configurations on this machine (batch %d, %d thread%s), kept in %s",
@@ -436,10 +448,10 @@ def build_latency_predictor(cfg: CampaignConfig, model: nn.Module, groups: Group
         cands = [space.full().widths, space.minimal().widths] + [
             space.widths_for_ratios([rng.uniform(space.min_ratio, 1.0) for _ in space.groups])
             for _ in range(lc.calibration - 2)]
-        fit = pred.calibrate(lambda w: pruning.apply(model, groups, dict(w)), cands, example,
-                             progress=progress_line)
+        fit = pred.calibrate(build(layout), cands, example, progress=progress_line)
         log.info("latency model: calibrated on %d candidates timed end to end (median error %.1f %%, largest "
                  "%.1f %%)", fit["candidates"], 100 * fit["median_rel_error"], 100 * fit["max_rel_error"])
+    pred.build = build(layout)
     return pred
 
 
@@ -695,13 +707,11 @@ def summarize(result: SearchResult, dense_macs: int, *, val_label: str = "val ac
 def latency_summary(camp: Campaign, best: TrialRecord) -> str | None:
     """The best candidate's and the dense model's latency, predicted and measured now (interleaved), in one line;
     ``None`` when the campaign does not predict latency."""
-    from autoprune import pruning
-
     pred = camp.latency
     if pred is None:
         return None
-    res = pred.measure(lambda w: pruning.apply(camp.model, camp.groups, dict(w)),
-                       {"best": best.candidate.widths, "dense": camp.space.full().widths}, camp.example_input)
+    res = pred.measure(None, {"best": best.candidate.widths, "dense": camp.space.full().widths},
+                       camp.example_input)
     b, d = res["best"], res["dense"]
     return (f"latency (batch {pred.batch}, {pred.threads} thread{'s' if pred.threads != 1 else ''}): best "
             f"#{best.number} predicted {b['predicted_ms']:.3g} ms, measured {b['measured_ms']:.3g} ms; dense "

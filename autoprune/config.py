@@ -170,6 +170,9 @@ class ExportConfig:
         distill_temperature: Temperature ``T`` of the distillation.
         fold_bn: Fold every BatchNorm that follows a conv into it in the exported float model (exact in eval
             mode and faster on CPUs: results/benchmarks/latency.md); quantized exports always fold.
+        memory_format: Memory layout of the exported float model: ``auto`` (both timed on this machine at batch
+            1 and 64, the faster kept: :mod:`autoprune.deploy`), ``contiguous`` or ``channels_last``; recorded
+            in the artifact, which loads in it.
     """
 
     finetune: Literal["fixed", "infcop", "none"] = "fixed"
@@ -182,6 +185,7 @@ class ExportConfig:
     distill: float = 0.0
     distill_temperature: float = 4.0
     fold_bn: bool = True
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from autoprune.deploy import memory_format_summary
 from autoprune.errors import AutoPruneError, ConfigError
 from autoprune.types import Candidate, QuantSpec
 from autoprune.utils import atomic_write, progress_line
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from autoprune.campaign import Campaign
 
 Loader = Iterable[tuple[torch.Tensor, torch.Tensor]]
+#: ``on_epoch(epoch, model_copy, val_accuracy)`` of :func:`finetune` / :func:`export_trial`.
+EpochCallback = Callable[[int, nn.Module, float], None]
 
 log = logging.getLogger("autoprune.export")
 
@@ -147,7 +150,8 @@ def _selected(row: pd.Series) -> SelectedTrial:
 
 def finetune(camp: Campaign, module: nn.Module, *, method: str, epochs: float, lr: float,
              settings: Mapping[str, Any] | None = None, bn_batches: int = 20,
-             checkpoint: Path | None = None, checkpoint_key: str = "") -> tuple[nn.Module, dict[str, Any]]:
+             checkpoint: Path | None = None, checkpoint_key: str = "",
+             on_epoch: EpochCallback | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune a copy of ``module`` with the campaign's training data; return it and what was done.
 
     BN statistics of the pruned network are re-estimated on ``bn_batches`` training batches before training
@@ -169,6 +173,12 @@ def finetune(camp: Campaign, module: nn.Module, *, method: str, epochs: float, l
         checkpoint: For ``fixed``: the file the fine-tune is saved to after every epoch; a killed export run
             again continues after the last saved epoch, with the same result.
         checkpoint_key: What is fine-tuned (a checkpoint of another candidate or other settings is not resumed).
+        on_epoch: For ``fixed``: called after every completed epoch (after its checkpoint is saved) as
+            ``on_epoch(epoch, model, val_accuracy)`` with a **copy** of the network being trained (BN statistics as
+            training left them; the caller may change the copy freely) and its validation accuracy. It runs under a
+            forked RNG, so the fine-tune is the same with and without it (e.g. to record accuracy-vs-epoch curves;
+            nothing is selected on it). An exception it raises stops the fine-tune after that epoch; a later run
+            with the same ``checkpoint`` continues from there. Not called for ``infcop`` or ``none``.
     """
     from autoprune.campaign import make_evaluator
     from autoprune.evaluate import TrainingEvaluator, recalibrate_bn
@@ -214,7 +224,17 @@ def finetune(camp: Campaign, module: nn.Module, *, method: str, epochs: float, l
         torch.manual_seed(camp.config.seed)
         camp.train_loader.set_epoch(0)
         camp.calib_loader.set_epoch(0)
-        outcome = ev.fine_tune(work)  # trains our own copy in place (we keep the weights)
+        report: Callable[[int, float], bool] | None = None
+        if on_epoch is not None and name == "full":
+            callback = on_epoch
+
+            def after_epoch(epoch: int, val_accuracy: float) -> bool:
+                with torch.random.fork_rng(devices=[]):
+                    callback(epoch, copy.deepcopy(work), val_accuracy)
+                return False  # never stops the run early
+
+            report = after_epoch
+        outcome = ev.fine_tune(work, report=report)  # trains our own copy in place (we keep the weights)
     work = work.cpu()
     recalibrate(work)
     val = evaluate(work, camp.val_loader, desc="val")
@@ -320,7 +340,7 @@ class ExportResult:
 def export_trial(camp: Campaign, trial: SelectedTrial, *, out_dir: str | os.PathLike[str] | None = None,
                  finetune_method: str | None = None, epochs: float | None = None,
                  formats: Sequence[str] | None = None, measure_latency: bool | None = None,
-                 command: str = "", search_command: str = "") -> ExportResult:
+                 command: str = "", search_command: str = "", on_epoch: EpochCallback | None = None) -> ExportResult:
     """Fine-tune, save, reload-check and describe ``trial`` of the campaign ``camp``.
 
     Args:
@@ -333,6 +353,8 @@ def export_trial(camp: Campaign, trial: SelectedTrial, *, out_dir: str | os.Path
         measure_latency: Override of ``export.latency``.
         command: The export command line (for the model card).
         search_command: The search command line (for the model card).
+        on_epoch: Called after every epoch of a ``fixed`` fine-tune with a copy of the network (see
+            :func:`finetune`).
 
     Raises:
         ExportCheckError: If the reloaded model does not reproduce the measured accuracy.
@@ -358,18 +380,20 @@ def export_trial(camp: Campaign, trial: SelectedTrial, *, out_dir: str | os.Path
                               settings={"distill": ecfg.distill, "distill_temperature": ecfg.distill_temperature,
                                         **ecfg.kwargs},
                               bn_batches=ecfg.calibration_batches, checkpoint=out / FINETUNE_CHECKPOINT,
-                              checkpoint_key=f"{trial.label}|{cand.key()}|seed{cfg.seed}")
+                              checkpoint_key=f"{trial.label}|{cand.key()}|seed{cfg.seed}", on_epoch=on_epoch)
     if "val_accuracy" in ft_info:
         progress_line(f"fine-tuned: val accuracy {100 * ft_info['val_accuracy']:.2f} % after batch-norm "
                       "re-estimation", with_bars=True)
+    deploy_info: dict[str, Any] = {"bn_folded": bool(cand.bits), "memory_format": "contiguous"}
     if cand.bits:
         final = quantize(camp, tuned, cand.bits, ecfg.calibration_batches)  # folds BN itself
-    elif ecfg.fold_bn:
-        from autoprune.quantization import fold_batchnorm
+    else:  # BN folded (exact in eval mode), memory layout chosen by timing: autoprune.deploy
+        from autoprune.deploy import deployable
 
-        final = fold_batchnorm(tuned).eval()  # exact in eval mode; one op less per conv at inference
-    else:
-        final = tuned
+        if ecfg.memory_format == "auto":
+            progress_line("choosing the memory layout (timing both at batch 1 and 64)", with_bars=True)
+        final, deploy_info = deployable(tuned, camp.example_input, fold_bn=ecfg.fold_bn,
+                                        memory_format=ecfg.memory_format)
     progress_line(f"testing on {len(camp.splits.test):,} test images (the exported and the original model)",
                   with_bars=True)
     test_acc, test_loss, n_test = _test(final, camp.test_loader)
@@ -419,7 +443,7 @@ def export_trial(camp: Campaign, trial: SelectedTrial, *, out_dir: str | os.Path
                      "file_bytes": _dir_bytes(model_dir)},
         "check": check, "latency": latency,
         "deployment": {k: str(v) for k, v in deployment.items()}, "deployment_error": deploy_error,
-        "onnx_check": onnx_check, "bn_folded": bool(cand.bits) or ecfg.fold_bn,
+        "onnx_check": onnx_check, "bn_folded": deploy_info["bn_folded"], "deploy": deploy_info,
         "candidate": cand.to_dict(), "command": command, "search_command": search_command,
         "files": {"model": str(model_dir), "card": str(out / "MODEL_CARD.md")},
     }
@@ -509,6 +533,7 @@ def model_card(camp: Campaign, trial: SelectedTrial, m: Mapping[str, Any]) -> st
         to_markdown(summary),
         ("Batch norm is folded into the convolutions of the exported model (`export.fold_bn`).\n"
          if m.get("bn_folded") else "")
+        + (memory_format_summary(m["deploy"]) + " (`export.memory_format`)\n" if m.get("deploy") else "")
         + f"Reload check: the saved model was reloaded without the model code and re-evaluated: test accuracy "
         f"{_pct(check['reloaded_test_accuracy'])}, largest logit difference {check['max_logit_difference']:.2e} "
         f"({'passed' if check['passed'] else 'FAILED'}). {m['test_samples']} test images.\n",

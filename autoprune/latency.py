@@ -14,6 +14,7 @@ load evenly) and for a lazily filled per-layer table (:class:`LatencyTable`) key
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from collections.abc import Callable, Mapping
@@ -44,6 +45,10 @@ class LatencyResult:
         threads: Intra-op threads used.
         batch: Batch size of the input (first dimension).
         rounds_ms: Per-round medians for :func:`compare_latency` (empty for a single measurement).
+        low_ms: The 10th percentile of the per-run times in milliseconds (the smallest with fewer than ten
+            runs). Other processes only ever add time, so on a shared machine the median follows their load
+            while a low quantile stays close to what the model costs when it has the core: it is the statistic
+            the per-layer table, the latency predictor and its calibration use.
     """
 
     median_ms: float
@@ -52,6 +57,7 @@ class LatencyResult:
     threads: int
     batch: int
     rounds_ms: tuple[float, ...] = ()
+    low_ms: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -81,12 +87,14 @@ def _times(model: nn.Module, example_input: torch.Tensor, threads: int, min_run_
         return list(timer.blocked_autorange(min_run_time=min_run_time).times)
 
 
-def _summary(times_s: list[float]) -> tuple[float, float]:
+def _summary(times_s: list[float]) -> tuple[float, float, float]:
+    """Median, inter-quartile range and 10th percentile (:attr:`LatencyResult.low_ms`) in milliseconds."""
     ms = sorted(t * 1e3 for t in times_s)
     if len(ms) < 2:
-        return ms[0], 0.0
+        return ms[0], 0.0, ms[0]
     q = statistics.quantiles(ms, n=4, method="inclusive")
-    return statistics.median(ms), q[2] - q[0]
+    low = statistics.quantiles(ms, n=10, method="inclusive")[0] if len(ms) >= 10 else ms[0]
+    return statistics.median(ms), q[2] - q[0], low
 
 
 def measure_latency(model: nn.Module, example_input: torch.Tensor, *, threads: int = 1, min_run_time: float = 0.5,
@@ -116,8 +124,9 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, *, threads: i
     finally:
         torch.set_num_threads(prev_threads)
         model.train(was_training)
-    median, iqr = _summary(times)
-    return LatencyResult(median_ms=median, iqr_ms=iqr, runs=len(times), threads=threads, batch=_batch(example_input))
+    median, iqr, low = _summary(times)
+    return LatencyResult(median_ms=median, iqr_ms=iqr, runs=len(times), threads=threads, batch=_batch(example_input),
+                         low_ms=low)
 
 
 def compare_latency(models: Mapping[str, nn.Module], example_input: torch.Tensor, *, rounds: int = 3, threads: int = 1,
@@ -152,8 +161,9 @@ def compare_latency(models: Mapping[str, nn.Module], example_input: torch.Tensor
             m.train(flags[name])
     out: dict[str, LatencyResult] = {}
     for name, times in pooled.items():
-        median, iqr = _summary(times)
-        out[name] = LatencyResult(median, iqr, len(times), threads, _batch(example_input), tuple(per_round[name]))
+        median, iqr, low = _summary(times)
+        out[name] = LatencyResult(median, iqr, len(times), threads, _batch(example_input), tuple(per_round[name]),
+                                  low)
     return out
 
 
@@ -201,20 +211,26 @@ def _norm_bits(bits: int | None) -> int:
 class LatencyTable:
     """Per-layer latency (ms) filled lazily by timing single layers; persisted as JSON.
 
+    An entry is the layer's :attr:`LatencyResult.low_ms` (a low quantile: stable on a shared machine).
+
     Args:
         path: JSON file to load from (if it exists) and to :meth:`save` to.
         threads: Intra-op threads for the measurements (part of the file; a mismatch is refused).
         batch: Batch size of the single-layer inputs (part of the file).
         min_run_time: Seconds of timed runs per new entry.
+        layout: Memory layout of the timed conv layers and their inputs, ``contiguous`` or ``channels_last``
+            (:mod:`autoprune.deploy`; part of the file).
     """
 
-    VERSION = 1
+    VERSION = 2  # 2: entries are low quantiles (version 1 held medians)
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, threads: int = 1, batch: int = 1,
-                 min_run_time: float = 0.1) -> None:
+                 min_run_time: float = 0.1, layout: str = "contiguous") -> None:
         _check(threads, min_run_time)
+        if layout not in ("contiguous", "channels_last"):
+            raise ConfigError(f"unknown memory layout {layout!r}", hint="use contiguous or channels_last")
         self.path = Path(path) if path is not None else None
-        self.threads, self.batch, self.min_run_time = threads, batch, min_run_time
+        self.threads, self.batch, self.min_run_time, self.layout = threads, batch, min_run_time, layout
         self.entries: dict[str, float] = {}
         self.hits = 0
         self.misses = 0
@@ -228,10 +244,11 @@ class LatencyTable:
             raise ConfigError(f"cannot read latency table {path}: {exc}", hint="delete the file to rebuild it") from exc
         if not isinstance(doc, dict) or doc.get("version") != self.VERSION:
             raise ConfigError(f"{path} is not a version-{self.VERSION} latency table", hint="delete it to rebuild")
-        if (doc.get("threads"), doc.get("batch")) != (self.threads, self.batch):
+        have = (doc.get("threads"), doc.get("batch"), doc.get("layout", "contiguous"))
+        if have != (self.threads, self.batch, self.layout):
             raise ConfigError(
-                f"{path} was measured with threads={doc.get('threads')}, batch={doc.get('batch')}; "
-                f"this table uses threads={self.threads}, batch={self.batch}",
+                f"{path} was measured with threads={have[0]}, batch={have[1]}, layout {have[2]}; "
+                f"this table uses threads={self.threads}, batch={self.batch}, layout {self.layout}",
                 hint="use the same settings or another file")
         entries = doc.get("entries", {})
         for k, v in entries.items():
@@ -244,7 +261,8 @@ class LatencyTable:
         if target is None:
             raise ConfigError("no path to save the latency table to", hint="pass path=...")
         target.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"version": self.VERSION, "threads": self.threads, "batch": self.batch, "unit": "ms",
+        doc = {"version": self.VERSION, "threads": self.threads, "batch": self.batch, "layout": self.layout,
+               "unit": "ms", "statistic": "p10",
                "torch": torch.__version__, "entries": dict(sorted(self.entries.items()))}
         return atomic_write(target, json.dumps(doc, indent=1))
 
@@ -278,6 +296,8 @@ class LatencyTable:
                                    groups=key.groups)
                 return layer, torch.quantize_per_tensor(x, 1 / 255, 0, torch.quint8)
             conv = nn.Conv2d(key.c_in, key.c_out, key.k, stride=key.stride, padding=key.k // 2, groups=key.groups)
+            if self.layout == "channels_last":
+                return conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
             return conv, x
         x = torch.rand(self.batch * key.h * key.w, key.c_in, generator=gen)
         if key.bits == 8:
@@ -290,7 +310,7 @@ class LatencyTable:
         except (RuntimeError, ValueError) as exc:
             raise ConfigError(f"cannot build a layer for latency key {key}: {exc}",
                               hint="check channels / groups / kernel size") from exc
-        return measure_latency(layer, x, threads=self.threads, min_run_time=self.min_run_time).median_ms
+        return measure_latency(layer, x, threads=self.threads, min_run_time=self.min_run_time).low_ms
 
     def estimate(self, model: nn.Module, example_input: torch.Tensor,
                  bits: Mapping[str, int | QuantSpec | None] | None = None) -> float:

@@ -13,8 +13,10 @@ arithmetic, without building it:
   replaced.
 * **Calibration.** Conv and linear layers are not the whole story (batch norm, activations, residual adds,
   pooling and the per-op dispatch cost of a small model on a CPU), so the prediction is
-  ``α·Σ table + β·activation elements + γ`` (all ≥ 0, α within [0.5, 2]), fitted by least squares to
-  end-to-end timings of the dense model and a few random candidates of the search space (interleaved rounds).
+  ``α·Σ table + β·activation elements + γ`` (all ≥ 0, α within [0.5, 2]), fitted by least squares on relative
+  errors to end-to-end timings of the dense model (weighted most: budgets are fractions of it) and a few random
+  candidates of the search space (interleaved rounds), built in the form ``autoprune export`` ships
+  (:mod:`autoprune.deploy`). Every timing is a low quantile (:attr:`autoprune.latency.LatencyResult.low_ms`).
   The fit and its error on those candidates are stored beside the table and reused while the model and the
   settings stay the same.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -192,11 +195,23 @@ class LatencyPredictor:
         threads: Intra-op threads of the timings.
         batch: Batch size of the timings (the prediction is for this batch).
         min_run_time: Seconds of timed runs per table entry.
+        deploy: The settings of the form the predicted model runs in (``fold_bn``, ``memory_format``: see
+            :mod:`autoprune.deploy`); part of the calibration's fingerprint.
+        layout: The memory layout the model runs in (``contiguous`` or ``channels_last``): the table's layers
+            are timed in it.
+
+    Attributes:
+        build: ``widths -> module`` building a candidate in the predicted form (set by the campaign; used to
+            measure).
     """
 
     def __init__(self, groups: GroupSet, directory: str | os.PathLike[str] | None = None, *, threads: int = 1,
-                 batch: int = 1, min_run_time: float = 0.05) -> None:
+                 batch: int = 1, min_run_time: float = 0.05, deploy: Mapping[str, Any] | None = None,
+                 layout: str = "contiguous") -> None:
         self.groups = groups
+        self.deploy = dict(deploy or {})
+        self.layout = layout
+        self.build: Callable[[Mapping[str, int]], nn.Module] | None = None
         self.directory = Path(directory) if directory is not None else None
         self.threads, self.batch, self.min_run_time = int(threads), int(batch), float(min_run_time)
         self.sites = layer_sites(groups)
@@ -211,14 +226,27 @@ class LatencyPredictor:
 
     # -- files ------------------------------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:
-        return {"threads": self.threads, "batch": self.batch, "torch": torch.__version__}
+        return {"threads": self.threads, "batch": self.batch, "torch": torch.__version__, "layout": self.layout}
+
+    @staticmethod
+    def stored_layout(directory: str | os.PathLike[str] | None, deploy: Mapping[str, Any]) -> str | None:
+        """The layout of a calibration stored in ``directory`` for these deploy settings (None if there is none):
+        ``memory_format: auto`` is resolved once and kept."""
+        path = Path(directory) / MODEL_FILE if directory is not None else None
+        try:
+            doc = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        except (OSError, ValueError):
+            return None
+        layout = doc.get("layout") if isinstance(doc, dict) and doc.get("deploy") == dict(deploy) else None
+        return layout if layout in ("contiguous", "channels_last") else None
 
     def _open_table(self) -> LatencyTable:
         path = self.directory / TABLE_FILE if self.directory is not None else None
         if path is not None and path.is_file():
             try:
                 doc = json.loads(path.read_text())
-                same = {k: doc.get(k) for k in ("threads", "batch", "torch")} == self._settings()
+                same = {k: doc.get(k, "contiguous" if k == "layout" else None)
+                        for k in ("threads", "batch", "torch", "layout")} == self._settings()
             except (OSError, ValueError):
                 same = False
             if not same:
@@ -226,17 +254,19 @@ class LatencyPredictor:
                          "again", path)
                 path.unlink(missing_ok=True)
         try:
-            return LatencyTable(path, threads=self.threads, batch=self.batch, min_run_time=self.min_run_time)
+            return LatencyTable(path, threads=self.threads, batch=self.batch, min_run_time=self.min_run_time,
+                                layout=self.layout)
         except ConfigError as exc:  # a damaged table: time it again
             log.info("latency table %s cannot be read (%s): timing it again", path, exc.message)
             if path is not None:
                 path.unlink(missing_ok=True)
-            return LatencyTable(path, threads=self.threads, batch=self.batch, min_run_time=self.min_run_time)
+            return LatencyTable(path, threads=self.threads, batch=self.batch, min_run_time=self.min_run_time,
+                                layout=self.layout)
 
     def fingerprint(self) -> str:
         """Identifies the model's layer sites and the timing settings (a stored calibration must match it)."""
         text = json.dumps([[s.name, s.signature()] for s in self.sites]
-                          + [self._settings(), {"min_run_time": self.min_run_time}])
+                          + [self._settings(), {"min_run_time": self.min_run_time}, self.deploy])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     # -- the per-layer table ----------------------------------------------------------------------------
@@ -316,15 +346,24 @@ class LatencyPredictor:
         return max(a * table + b * act + c, 1e-6)
 
     # -- measurement ------------------------------------------------------------------------------------
-    def measure(self, build: Callable[[Mapping[str, int]], nn.Module], candidates: Mapping[str, Mapping[str, int]],
-                example_input: torch.Tensor, *, rounds: int = 3) -> dict[str, dict[str, float]]:
-        """Time the candidates (built with ``build``) end to end, interleaved, at this predictor's batch and
-        threads; returns ``{name: {"predicted_ms", "measured_ms", "iqr_ms"}}``."""
+    def measure(self, build: Callable[[Mapping[str, int]], nn.Module] | None,
+                candidates: Mapping[str, Mapping[str, int]], example_input: torch.Tensor, *,
+                rounds: int = 3) -> dict[str, dict[str, float]]:
+        """Time the candidates (built with ``build``, default :attr:`build`) end to end, interleaved, at this
+        predictor's batch and threads.
+
+        Returns:
+            ``{name: {"predicted_ms", "measured_ms", "median_ms", "iqr_ms"}}``; ``measured_ms`` is the low
+            quantile (:attr:`autoprune.latency.LatencyResult.low_ms`), the statistic the prediction is fitted to.
+        """
+        build = build or self.build
+        if build is None:
+            raise ConfigError("the latency predictor has no model builder", hint="pass build=")
         x = example_input[:1].expand(self.batch, *example_input.shape[1:]).contiguous()
         models = {name: build(w).eval() for name, w in candidates.items()}
         measured = compare_latency(models, x, rounds=rounds, threads=self.threads, min_run_time=self.min_run_time)
-        return {name: {"predicted_ms": self.predict(candidates[name]), "measured_ms": r.median_ms,
-                       "iqr_ms": r.iqr_ms} for name, r in measured.items()}
+        return {name: {"predicted_ms": self.predict(candidates[name]), "measured_ms": r.low_ms,
+                       "median_ms": r.median_ms, "iqr_ms": r.iqr_ms} for name, r in measured.items()}
 
     # -- calibration ------------------------------------------------------------------------------------
     def load_calibration(self, candidates: int | None = None) -> bool:
@@ -345,9 +384,13 @@ class LatencyPredictor:
             return False
 
     def calibrate(self, build: Callable[[Mapping[str, int]], nn.Module], candidates: Sequence[Mapping[str, int]],
-                  example_input: torch.Tensor, *, rounds: int = 5,
+                  example_input: torch.Tensor, *, rounds: int = 5, anchor: int | None = 0,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Fit ``α, β, γ`` to end-to-end timings of ``candidates`` (built with ``build``), timed interleaved.
+
+        The fit minimises relative errors; ``anchor`` (default 0: the campaign puts the dense model first) is
+        weighted as much as all other candidates together, so a budget given as a fraction of the dense latency
+        reads a near-exact denominator.
 
         Returns:
             The fit: candidates, coefficients, largest and median relative error on the calibration set.
@@ -360,12 +403,18 @@ class LatencyPredictor:
         measured = self.measure(build, {str(i): c for i, c in enumerate(candidates)}, example_input, rounds=rounds)
         y = np.asarray([measured[str(i)]["measured_ms"] for i in range(len(candidates))])
         feats = np.asarray([[*self.features(c), 1.0] for c in candidates])
-        coef = _nonnegative_lstsq(feats, y)
+        # Relative errors are what matter (a budget is a fraction): every row is divided by its measurement; the
+        # anchor (the dense model: fractional budgets are fractions of its latency) weighs as much as all others.
+        weight = 1.0 / y
+        if anchor is not None:
+            weight[anchor] *= math.sqrt(len(candidates))
+        coef = _nonnegative_lstsq(feats * weight[:, None], y * weight)
         # The table's share stays between half and twice its sum: a noisy fit on a tiny model (all constant) must
         # not make the prediction blind to the widths. β and γ are refitted on what the table leaves.
         alpha = float(np.clip(coef[0], *ALPHA_RANGE))
         if alpha != coef[0]:
-            coef = np.concatenate([[alpha], _nonnegative_lstsq(feats[:, 1:], y - alpha * feats[:, 0])])
+            coef = np.concatenate([[alpha], _nonnegative_lstsq(feats[:, 1:] * weight[:, None],
+                                                               (y - alpha * feats[:, 0]) * weight)])
         self.coef = (float(coef[0]), float(coef[1]), float(coef[2]))
         pred = np.asarray([self.predict(c) for c in candidates])
         rel = np.abs(pred / y - 1.0)
@@ -374,7 +423,8 @@ class LatencyPredictor:
                     "median_rel_error": float(np.median(rel))}
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            doc = {"version": 1, "fingerprint": self.fingerprint(), **self._settings(), "coef": list(self.coef),
+            doc = {"version": 1, "fingerprint": self.fingerprint(), **self._settings(), "deploy": self.deploy,
+                   "coef": list(self.coef),
                    "coef_meaning": "ms = a * table_ms + b * activation_millions + c", "fit": self.fit}
             atomic_write(self.directory / MODEL_FILE, json.dumps(doc, indent=1))
         return self.fit

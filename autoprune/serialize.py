@@ -69,6 +69,7 @@ __all__ = [
     "encode_module",
     "export_deployment",
     "load_module",
+    "memory_format_of",
     "read_artifact",
     "read_metadata",
     "register_module_type",
@@ -872,6 +873,12 @@ def build_module(arch: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -
     gm.train(bool(arch.get("training", False)))
     for mname, mspec in arch["modules"].items():  # GraphModule.train() recursed; restore per-module flags
         _restore_training(gm.get_submodule(mname), mspec)
+    layout = arch.get("memory_format", "contiguous")
+    if layout not in ("contiguous", "channels_last"):
+        raise CheckpointError(f"arch.json: unknown memory_format {layout!r}",
+                              hint="the file is corrupt or from a newer version; re-export the model")
+    if layout == "channels_last":
+        gm.to(memory_format=torch.channels_last)
     return gm
 
 
@@ -967,11 +974,26 @@ def save_module(gm: nn.Module, out_dir: str | os.PathLike[str], example_input: E
     Returns:
         The directory as a :class:`~pathlib.Path`.
 
+    A module whose convolution weights are in channels-last layout (:mod:`autoprune.deploy`) is recorded as such
+    (``arch.json``'s ``memory_format``) and loaded in that layout.
+
     Raises:
         CheckpointError: If a module type, call target or literal is outside the allow-lists.
     """
     arch, tensors = encode_module(trace(gm))
+    if memory_format_of(gm) == "channels_last":
+        arch = {**arch, "memory_format": "channels_last"}
     return write_artifact(out_dir, arch, tensors, example_input, metadata)
+
+
+def memory_format_of(model: nn.Module) -> str:
+    """``channels_last`` when the model's 4-D weights are stored in NHWC, else ``contiguous``."""
+    # a tensor whose two layouts coincide (1×1 kernels of one input channel, …) says nothing either way
+    telling = [p for p in model.parameters() if p.dim() == 4
+               and p.is_contiguous() != p.is_contiguous(memory_format=torch.channels_last)]
+    if telling and all(p.is_contiguous(memory_format=torch.channels_last) for p in telling):
+        return "channels_last"
+    return "contiguous"
 
 
 def load_module(out_dir: str | os.PathLike[str]) -> fx.GraphModule:
@@ -1084,7 +1106,8 @@ def check_onnx(path: str | os.PathLike[str], model: nn.Module, example_input: to
 
 def export_deployment(gm: nn.Module, example_input: torch.Tensor, out_dir: str | os.PathLike[str],
                       formats: Sequence[str] = ("pt2",)) -> dict[str, Path]:
-    """Write deployment artifacts: ``model.pt2`` (``torch.export``), ``model.ts`` (TorchScript trace) and/or
+    """Write deployment artifacts: ``model.pt2`` (``torch.export``), ``model.ts`` (TorchScript trace, frozen with
+    ``torch.jit.freeze``: the fastest of the three on a CPU at batch 1, results/benchmarks/latency.md) and/or
     ``model.onnx`` (needs the ``onnx`` package).
 
     The model is exported in eval mode; its training flag is restored afterwards. ``model.pt2`` and ``model.onnx``
@@ -1111,10 +1134,10 @@ def export_deployment(gm: nn.Module, example_input: torch.Tensor, out_dir: str |
             if fmt == "pt2":
                 path = out / "model.pt2"
                 torch.export.save(_export_any_batch(model, example_input), str(path))
-            elif fmt == "torchscript":
+            elif fmt == "torchscript":  # frozen: weights inlined, BN folded, no Python per op at run time
                 path = out / "model.ts"
                 with torch.no_grad():
-                    torch.jit.save(torch.jit.trace(model, example_input), str(path))
+                    torch.jit.save(torch.jit.freeze(torch.jit.trace(model, example_input)), str(path))
             else:
                 from autoprune._imports import optional_import
 

@@ -126,7 +126,7 @@ def predictor_summary(rows: Sequence[Mapping[str, Any]], dense: Mapping[str, flo
 def run_predictor(model_name: str, sizes: Sizes, work: Path, seed: int = 0,
                   model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Build the predictor as a campaign does, then compare it with interleaved timings of other candidates."""
-    from autoprune import cost, graph, pruning
+    from autoprune import cost, graph
     from autoprune.campaign import build_latency_predictor
     from autoprune.config import config_from_dict
     from autoprune.latency_model import LatencyPredictor
@@ -165,8 +165,9 @@ def run_predictor(model_name: str, sizes: Sizes, work: Path, seed: int = 0,
     dense_macs = cost.closed_form(groups, {}).macs
     # the calibration set is timed again beside the candidates: its error now tells a prediction error from a
     # change of the machine's speed since the calibration (load on a shared machine)
-    models = {**{f"k{i}": pruning.apply(model, groups, w).eval() for i, w in enumerate(calib)},
-              **{f"c{i}": pruning.apply(model, groups, w).eval() for i, w in enumerate(cands)}}
+    # every candidate in the form the predictor is calibrated for: what `autoprune export` writes
+    models = {**{f"k{i}": pred.build(w) for i, w in enumerate(calib)},
+              **{f"c{i}": pred.build(w) for i, w in enumerate(cands)}}
     t0 = time.perf_counter()
     measured = _timed(models, example, sizes.rounds, sizes.run_time)
     measure_s = time.perf_counter() - t0
@@ -174,14 +175,16 @@ def run_predictor(model_name: str, sizes: Sizes, work: Path, seed: int = 0,
     for i, w in enumerate(cands):
         m, p = measured[f"c{i}"], pred.predict(w)
         rows.append({"macs_fraction": cost.closed_form(groups, w).macs / dense_macs, "predicted_ms": p,
-                     "measured_ms": m.median_ms, "iqr_ms": m.iqr_ms, "rel_error": p / m.median_ms - 1.0,
+                     "measured_ms": m.low_ms, "median_ms": m.median_ms, "iqr_ms": m.iqr_ms,
+                     "rel_error": p / m.low_ms - 1.0, "rel_error_median": p / m.median_ms - 1.0,
                      "widths": [w[g.group_id] for g in space.groups]})
-    dense = {"predicted_ms": pred.predict(calib[0]), "measured_ms": measured["k0"].median_ms}
+    dense = {"predicted_ms": pred.predict(calib[0]), "measured_ms": measured["k0"].low_ms}
     return {"model": model_name, "groups": len(space.groups), "sites": len(pred.sites),
             "table_entries": entries, "table_seconds": table_s, "calibration_seconds": calib_s,
             "measure_seconds": measure_s, "coef": list(pred.coef or ()), "calibration_fit": pred.fit,
             "dense": dense,
-            "calibration_set_now": [pred.predict(w) / measured[f"k{i}"].median_ms - 1 for i, w in enumerate(calib)],
+            "layout": pred.layout,
+            "calibration_set_now": [pred.predict(w) / measured[f"k{i}"].low_ms - 1 for i, w in enumerate(calib)],
             "summary": predictor_summary(rows, dense), "rows": rows}
 
 
@@ -254,6 +257,7 @@ def run_speedup(sizes: Sizes, work: Path, model_name: str = "resnet56", target: 
     """Speed-up over the MACs ratio of the uniform candidate at ``target`` MACs, and what changes it."""
     from autoprune import cost, graph, pruning, serialize
     from autoprune.agents.base import BudgetGuard
+    from autoprune.deploy import deployable
     from autoprune.models import build_model
     from autoprune.objectives import Budget
     from autoprune.problem import Problem
@@ -274,10 +278,16 @@ def run_speedup(sizes: Sizes, work: Path, model_name: str = "resnet56", target: 
     macs = {"pruned": cost.closed_form(groups, widths).macs, "r8": cost.closed_form(groups, widths8).macs}
     shutil.rmtree(work, ignore_errors=True)
     unfolded = pruning.apply(model, groups, widths).eval()
-    # what `autoprune export` writes (batch norm folded: export.fold_bn, the default), saved and reloaded
-    pruning.save_pruned(fold(unfolded), work / "export", example)
+    # what `autoprune export` writes with its defaults (export.fold_bn, export.memory_format: auto), saved and
+    # reloaded
+    shipped, deploy_info = deployable(unfolded, example)
+    pruning.save_pruned(shipped, work / "export", example)
     exported = serialize.load_module(work / "export").eval()
     r8 = pruning.apply(model, groups, widths8).eval()
+
+    def ts(module: nn.Module, name: str) -> nn.Module:  # `export.formats: [torchscript]`: traced and frozen
+        path = serialize.export_deployment(module, example, work / name, formats=["torchscript"])["torchscript"]
+        return _Held(torch.jit.load(str(path)))
 
     def pt2(module: nn.Module, name: str) -> nn.Module:  # `autoprune export`'s default deployment artifact
         path = serialize.export_deployment(module, example, work / name, formats=["pt2"])["pt2"]
@@ -288,7 +298,7 @@ def run_speedup(sizes: Sizes, work: Path, model_name: str = "resnet56", target: 
     for who, mod, key in (("dense", model, "dense"), ("pruned", exported, "pruned")):
         for how, build in (("", lambda m: m), (", BN folded", fold), (", channels_last", _cl),
                            (", BN folded, channels_last", lambda m: _cl(fold(m))),
-                           (", frozen TorchScript", lambda m: _frozen(m, x)),
+                           (", TorchScript artifact (model.ts, frozen)", lambda m, who=who: ts(m, f"ts-{who}")),
                            (", frozen TorchScript, channels_last", lambda m: _frozen(_cl(m), x)),
                            (", pt2 module", lambda m, who=who: pt2(m, f"pt2-{who}")),
                            (", optimize_for_inference", lambda m: _frozen(m, x, optimize=True))):
@@ -308,10 +318,12 @@ def run_speedup(sizes: Sizes, work: Path, model_name: str = "resnet56", target: 
         res = _timed(mods, torch.rand(batch, *INPUT), sizes.rounds, run_time)
         for n, r in res.items():
             ref = rows[n]["like_for_like"]
-            rows[n][key] = {"median_ms": r.median_ms, "iqr_ms": r.iqr_ms, "rounds_ms": list(r.rounds_ms),
-                            "speedup": res["dense"].median_ms / r.median_ms,
-                            "ratio": res["dense"].median_ms / r.median_ms / rows[n]["macs_ratio"],
-                            "ratio_like_for_like": res[ref].median_ms / r.median_ms / rows[n]["macs_ratio"]}
+            rows[n][key] = {"low_ms": r.low_ms, "median_ms": r.median_ms, "iqr_ms": r.iqr_ms,
+                            "rounds_ms": list(r.rounds_ms),
+                            "speedup": res["dense"].low_ms / r.low_ms,
+                            "ratio": res["dense"].low_ms / r.low_ms / rows[n]["macs_ratio"],
+                            "ratio_median": res["dense"].median_ms / r.median_ms / rows[n]["macs_ratio"],
+                            "ratio_like_for_like": res[ref].low_ms / r.low_ms / rows[n]["macs_ratio"]}
     big = torch.rand(sizes.big_batch, *INPUT)
     profile = {f"{n} @ batch 1": op_profile(mods[n], example, sizes.profile_iters)
                for n in ("dense", "pruned (export, fx)", "pruned, BN folded")}
@@ -320,7 +332,7 @@ def run_speedup(sizes: Sizes, work: Path, model_name: str = "resnet56", target: 
     rec = {"model": model_name, "target": target, "uniform_scale": scale,
            "widths": sorted(set(widths.values())), "widths_x8": sorted(set(widths8.values())),
            "macs_fraction": macs["pruned"] / dense_macs, "macs_fraction_x8": macs["r8"] / dense_macs,
-           "big_batch": sizes.big_batch, "variants": rows, "profile": profile}
+           "big_batch": sizes.big_batch, "deploy": deploy_info, "variants": rows, "profile": profile}
     rec["findings"] = speedup_findings(rec)
     return rec
 
@@ -336,6 +348,17 @@ def speedup_findings(rec: Mapping[str, Any]) -> list[str]:
                    f"'{best}' {v[best][key]['ratio']:.2f} (speed-up {v[best][key]['speedup']:.2f}× over the "
                    f"dense model as shipped; {v[best][key]['ratio_like_for_like']:.2f} against its like-for-like "
                    f"dense '{v[best]['like_for_like']}').")
+    r8, r8cl = v.get("pruned, widths to ×8"), v.get("pruned, widths to ×8, BN folded, channels_last")
+    plain, shipped = v.get("pruned, BN not folded (export.fold_bn: false)"), v["pruned (export, fx)"]
+    if r8 and r8cl and plain:
+        def cmp(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+            return ", ".join(f"{a[k]['ratio']:.2f} vs {b[k]['ratio']:.2f} at {lab}"
+                             for k, lab in (("batch1", "batch 1"), ("batch64", f"batch {rec['big_batch']}")))
+        def gain(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+            return " / ".join(f"{a[k]['ratio'] - b[k]['ratio']:+.2f}" for k in ("batch1", "batch64"))
+        out.append(f"round_to 8 (widths {rec['widths_x8']} instead of {rec['widths']}): ratio {cmp(r8, plain)} "
+                   f"(both unfolded, NCHW: {gain(r8, plain)} at batch 1 / {rec['big_batch']}); {cmp(r8cl, shipped)} "
+                   f"(rounded and BN folded, channels-last, against the exported model: {gain(r8cl, shipped)}).")
     prof = rec["profile"]
     for b in sorted({p["batch"] for p in prof.values()}):
         d, p = prof.get(f"dense @ batch {b}"), prof.get(f"pruned (export, fx) @ batch {b}")
@@ -379,7 +402,7 @@ def _latency_budget(arm: tuple[Any, Any, Any], sizes: Sizes, out: Path, seed: in
                sizes.rounds, 0.2)
     cfg = _search_config("latency-latency_search", out, sizes, {"latency_ms": 1.0}, seed)
     pred = build_latency_predictor(cfg, camp.model, camp.groups, camp.space, camp.example_input)
-    return {"measured_fraction": m["best"].median_ms / m["dense"].median_ms,
+    return {"measured_fraction": m["best"].low_ms / m["dense"].low_ms,
             "predicted_fraction": pred.predict(widths) / pred.predict(camp.space.full().widths)}
 
 
@@ -425,9 +448,9 @@ def run_search_cell(sizes: Sizes, work: Path, seed: int = 0) -> dict[str, Any]:
     camp = camps["macs_search"][0]
     m = _timed({"dense": camp.model, **finals}, camp.example_input, sizes.rounds, 0.2)
     for arm in finals:
-        out[arm].update({"measured_ms": m[arm].median_ms, "iqr_ms": m[arm].iqr_ms,
-                         "latency_fraction": m[arm].median_ms / m["dense"].median_ms})
-    out["dense_ms"] = m["dense"].median_ms
+        out[arm].update({"measured_ms": m[arm].low_ms, "median_ms": m[arm].median_ms, "iqr_ms": m[arm].iqr_ms,
+                         "latency_fraction": m[arm].low_ms / m["dense"].low_ms})
+    out["dense_ms"] = m["dense"].low_ms
     out["delta_points"] = 100 * (out["latency_search"]["test_accuracy"] - out["macs_search"]["test_accuracy"])
     return out
 
@@ -469,8 +492,10 @@ def summarise(raw: Mapping[str, Any]) -> str:
     h, cells = raw["headline"], raw["cells"]
     sp = h["speedup_over_macs_ratio"]
     lines = [
-        "Issue #21. All timings: CPU, 1 thread, `compare_latency` interleaved rounds (medians). The machine may be "
-        "shared: a table from a loaded machine is noisy (the IQR columns say how much).", "",
+        "Issue #21. All timings: CPU, 1 thread, `compare_latency` interleaved rounds; a latency is the 10th "
+        "percentile of the timed runs (`LatencyResult.low_ms`: other processes on this shared machine only ever "
+        "add time, so the median follows their load), with the median beside it where shown. The predictor's "
+        "table and calibration use the same statistic.", "",
         "| figure | value | goal | met |", "|---|---|---|---|",
         f"| predicted within ±10 % of measured | {_f(h['within_10pct'])} ({h['candidates'] or 0} candidates) | "
         f"≥ {GOALS['within_10pct']} | {_met(h['within_10pct'], GOALS['within_10pct'])} |",
@@ -508,9 +533,9 @@ def summarise(raw: Mapping[str, Any]) -> str:
         for c in preds.values():
             lines += [f"<details><summary>{c['model']}: dense predicted {c['dense']['predicted_ms']:.3f} ms, "
                       f"measured {c['dense']['measured_ms']:.3f} ms</summary>", "",
-                      "| MACs % | predicted ms | measured ms (IQR) | error |", "|---|---|---|---|"]
+                      "| MACs % | predicted ms | measured ms (median, IQR) | error |", "|---|---|---|---|"]
             lines += [f"| {100 * r['macs_fraction']:.1f} | {r['predicted_ms']:.3f} | {r['measured_ms']:.3f} "
-                      f"({r['iqr_ms']:.3f}) | {100 * r['rel_error']:+.1f} % |"
+                      f"({r.get('median_ms', nan):.3f}, {r['iqr_ms']:.3f}) | {100 * r['rel_error']:+.1f} % |"
                       for r in sorted(c["rows"], key=lambda r: r["macs_fraction"])]
             lines += ["", "</details>", ""]
     if "speedup|resnet56" in cells:
@@ -521,10 +546,14 @@ def summarise(raw: Mapping[str, Any]) -> str:
                   f"multiples of 8: {c['widths_x8']}, {100 * c['macs_fraction_x8']:.1f} % MACs). Ratio = speed-up "
                   "over the dense model as shipped ÷ MACs ratio; like-for-like = over the dense model given the same "
                   "treatment.", "",
-                  "| variant | MACs ratio | batch 1 ms (IQR) | speed-up | ratio | like-for-like | "
-                  f"batch {b} ms (IQR) | speed-up | ratio | like-for-like |", "|---" * 10 + "|"]
+                  f"The exported model (`pruned (export, fx)`): batch norm folded, memory layout "
+                  f"{c.get('deploy', {}).get('memory_format', 'contiguous')} (`export.memory_format: auto` timed "
+                  "both).", "",
+                  "| variant | MACs ratio | batch 1 ms (median) | speed-up | ratio | like-for-like | "
+                  f"batch {b} ms (median) | speed-up | ratio | like-for-like |", "|---" * 10 + "|"]
         for n, v in c["variants"].items():
-            cols = [f"{v[k]['median_ms']:.2f} ({v[k]['iqr_ms']:.2f}) | {v[k]['speedup']:.2f} | {v[k]['ratio']:.2f} | "
+            cols = [f"{v[k].get('low_ms', v[k]['median_ms']):.2f} ({v[k]['median_ms']:.2f}) | {v[k]['speedup']:.2f} | "
+                    f"{v[k]['ratio']:.2f} | "
                     f"{v[k]['ratio_like_for_like']:.2f}" for k in ("batch1", "batch64")]
             lines.append(f"| {n} | {v['macs_ratio']:.2f} | {cols[0]} | {cols[1]} |")
         lines += ["", "Per-op profile (torch.profiler, self CPU time per forward; share of the op time):", "",

@@ -289,4 +289,8 @@ def test_the_exported_float_model_has_its_batch_norm_folded_unless_asked_not_to(
     assert norms(serialize.load_module(folded.model_dir)) == 0 < norms(serialize.load_module(kept.model_dir))
     assert folded.metrics["bn_folded"] and not kept.metrics["bn_folded"]
     assert "folded into the convolutions" in folded.card.read_text()
+    layout = folded.metrics["deploy"]["memory_format"]  # export.memory_format: auto, timed on this machine
+    assert layout in ("contiguous", "channels_last") and folded.metrics["deploy"]["memory_format_timing"]["timed"]
+    assert serialize.memory_format_of(serialize.load_module(folded.model_dir)) == layout
+    assert f"Memory layout: {layout}" in folded.card.read_text()
     assert abs(folded.metrics["exported"]["test_accuracy"] - kept.metrics["exported"]["test_accuracy"]) <= 0.01

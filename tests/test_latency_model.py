@@ -114,6 +114,8 @@ def test_calibration_is_fitted_stored_and_reused_only_for_the_same_model(tmp_pat
     assert all(p > 0 for p in fit["predicted_ms"])
     reread = LatencyPredictor(gs, tmp_path, min_run_time=FAST)
     assert reread.load_calibration() and reread.coef == pred.coef
+    other_form = LatencyPredictor(gs, tmp_path, min_run_time=FAST, deploy={"fold_bn": False})
+    assert not other_form.load_calibration()  # calibrated for another deployed form
     other = LatencyPredictor(gs, tmp_path, min_run_time=FAST, threads=2)
     assert not other.load_calibration()  # fitted with other settings
     gs2 = graph.analyze(build_model("small_cnn", in_channels=3), x)
@@ -207,6 +209,9 @@ def test_search_with_a_latency_budget_from_the_command_line(tmp_path: Path) -> N
     assert "latency table: timed" not in r.stderr and "calibrated" not in r.stderr  # reused, not re-timed
     assert "latency (batch 1, 1 thread): best #" in r.stdout and "predicted" in r.stdout and "measured" in r.stdout
     assert (tmp_path / "out" / TABLE_FILE).is_file() and (tmp_path / "out" / MODEL_FILE).is_file()
+    stored = json.loads((tmp_path / "out" / MODEL_FILE).read_text())  # timed in the form export writes
+    assert stored["layout"] in ("contiguous", "channels_last")
+    assert json.loads((tmp_path / "out" / TABLE_FILE).read_text())["statistic"] == "p10"
     df = TrialStore(tmp_path / "out" / "trials.db", campaign="lat").to_dataframe()
     space = json.loads((tmp_path / "out" / "space.json").read_text())
     limit = frac * space["dense"]["latency_ms"]

@@ -389,6 +389,21 @@ def test_pt2_export_runs_at_any_batch(tmp_path: Path, example_batch: int) -> Non
             assert torch.allclose(program(x), gm(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_the_torchscript_artifact_is_frozen_and_runs_at_any_batch(tmp_path: Path, layout: str) -> None:
+    from autoprune.deploy import deployable
+
+    model = OptionAResNet().eval()
+    shipped = deployable(model, torch.randn(1, 3, 8, 8), memory_format=layout)[0]
+    paths = serialize.export_deployment(shipped, torch.randn(1, 3, 8, 8), tmp_path, formats=("torchscript",))
+    loaded = torch.jit.load(str(paths["torchscript"]))
+    assert not list(loaded.parameters())  # frozen: the weights are constants of the graph
+    for batch in (1, 7):
+        x = torch.randn(batch, 3, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_onnx_export_round_trips_through_onnx_runtime_at_any_batch(tmp_path: Path) -> None:
     pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install autoprune[onnx])")
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install autoprune[onnx])")

@@ -130,23 +130,29 @@ def campaign_name(model_name: str, target: float) -> str:
     return f"sq-{model_name}-{round(100 * target)}"
 
 
-def run_cell(ctx: Mapping[str, Any], sizes: Sizes, target: float, name: str, seed: int, store_dir: Path
-             ) -> dict[str, Any]:
-    """Search, pick the best feasible candidate on half A, fine-tune it, report it on half B."""
+def run_cell(ctx: Mapping[str, Any], sizes: Sizes, target: float, name: str, seed: int, store_dir: Path, *,
+             options: Mapping[str, Any] | None = None, make_problem: Callable[[Mapping[str, Any]], Any] | None = None,
+             callbacks: Sequence[Callable[..., None]] = ()) -> dict[str, Any]:
+    """Search, pick the best feasible candidate on half A, fine-tune it, report it on half B.
+
+    ``options`` replace :func:`searcher_options` (the searcher's settings), ``make_problem`` replaces
+    :func:`benchmarks._cifar.make_problem` (another evaluator), ``callbacks`` go to the searcher
+    (``callback(searcher, record)`` after every trial; :meth:`Searcher.stop` ends the search early).
+    """
     from autoprune import serialize
     from autoprune.agents.base import make_searcher
     from autoprune.store import TrialStore
 
-    problem = _cifar.make_problem(ctx)
+    problem = (make_problem or _cifar.make_problem)(ctx)
     store = TrialStore(store_dir / "trials.db", campaign=campaign_name(ctx["name"], target))
-    opts = searcher_options(name, sizes, len(ctx["space"].groups))
+    opts = dict(options) if options is not None else searcher_options(name, sizes, len(ctx["space"].groups))
     if name in TRAINING:
         opts = {**opts, "train_loader": _cifar.train_loader(ctx, sizes.ft_batch, seed + 7), "val_loader": ctx["select"],
                 "device": "cpu"}
     seed_everything(seed)
     t0 = time.perf_counter()
     searcher = make_searcher(name, problem, store=store, budget={"macs": target}, n_trials=sizes.candidates,
-                             seed=seed, **opts)
+                             seed=seed, **({"callbacks": list(callbacks)} if callbacks else {}), **opts)
     res = searcher.run()
     wall = time.perf_counter() - t0
     dense = problem.dense_cost
@@ -383,7 +389,9 @@ def grid(sizes: Sizes, names: Sequence[str]) -> list[tuple[str, float, str, int]
 
 def run(sizes: Sizes, names: Sequence[str], out_json: Path, store_dir: Path, *, resume: bool, quick: bool,
         max_minutes: float | None, on_update: Callable[[dict[str, Any]], dict[str, Any]],
-        rerun: Sequence[str] = (), command: str = "") -> dict[str, Any]:
+        rerun: Sequence[str] = (), command: str = "",
+        cells: Sequence[tuple[str, float, str, int]] | None = None,
+        cell_runner: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run (or continue) the grid.
 
     ``on_update`` receives the results after every finished cell and returns them merged with what other
@@ -391,6 +399,9 @@ def run(sizes: Sizes, names: Sequence[str], out_json: Path, store_dir: Path, *, 
     ``rerun`` (within this run's models, targets and seeds) are first moved to ``superseded`` — kept in the
     file with the time and ``command`` — and their trial studies deleted, so they run again (after a change to
     a searcher's defaults).
+
+    ``cells`` replaces the grid (``(model, target, searcher, seed)`` tuples, run in that order) and
+    ``cell_runner`` replaces :func:`run_cell` (same arguments); another benchmark builds on the loop that way.
     """
     from autoprune.evaluate import validate
     from autoprune.store import TrialStore
@@ -409,7 +420,7 @@ def run(sizes: Sizes, names: Sequence[str], out_json: Path, store_dir: Path, *, 
         _log(f"rerunning {len(again)} cell(s); superseded: {', '.join(moved) or 'none'}")
         raw = on_update(raw)
     splits = _cifar.load_cifar10()
-    cells = grid(sizes, names)
+    cells = list(cells) if cells is not None else grid(sizes, names)
     todo = [c for c in cells if cell_key(*c) not in raw["cells"]]
     _log(f"{len(cells) - len(todo)} of {len(cells)} cells already done")
     ctx: dict[str, Any] | None = None
@@ -427,7 +438,7 @@ def run(sizes: Sizes, names: Sequence[str], out_json: Path, store_dir: Path, *, 
                     "select": float(validate(ctx["model"], ctx["select"], device="cpu")[0]),
                     "report": float(validate(ctx["model"], ctx["report"], device="cpu")[0]),
                     "macs": dense_cost.macs, "params": dense_cost.params, "bytes": dense_cost.bytes}
-        rec = run_cell(ctx, sizes, target, name, seed, store_dir)
+        rec = (cell_runner or run_cell)(ctx, sizes, target, name, seed, store_dir)
         raw["cells"][cell_key(model_name, target, name, seed)] = rec
         run_info["cells"] += 1
         run_info["seconds"] = time.perf_counter() - t0

@@ -24,7 +24,8 @@ HERE = Path(__file__).resolve().parent
 # Cheap, engine-level benchmarks first; search-level ones (which train and evaluate networks) last.
 # The reliability soak (an hour, with the test suite under load) runs last.
 ORDER = ["data_loading", "engine", "env_overhead", "quantization", "deployment", "latency", "search_cost", "fidelity",
-         "infcop_imp", "searchers", "differentiable", "rl_center", "search_quality", "reliability"]
+         "ranking", "infcop_imp", "recovery", "searchers", "differentiable", "rl_center", "search_quality",
+         "search_budget", "reliability"]
 
 
 def discover() -> list[str]:

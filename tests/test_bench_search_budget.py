@@ -1,0 +1,295 @@
+"""The fair-budget search benchmark (``benchmarks/bench_search_budget.py``): its cells, best-so-far curves, the
+budget table, resume and split runs. Nothing here loads CIFAR-10 or runs a search: the heavy functions are
+replaced by fakes."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from benchmarks import _cifar, _common
+from benchmarks import bench_search_budget as bsb
+from benchmarks import bench_search_quality as bsq
+
+T0 = datetime(2024, 1, 1, 12, 0, 0)
+
+
+# ------------------------------------------------------------------------------------------------ cells
+
+
+def test_full_cells_counts_seeds_and_rl_warmup() -> None:
+    cells = bsb.cells(bsb.FULL, bsb.SEARCHERS)
+    per = Counter(c[2] for c in cells)
+    two = {"uniform", "random", "tpe", "cmaes", "ddpg", "td3"}
+    for name in bsb.SEARCHERS:  # two targets × seeds
+        assert per[name] == 2 * (2 if name in two else 1), name
+    assert len(cells) == 34 and len(set(cells)) == 34
+    assert {c[0] for c in cells} == {"resnet20"} and {c[1] for c in cells} == {0.5, 0.3}
+    # seed 0 of every searcher comes before any second seed (a partial run covers every searcher first)
+    first_seed1 = min(i for i, c in enumerate(cells) if c[3] == 1)
+    assert all(c[3] == 0 for c in cells[:first_seed1]) and first_seed1 == 22
+    # another "best other RL agent"
+    per_sac = Counter(c[2] for c in bsb.cells(bsb.FULL, bsb.SEARCHERS, extra_rl="sac"))
+    assert per_sac["sac"] == 4 and per_sac["td3"] == 2
+    assert bsb.FULL.candidates == 400
+
+
+def test_searcher_options_at_400_candidates() -> None:
+    for name in ("ddpg", "td3", "sac"):  # AMC: 100 warm-up episodes + 300 agent episodes
+        assert bsb.searcher_options(name, bsb.FULL, 9) == {"warmup_episodes": 100}
+    assert "warmup_episodes" not in bsb.searcher_options("ppo", bsb.FULL, 9)
+    assert bsb.searcher_options("ppo", bsb.FULL, 9)["rollout_episodes"] == 8
+    assert bsb.searcher_options("tpe", bsb.FULL, 9) == {"n_startup_trials": 10}
+    assert bsb.searcher_options("nsga2", bsb.FULL, 9) == {"population_size": 20}
+    # the quick form's warm-up fits in its 6 candidates
+    assert bsb.searcher_options("ddpg", bsb.QUICK, 9)["warmup_episodes"] == 2
+
+
+def test_parts_cover_every_cell_once() -> None:
+    cells = bsb.cells(bsb.FULL, bsb.SEARCHERS)
+    for n in (1, 2, 3, 5):
+        parts = [bsb.part_of(cells, i, n) for i in range(1, n + 1)]
+        assert sorted(c for p in parts for c in p) == sorted(cells)
+        assert sum(len(p) for p in parts) == len(cells)
+
+
+def test_grid_evaluator_is_the_search_quality_one() -> None:
+    assert bsb.problem_factory(bsb.FULL) is None  # run_cell then builds the grid's own problem
+    assert bsb.default_evaluator() == bsb.FULL.evaluator == "adaptive_bn"
+    assert callable(bsb.problem_factory(bsb.replace(bsb.FULL, evaluator="plain")))
+
+
+# ------------------------------------------------------------------------------------------------ curves
+
+
+def _trial(number: int, state: str, acc: float | None, macs: int, seconds: float, done_after: float) -> dict:
+    return {"number": number, "state": state, "accuracy": acc, "macs": macs, "seconds": seconds,
+            "datetime_complete": T0 + timedelta(seconds=done_after)}
+
+
+def test_best_so_far_against_candidates_and_seconds() -> None:
+    df = pd.DataFrame([
+        _trial(0, "complete", 0.50, 90, 2.0, 2.0),
+        _trial(1, "infeasible", None, 150, 0.1, 2.1),
+        _trial(2, "complete", 0.70, 120, 2.0, 5.0),     # over the MACs limit: not a finalist
+        _trial(3, "interrupted", None, 90, 1.0, 6.0),   # a killed run's trial: not counted
+        _trial(4, "complete", 0.60, 100, 2.0, 10.0),    # 3 s after #2 completed (1 s of agent update): counted
+        _trial(5, "complete", 0.55, 80, 2.0, 500.0),    # a pause (resume): only its own 2 s count
+        _trial(6, "failed", None, 80, 1.0, 501.0),
+    ]).sample(frac=1.0, random_state=0)  # any row order
+    curve = bsb.best_so_far(df, macs_limit=100)
+    assert curve["n"] == [1, 2, 3, 4, 5, 6]
+    assert curve["best"] == [0.5, 0.5, 0.5, 0.6, 0.6, 0.6]
+    assert curve["seconds"] == pytest.approx([2.0, 2.1, 5.0, 10.0, 12.0, 13.0])
+    assert all(b >= a for a, b in zip(curve["seconds"], curve["seconds"][1:]))
+    assert bsb.value_at(curve, "n", 3) == (0.5, False)
+    assert bsb.value_at(curve, "n", 400) == (0.6, True)  # ended before the budget
+    assert bsb.value_at(curve, "seconds", 9.9) == (0.5, False)
+    assert bsb.value_at(curve, "seconds", 10.0) == (0.6, False)
+    assert bsb.value_at(curve, "seconds", 1.0) == (None, False)
+    none_yet = bsb.best_so_far(pd.DataFrame([_trial(0, "infeasible", None, 150, 1.0, 1.0)]), macs_limit=100)
+    assert none_yet["best"] == [None]
+
+
+def test_best_so_far_from_a_real_trial_store(tmp_path: Path) -> None:
+    from autoprune.store import TrialStore
+    from autoprune.types import Candidate, CostReport, EvalResult
+
+    store = TrialStore(tmp_path / "trials.db", campaign="sb-test")
+    study = store.study("random", 0)
+    for i, (acc, macs) in enumerate([(0.4, 50), (0.6, 200), (0.5, 60)]):
+        trial = study.ask()
+        TrialStore.finish(study, trial, candidate=Candidate(widths={"g": i + 1}), cost=CostReport(macs, 1, 4),
+                          result=EvalResult(acc, 1.0, seconds=0.01), reward=acc, seconds=0.02, searcher="random",
+                          seed=0, values=[acc])
+    curve = bsb.best_so_far(store.to_dataframe(searcher="random", seed=0), macs_limit=100)
+    assert curve["n"] == [1, 2, 3] and curve["best"] == [0.4, 0.4, 0.5]
+    assert all(s > 0 for s in curve["seconds"]) and curve["seconds"] == sorted(curve["seconds"])
+    assert bsb.overhead_per_candidate(store, "random", 0) == pytest.approx(0.01, abs=1e-6)
+
+
+def test_proposal_guard_stops_after_patience_slow_candidates() -> None:
+    now = [0.0]
+    guard = bsb.ProposalGuard(10.0, patience=3, clock=lambda: now[0])
+    searcher = SimpleNamespace(n_done=0, stopped=False)
+    searcher.stop = lambda: setattr(searcher, "stopped", True)
+    record = SimpleNamespace(result=SimpleNamespace(seconds=5.0))
+    for dt in (1, 14, 16, 12, 16, 16, 16):  # own time = dt - 5: 9 (start) 11 7 11 11 11 ...
+        now[0] += dt
+        searcher.n_done += 1
+        guard(searcher, record)
+        if searcher.stopped:
+            break
+    assert searcher.stopped and guard.tripped is not None
+    assert guard.tripped["at"] == 7 and guard.tripped["limit_seconds"] == 10.0
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def _curve(values: list[float | None], seconds_each: float) -> dict[str, list[Any]]:
+    return {"n": list(range(1, len(values) + 1)),
+            "seconds": [seconds_each * (i + 1) for i in range(len(values))], "best": values}
+
+
+def _record(name: str, seed: int, target: float, curve: dict, test: float, **extra: Any) -> dict[str, Any]:
+    return {"model": "resnet20", "target": target, "searcher": name, "seed": seed, "trials": len(curve["n"]),
+            "evaluated": len(curve["n"]), "options": {}, "search_seconds": curve["seconds"][-1], "curve": curve,
+            "best_val": max(v for v in curve["best"] if v is not None), "test_after_ft": test,
+            "test_before_ft": test - 0.1, "ft_seconds": 1.0, "macs_fraction": target, **extra}
+
+
+def planted() -> dict[str, Any]:
+    """Fast-early ``fast`` (wins at 5 min), slow-but-better ``slow`` (wins at 400 candidates and 2 h)."""
+    fast = [0.50] * 20 + [0.60] * 380   # 1 s per candidate: all 400 within 400 s
+    slow = [0.40] * 150 + [0.70] * 250  # 10 s per candidate: 30 candidates in 5 min
+    cells = {}
+    for t in (0.5, 0.3):
+        for s in (0, 1):
+            cells[bsq.cell_key("resnet20", t, "random", s)] = _record("random", s, t, _curve(fast, 1.0), 0.80 + s / 100)
+        cells[bsq.cell_key("resnet20", t, "gp", 0)] = _record(
+            "gp", 0, t, _curve(slow, 10.0), 0.85, truncated={"at": 400, "limit_seconds": 60})
+        cells[bsq.cell_key("resnet20", t, "uniform", 0)] = _record("uniform", 0, t, _curve([0.55], 3.0), 0.79)
+    return {"sizes": asdict_sizes(), "cells": cells, "dense": {}, "searchers": ["uniform", "random", "gp"],
+            "runs": [], "quick": False, "extra_rl": "td3", "gp_max_seconds": 60.0}
+
+
+def asdict_sizes() -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(bsb.FULL)))
+
+
+def test_budget_table_picks_from_planted_data() -> None:
+    raw = planted()
+    assert [n for n, _ in bsb.ranking(raw, 0.5, "seconds", 300)] == ["random", "uniform", "gp"]
+    assert bsb.ranking(raw, 0.5, "seconds", 300)[0][1]["mean"] == pytest.approx(0.60)
+    assert bsb.ranking(raw, 0.5, "seconds", 7200)[0][0] == "gp"
+    at_100 = dict(bsb.ranking(raw, 0.5, "n", 100))
+    assert at_100["random"]["mean"] == pytest.approx(0.60) and at_100["gp"]["mean"] == pytest.approx(0.40)
+    assert at_100["uniform"]["ended"] and not at_100["random"]["ended"]
+    at_2h = dict(bsb.ranking(raw, 0.5, "seconds", 7200))
+    assert at_2h["random"]["ended"] and at_2h["gp"]["ended"] and at_2h["gp"]["truncated"]
+    assert bsb.finalist_ranking(raw, 0.5)[0][0] == "gp"
+    assert bsb.finalist_ranking(raw, 0.5)[1] == ("random", pytest.approx(0.805), 2)
+    table = "\n".join(bsb.best_by_budget_table(raw))
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert "**random** 60.00" in rows["search score within 5 min"]
+    assert "**gp** 70.00†" in rows["search score within 2 h"]
+    assert "**random** 60.00" in rows["search score within 32 candidates"]
+    assert "**gp** 70.00" in rows["search score within 400 candidates"]
+    assert "**gp** 85.00" in rows["finalist after the fine-tune (test half B)"]
+    text = bsb.summarise(raw, "python -m benchmarks.bench_search_budget --resume")
+    assert "## Best searcher by budget" in text and "## 50 % of the dense MACs" in text
+    assert "seed 0 stopped by the guard at 400 candidates" in text
+    assert "continue with `python -m benchmarks.bench_search_budget --resume`" in text
+
+
+def test_estimate_from_quick_rates() -> None:
+    raw = planted()
+    assert bsb.estimate_full(raw) is None
+    raw["rates"] = {"model": "resnet20", "forward_per_sample": 1e-3, "train_step": 0.1, "calib_batch": 128,
+                    "ft_batch": 128}
+    raw["dense"] = {"resnet20": {"macs": 41e6}}
+    est = bsb.estimate_full(raw, names=list(bsb.SEARCHERS))
+    assert est is not None and est["cells"] == 34
+    # a 2-seed candidate searcher: 2 targets × 2 seeds × (400 × (3.28 + 0.2) s + 391 × 0.1 + 11.28 s)
+    per_cell = 400 * (1e-3 * (1280 + 2000) + 0.2) + 0.1 * 391 + 1e-3 * (2 * 5000 + 1280)
+    assert est["per_searcher_hours"]["tpe"] == pytest.approx(4 * per_cell / 3600)
+    finetune = 0.1 * 391 + 1e-3 * (2 * 5000 + 1280)
+    assert est["per_searcher_hours"]["uniform"] == pytest.approx(4 * (1e-3 * 3280 + 0.2 + finetune) / 3600)
+    assert est["per_searcher_hours"]["gp"] == pytest.approx(est["per_searcher_hours"]["tpe"] / 2)  # one seed
+    assert est["hours"] == pytest.approx(sum(est["per_searcher_hours"].values()))
+
+
+def test_figures_from_planted_curves(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    written = bsb.write_figures(planted(), tmp_path)
+    assert sorted(p.name for p in written) == ["search_budget_30.png", "search_budget_50.png"]
+
+
+# ------------------------------------------------------------------------------------------------ resume, parts
+
+
+@pytest.fixture()
+def fake_bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """``main`` with every heavy function replaced: no data, no search; the runner logs the cells it ran."""
+    import autoprune.evaluate
+
+    results = tmp_path / "results"
+    monkeypatch.setattr(_common, "RESULTS", results)
+    monkeypatch.setattr(_common, "git_commit", lambda: "test")
+    monkeypatch.setattr(bsb, "RESULTS", results)
+    monkeypatch.setattr(bsb, "WORKDIR", results / "search_budget_work")
+    monkeypatch.setattr(_cifar, "missing_data", lambda models=(): None)
+    monkeypatch.setattr(_cifar, "load_cifar10", lambda seed=0: None)
+    ctx = {"model": None, "select": None, "report": None}
+    monkeypatch.setattr(bsq, "setup", lambda model, sizes, splits, seed=0: {**ctx, "name": model})
+    dense = SimpleNamespace(dense_cost=SimpleNamespace(macs=100, params=10, bytes=40))
+    monkeypatch.setattr(_cifar, "make_problem", lambda ctx: dense)
+    monkeypatch.setattr(autoprune.evaluate, "validate", lambda *a, **k: (0.9, 0.3))
+    monkeypatch.setattr(bsb, "write_figures", lambda *a, **k: [])
+    state: dict[str, Any] = {"ran": [], "fail_at": None, "results": results}
+
+    def runner(ctx: Any, sizes: Any, target: float, name: str, seed: int, store_dir: Path) -> dict[str, Any]:
+        if state["fail_at"] is not None and len(state["ran"]) == state["fail_at"]:
+            raise RuntimeError("killed")
+        state["ran"].append((ctx["name"], target, name, seed))
+        curve = _curve([0.5 + seed / 10, 0.6], 1.0)
+        return _record(name, seed, target, curve, 0.8)
+
+    monkeypatch.setattr(bsb, "make_cell_runner", lambda sizes, gp_max: runner)
+    return state
+
+
+def _cells_in(results: Path) -> set[str]:
+    return set(json.loads((results / "search_budget.json").read_text())["cells"])
+
+
+def test_resume_skips_finished_cells(fake_bench: dict[str, Any]) -> None:
+    args = ["--searchers", "uniform,random,gp", "--targets", "0.5"]
+    fake_bench["fail_at"] = 2
+    with pytest.raises(RuntimeError, match="killed"):
+        bsb.main(args)
+    first = list(fake_bench["ran"])
+    assert len(first) == 2 and _cells_in(fake_bench["results"]) == {bsq.cell_key(*c) for c in first}
+    with pytest.raises(SystemExit):  # finished cells are never overwritten without --resume
+        bsb.main(args)
+    fake_bench["fail_at"] = None
+    assert bsb.main([*args, "--resume"]) == 0
+    rest = fake_bench["ran"][2:]
+    expected = bsb.cells(bsb.replace(bsb.FULL, targets=(0.5,)), ["uniform", "random", "gp"])
+    assert len(expected) == 5 and sorted(first + rest) == sorted(expected) and not set(first) & set(rest)
+    raw = json.loads((fake_bench["results"] / "search_budget.json").read_text())
+    assert raw["evaluator"] == {"name": "adaptive_bn", "kwargs": {}} and raw["sizes"]["candidates"] == 400
+    md = (fake_bench["results"] / "search_budget.md").read_text()
+    assert "## Best searcher by budget" in md and "- command: `" in md
+    fake_bench["ran"].clear()
+    assert bsb.main([*args, "--resume"]) == 0 and fake_bench["ran"] == []  # nothing left to do
+
+
+def test_resume_refuses_other_per_cell_settings(fake_bench: dict[str, Any]) -> None:
+    args = ["--searchers", "uniform", "--targets", "0.5"]
+    assert bsb.main(args) == 0
+    with pytest.raises(SystemExit):
+        bsb.main([*args, "--resume", "--evaluator", "plain"])
+
+
+def test_parts_merge_to_the_same_cells(fake_bench: dict[str, Any]) -> None:
+    args = ["--searchers", "uniform,random,tpe,sac", "--targets", "0.5,0.3", "--resume"]
+    assert bsb.main([*args, "--part", "1/2"]) == 0
+    part1 = list(fake_bench["ran"])
+    assert bsb.main([*args, "--part", "2/2"]) == 0
+    part2 = fake_bench["ran"][len(part1):]
+    whole = bsb.cells(bsb.FULL, ["uniform", "random", "tpe", "sac"])
+    assert sorted(part1 + part2) == sorted(whole) and not set(part1) & set(part2)
+    assert _cells_in(fake_bench["results"]) == {bsq.cell_key(*c) for c in whole}
+    with pytest.raises(SystemExit):
+        bsb.main([*args, "--part", "3/2"])

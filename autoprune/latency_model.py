@@ -401,7 +401,22 @@ class LatencyPredictor:
             progress(f"latency calibration: timing {len(candidates)} candidates end to end ({rounds} interleaved "
                      "rounds)")
         measured = self.measure(build, {str(i): c for i, c in enumerate(candidates)}, example_input, rounds=rounds)
-        y = np.asarray([measured[str(i)]["measured_ms"] for i in range(len(candidates))])
+        self.fit_timings(candidates, [measured[str(i)]["measured_ms"] for i in range(len(candidates))],
+                         anchor=anchor)
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            doc = {"version": 1, "fingerprint": self.fingerprint(), **self._settings(), "deploy": self.deploy,
+                   "coef": list(self.coef),
+                   "coef_meaning": "ms = a * table_ms + b * activation_millions + c", "fit": self.fit}
+            atomic_write(self.directory / MODEL_FILE, json.dumps(doc, indent=1))
+        return self.fit
+
+
+    def fit_timings(self, candidates: Sequence[Mapping[str, int]], measured_ms: Sequence[float], *,
+                    anchor: int | None = 0) -> dict[str, Any]:
+        """Fit ``α, β, γ`` to given end-to-end timings of ``candidates`` (see :meth:`calibrate`, which times
+        them first); sets :attr:`coef` and :attr:`fit` without saving them."""
+        y = np.asarray(measured_ms, dtype=np.float64)
         feats = np.asarray([[*self.features(c), 1.0] for c in candidates])
         # Relative errors are what matter (a budget is a fraction): every row is divided by its measurement; the
         # anchor (the dense model: fractional budgets are fractions of its latency) weighs as much as all others.
@@ -421,14 +436,7 @@ class LatencyPredictor:
         self.fit = {"candidates": len(candidates), "measured_ms": y.round(5).tolist(),
                     "predicted_ms": pred.round(5).tolist(), "max_rel_error": float(rel.max()),
                     "median_rel_error": float(np.median(rel))}
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            doc = {"version": 1, "fingerprint": self.fingerprint(), **self._settings(), "deploy": self.deploy,
-                   "coef": list(self.coef),
-                   "coef_meaning": "ms = a * table_ms + b * activation_millions + c", "fit": self.fit}
-            atomic_write(self.directory / MODEL_FILE, json.dumps(doc, indent=1))
         return self.fit
-
 
 def _nonnegative_lstsq(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Least squares with every coefficient ≥ 0 (an active-set loop over three features)."""

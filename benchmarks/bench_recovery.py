@@ -1,0 +1,1184 @@
+"""Benchmark (issue #20): from a campaign's candidate to a deployable model — distillation fine-tuning on a CPU.
+
+The product path, end to end: ``autoprune search`` (TPE, ≤ 50 % of the dense MACs, the configs' default evaluator)
+finds a candidate of the pretrained akamaster ResNet-20 / ResNet-56, and the export fine-tune
+(:func:`autoprune.export.export_trial`, the ``full`` evaluator: cosine schedule, resumable per epoch) turns it into
+a standalone model. Measured:
+
+* **accuracy-vs-epoch curves**, distillation from the dense model (``kd``: ``export.distill`` weight
+  :data:`KD_WEIGHT` at temperature :data:`KD_TEMPERATURE`) against plain cross-entropy (``ce``) at equal epochs,
+  the same learning rate, schedule and seed; after every epoch the network (a copy, BN statistics re-estimated as
+  the export does at the end) is tested on the **full** CIFAR-10 test set (10,000 images, as the papers report)
+  and on its half B (never used for selection, :func:`benchmarks._cifar.split_test`); nothing is selected on those
+  numbers (:func:`autoprune.export.finetune`'s ``on_epoch``); wall seconds of every epoch;
+* a short **learning-rate sweep** on ResNet-20 (``lr|…`` cells) from which the recipe's learning rate is chosen:
+  the highest half-A top-1 at the end of the sweep (half A is the selection half; ties go to the smaller rate);
+* **InfCoP** (``infcop|…`` cells): IMP of the pretrained ResNet-20 on CIFAR-10, retraining stopped by the
+  information-flow rule (``IF``) against fixed retraining (``lth``), the same pruning iterations, rounds of a
+  fractional epoch (:func:`benchmarks.bench_infcop_imp._variants` builds both settings); the stopping rule's
+  accuracy target is the pretrained model's half-A top-1;
+* the exported models are reloaded with :func:`autoprune.serialize.load_module` and re-tested (recorded).
+
+The work is a list of resumable **cells**, each checkpointed into ``results/benchmarks/recovery.json`` (``search|M``,
+``lr|resnet20|LR``, ``finetune|M|kd``, ``finetune|M|ce``, ``infcop|resnet20|lth``, ``infcop|resnet20|IF``). A
+search continues from its trial store, a fine-tune from the export's checkpoint after its last completed epoch
+(the same result as an uninterrupted run), so the whole run can be spread over several sessions:
+``--max-minutes M`` stops a search (Ctrl-C, resumable) or a fine-tune (after the last epoch that fits) at M minutes
+and starts no new cell after it; ``--resume`` continues; ``--part I/N`` runs every N-th cell (processes merge
+into the JSON under a lock; a cell whose input is not ready yet waits for a later run). The Markdown
+(``recovery.md``) and the ``headline`` are rebuilt from the JSON after every cell and epoch. Work directories
+(campaigns, exports, checkpoints) go to ``results/benchmarks/recovery_work/`` (not versioned).
+
+Usage::
+
+    python -m benchmarks.bench_recovery [--quick] [--resume] [--only search,finetune|resnet20] [--part I/N]
+        [--max-minutes M] [--epochs 30 | --epochs resnet20=30,resnet56=20] [--lr 0.03] [--threads 1]
+        [--redo finetune|resnet56]
+
+A finished cell is kept when options change later (its record holds the settings it ran with); ``--redo PREFIX``
+runs such cells again. An unfinished fine-tune whose settings changed starts again in its own export directory.
+
+``--quick`` is a smoke run (ResNet-20 only, 2 search trials on a lighter evaluator, fractions of an epoch, a
+two-iteration IMP; ``recovery_quick.*``) that prints an estimate of every full-size cell's hours from the rates
+it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks._cifar import CHECKPOINTS, missing_data
+from benchmarks._common import REPO, RESULTS, SHARED, WEIGHTS_DIR, command_line, git_commit, write_result
+from benchmarks.bench_reliability import locked, parse_part
+
+NAME = "recovery"
+MODELS = ("resnet20", "resnet56")
+CONFIGS = {"resnet20": "configs/resnet20_cifar10.yaml", "resnet56": "configs/resnet56_cifar10.yaml"}
+VARIANTS = ("kd", "ce")
+#: Distillation weight α of the ``kd`` fine-tunes (Hinton et al.'s usual mix; :mod:`autoprune.distill`).
+KD_WEIGHT = 0.9
+KD_TEMPERATURE = 4.0
+#: The issue's goals (percent, fractions of the dense MACs) and the published dense accuracies.
+GOALS = {"resnet56": {"macs_ratio": 0.50, "test_top1": 93.0, "dense": 93.39},
+         "resnet20": {"macs_ratio": 0.50, "test_top1": 91.0, "dense": 91.73},
+         "infcop": {"epochs_ratio": 0.5, "accuracy_delta": 0.3}}
+HEADLINE_UNITS = {"macs_ratio": "exported MACs / dense MACs (closed form)",
+                  "test_top1": "percent, full CIFAR-10 test set (10,000 images)",
+                  "epochs": "epochs of the export fine-tune (cosine schedule over all of them)",
+                  "hours": "wall hours of the fine-tune's epochs on this machine (search and tests excluded)",
+                  "epochs_ratio": "IMP retraining epochs, InfCoP (IF) / fixed retraining (lth)",
+                  "accuracy_delta": "percentage points, full test set, InfCoP (IF) minus fixed retraining (lth)"}
+#: Training images per fine-tune epoch (45,000: the campaigns carve 5,000 validation images) and per IMP epoch.
+FT_IMAGES, IMP_IMAGES = 45_000, 50_000
+
+
+def _log(msg: str) -> None:
+    print(f"[recovery {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class OutOfTime(Exception):
+    """``--max-minutes`` reached inside a cell (its progress is kept; ``--resume`` continues it)."""
+
+
+class NotReady(Exception):
+    """A cell's input (a search, the learning-rate sweep) is not done yet."""
+
+
+# ----------------------------------------------------------------------------------------------- settings
+
+
+@dataclass
+class Settings:
+    """What defines (and scales) a run; every cell records the part it used."""
+
+    quick: bool = False
+    models: tuple[str, ...] = MODELS
+    searcher: str = "tpe"
+    trials: dict[str, int] = field(default_factory=lambda: {"resnet20": 100, "resnet56": 60})
+    search_overrides: tuple[str, ...] = ()
+    epochs: dict[str, float] = field(default_factory=lambda: {"resnet20": 30, "resnet56": 30})
+    lr: float | None = None  # None: chosen from the sweep
+    kd_weight: float = KD_WEIGHT
+    kd_temperature: float = KD_TEMPERATURE
+    sweep_lrs: tuple[float, ...] = (0.01, 0.03, 0.1)
+    sweep_epochs: float = 3
+    imp_iterations: int = 5
+    imp_rounds: int = 4
+    imp_round_epochs: float = 0.5
+    imp_lr: float = 0.01
+    imp_flow_samples: int = 1000
+    imp_batch: int = 128
+    threads: int = 1
+    seed: int = 0
+    latency: bool = True
+    #: Smoke runs only: test / validation images (a stratified subset; full runs use all of them).
+    test_images: int | None = None
+    val_images: int | None = None
+    export_overrides: tuple[str, ...] = ()
+
+    @classmethod
+    def quick_run(cls) -> Settings:
+        return cls(quick=True, models=("resnet20",), trials={"resnet20": 2, "resnet56": 2},
+                   search_overrides=("evaluator.kwargs.batches=2", "evaluator.kwargs.val_batches=4"),
+                   epochs={"resnet20": 0.05, "resnet56": 0.05}, sweep_lrs=(0.01, 0.1), sweep_epochs=0.02,
+                   imp_iterations=2, imp_rounds=1, imp_round_epochs=0.01, imp_flow_samples=256, latency=False,
+                   test_images=1000, val_images=500,
+                   export_overrides=("export.calibration_batches=2", "export.memory_format=contiguous"))
+
+
+def cell_names(s: Settings) -> list[str]:
+    """Every cell of a run, in run order (ResNet-20 first: its results come early)."""
+    names: list[str] = []
+    for m in s.models:
+        names.append(f"search|{m}")
+        if m == "resnet20":
+            names += [f"lr|resnet20|{lr:g}" for lr in s.sweep_lrs]
+        names += [f"finetune|{m}|{v}" for v in VARIANTS]
+        if m == "resnet20":
+            names += ["infcop|resnet20|lth", "infcop|resnet20|IF"]
+    return names
+
+
+def split_name(name: str) -> tuple[str, str, str]:
+    """``finetune|resnet20|kd`` → ``("finetune", "resnet20", "kd")``; ``search|resnet56`` → ``(…, "")``."""
+    kind, model, *rest = name.split("|")
+    return kind, model, rest[0] if rest else ""
+
+
+def work_dir(s: Settings) -> Path:
+    return RESULTS / f"{NAME}{'_quick' if s.quick else ''}_work"
+
+
+def json_path(s: Settings) -> Path:
+    return RESULTS / f"{NAME}{'_quick' if s.quick else ''}.json"
+
+
+# ------------------------------------------------------------------------------------------- the JSON file
+
+
+def read_raw(path: Path) -> dict[str, Any]:
+    """The JSON on disk, or an empty record (a damaged file is kept aside, never silently replaced)."""
+    empty: dict[str, Any] = {"cells": {}, "errors": {}, "runs": []}
+    if not path.exists():
+        return empty
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        aside = path.with_suffix(f".damaged-{int(time.time())}.json")
+        shutil.copyfile(path, aside)
+        _log(f"{path.name} was not valid JSON: kept as {aside.name}, starting a new record")
+        return empty
+    for k, v in empty.items():
+        raw.setdefault(k, v)
+    return raw
+
+
+def update(path: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Apply ``change`` to the JSON on disk under the lock, refresh headline and recipe, write it atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path):
+        raw = read_raw(path)
+        change(raw)
+        raw["headline"] = headline(raw)
+        raw["headline_units"] = HEADLINE_UNITS
+        raw["recipe"] = recipe(raw)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(raw, indent=1, default=str))
+        os.replace(tmp, path)
+        return raw
+
+
+def put_cell(path: Path, name: str, record: Mapping[str, Any]) -> dict[str, Any]:
+    def change(raw: dict[str, Any]) -> None:
+        raw["cells"][name] = dict(record)
+        raw["errors"].pop(name, None)
+    return update(path, change)
+
+
+def put_error(path: Path, name: str, error: str) -> dict[str, Any]:
+    return update(path, lambda raw: raw["errors"].__setitem__(name, error))
+
+
+def done(raw: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    rec = raw.get("cells", {}).get(name)
+    return rec if rec is not None and rec.get("status") == "done" else None
+
+
+# -------------------------------------------------------------------------------------- headline, recipe
+
+
+def _final(rec: Mapping[str, Any], key: str) -> float | None:
+    eps = rec.get("epochs_log") or []
+    return eps[-1].get(key) if eps else None
+
+
+def headline_source(raw: Mapping[str, Any], model: str) -> str | None:
+    """The fine-tune cell of ``model`` the headline reports: of the finished ``kd`` and ``ce`` runs, the one with
+    the higher final half-A top-1 (the selection half; ties to ``kd``). The full test set and half B decide
+    nothing."""
+    best, best_a = None, -math.inf
+    for v in VARIANTS:
+        rec = done(raw, f"finetune|{model}|{v}")
+        if rec is None:
+            continue
+        a = _final(rec, "half_a")
+        a = -1.0 if a is None else float(a)
+        if a > best_a:
+            best, best_a = f"finetune|{model}|{v}", a
+    return best
+
+
+def headline(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The issue's headline, from whatever cells are done (``None`` for the missing parts)."""
+    out: dict[str, Any] = {}
+    for m in MODELS:
+        row: dict[str, Any] = {"macs_ratio": None, "test_top1": None, "epochs": None, "hours": None}
+        search = done(raw, f"search|{m}")
+        if search is not None:
+            row["macs_ratio"] = search["best"]["macs_ratio"]
+        src = headline_source(raw, m)
+        if src is not None:
+            rec = raw["cells"][src]
+            exp = rec.get("export") or {}
+            row["macs_ratio"] = exp.get("macs_ratio", row["macs_ratio"])
+            row["test_top1"] = exp.get("test_top1", _final(rec, "test_top1"))
+            row["epochs"] = rec["params"]["epochs"]
+            row["hours"] = round(sum(e.get("seconds") or 0.0 for e in rec.get("epochs_log", [])) / 3600, 3)
+        out[m] = row
+    lth, inf = done(raw, "infcop|resnet20|lth"), done(raw, "infcop|resnet20|IF")
+    ic: dict[str, Any] = {"epochs_ratio": None, "accuracy_delta": None}
+    if lth is not None and inf is not None and lth["cum_epochs"]:
+        ic["epochs_ratio"] = round(inf["cum_epochs"] / lth["cum_epochs"], 4)
+        ic["accuracy_delta"] = round(inf["test_top1"] - lth["test_top1"], 2)
+    out["infcop"] = ic
+    return out
+
+
+def goal_status(head: Mapping[str, Any]) -> dict[str, str]:
+    """``met`` / ``not met`` / ``not run`` per headline entry."""
+    out = {}
+    for m in MODELS:
+        row, g = head.get(m) or {}, GOALS[m]
+        if row.get("test_top1") is None or row.get("macs_ratio") is None:
+            out[m] = "not run"
+        else:
+            out[m] = "met" if row["macs_ratio"] <= g["macs_ratio"] and row["test_top1"] >= g["test_top1"] else "not met"
+    ic, g = head.get("infcop") or {}, GOALS["infcop"]
+    if ic.get("epochs_ratio") is None or ic.get("accuracy_delta") is None:
+        out["infcop"] = "not run"
+    else:
+        out["infcop"] = ("met" if ic["epochs_ratio"] <= g["epochs_ratio"] and abs(ic["accuracy_delta"])
+                         <= g["accuracy_delta"] else "not met")
+    return out
+
+
+def sweep_cells(raw: Mapping[str, Any]) -> dict[float, dict[str, Any]]:
+    """Finished learning-rate sweep cells: lr → record."""
+    return {float(rec["params"]["lr"]): rec for name, rec in raw.get("cells", {}).items()
+            if name.startswith("lr|") and rec.get("status") == "done"}
+
+
+def choose_lr(raw: Mapping[str, Any], lrs: Sequence[float] | None = None) -> dict[str, Any] | None:
+    """The learning rate of the recipe, chosen from the measured sweep: the highest half-A top-1 at the end of the
+    sweep's schedule (ties to the smaller rate). ``None`` until every swept rate (``lrs``, default: those done)
+    is done."""
+    cells = sweep_cells(raw)
+    if not cells or (lrs is not None and any(float(lr) not in cells for lr in lrs)):
+        return None
+    scores = {lr: _final(rec, "half_a") for lr, rec in cells.items()}
+    if any(v is None for v in scores.values()):
+        return None
+    lr = sorted(scores, key=lambda x: (-float(scores[x] or 0.0), x))[0]
+    return {"lr": lr, "half_a": scores[lr], "scores": {f"{k:g}": v for k, v in sorted(scores.items())},
+            "epochs": cells[lr]["params"]["epochs"], "by": "highest half-A top-1 at the end of the sweep"}
+
+
+def recipe(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The CPU recovery recipe as measured: learning rate (from the sweep), schedule, epochs and distillation, with
+    what the curves say about the epoch count."""
+    chosen = choose_lr(raw)
+    out: dict[str, Any] = {"lr": None if chosen is None else chosen["lr"], "lr_choice": chosen,
+                           "schedule": "cosine to 0 over the whole fine-tune (the `full` evaluator), SGD momentum "
+                                       "0.9, weight decay 5e-4, batch 128, CIFAR augmentation",
+                           "distill": {"weight": KD_WEIGHT, "temperature": KD_TEMPERATURE}, "curves": {}}
+    for m in MODELS:
+        src = headline_source(raw, m)
+        if src is None:
+            continue
+        rec = raw["cells"][src]
+        log = rec.get("epochs_log") or []
+        final_a = _final(rec, "half_a")
+        plateau = next((e["epoch"] for e in log if final_a is not None and e.get("half_a") is not None
+                        and e["half_a"] >= final_a - 0.1), None)
+        goal = GOALS[m]["test_top1"]
+        reached = next((e["epoch"] for e in log if (e.get("test_top1") or 0) >= goal), None)
+        out["curves"][m] = {"cell": src, "epochs": rec["params"]["epochs"], "lr": rec["params"]["lr"],
+                            "within_0.1pp_of_final_half_a_at_epoch": plateau, "goal_first_reached_at_epoch": reached}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def autoprune_command() -> list[str]:
+    exe = Path(sys.executable).with_name("autoprune")
+    if exe.is_file():
+        return [str(exe)]
+    return [sys.executable, "-c", "import sys; from autoprune.cli import main; sys.exit(main())"]
+
+
+def _rel(path: str | Path) -> str:
+    """``path`` relative to the repository when it is inside it (the Markdown stays machine-independent)."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(REPO))
+    except ValueError:
+        return str(p)
+
+
+def _deadline_left(deadline: float | None) -> float:
+    return math.inf if deadline is None else deadline - time.time()
+
+
+def _epochs_value(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+# --------------------------------------------------------------------------------------------- search cells
+
+
+def search_dir(s: Settings, model: str) -> Path:
+    return work_dir(s) / model / "search"
+
+
+def search_args(s: Settings, model: str) -> list[str]:
+    """``autoprune search`` of the campaign: the shipped config, TPE, ≤ 50 % MACs, ``n_trials`` of the run."""
+    return ["--threads", str(s.threads), "search", CONFIGS[model], f"output_dir={search_dir(s, model)}",
+            f"n_trials={s.trials[model]}", f"searcher.name={s.searcher}", "objective.budget.macs=0.5",
+            f"seed={s.seed}", f"model.checkpoint={WEIGHTS_DIR / CHECKPOINTS[model]}",
+            f"dataset.data_dir={SHARED / 'data'}", *s.search_overrides]
+
+
+def run_search_cell(s: Settings, model: str, previous: Mapping[str, Any] | None,
+                    deadline: float | None) -> dict[str, Any]:
+    """Run (or resume) the campaign's search in a subprocess, stopped with Ctrl-C at the deadline."""
+    argv = [*autoprune_command(), *search_args(s, model)]
+    _log("  $ " + shlex.join(["autoprune", *search_args(s, model)]))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=REPO, start_new_session=True)
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=max(1.0, min(30.0, _deadline_left(deadline))))
+                break
+            except subprocess.TimeoutExpired:
+                if _deadline_left(deadline) <= 0:
+                    _log("  --max-minutes reached: stopping the search (Ctrl-C; it resumes from its trial store)")
+                    proc.send_signal(signal.SIGINT)
+                    rc = proc.wait(timeout=600)
+                    break
+    except BaseException:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=120)
+        raise
+    seconds = time.perf_counter() - t0 + float((previous or {}).get("seconds", 0.0))
+    if rc not in (0, 130):
+        raise RuntimeError(f"autoprune search exited {rc}")
+    rec = search_record(s, model)
+    rec["seconds"] = seconds
+    rec["status"] = ("done" if rc == 0 and rec["trials_done"] >= s.trials[model] and rec["best"] is not None
+                     else "partial")
+    return rec
+
+
+def search_record(s: Settings, model: str) -> dict[str, Any]:
+    """The campaign's best trial and progress, read from its directory."""
+    from autoprune.export import select_trial
+    from autoprune.provenance import load_resolved, open_store
+    from autoprune.report import evaluated
+
+    d = search_dir(s, model)
+    df = open_store(load_resolved(d)).to_dataframe()
+    study = df[(df["searcher"] == s.searcher) & (df["seed"] == s.seed)]
+    dense = json.loads((d / "space.json").read_text())["dense"]
+    ok = evaluated(study)
+    rec: dict[str, Any] = {
+        "params": {"trials": s.trials[model], "searcher": s.searcher, "overrides": list(s.search_overrides)},
+        "dir": str(d), "command": shlex.join(["autoprune", *search_args(s, model)]),
+        "trials_done": int((study["state"] == "complete").sum()), "trials_feasible": len(ok),
+        "trial_seconds": float(study["seconds"].fillna(0).sum()), "dense_macs": int(dense["macs"]), "best": None}
+    if not ok.empty:
+        best = select_trial(df, "best", searcher=s.searcher, seed=s.seed)
+        rec["best"] = {"trial": f"{best.searcher}/seed{best.seed}/{best.number}", "label": best.label,
+                       "macs": best.macs, "macs_ratio": round(best.macs / dense["macs"], 4),
+                       "val_accuracy": best.accuracy, "reward": best.reward, "widths": dict(best.candidate.widths)}
+    return rec
+
+
+# ------------------------------------------------------------------------------------------- fine-tune cells
+
+
+@dataclass
+class Job:
+    """One export fine-tune: a ``finetune|M|V`` or an ``lr|resnet20|LR`` cell."""
+
+    cell: str
+    model: str
+    variant: str
+    lr: float
+    epochs: float
+    distill: float
+    temperature: float
+    trial: str
+    out_dir: Path
+    latency: bool = True
+    extra: tuple[str, ...] = ()
+
+    def params(self) -> dict[str, Any]:
+        return {"variant": self.variant, "lr": self.lr, "epochs": _epochs_value(self.epochs),
+                "distill": self.distill, "temperature": self.temperature, "trial": self.trial}
+
+    def overrides(self) -> list[str]:
+        return ["export.finetune=fixed", f"export.epochs={self.epochs:g}", f"export.lr={self.lr:g}",
+                f"export.distill={self.distill:g}", f"export.distill_temperature={self.temperature:g}", *self.extra]
+
+
+def make_job(s: Settings, raw: Mapping[str, Any], name: str) -> Job:
+    """The fine-tune of cell ``name``; :class:`NotReady` while its search (or the sweep, for the recipe's lr) is
+    not done."""
+    kind, model, arg = split_name(name)
+    search = done(raw, f"search|{model}")
+    if search is None:
+        raise NotReady(f"search|{model} is not done")
+    trial = search["best"]["trial"]
+    if kind == "lr":
+        lr, variant, epochs = float(arg), "kd", float(s.sweep_epochs)
+        out = work_dir(s) / model / "sweep" / f"lr{lr:g}-e{epochs:g}"
+    else:
+        variant, epochs = arg, float(s.epochs[model])
+        if s.lr is not None:
+            lr = float(s.lr)
+        else:
+            chosen = choose_lr(raw, s.sweep_lrs)
+            if chosen is None:
+                raise NotReady("the learning-rate sweep (lr|resnet20|…) is not done (or pass --lr)")
+            lr = float(chosen["lr"])
+        out = work_dir(s) / model / "export" / f"{variant}-lr{lr:g}-e{epochs:g}"
+    distill = s.kd_weight if variant == "kd" else 0.0
+    return Job(name, model, variant, lr, epochs, distill, s.kd_temperature, trial, out,
+               latency=s.latency and kind == "finetune", extra=s.export_overrides)
+
+
+@dataclass
+class Context:
+    """A built campaign (the search's, with the job's export settings) and the two test halves."""
+
+    camp: Any
+    trial: Any
+    halves: tuple[Any, Any]
+    search_command: str
+
+
+_CAMPAIGNS: dict[str, Any] = {}
+
+
+def open_context(s: Settings, job: Job) -> Context:
+    """Build the campaign of ``job``'s search (once per process) with the job's export settings, its trial, and
+    loaders over the two halves of the test set (:func:`benchmarks._cifar.split_test`)."""
+    from autoprune.campaign import build_campaign
+    from autoprune.commands.export import _search_command
+    from autoprune.data import make_loader
+    from autoprune.export import select_trial
+    from autoprune.provenance import load_resolved, open_store
+    from benchmarks._cifar import split_test
+
+    d = search_dir(s, job.model)
+    cfg = load_resolved(d, job.overrides())
+    key = str(d)
+    if key not in _CAMPAIGNS:
+        _CAMPAIGNS[key] = build_campaign(cfg, measure_dense=False)
+        if s.test_images or s.val_images:  # a smoke run: fewer test and validation images
+            shrink(_CAMPAIGNS[key], s)
+    camp = _CAMPAIGNS[key]
+    camp.config = cfg  # the same problem; only the export section differs between jobs
+    trial = select_trial(open_store(cfg).to_dataframe(), job.trial)
+    halves = tuple(make_loader(h, cfg.dataset.eval_batch_size) for h in split_test(camp.splits.test))
+    return Context(camp, trial, halves, _search_command(d))  # type: ignore[arg-type]
+
+
+def shrink(camp: Any, s: Settings) -> None:
+    """``--quick`` only: test on ``s.test_images`` and validate on ``s.val_images`` images (stratified subsets)."""
+    from autoprune.data import make_loader, subset
+
+    sp = camp.splits
+    test = subset(sp.test, s.test_images) if s.test_images else sp.test
+    val = subset(sp.val, s.val_images) if s.val_images else sp.val
+    camp.splits = dataclasses.replace(sp, test=test, val=val)
+    camp.test_loader = make_loader(test, camp.config.dataset.eval_batch_size)
+    camp.val_loader = make_loader(val, camp.config.dataset.eval_batch_size)
+
+
+def top1_on_halves(ctx: Context, model: Any) -> dict[str, float]:
+    """Top-1 (percent) on half A, half B and the full test set (the two halves, recombined exactly)."""
+    from autoprune.train import evaluate
+
+    a, b = (evaluate(model, h, desc="test") for h in ctx.halves)
+    hits = round(a.top1 * a.samples) + round(b.top1 * b.samples)
+    return {"test_top1": round(100 * hits / (a.samples + b.samples), 2), "half_a": round(100 * a.top1, 2),
+            "half_b": round(100 * b.top1, 2), "test_images": a.samples + b.samples}
+
+
+def epoch_accuracy(ctx: Context, model: Any) -> dict[str, float]:
+    """What the export does to its final network before testing it (BN statistics re-estimated on the calibration
+    batches), then the test accuracies. ``model`` is a copy of the network in training."""
+    from autoprune.evaluate import recalibrate_bn
+
+    camp = ctx.camp
+    camp.calib_loader.set_epoch(0)
+    recalibrate_bn(model, camp.calib_loader, camp.config.export.calibration_batches)
+    return top1_on_halves(ctx, model)
+
+
+def export_command(s: Settings, job: Job) -> str:
+    return " ".join(["autoprune", "--threads", str(s.threads), "export", str(search_dir(s, job.model)),
+                     *job.overrides(), "--trial", job.trial, "--formats", "none",
+                     *([] if job.latency else ["--no-latency"]), "--out", str(job.out_dir)])
+
+
+def run_export(ctx: Context, job: Job, command: str, on_epoch: Callable[[int, Any, float], None]) -> Any:
+    """The product's export (``autoprune export`` as a Python call) with the per-epoch callback."""
+    from autoprune.export import export_trial
+
+    return export_trial(ctx.camp, ctx.trial, out_dir=job.out_dir, formats=[], measure_latency=job.latency,
+                        command=command, search_command=ctx.search_command, on_epoch=on_epoch)
+
+
+def recover_epoch(ctx: Context, job: Job, known: set[int]) -> tuple[int, dict[str, float]] | None:
+    """The epoch saved in the export's checkpoint and its accuracies, when it is not among the ``known`` epochs (a
+    run killed after the checkpoint was written but before the epoch was recorded); ``None`` without a readable
+    checkpoint or when that epoch is known."""
+    import torch
+
+    from autoprune import pruning
+    from autoprune.export import FINETUNE_CHECKPOINT
+
+    path = job.out_dir / FINETUNE_CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if int(saved["epoch"]) in known:
+            return None
+        camp, cand = ctx.camp, ctx.trial.candidate
+        module = pruning.apply(camp.model, camp.groups, dict(cand.widths),
+                               importance=camp.config.search_space.importance,
+                               round_to=camp.config.search_space.round_to)
+        module.load_state_dict(saved["trainer"]["model"])
+        return int(saved["epoch"]), epoch_accuracy(ctx, module)
+    except Exception:  # an unreadable or foreign checkpoint: the product starts that run again anyway
+        return None
+
+
+def callbacks_of(epochs: float) -> int:
+    """How many epochs the export's fine-tune reports: ``epochs`` when whole, else one (a fraction, or one and a
+    half, runs as a single "epoch" of that many steps: :func:`autoprune.export.finetune`)."""
+    return int(epochs) if float(epochs).is_integer() else 1
+
+
+def epoch_sizes(ctx: Context, job: Job) -> dict[str, int]:
+    """Training images of one reported epoch of ``job`` and the images the product forwards besides in it (the
+    validation pass that ``on_epoch`` adds; the BN re-estimation before the first epoch of a run is added there)."""
+    camp = getattr(ctx, "camp", None)
+    if camp is None:
+        return {}
+    n = len(camp.train_loader)
+    steps = n if float(job.epochs).is_integer() else max(1, round(n * float(job.epochs)))
+    return {"train_images": steps * camp.config.dataset.batch_size, "val_images": len(camp.splits.val),
+            "calibration_images": camp.config.export.calibration_batches * camp.config.dataset.batch_size}
+
+
+def _lr_after(job: Job, epoch: int) -> float:
+    from autoprune.train import lr_at
+
+    return lr_at(job.lr, min(1.0, epoch / callbacks_of(job.epochs)), "cosine")
+
+
+def run_finetune_cell(s: Settings, job: Job, previous: Mapping[str, Any] | None, path: Path,
+                      deadline: float | None) -> dict[str, Any]:
+    """Fine-tune (or continue) ``job`` through the export, recording every epoch into the JSON as it ends."""
+    rec: dict[str, Any] = {"status": "partial", "model": job.model, "params": job.params(), "epochs_log": [],
+                           "out_dir": str(job.out_dir)}
+    if previous is not None and previous.get("params") == job.params():
+        rec.update({k: v for k, v in previous.items() if k in ("epochs_log", "runs")})
+        rec["status"] = "partial"
+    elif previous is not None:
+        _log(f"  {job.cell}: settings changed ({previous.get('params')} → {job.params()}): starting it again")
+    ctx = open_context(s, job)
+    log: dict[int, dict[str, Any]] = {int(e["epoch"]): e for e in rec["epochs_log"]}
+
+    def save() -> None:
+        rec["epochs_log"] = [log[k] for k in sorted(log)]
+        put_cell(path, job.cell, rec)
+
+    done_export = _finished_export(job)
+    if done_export is None:
+        recovered = recover_epoch(ctx, job, set(log))
+        if recovered is not None:
+            e, acc = recovered
+            log[e] = {"epoch": e, **acc, "lr": _lr_after(job, e), "seconds": None, "eval_seconds": None,
+                      "val_accuracy": None, "note": "recovered from the export checkpoint (its wall time is lost)"}
+            save()
+        clock = {"t": time.perf_counter(), "first": True}
+        sizes = epoch_sizes(ctx, job)
+
+        def on_epoch(epoch: int, model: Any, val_accuracy: float) -> None:
+            seconds = time.perf_counter() - clock["t"]
+            t0 = time.perf_counter()
+            acc = epoch_accuracy(ctx, model)
+            eval_seconds = time.perf_counter() - t0
+            extra = {}
+            if sizes:
+                extra = {"train_images": sizes["train_images"], "overhead_images": sizes["val_images"]
+                         + (sizes["calibration_images"] if clock["first"] else 0)}
+            clock["first"] = False
+            log[epoch] = {"epoch": epoch, **acc, "val_accuracy": round(100 * val_accuracy, 2),
+                          "lr": _lr_after(job, epoch), "seconds": round(seconds, 2),
+                          "eval_seconds": round(eval_seconds, 2), **extra}
+            save()
+            _log(f"  {job.cell} epoch {epoch}: test {acc['test_top1']:.2f} % (half B {acc['half_b']:.2f} %), "
+                 f"{seconds:.0f} s (+{eval_seconds:.0f} s of tests)")
+            if epoch < callbacks_of(job.epochs) and _deadline_left(deadline) < seconds + eval_seconds:
+                raise OutOfTime(f"stopped after epoch {epoch}")
+            clock["t"] = time.perf_counter()
+
+        try:
+            res = run_export(ctx, job, export_command(s, job), on_epoch)
+        except OutOfTime as exc:
+            _log(f"  {job.cell}: --max-minutes reached, {exc} (continue with --resume)")
+            rec["epochs_log"] = [log[k] for k in sorted(log)]
+            return rec
+        metrics = res.metrics
+    else:
+        metrics = done_export
+    rec["epochs_log"] = [log[k] for k in sorted(log)]
+    rec.update(finish_export(ctx, job, metrics))
+    rec["status"] = "done"
+    return rec
+
+
+def _finished_export(job: Job) -> dict[str, Any] | None:
+    """``export.json`` of a finished export of exactly this job (a run killed after the export but before it was
+    recorded does not train again)."""
+    from autoprune.export import FINETUNE_CHECKPOINT
+
+    p = job.out_dir / "export.json"
+    if not p.is_file() or (job.out_dir / FINETUNE_CHECKPOINT).exists():
+        return None
+    m = json.loads(p.read_text())
+    st = (m.get("finetune") or {}).get("settings") or {}
+    want = {"lr": job.lr, "distill": job.distill}
+    if any(float(st.get(k, -1)) != v for k, v in want.items()) or not (m.get("check") or {}).get("passed"):
+        return None
+    return m
+
+
+def finish_export(ctx: Context, job: Job, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """What the export measured, and the reload check: :func:`autoprune.serialize.load_module` of the written
+    model, re-tested on both halves (the full test set)."""
+    from autoprune.serialize import load_module
+
+    o, e = metrics["original"], metrics["exported"]
+    model_dir = Path(metrics["files"]["model"])
+    reloaded = top1_on_halves(ctx, load_module(model_dir))
+    test = round(100 * float(e["test_accuracy"]), 2)
+    ft = metrics.get("finetune") or {}
+    return {"export": {"test_top1": test, "dense_test_top1": round(100 * float(o["test_accuracy"]), 2),
+                       "macs": e["macs"], "dense_macs": o["macs"], "macs_ratio": round(e["macs"] / o["macs"], 4),
+                       "params_ratio": round(e["params"] / o["params"], 4), "steps": ft.get("steps"),
+                       "resumed_after_epoch": ft.get("resumed_after_epoch"), "model_dir": _rel(model_dir),
+                       "card": _rel(metrics["files"]["card"]), "latency": metrics.get("latency") or {},
+                       "command": metrics.get("command", "")},
+            "reload": {**reloaded, "matches_export": abs(reloaded["test_top1"] - test) < 1e-9,
+                       "product_check_passed": bool((metrics.get("check") or {}).get("passed"))}}
+
+
+# ---------------------------------------------------------------------------------------------- InfCoP cells
+
+
+def run_infcop_cell(s: Settings, variant: str) -> dict[str, Any]:
+    """IMP of the pretrained ResNet-20 with ``variant``'s retraining rule (``lth``: fixed; ``IF``: InfCoP)."""
+    from dataclasses import asdict
+
+    from autoprune.data import make_loader, subset
+    from autoprune.evaluate import SGDSettings
+    from autoprune.imp import IMPConfig, run_imp
+    from benchmarks._cifar import load_cifar10, load_pretrained, split_test
+    from benchmarks.bench_infcop_imp import _variants
+
+    splits = load_cifar10(s.seed)
+    half_a, half_b = split_test(subset(splits.test, s.test_images) if s.test_images else splits.test)
+    model, _, _ = load_pretrained("resnet20", splits)
+    train = make_loader(splits.train, s.imp_batch, shuffle=True, augment=True, seed=s.seed, drop_last=True)
+    flow = make_loader(splits.train, 256)
+    val = make_loader(subset(half_a, s.val_images) if s.val_images else half_a, 500)
+    base = IMPConfig(iterations=s.imp_iterations, max_rounds=s.imp_rounds, round_epochs=s.imp_round_epochs,
+                     sgd=SGDSettings(lr=s.imp_lr, momentum=0.9, weight_decay=5e-4), seed=s.seed,
+                     flow_samples=s.imp_flow_samples)
+    cfg = _variants(base)[variant]
+    t0 = time.perf_counter()
+    res = run_imp(model, train, val, cfg, flow_loader=flow, log=lambda m: _log(f"  infcop|{variant}: {m}"))
+    seconds = time.perf_counter() - t0
+    ctx = Context(None, None, (make_loader(half_a, 500), make_loader(half_b, 500)), "")
+    acc = top1_on_halves(ctx, res.model)
+    last = res.rows[-1]
+    return {"status": "done", "params": {"variant": variant, **cfg.summary()},
+            "rows": [asdict(r) for r in res.rows], "cum_epochs": last.cum_epochs, "final_sparsity": last.sparsity,
+            "target_half_a": res.warmup["target_accuracy"], **acc, "seconds": seconds,
+            "train_steps_per_epoch": len(train)}
+
+
+# ------------------------------------------------------------------------------------------------ estimates
+
+
+def _dense_macs(model: str) -> int:
+    import torch
+
+    from autoprune import cost, graph
+    from autoprune.models import build_model
+
+    return int(cost.closed_form(graph.analyze(build_model(model, num_classes=10), torch.rand(1, 3, 32, 32)),
+                                {}).macs)
+
+
+def measured_rates(raw: Mapping[str, Any]) -> dict[str, float | None]:
+    """Seconds per test image (a forward pass) and per training image of the ResNet-20 candidate (``kd``, ``ce``),
+    from the recorded epochs; an epoch's wall time less the forward passes the product adds (its validation pass,
+    the BN re-estimation before a run's first epoch: ``overhead_images``) is training."""
+    eps = [(rec, e) for name, rec in raw.get("cells", {}).items()
+           if name.startswith(("finetune|resnet20", "lr|resnet20")) for e in rec.get("epochs_log", [])]
+    fwd = [e["eval_seconds"] / e["test_images"] for _, e in eps if e.get("eval_seconds") and e.get("test_images")]
+    f = sum(fwd) / len(fwd) if fwd else None
+    out: dict[str, float | None] = {"forward": f, "kd": None, "ce": None}
+    for v in VARIANTS:
+        per = []
+        for rec, e in eps:
+            if rec["params"]["variant"] != v or not e.get("seconds") or not e.get("train_images") or f is None:
+                continue
+            per.append(max(0.0, e["seconds"] - f * e.get("overhead_images", 0)) / e["train_images"])
+        out[v] = sum(per) / len(per) if per else None
+    search = raw.get("cells", {}).get("search|resnet20")
+    out["trial"] = None
+    if search and search.get("trials_done"):
+        light = 2 * 128 + 4 * 512  # the quick run's evaluator: 2 calibration batches, 4 validation batches of 512
+        out["trial"] = search["trial_seconds"] / search["trials_done"] * (50 * 128 + 5000) / light
+    return out
+
+
+def estimates(raw: Mapping[str, Any], full: Settings) -> dict[str, dict[str, Any]]:
+    """Rough full-size hours of every cell of ``full`` from the rates a (quick) run measured on ResNet-20
+    (:func:`measured_rates`; a search trial scaled from the quick evaluator to 50 calibration batches of 128 and
+    5,000 validation images). ResNet-56 is scaled by the ratio of the dense MACs; IMP trains the dense network
+    (twice the candidate's MACs); an ``IF`` IMP is bounded by the ``lth`` estimate."""
+    r = measured_rates(raw)
+    scale = {"resnet20": 1.0, "resnet56": _dense_macs("resnet56") / _dense_macs("resnet20")}
+    out: dict[str, dict[str, Any]] = {}
+    none = {"hours": None, "basis": "no measured rate"}
+    for name in cell_names(full):
+        kind, model, arg = split_name(name)
+        k = scale[model]
+        if kind == "search":
+            t = r["trial"]
+            out[name] = none if t is None else {"hours": round(full.trials[model] * t * k / 3600, 2),
+                                                "basis": f"{full.trials[model]} trials × {t * k:.0f} s"}
+        elif kind in ("lr", "finetune"):
+            per, f = r["kd" if kind == "lr" else arg], r["forward"]
+            epochs = full.sweep_epochs if kind == "lr" else full.epochs[model]
+            if per is None or f is None:
+                out[name] = none
+                continue
+            epoch_s = (per * FT_IMAGES + f * (10_000 + 5000 + 20 * 128)) * k
+            out[name] = {"hours": round(epochs * epoch_s / 3600, 2),
+                         "basis": f"{epochs:g} epochs × {epoch_s / 60:.1f} min (tests included)"}
+        else:
+            if r["ce"] is None:
+                out[name] = none
+                continue
+            ep = full.imp_iterations * full.imp_rounds * full.imp_round_epochs
+            out[name] = {"hours": round(ep * 2 * r["ce"] * IMP_IMAGES / 3600, 2),
+                         "basis": f"{'at most ' if arg == 'IF' else ''}{ep:g} epochs of the dense ResNet-20"}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def _c(name: str) -> str:
+    """A cell name inside a Markdown table (its ``|`` escaped)."""
+    return "`" + name.replace("|", "\\|") + "`"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def _num(x: Any, fmt: str = "{:g}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def _goals_section(raw: Mapping[str, Any]) -> list[str]:
+    head = raw.get("headline") or headline(raw)
+    status = goal_status(head)
+    lines = ["## Goals", "", "| goal | target | result | status |", "|---|---|---|---|"]
+    for m in MODELS:
+        g, row = GOALS[m], head.get(m) or {}
+        src = headline_source(raw, m)
+        if row.get("test_top1") is not None:
+            res = (f"{row['macs_ratio']:.3f} of the MACs, {row['test_top1']:.2f} % after {row['epochs']:g} epochs "
+                   f"({row['hours']:.2f} h) [{_c(src or '')}]")
+        else:
+            parts = [f"{_c(n)}: {len(r.get('epochs_log', []))} of {r['params']['epochs']:g} epochs, last test "
+                     f"{_pct(_final(r, 'test_top1'))} %" for n, r in raw.get("cells", {}).items()
+                     if n.startswith(f"finetune|{m}|") and r.get("status") != "done"]
+            res = "; ".join(parts) if parts else "–"
+            if row.get("macs_ratio") is not None:
+                res = f"candidate at {row['macs_ratio']:.3f} of the MACs; " + (res if parts else "no fine-tune yet")
+        lines.append(f"| {m} | ≤ {g['macs_ratio']:.2f} of the dense MACs at ≥ {g['test_top1']:.1f} % (dense "
+                     f"{g['dense']:.2f} %) | {res} | {status[m]} |")
+    ic = head.get("infcop") or {}
+    res = ("–" if ic.get("epochs_ratio") is None else
+           f"epochs ratio {ic['epochs_ratio']:.3f}, accuracy delta {ic['accuracy_delta']:+.2f} pp")
+    lines.append(f"| InfCoP (IMP, ResNet-20) | epochs ratio ≤ {GOALS['infcop']['epochs_ratio']:.1f} with accuracy "
+                 f"delta within ±{GOALS['infcop']['accuracy_delta']:.1f} pp | {res} | {status['infcop']} |")
+    return [*lines, "", "Headline (`headline` in the JSON; units in `headline_units`): `" + json.dumps(head) + "`",
+            ""]
+
+
+def _recipe_section(raw: Mapping[str, Any], s: Settings) -> list[str]:
+    rc = raw.get("recipe") or recipe(raw)
+    lines = ["## Recipe (from the measured curves)", ""]
+    ch = rc.get("lr_choice")
+    if ch is None:
+        lines.append("- learning rate: not chosen yet (the sweep is not done)" +
+                     (f"; this run uses --lr {s.lr:g}" if s.lr is not None else "") + ".")
+    else:
+        sc = ", ".join(f"lr {k}: {_pct(v)} %" for k, v in ch["scores"].items())
+        lines.append(f"- learning rate **{ch['lr']:g}**: {ch['by']} ({_num(ch['epochs'])} epochs of `kd` on the "
+                     f"ResNet-20 candidate; half A {sc})" + (f"; this run overrides it with --lr {s.lr:g}"
+                                                             if s.lr is not None else "") + ".")
+    curves = rc.get("curves", {})
+    lines += [f"- schedule: {rc['schedule']}.",
+              f"- loss: distillation weight {s.kd_weight:g}, temperature {s.kd_temperature:g} (`kd`), against plain "
+              "cross-entropy (`ce`).",
+              "- epochs: " + ("; ".join(f"{m} {_num(c['epochs'])} (`{c['cell']}`: half A within 0.1 pp of its final "
+                                        f"value from epoch {_num(c['within_0.1pp_of_final_half_a_at_epoch'])}, the "
+                                        f"goal first reached at epoch {_num(c['goal_first_reached_at_epoch'])})"
+                                        for m, c in curves.items()) or "no fine-tune done yet")
+              + "; each curve is one cosine run over all its epochs, so a shorter run is not the same as its prefix.",
+              "- fractional epochs: `export.epochs=0.25` trains on a quarter of the training set (one reported "
+              f"\"epoch\"); the IMP rounds here are {s.imp_round_epochs:g} epoch each; `--quick` runs fractions.",
+              "- resumable: a killed `autoprune export` (or this benchmark) continues after its last completed epoch "
+              "with the same result as an uninterrupted run (`finetune.ckpt` in the export directory).", ""]
+    return lines
+
+
+def _curves_section(raw: Mapping[str, Any], model: str) -> list[str]:
+    recs = {v: raw.get("cells", {}).get(f"finetune|{model}|{v}") for v in VARIANTS}
+    if not any(recs.values()):
+        return []
+    lines = [f"## Curves: {model}", ""]
+    for v, rec in recs.items():
+        if rec:
+            p = rec["params"]
+            lines.append(f"- `{v}`: lr {p['lr']:g}, {p['epochs']:g} epochs, distill {p['distill']:g}, "
+                         f"{rec['status']} ({len(rec.get('epochs_log', []))} recorded)")
+    lines += ["", "| epoch | lr after | " + " | ".join(f"{v} test % | {v} half B % | {v} s" for v in VARIANTS)
+              + " |", "|---|---|" + "---|---|---|" * len(VARIANTS)]
+    by_epoch: dict[int, dict[str, dict[str, Any]]] = {}
+    for v, rec in recs.items():
+        for e in (rec or {}).get("epochs_log", []):
+            by_epoch.setdefault(int(e["epoch"]), {})[v] = e
+    for ep in sorted(by_epoch):
+        row = by_epoch[ep]
+        lr = next((r["lr"] for r in row.values() if r.get("lr") is not None), None)
+        cellv = [f"{_pct(row[v].get('test_top1'))} | {_pct(row[v].get('half_b'))} | "
+                 f"{_num(row[v].get('seconds'), '{:.0f}')}" if v in row else "– | – | –" for v in VARIANTS]
+        lines.append(f"| {ep} | {_num(lr, '{:.4g}')} | " + " | ".join(cellv) + " |")
+    return [*lines, "", "Wall seconds per epoch include the product's validation pass that `on_epoch` adds; the "
+            "tests of the curve are timed apart (`eval_seconds` in the JSON).", ""]
+
+
+def _sweep_section(raw: Mapping[str, Any]) -> list[str]:
+    sweep = {n: r for n, r in raw.get("cells", {}).items() if n.startswith("lr|")}
+    if not sweep:
+        return []
+    lines = ["## Learning-rate sweep (ResNet-20, `kd`)", "",
+             "| lr | epochs | status | final half A % | final test % | final half B % | s per epoch |",
+             "|---|---|---|---|---|---|---|"]
+    for n in sorted(sweep, key=lambda x: float(sweep[x]["params"]["lr"])):
+        r = sweep[n]
+        secs = [e["seconds"] for e in r.get("epochs_log", []) if e.get("seconds")]
+        lines.append(f"| {r['params']['lr']:g} | {r['params']['epochs']:g} | {r['status']} | "
+                     f"{_pct(_final(r, 'half_a'))} | {_pct(_final(r, 'test_top1'))} | {_pct(_final(r, 'half_b'))}"
+                     f" | {_num(sum(secs) / len(secs) if secs else None, '{:.0f}')} |")
+    return [*lines, ""]
+
+
+def _infcop_section(raw: Mapping[str, Any], s: Settings) -> list[str]:
+    imp = {v: raw.get("cells", {}).get(f"infcop|resnet20|{v}") for v in ("lth", "IF")}
+    if not any(imp.values()):
+        return []
+    lines = ["## InfCoP: IMP of the pretrained ResNet-20", "",
+             f"Unstructured, layer-wise 20 % of the alive weights per iteration, rewinding to the pretrained "
+             f"weights, {s.imp_iterations} iterations (pruning from the second), rounds of {s.imp_round_epochs:g} "
+             f"epoch (fractional), at most {s.imp_rounds} rounds per iteration, SGD lr {s.imp_lr:g}; the stopping "
+             "rule's accuracy target and validation are half A; tests on the full set and half B.", "",
+             "| variant | retraining epochs | final sparsity | test % | half B % | seconds | stop reasons |",
+             "|---|---|---|---|---|---|---|"]
+    for v, r in imp.items():
+        if r is None:
+            lines.append(f"| {v} | not run | | | | | |")
+            continue
+        reasons = ", ".join(x["stop_reason"] for x in r["rows"])
+        lines.append(f"| {v} | {r['cum_epochs']:g} | {r['final_sparsity']:.3f} | {_pct(r['test_top1'])} | "
+                     f"{_pct(r['half_b'])} | {r['seconds']:.0f} | {reasons} |")
+    return [*lines, ""]
+
+
+def _exports_section(raw: Mapping[str, Any]) -> list[str]:
+    cells = raw.get("cells", {})
+    searches = {n: r for n, r in cells.items() if n.startswith("search|")}
+    exports = {n: r for n, r in cells.items() if r.get("export")}
+    if not searches and not exports:
+        return []
+    lines = ["## Searches and exports", "", "| cell | status | result |", "|---|---|---|"]
+    for n, r in searches.items():
+        b = r.get("best")
+        best = ("no candidate yet" if b is None else f"best {b['label']}: {b['macs_ratio']:.3f} of the MACs, val "
+                f"{100 * b['val_accuracy']:.2f} % (optimistic)")
+        lines.append(f"| {_c(n)} | {r['status']} | {r['trials_done']}/{r['params']['trials']} trials in "
+                     f"{r['seconds'] / 3600:.2f} h; {best} |")
+    for n, r in exports.items():
+        e, rl = r["export"], r["reload"]
+        lines.append(f"| {_c(n)} | {r['status']} | test {e['test_top1']:.2f} % (dense {e['dense_test_top1']:.2f} %), "
+                     f"{e['macs_ratio']:.3f} of the MACs; reloaded with `load_module`: {rl['test_top1']:.2f} % "
+                     f"({'reproduced' if rl['matches_export'] else 'NOT reproduced'}); card `{e['card']}` |")
+    return [*lines, ""]
+
+
+def summarise(raw: Mapping[str, Any], s: Settings, names: Sequence[str]) -> str:
+    """The Markdown body: goals, recipe, curves, sweep, InfCoP, search and export checks, cells, how to go on."""
+    cells = raw.get("cells", {})
+    finished = [n for n in names if done(raw, n)]
+    lines = [
+        "The product path: `autoprune search` (TPE, ≤ 50 % of the dense MACs, the shipped configs' evaluator) then "
+        "the export fine-tune (`autoprune export`: the `full` evaluator, cosine learning rate, resumable per epoch) "
+        f"of the best candidate. `kd`: distillation from the dense model (weight {s.kd_weight:g}, temperature "
+        f"{s.kd_temperature:g}); `ce`: plain cross-entropy; the same learning rate, schedule, seed and epochs. After "
+        "every epoch a copy of the network (BN statistics re-estimated as the export does) is tested on the **full** "
+        "CIFAR-10 test set (10,000 images, as the papers report) and on half B (5,000, never used for selection); "
+        "nothing is selected on either. Half A decides the two choices the benchmark makes: the learning rate "
+        "(sweep) and which of `kd`/`ce` the headline reports. Search validation images are carved from the training "
+        "set the pretrained weights saw (optimistic; they only rank candidates).", "",
+        *([f"**Smoke run** (`--quick`): tests on a stratified {s.test_images:,} of the 10,000 test images, "
+            f"validation on {s.val_images:,} images, fractions of an epoch; its accuracies mean nothing.", ""]
+          if s.test_images else []),
+        f"Status: {len(finished)} of {len(names)} cells done"
+        + (" (complete)." if len(finished) == len(names) else "; continue with `--resume`."), ""]
+    lines += _goals_section(raw) + _recipe_section(raw, s)
+    for m in s.models:
+        lines += _curves_section(raw, m)
+    lines += _sweep_section(raw) + _infcop_section(raw, s) + _exports_section(raw)
+    lines += ["## Cells", "", "| cell | status |", "|---|---|"]
+    for n in names:
+        r = cells.get(n)
+        err = raw.get("errors", {}).get(n)
+        lines.append(f"| {_c(n)} | {r['status'] if r else ('error (see the JSON)' if err else 'not run')} |")
+    est = raw.get("estimates")
+    if est:
+        lines += ["", "## Estimated full-size hours (from this run's measured rates; rough)", "",
+                  "| cell | hours | basis |", "|---|---|---|"]
+        lines += [f"| {_c(n)} | {_num(e['hours'])} | {e['basis']} |" for n, e in est.items()]
+    runs = raw.get("runs", [])
+    if runs:
+        lines += ["", "## Runs", ""]
+        lines += [f"- `{r['command']}`: {r.get('cells', 0)} cells in {r.get('seconds', 0) / 60:.1f} min "
+                  f"(commit {r.get('commit')})" for r in runs]
+    return "\n".join(lines)
+
+
+def write_md(raw: Mapping[str, Any], s: Settings, names: Sequence[str]) -> Path:
+    name = NAME + ("_quick" if s.quick else "")
+    return write_result(name, "Recovery: from candidate to deployable model on a CPU (issue #20)",
+                        summarise(raw, s, names))
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def run_cell(s: Settings, name: str, raw: Mapping[str, Any], path: Path, deadline: float | None) -> dict[str, Any]:
+    """Run (or continue) one cell; return its record."""
+    kind, model, arg = split_name(name)
+    previous = raw.get("cells", {}).get(name)
+    if kind == "search":
+        return run_search_cell(s, model, previous, deadline)
+    if kind in ("lr", "finetune"):
+        return run_finetune_cell(s, make_job(s, raw, name), previous, path, deadline)
+    if kind == "infcop":  # independent of the searches: IMP of the pretrained network
+        return run_infcop_cell(s, arg)
+    raise ValueError(f"unknown cell {name}")
+
+
+def per_model(text: str | None, default: Mapping[str, float], flag: str) -> dict[str, float]:
+    """``30`` (every model) or ``resnet20=30,resnet56=20`` (the others keep ``default``)."""
+    out = {k: float(v) for k, v in default.items()}
+    if not text:
+        return out
+    try:
+        for part in text.split(","):
+            if "=" in part:
+                k, v = (x.strip() for x in part.split("=", 1))
+                if k not in out:
+                    raise SystemExit(f"error: {flag} names unknown model {k!r}\n  hint: models are {', '.join(MODELS)}")
+                out[k] = float(v)
+            else:
+                out = {k: float(part) for k in out}
+    except ValueError:
+        raise SystemExit(f"error: {flag} {text!r} is not N or MODEL=N,...\n  hint: e.g. {flag} resnet20=30") from None
+    if any(not v > 0 for v in out.values()):
+        raise SystemExit(f"error: {flag} must be > 0")
+    return out
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    s = Settings.quick_run() if args.quick else Settings()
+    s = dataclasses.replace(s, epochs=per_model(args.epochs, s.epochs, "--epochs"), lr=args.lr,
+                            threads=args.threads, seed=args.seed,
+                            trials={k: int(v) for k, v in per_model(args.trials, s.trials, "--trials").items()})
+    if args.models:
+        s.models = tuple(m for m in MODELS if m in args.models.split(","))
+    if args.sweep_lrs:
+        s.sweep_lrs = tuple(float(x) for x in args.sweep_lrs.split(","))
+    if args.sweep_epochs is not None:
+        s.sweep_epochs = args.sweep_epochs
+    return s
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark's cells (resumable, splittable); write the JSON and the Markdown."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a smoke run (ResNet-20, tiny sizes; recovery_quick.*)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the JSON (finished cells are skipped)")
+    p.add_argument("--only", default="", help="comma-separated cell-name prefixes, e.g. search,finetune|resnet20")
+    p.add_argument("--redo", default="", help="comma-separated cell-name prefixes to run again from scratch")
+    p.add_argument("--part", default="1/1", help="run every N-th cell: I/N (processes share the JSON)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop a running search or fine-tune at M minutes (resumable) and start no new cell")
+    p.add_argument("--epochs", default=None, help="fine-tune epochs: N for every model or resnet20=N,resnet56=M "
+                   "(default 30 each; fractions allowed)")
+    p.add_argument("--trials", default=None, help="search trials: N or resnet20=N,resnet56=M (default 100, 60)")
+    p.add_argument("--models", default=None, help="comma-separated models (default: resnet20,resnet56)")
+    p.add_argument("--lr", type=float, default=None, help="fine-tune learning rate (default: chosen by the sweep)")
+    p.add_argument("--sweep-lrs", default=None, help="learning rates of the sweep (default 0.01,0.03,0.1)")
+    p.add_argument("--sweep-epochs", type=float, default=None, help="epochs of each sweep run (default 3)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 2 when alone on the machine)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    part, parts = parse_part(args.part)
+    s = settings_from(args)
+    missing = missing_data(s.models)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
+    from autoprune.utils import configure_threads
+
+    configure_threads(s.threads)
+    path = json_path(s)
+    if s.quick and not args.resume:
+        path.unlink(missing_ok=True)
+        shutil.rmtree(work_dir(s), ignore_errors=True)
+    raw = read_raw(path)
+    if raw["cells"] and not args.resume:
+        print(f"error: {path} already holds {len(raw['cells'])} cells\n  hint: add --resume to continue (finished "
+              "cells are skipped), or move the file aside to start over", file=sys.stderr)
+        return 2
+    all_names = cell_names(s)
+    prefixes = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = [x for x in prefixes if not any(n.startswith(x) for n in all_names)]
+    if unknown:
+        print(f"error: no cell starts with {', '.join(unknown)}\n  hint: cells are {', '.join(all_names)}",
+              file=sys.stderr)
+        return 2
+    names = [n for n in all_names if not prefixes or any(n.startswith(x) for x in prefixes)]
+    names = [n for i, n in enumerate(names) if i % parts == part - 1]
+    redo = [x.strip() for x in args.redo.split(",") if x.strip()]
+    if redo:
+        raw = update(path, lambda r: [r["cells"].pop(n, None) for n in list(r["cells"])
+                                      if any(n.startswith(x) for x in redo)])
+    todo = [n for n in names if not done(raw, n)]
+    _log(f"{len(names) - len(todo)} of {len(names)} cells already done; {len(todo)} to run; JSON {path}")
+    started, wall0 = time.time(), time.perf_counter()
+    deadline = None if args.max_minutes is None else started + 60 * args.max_minutes
+    run_info = {"command": command_line(), "commit": git_commit(), "started": started, "cells": 0, "seconds": 0.0}
+    bad = 0
+    for name in todo:
+        if _deadline_left(deadline) <= 0:
+            _log(f"--max-minutes {args.max_minutes:g} reached: stopping before {name}")
+            break
+        raw = read_raw(path)
+        if done(raw, name):  # another process of a split run finished it
+            continue
+        _log(f"cell {name} ...")
+        t0 = time.perf_counter()
+        try:
+            rec = run_cell(s, name, raw, path, deadline)
+            rec["at"] = time.time()
+            raw = put_cell(path, name, rec)
+            _log(f"cell {name}: {rec['status']} after {time.perf_counter() - t0:.0f} s")
+        except NotReady as exc:
+            _log(f"cell {name} waits: {exc}")
+        except KeyboardInterrupt:
+            _log(f"interrupted in {name}: its progress is kept; continue with --resume")
+            return 130
+        except Exception:  # a harness crash: recorded, the cell runs again on --resume
+            raw = put_error(path, name, traceback.format_exc())
+            bad += 1
+            _log(f"cell {name} crashed (recorded under errors; it runs again with --resume):\n"
+                 + traceback.format_exc())
+        run_info["cells"] += 1
+        run_info["seconds"] = time.perf_counter() - wall0
+        raw = update(path, lambda r: r.__setitem__("runs", [x for x in r["runs"] if x.get("started") != started]
+                                                   + [dict(run_info)]))
+        write_md(raw, s, all_names)
+    if s.quick:
+        est = estimates(read_raw(path), Settings())
+        raw = update(path, lambda r: r.__setitem__("estimates", est))
+        _log("estimated full-size hours per cell (rough, from this run's rates):")
+        for n, e in est.items():
+            _log(f"  {n}: {_num(e['hours'])} h ({e['basis']})")
+    raw = update(path, lambda r: None)
+    md = write_md(raw, s, all_names)
+    _log("headline: " + json.dumps(raw["headline"]))
+    _log(f"wrote {md} and {path}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

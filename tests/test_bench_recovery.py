@@ -1,0 +1,351 @@
+"""The recovery benchmark (issue #20): headline and recipe from planted cells, resumable cells and epochs, the
+Markdown with missing parts, and the export's per-epoch callback it relies on (``on_epoch``).
+
+Heavy parts (searches, fine-tunes of CIFAR ResNets, IMP) are fakes here; ``python -m benchmarks.bench_recovery
+--quick`` runs the real ones at smoke size. The ``on_epoch`` tests run a real export of a tiny digits campaign.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from benchmarks import _common
+from benchmarks import bench_recovery as br
+
+HEADLINE = {"resnet56": {"macs_ratio", "test_top1", "epochs", "hours"},
+            "resnet20": {"macs_ratio", "test_top1", "epochs", "hours"},
+            "infcop": {"epochs_ratio", "accuracy_delta"}}
+
+
+def _epochs(finals: list[tuple[float, float, float]], seconds: float = 60.0, lr: float = 0.03) -> list[dict]:
+    """Epoch records from (test, half A, half B) triples."""
+    return [{"epoch": i + 1, "test_top1": t, "half_a": a, "half_b": b, "seconds": seconds, "eval_seconds": 5.0,
+             "test_images": 10_000, "lr": lr, "val_accuracy": 95.0} for i, (t, a, b) in enumerate(finals)]
+
+
+def _ft(variant: str, finals: list[tuple[float, float, float]], *, status: str = "done", epochs: float = 3,
+        macs_ratio: float = 0.49, lr: float = 0.03) -> dict[str, Any]:
+    rec: dict[str, Any] = {"status": status, "params": {"variant": variant, "lr": lr, "epochs": epochs,
+                                                        "distill": 0.9 if variant == "kd" else 0.0,
+                                                        "temperature": 4.0, "trial": "tpe/seed0/7"},
+                           "epochs_log": _epochs(finals, lr=lr)}
+    if status == "done":
+        rec["export"] = {"test_top1": finals[-1][0], "dense_test_top1": 91.73, "macs_ratio": macs_ratio,
+                         "card": "x/MODEL_CARD.md"}
+        rec["reload"] = {"test_top1": finals[-1][0], "matches_export": True}
+    return rec
+
+
+def _search(ratio: float = 0.48, status: str = "done") -> dict[str, Any]:
+    return {"status": status, "params": {"trials": 10}, "trials_done": 10, "seconds": 3600.0,
+            "best": {"trial": "tpe/seed0/7", "label": "tpe-seed0-trial7", "macs_ratio": ratio, "val_accuracy": 0.95}}
+
+
+def _sweep(lr: float, final_a: float) -> dict[str, Any]:
+    return {"status": "done", "params": {"variant": "kd", "lr": lr, "epochs": 3, "distill": 0.9},
+            "epochs_log": _epochs([(80.0, final_a - 1, 80.0), (85.0, final_a, 85.0)], lr=lr)}
+
+
+def _imp(cum_epochs: float, test: float) -> dict[str, Any]:
+    return {"status": "done", "cum_epochs": cum_epochs, "test_top1": test, "half_b": test, "final_sparsity": 0.59,
+            "seconds": 100.0, "rows": [{"stop_reason": "budget"}]}
+
+
+def planted() -> dict[str, Any]:
+    return {"cells": {
+        "search|resnet20": _search(0.495), "search|resnet56": _search(0.47),
+        "finetune|resnet20|kd": _ft("kd", [(90.0, 90.1, 89.9), (91.2, 91.0, 91.4)]),
+        "finetune|resnet20|ce": _ft("ce", [(89.0, 89.2, 88.8), (91.5, 91.3, 91.7)], macs_ratio=0.495),
+        "finetune|resnet56|kd": _ft("kd", [(90.0, 90.0, 90.0)], status="partial", epochs=30),
+        "infcop|resnet20|lth": _imp(10.0, 90.0), "infcop|resnet20|IF": _imp(4.0, 89.8),
+    }, "errors": {}, "runs": []}
+
+
+# ------------------------------------------------------------------------------------------- headline, recipe
+
+
+def test_headline_has_exactly_the_issues_keys_computed_from_planted_cells() -> None:
+    head = br.headline(planted())
+    assert {k: set(v) for k, v in head.items()} == HEADLINE
+    # ResNet-20: ce has the higher final half-A top-1 (91.3 > 91.0), so it is the headline row.
+    assert head["resnet20"] == {"macs_ratio": 0.495, "test_top1": 91.5, "epochs": 3, "hours": round(120 / 3600, 3)}
+    assert br.headline_source(planted(), "resnet20") == "finetune|resnet20|ce"
+    # ResNet-56: only a partial fine-tune; the search's candidate gives the MACs ratio, nothing else.
+    assert head["resnet56"] == {"macs_ratio": 0.47, "test_top1": None, "epochs": None, "hours": None}
+    assert head["infcop"] == {"epochs_ratio": 0.4, "accuracy_delta": -0.2}
+    assert br.goal_status(head) == {"resnet20": "met", "resnet56": "not run", "infcop": "met"}
+
+
+def test_headline_of_an_empty_run_is_all_none_and_the_goals_not_run() -> None:
+    head = br.headline({"cells": {}})
+    assert {k: set(v) for k, v in head.items()} == HEADLINE
+    assert all(v is None for row in head.values() for v in row.values())
+    assert set(br.goal_status(head).values()) == {"not run"}
+
+
+def test_goals_not_met_when_the_accuracy_or_the_epochs_ratio_falls_short() -> None:
+    raw = planted()
+    raw["cells"]["finetune|resnet20|ce"] = _ft("ce", [(89.0, 89.2, 88.8), (90.5, 91.3, 90.4)])
+    raw["cells"]["infcop|resnet20|IF"] = _imp(6.0, 89.8)
+    status = br.goal_status(br.headline(raw))
+    assert status["resnet20"] == "not met" and status["infcop"] == "not met"
+
+
+def test_the_learning_rate_is_chosen_from_the_measured_sweep_on_half_a() -> None:
+    raw = {"cells": {"lr|resnet20|0.01": _sweep(0.01, 88.0), "lr|resnet20|0.03": _sweep(0.03, 89.5),
+                     "lr|resnet20|0.1": _sweep(0.1, 89.0)}}
+    chosen = br.choose_lr(raw, (0.01, 0.03, 0.1))
+    assert chosen is not None and chosen["lr"] == 0.03 and chosen["scores"]["0.03"] == 89.5
+    raw["cells"]["lr|resnet20|0.1"] = _sweep(0.1, 89.5)  # a tie goes to the smaller rate
+    assert br.choose_lr(raw)["lr"] == 0.03  # type: ignore[index]
+    # Not every swept rate is done: no choice yet.
+    assert br.choose_lr(raw, (0.01, 0.03, 0.1, 0.3)) is None
+    assert br.recipe(raw)["lr"] == 0.03
+
+
+def test_a_fine_tune_uses_the_swept_rate_or_waits_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(br, "RESULTS", tmp_path)
+    s = br.Settings()
+    raw: dict[str, Any] = {"cells": {"search|resnet20": _search()}}
+    with pytest.raises(br.NotReady, match="sweep"):
+        br.make_job(s, raw, "finetune|resnet20|kd")
+    with pytest.raises(br.NotReady, match="search"):
+        br.make_job(s, raw, "finetune|resnet56|kd")
+    raw["cells"].update({f"lr|resnet20|{lr:g}": _sweep(lr, a) for lr, a in ((0.01, 88.0), (0.03, 87.0),
+                                                                             (0.1, 86.0))})
+    job = br.make_job(s, raw, "finetune|resnet20|kd")
+    assert (job.lr, job.distill, job.temperature, job.epochs, job.trial) == (0.01, br.KD_WEIGHT, 4.0, 30, "tpe/seed0/7")
+    assert "export.distill=0.9" in job.overrides() and "export.lr=0.01" in job.overrides()
+    ce = br.make_job(br.Settings(lr=0.05), raw, "finetune|resnet20|ce")
+    assert (ce.lr, ce.distill) == (0.05, 0.0) and "export.distill=0" in ce.overrides()
+    assert br.make_job(s, raw, "lr|resnet20|0.1").epochs == s.sweep_epochs
+
+
+def test_cell_names_and_per_model_options() -> None:
+    assert br.cell_names(br.Settings.quick_run()) == [
+        "search|resnet20", "lr|resnet20|0.01", "lr|resnet20|0.1", "finetune|resnet20|kd", "finetune|resnet20|ce",
+        "infcop|resnet20|lth", "infcop|resnet20|IF"]
+    assert {n.split("|")[0] for n in br.cell_names(br.Settings())} == {"search", "lr", "finetune", "infcop"}
+    assert br.per_model("resnet56=12", {"resnet20": 30, "resnet56": 30}, "--epochs") == {"resnet20": 30,
+                                                                                        "resnet56": 12}
+    assert br.per_model("0.5", {"resnet20": 30, "resnet56": 30}, "--epochs") == {"resnet20": 0.5, "resnet56": 0.5}
+    with pytest.raises(SystemExit):
+        br.per_model("vgg=3", {"resnet20": 30}, "--epochs")
+    assert br.callbacks_of(30) == 30 and br.callbacks_of(0.25) == 1 and br.callbacks_of(1.5) == 1
+
+
+# --------------------------------------------------------------------------------------------- Markdown
+
+
+def test_markdown_renders_with_missing_parts() -> None:
+    s = br.Settings()
+    empty = br.summarise({"cells": {}, "errors": {}, "runs": []}, s, br.cell_names(s))
+    assert "0 of 11 cells done" in empty and "| resnet56 |" in empty and "not run" in empty
+    assert "not chosen yet" in empty and "no fine-tune done yet" in empty
+    raw = planted()
+    raw["cells"].update({f"lr|resnet20|{lr:g}": _sweep(lr, a) for lr, a in ((0.01, 88.0), (0.03, 89.5),
+                                                                             (0.1, 89.0))})
+    raw["errors"]["finetune|resnet56|ce"] = "Traceback ..."
+    raw["headline"], raw["recipe"] = br.headline(raw), br.recipe(raw)
+    md = br.summarise(raw, s, br.cell_names(s))
+    for fragment in ("## Goals", "| met |", "not run", "1 of 30 epochs, last test 90.00 %", "learning rate **0.03**",
+                     "## Curves: resnet20", "## Curves: resnet56", "## Learning-rate sweep", "## InfCoP",
+                     "epochs ratio 0.400, accuracy delta -0.20 pp", "error (see the JSON)", "reproduced",
+                     "\"accuracy_delta\": -0.2"):
+        assert fragment in md, fragment
+    assert "| 2 | 0.03 | 91.20 | 91.40 | 60 | 91.50 | 91.70 | 60 |" in md
+
+
+# ---------------------------------------------------------------------------------------- resumable cells
+
+
+@pytest.fixture
+def fake_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Fake cells: ``state["ran"]`` lists what ran; a fine-tune waits until its search is done."""
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    monkeypatch.setattr(br, "RESULTS", tmp_path)
+    monkeypatch.setattr(br, "missing_data", lambda models: None)
+    monkeypatch.setattr(br, "git_commit", lambda: "abc")
+    state: dict[str, Any] = {"ran": [], "json": tmp_path / "recovery.json"}
+
+    def cell(s: br.Settings, name: str, raw: dict, path: Path, deadline: float | None) -> dict[str, Any]:
+        state["ran"].append(name)
+        kind, _model, arg = br.split_name(name)
+        if kind == "search":
+            return _search()
+        if kind == "lr":
+            return _sweep(float(arg), 88.0)
+        if kind == "finetune":
+            br.make_job(s, raw, name)  # raises NotReady like the real cell
+            return _ft(arg, [(91.0, 91.0, 91.0)])
+        return _imp(4.0 if arg == "IF" else 10.0, 90.0)
+
+    monkeypatch.setattr(br, "run_cell", cell)
+    return state
+
+
+def test_resume_skips_finished_cells_and_a_fresh_run_refuses_to_clobber(fake_run: dict[str, Any]) -> None:
+    path: Path = fake_run["json"]
+    planted_cells = {"search|resnet20": _search(), "finetune|resnet20|kd": _ft("kd", [(90.0, 90.0, 90.0)],
+                                                                               status="partial")}
+    path.write_text(json.dumps({"cells": planted_cells, "errors": {}, "runs": []}))
+    assert br.main(["--models", "resnet20"]) == 2 and fake_run["ran"] == []  # needs --resume
+    assert br.main(["--models", "resnet20", "--resume"]) == 0
+    assert "search|resnet20" not in fake_run["ran"]  # finished: skipped
+    assert "finetune|resnet20|kd" in fake_run["ran"]  # partial: continued
+    raw = json.loads(path.read_text())
+    assert all(raw["cells"][n]["status"] == "done" for n in br.cell_names(br.Settings(models=("resnet20",))))
+    assert {k: set(v) for k, v in raw["headline"].items()} == HEADLINE
+    fake_run["ran"].clear()
+    assert br.main(["--models", "resnet20", "--resume"]) == 0 and fake_run["ran"] == []
+    assert (path.parent / "recovery.md").is_file()
+
+
+def test_a_cell_whose_input_is_not_ready_waits_and_part_splits_the_cells(fake_run: dict[str, Any]) -> None:
+    assert br.main(["--models", "resnet20", "--only", "finetune,infcop", "--part", "1/2"]) == 0
+    raw = json.loads(fake_run["json"].read_text())
+    assert fake_run["ran"] == ["finetune|resnet20|kd", "infcop|resnet20|lth"]
+    assert "finetune|resnet20|kd" not in raw["cells"] and "infcop|resnet20|lth" in raw["cells"]  # it waited
+    assert br.main(["--models", "resnet20", "--only", "finetune,infcop", "--part", "2/2", "--resume"]) == 0
+    assert "infcop|resnet20|IF" in json.loads(fake_run["json"].read_text())["cells"]
+
+
+class _Ctx:
+    camp = None
+
+
+def test_a_fine_tune_continues_after_its_recorded_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Epochs 1-2 are in the JSON, the export's checkpoint holds epoch 3 (killed before it was recorded): epoch 3
+    is recovered from the checkpoint and the export continues with epoch 4; an epoch past the deadline stops it."""
+    path = tmp_path / "recovery.json"
+    job = br.Job("finetune|resnet20|kd", "resnet20", "kd", 0.03, 6, 0.9, 4.0, "tpe/seed0/7", tmp_path / "out")
+    previous = _ft("kd", [(80.0, 80.0, 80.0), (82.0, 82.0, 82.0)], status="partial", epochs=6)
+    calls: dict[str, Any] = {"epochs": [], "recover_known": None}
+    checkpoint = {"epoch": 3}
+
+    monkeypatch.setattr(br, "open_context", lambda s, j: _Ctx())
+    monkeypatch.setattr(br, "epoch_accuracy", lambda ctx, model: {"test_top1": 85.0, "half_a": 85.0, "half_b": 85.0,
+                                                                  "test_images": 10_000})
+
+    def recover(ctx: Any, j: br.Job, known: set[int]) -> Any:
+        calls["recover_known"] = sorted(known)
+        e = checkpoint["epoch"]
+        return None if e in known else (e, {"test_top1": 84.0, "half_a": 84.0, "half_b": 84.0})
+
+    def export(ctx: Any, j: br.Job, command: str, on_epoch: Any) -> Any:
+        for e in range(checkpoint["epoch"] + 1, 7):  # as the product: after the checkpointed epoch
+            checkpoint["epoch"] = e
+            calls["epochs"].append(e)
+            on_epoch(e, torch.nn.Linear(1, 1), 0.95)
+        return type("R", (), {"metrics": {"ok": True}})()
+
+    monkeypatch.setattr(br, "recover_epoch", recover)
+    monkeypatch.setattr(br, "run_export", export)
+    monkeypatch.setattr(br, "finish_export", lambda ctx, j, m: {"export": {"test_top1": 85.0}, "reload": {}})
+    monkeypatch.setattr(br, "_finished_export", lambda j: None)
+    # The deadline passes during epoch 4: the cell stops after recording it.
+    monkeypatch.setattr(br, "_deadline_left", lambda d: -1.0 if d is not None else float("inf"))
+    rec = br.run_finetune_cell(br.Settings(), job, previous, path, deadline=0.0)
+    assert rec["status"] == "partial" and calls["recover_known"] == [1, 2] and calls["epochs"] == [4]
+    assert [e["epoch"] for e in rec["epochs_log"]] == [1, 2, 3, 4]
+    assert "recovered" in rec["epochs_log"][2]["note"] and rec["epochs_log"][2]["seconds"] is None
+    assert json.loads(path.read_text())["cells"][job.cell]["epochs_log"][-1]["epoch"] == 4  # saved per epoch
+    rec = br.run_finetune_cell(br.Settings(), job, rec, path, deadline=None)
+    assert rec["status"] == "done" and calls["epochs"] == [4, 5, 6]
+    assert [e["epoch"] for e in rec["epochs_log"]] == [1, 2, 3, 4, 5, 6]
+    assert rec["epochs_log"][-1]["lr"] == pytest.approx(0.0) and rec["export"]["test_top1"] == 85.0
+    # Other settings (here: epochs) start the cell again instead of mixing two runs.
+    other = br.Job(job.cell, "resnet20", "kd", 0.03, 8, 0.9, 4.0, "tpe/seed0/7", tmp_path / "out8")
+    checkpoint["epoch"] = 0
+    monkeypatch.setattr(br, "recover_epoch", lambda ctx, j, known: None)
+    rec8 = br.run_finetune_cell(br.Settings(), other, rec, path, deadline=None)
+    assert [e["epoch"] for e in rec8["epochs_log"]] == [1, 2, 3, 4, 5, 6]  # from the fake export's 1..6
+
+
+# ------------------------------------------------------------------------ the export's per-epoch callback
+
+
+@pytest.fixture(scope="module")
+def digits_campaign(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    """small_cnn (random weights) on digits, 2 random candidates at 60 % of the MACs."""
+    from autoprune import campaign
+    from autoprune.config import config_from_dict
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("recovery")
+    cfg = config_from_dict({
+        "name": "rec", "output_dir": str(root / "camp"), "model": {"name": "small_cnn", "kwargs": {"width": 8}},
+        "dataset": {"name": "digits", "batch_size": 64}, "n_trials": 2,
+        "evaluator": {"name": "adaptive_bn", "kwargs": {"batches": 2}}, "objective": {"budget": {"macs": 0.6}},
+        "searcher": {"name": "random"},
+        "export": {"epochs": 3, "lr": 0.05, "formats": [], "latency": False, "memory_format": "contiguous",
+                   "calibration_batches": 2}})
+    camp, store = campaign.open_campaign(cfg, argv=["search", "rec.yaml"])
+    campaign.run_search(camp, store, quiet=True)
+    return camp, store
+
+
+def _weights(res: Any) -> dict[str, torch.Tensor]:
+    from autoprune import serialize
+
+    return serialize.load_module(res.model_dir).state_dict()
+
+
+def test_on_epoch_sees_a_copy_after_every_epoch_and_changes_nothing(digits_campaign: tuple, tmp_path: Path) -> None:
+    from autoprune.evaluate import recalibrate_bn
+    from autoprune.export import export_trial, select_trial
+
+    camp, store = digits_campaign
+    trial = select_trial(store.to_dataframe())
+    plain = export_trial(camp, trial, out_dir=tmp_path / "plain")
+    seen: list[tuple[int, float]] = []
+
+    def on_epoch(epoch: int, model: torch.nn.Module, val_accuracy: float) -> None:
+        recalibrate_bn(model, camp.calib_loader, 2)  # what the benchmark does to its copy
+        torch.rand(3)  # and RNG draws: the fine-tune must not notice
+        seen.append((epoch, val_accuracy))
+
+    watched = export_trial(camp, trial, out_dir=tmp_path / "watched", on_epoch=on_epoch)
+    assert [e for e, _ in seen] == [1, 2, 3] and all(0 <= a <= 1 for _, a in seen)
+    a, b = _weights(plain), _weights(watched)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert watched.metrics["exported"]["test_accuracy"] == plain.metrics["exported"]["test_accuracy"]
+
+
+def test_an_exception_in_on_epoch_stops_the_export_and_a_rerun_continues(digits_campaign: tuple,
+                                                                         tmp_path: Path) -> None:
+    from autoprune.export import FINETUNE_CHECKPOINT, export_trial, select_trial
+
+    camp, store = digits_campaign
+    trial = select_trial(store.to_dataframe())
+    whole = export_trial(camp, trial, out_dir=tmp_path / "whole")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_1(epoch: int, model: torch.nn.Module, val_accuracy: float) -> None:
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        export_trial(camp, trial, out_dir=tmp_path / "cut", on_epoch=stop_after_1)
+    assert (tmp_path / "cut" / FINETUNE_CHECKPOINT).is_file()
+    # The benchmark recovers an epoch that was checkpointed but not recorded from that checkpoint.
+    from autoprune.data import make_loader
+    from benchmarks._cifar import split_test
+
+    ctx = br.Context(camp, trial, tuple(make_loader(h, 256) for h in split_test(camp.splits.test)), "")
+    job = br.Job("finetune|x|kd", "x", "kd", 0.05, 3, 0.0, 4.0, "random/seed0/0", tmp_path / "cut")
+    assert br.recover_epoch(ctx, job, {1}) is None
+    epoch, acc = br.recover_epoch(ctx, job, set())  # type: ignore[misc]
+    assert epoch == 1 and acc["test_images"] == len(camp.splits.test) and 0 <= acc["test_top1"] <= 100
+    later: list[int] = []
+    resumed = export_trial(camp, trial, out_dir=tmp_path / "cut", on_epoch=lambda e, m, v: later.append(e))
+    assert later == [2, 3] and resumed.metrics["finetune"]["resumed_after_epoch"] == 1
+    a, b = _weights(whole), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -177,7 +177,7 @@ class Objective:
         out = []
         for m in self.objectives:
             if m == "accuracy":
-                out.append(float(result.accuracy) if result else 0.0)
+                out.append(result.ranking_score if result else 0.0)
             elif m == "loss":
                 out.append(float(result.loss) if result and math.isfinite(result.loss) else math.inf)
             else:
@@ -566,7 +566,7 @@ class Searcher(ABC):
               and by_number[r.number].user_attrs.get("feasible", True)]
         best = None
         if ok:
-            key = (lambda r: r.result.accuracy) if self.multi_objective else (lambda r: r.reward)
+            key = (lambda r: r.result.ranking_score) if self.multi_objective else (lambda r: r.reward)
             best = max(ok, key=lambda r: (key(r), -r.number))
         pareto = [best] if best is not None else []
         if self.multi_objective:

@@ -524,7 +524,7 @@ class RLSearcher(Searcher):
         ev = dict(info["eval"])
         result = EvalResult(accuracy=ev["accuracy"], loss=ev["loss"], seconds=ev.get("seconds", 0.0),
                             samples=ev.get("samples", 0), evaluator=ev.get("evaluator", ""),
-                            extra=ev.get("extra") or {})
+                            extra=ev.get("extra") or {}, score=ev.get("score"))
         trial = self.new_trial()
         extra = {"episode": self.n_done, "legalized": bool(info.get("legalized", False))}
         if self._noise is not None:

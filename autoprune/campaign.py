@@ -314,7 +314,7 @@ def make_evaluator(cfg: CampaignConfig, name: str, settings: Mapping[str, Any], 
     ones (``infcop``) also get the dense model, and ``needs_flow_loader`` ones the un-augmented loader for
     their flow subset; training evaluators with ``distill`` > 0 get the dense model as their teacher.
     """
-    from autoprune.evaluate import EVALUATORS
+    from autoprune.evaluate import EVALUATORS, REFERENCE_SCORES
     from autoprune.evaluate import make_evaluator as make
 
     cls = EVALUATORS.get(name)
@@ -325,6 +325,8 @@ def make_evaluator(cfg: CampaignConfig, name: str, settings: Mapping[str, Any], 
         kw.setdefault("timeout", cfg.time_limit_per_trial)
     if cls.needs_dense and "references" not in kw:
         kw.setdefault("dense", model)
+    if kw.get("score") in REFERENCE_SCORES:
+        kw.setdefault("reference_model", model)  # agreement / KL with the dense model's outputs
     if cls.needs_flow_loader:
         kw.setdefault("flow_loader", calib_loader)
     distill = kw.get("distill")

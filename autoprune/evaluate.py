@@ -20,6 +20,10 @@ whether it reports intermediate values (:attr:`~Evaluator.reports_intermediate`)
 whose public :meth:`~TrainingEvaluator.fine_tune` trains a model in place (the final fine-tune of an export
 uses it to keep the weights). Results are cached per candidate by :class:`autoprune.problem.Problem`.
 
+Every evaluator scores by top-1 unless its ``score`` setting names another signal of :data:`SCORES` (soft
+accuracy, agreement with the dense model, ``exp(−KL)`` to it): then :attr:`EvalResult.score` carries it beside
+the accuracy, and rewards and multi-objective searchers rank by it (:attr:`EvalResult.ranking_score`).
+
 Contract shared by all evaluators:
 
 * ``evaluate(model, key=None, report=None)`` **never mutates the caller's model**: it deep-copies it first and
@@ -186,6 +190,78 @@ def validate(
     batches = loader if max_batches is None else _Limited(loader, max_batches)
     m = evaluate_metrics(model, batches, device=_model_device(model, device), desc="val")
     return float(m.top1), float(m.loss)
+
+
+#: Ranking signals an evaluator can score with (its ``score`` setting), each in [0, 1], higher is better:
+#: ``top1`` (accuracy, the default), ``soft_accuracy`` (mean softmax probability of the true class),
+#: ``agreement`` (share of images whose top-1 class equals the dense model's) and ``kl`` (``exp(−KL(p_dense ‖
+#: p_candidate))``, the distillation loss as a score). The last two compare with the dense model's outputs on
+#: the same validation images, computed once.
+SCORES = ("top1", "soft_accuracy", "agreement", "kl")
+REFERENCE_SCORES = ("agreement", "kl")
+
+
+def score_signals(model: nn.Module, loader: Loader, *, device: torch.device | str | None = None,
+                  max_batches: int | None = None, reference: list[Tensor] | None = None) -> dict[str, float]:
+    """Top-1, mean cross-entropy and the ranking signals of :data:`SCORES` of ``model`` on ``loader``.
+
+    Args:
+        model: The network (eval mode, no grad; its mode is restored).
+        loader: Validation batches (the same batches in the same order on every call when ``reference`` is used).
+        device: Device (default: the model's).
+        max_batches: Use at most this many batches.
+        reference: The dense model's logits per batch (:func:`reference_logits`); without it ``agreement`` and
+            ``kl`` are absent.
+
+    Raises:
+        ConfigError: The loader yields no samples, or other batches than the reference was computed on.
+    """
+    dev = _model_device(model, device)
+    was = model.training
+    model.eval()
+    n, top1, ce, soft, agree, kl = 0, 0.0, 0.0, 0.0, 0.0, 0.0
+    try:
+        with torch.inference_mode():
+            batches = loader if max_batches is None else _Limited(loader, max_batches)
+            for i, (x, y) in enumerate(batches):
+                x, y = x.to(dev), y.to(dev)
+                logits = model(x).float()
+                logp = F.log_softmax(logits, dim=1)
+                n += int(y.shape[0])
+                top1 += float((logits.argmax(1) == y).sum())
+                ce += float(F.nll_loss(logp, y, reduction="sum"))
+                soft += float(logp.gather(1, y[:, None]).exp().sum())
+                if reference is not None:
+                    if i >= len(reference) or reference[i].shape[0] != y.shape[0]:
+                        raise ConfigError("the validation loader yielded other batches than the dense model's "
+                                          "reference outputs were computed on",
+                                          hint="use a validation loader without shuffling")
+                    ref = reference[i].to(dev).float()
+                    agree += float((logits.argmax(1) == ref.argmax(1)).sum())
+                    ref_logp = F.log_softmax(ref, dim=1)
+                    kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
+    finally:
+        model.train(was)
+    if n == 0:
+        raise ConfigError("the validation loader yielded no samples", hint="check the dataset split")
+    out = {"top1": top1 / n, "loss": ce / n, "soft_accuracy": soft / n}
+    if reference is not None:
+        out |= {"agreement": agree / n, "kl": math.exp(-kl / n), "kl_divergence": kl / n}
+    return out
+
+
+def reference_logits(model: nn.Module, loader: Loader, *, device: torch.device | str | None = None,
+                     max_batches: int | None = None) -> list[Tensor]:
+    """The logits of ``model`` (the dense network) per validation batch, on the CPU (eval mode, no grad)."""
+    dev = _model_device(model, device)
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            batches = loader if max_batches is None else _Limited(loader, max_batches)
+            return [model(x.to(dev)).float().cpu() for x, _ in batches]
+    finally:
+        model.train(was)
 
 
 class _Limited:
@@ -405,6 +481,10 @@ class Evaluator(ABC):
         timeout: Per-evaluation time limit in seconds (default: none). It is checked before every forward
             pass of the candidate; an evaluation past it raises :class:`TrialTimeout` (a searcher records the
             candidate as a failed trial and goes on).
+        score: The signal searches rank candidates by (:data:`SCORES`; default ``top1``, the accuracy). Any
+            other is stored beside the accuracy as :attr:`EvalResult.score` and read by the rewards.
+        reference_model: The dense network, for the scores that compare with it (``agreement``, ``kl``); its
+            outputs on the validation images are computed once.
 
     A non-finite training or validation loss raises :class:`DivergedError` (also a failed trial).
 
@@ -435,10 +515,21 @@ class Evaluator(ABC):
         device: torch.device | str | None = None,
         val_batches: int | None = None,
         timeout: float | None = None,
+        score: str = "top1",
+        reference_model: nn.Module | None = None,
     ) -> None:
         if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
             raise ConfigError(f"timeout must be > 0 seconds, got {timeout}", hint="or leave it unset (no limit)")
+        if score not in SCORES:
+            raise ConfigError(f"unknown score {score!r}", hint=f"use one of {', '.join(SCORES)}")
+        if score in REFERENCE_SCORES and reference_model is None:
+            raise ConfigError(f"score {score!r} compares with the dense model, but no reference_model was given",
+                              hint="pass reference_model= (a campaign passes its dense model itself)")
         self.timeout = timeout
+        self.score = score
+        self.reference_model = reference_model if score in REFERENCE_SCORES else None
+        self._reference: list[Tensor] | None = None
+        self._score_value: float | None = None
         if val_loader is None:
             raise ConfigError(f"evaluator {self.name!r} needs a validation loader",
                               hint="pass val_loader= (a loader over the validation split)")
@@ -470,6 +561,7 @@ class Evaluator(ABC):
         work = copy.deepcopy(model).to(self.device)
         deadline = None if self.timeout is None else start + self.timeout
         work.register_forward_pre_hook(_guard_hook(deadline, self.timeout))
+        self._score_value = None
         out = self._run(work, report)
         if not math.isfinite(out.loss):
             raise DivergedError(f"the candidate's validation loss is {out.loss} (diverged or non-finite outputs)")
@@ -477,15 +569,26 @@ class Evaluator(ABC):
         extra.setdefault("pruned", False)
         if key is not None:
             extra["key"] = key
+        score = None if self.score == "top1" or self._score_value is None else float(self._score_value)
         return EvalResult(float(out.accuracy), float(out.loss), time.perf_counter() - start, int(out.samples),
-                          self.name, extra)
+                          self.name, extra, score)
 
     @abstractmethod
     def _run(self, model: nn.Module, report: ReportFn | None) -> Outcome:
         """Score ``model`` (a private copy, free to modify) and return an :class:`Outcome`."""
 
     def _validate(self, model: nn.Module) -> tuple[float, float]:
-        return validate(model, self.val_loader or [], device=self.device, max_batches=self.val_batches)
+        """Top-1 and mean cross-entropy on the validation batches; with a ``score`` other than ``top1`` the same
+        forward pass also yields that signal (kept for :meth:`evaluate`)."""
+        if self.score == "top1":
+            return validate(model, self.val_loader or [], device=self.device, max_batches=self.val_batches)
+        if self.reference_model is not None and self._reference is None:
+            self._reference = reference_logits(self.reference_model, self.val_loader or [], device=self.device,
+                                               max_batches=self.val_batches)
+        sig = score_signals(model, self.val_loader or [], device=self.device, max_batches=self.val_batches,
+                            reference=self._reference)
+        self._score_value = sig[self.score]
+        return sig["top1"], sig["loss"]
 
     def _pruned(self, accuracy: float, loss: float, samples: int, step: int, **extra: Any) -> Outcome:
         return Outcome(accuracy, loss, samples, {"pruned": True, "stop_reason": PRUNED, "steps": step, **extra})

@@ -188,7 +188,9 @@ REWARDS: Registry[type[Reward]] = Registry("reward")
 
 
 def _error(result: EvalResult) -> float:
-    acc = float(result.accuracy)
+    """``1 − accuracy``, where accuracy is the result's ranking score (:attr:`EvalResult.ranking_score`: top-1
+    unless the evaluator's ``score`` setting asks for another signal)."""
+    acc = result.ranking_score
     if not math.isfinite(acc) or not 0.0 <= acc <= 1.0:
         raise ValueError(f"accuracy must be in [0, 1], got {acc!r}")
     return 1.0 - acc

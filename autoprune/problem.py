@@ -250,7 +250,7 @@ class Problem:
         result = self.evaluator.evaluate(module, key=key, report=report)
         extra = dict(result.extra)
         extra["build_seconds"] = build_s
-        result = EvalResult(result.accuracy, result.loss, result.seconds, result.samples, result.evaluator, extra)
+        result = dataclasses.replace(result, extra=extra)
         out = (result, self.cost(candidate))
         if not extra.get("pruned"):
             self._cache[key] = out

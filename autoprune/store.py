@@ -63,7 +63,8 @@ RECORD_ATTRS = ("widths", "bits", "key", "macs", "params", "bytes", "bitops", "a
 
 _INT, _REAL = (int,), (int, float)
 _NUMBERS = {"macs": _INT, "params": _INT, "bytes": _INT, "bitops": _INT, "seed": _INT, "accuracy": _REAL,
-            "loss": _REAL, "eval_seconds": _REAL, "reward": _REAL, "seconds": _REAL, "latency_ms": _REAL}
+            "loss": _REAL, "eval_seconds": _REAL, "reward": _REAL, "seconds": _REAL, "latency_ms": _REAL,
+            "score": _REAL}
 
 
 def record_is_consistent(attrs: Mapping[str, Any]) -> bool:
@@ -523,6 +524,7 @@ class TrialStore:
             "bitops": cost.bitops if cost else None,
             "latency_ms": cost.latency_ms if cost else None,
             "accuracy": _finite(result.accuracy) if result else None,
+            "score": _finite(result.score) if result and result.score is not None else None,
             "loss": _finite(result.loss) if result else None,
             "eval_seconds": result.seconds if result else None,
             "evaluator": result.evaluator if result else None,
@@ -758,7 +760,8 @@ def _record(t: FrozenTrial) -> TrialRecord:
     result = None
     if ua.get("accuracy") is not None:
         result = EvalResult(accuracy=float(ua["accuracy"]), loss=float(ua.get("loss") or float("nan")),
-                            seconds=float(ua.get("eval_seconds") or 0.0), evaluator=ua.get("evaluator") or "")
+                            seconds=float(ua.get("eval_seconds") or 0.0), evaluator=ua.get("evaluator") or "",
+                            score=None if ua.get("score") is None else float(ua["score"]))
     return TrialRecord(number=t.number, candidate=cand, cost=cost, result=result, reward=ua.get("reward"),
                        searcher=ua.get("searcher", ""), seed=int(ua.get("seed", -1)),
                        state=ua.get("state", t.state.name.lower()), reason=ua.get("reason", ""))

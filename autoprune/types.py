@@ -179,6 +179,8 @@ class EvalResult:
         samples: Training samples seen (forward passes on training data, incl. BN calibration).
         evaluator: Name of the evaluator.
         extra: Evaluator-specific data (e.g. InfCoP flow-distance trajectory and stop reason).
+        score: The ranking signal in [0, 1] the evaluator was asked for (its ``score`` setting, e.g. the soft
+            accuracy or the agreement with the dense model); None when it ranks by ``accuracy`` (the default).
     """
 
     accuracy: float
@@ -187,6 +189,12 @@ class EvalResult:
     samples: int = 0
     evaluator: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+    score: float | None = None
+
+    @property
+    def ranking_score(self) -> float:
+        """What rewards and searchers rank by: :attr:`score` when the evaluator computed one, else accuracy."""
+        return float(self.accuracy if self.score is None else self.score)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""

@@ -318,3 +318,23 @@ def test_bad_locations_fail_with_clear_errors(tmp_path: Path) -> None:
     cfg = config_from_dict(tiny(tmp_path / "c"), ["model.checkpoint=missing/checkpoint.pt"])
     with pytest.raises(CheckpointError, match="does not exist"):
         campaign.check_checkpoint(cfg)
+
+
+@pytest.mark.parametrize("score", ["soft_accuracy", "kl"])
+def test_a_campaign_ranks_by_the_evaluators_score_and_stores_it(tmp_path: Path, score: str) -> None:
+    cfg = config_from_dict(tiny(tmp_path / "out", evaluator={"name": "adaptive_bn",
+                                                              "kwargs": {"batches": 2, "score": score}}))
+    camp = campaign.build_campaign(cfg, measure_dense=False)
+    inner = camp.evaluator.inner
+    assert inner.score == score
+    assert (inner.reference_model is camp.model) == (score == "kl")  # the dense model, passed in
+    store = store_at(tmp_path / "s.db")
+    campaign.run_search(camp, store, n_trials=3, quiet=True)
+    recs = [r for r in store.trials("random", 0) if r.result is not None]
+    assert len(recs) == 3
+    for r in recs:  # the reward reads the score, the stored accuracy stays top-1
+        assert r.result.score is not None and 0.0 <= r.result.score <= 1.0
+        reward = camp.objective().make_reward()
+        assert r.reward == pytest.approx(reward(r.result, r.cost, camp.problem.dense_cost, camp.budget()))
+        top1 = dataclasses.replace(r.result, score=None)
+        assert r.reward != pytest.approx(reward(top1, r.cost, camp.problem.dense_cost, camp.budget()))

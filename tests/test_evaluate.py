@@ -259,3 +259,53 @@ def test_bn_calibration_before_finetuning_uses_its_own_loader() -> None:
     assert r.samples == 2 * 8 + 3 * 16
     with pytest.raises(ConfigError, match="bn_calibration"):
         FineTuneEvaluator(train, train, bn_calibration=-1)
+
+
+# ----------------------------------------------------------------------------------------------- ranking scores
+
+
+def test_score_signals_against_hand_computed_values() -> None:
+    from autoprune.evaluate import reference_logits, score_signals
+
+    torch.manual_seed(0)
+    net, val = Net().eval(), _data()
+    sig = score_signals(net, val, reference=reference_logits(net, val))
+    top1, loss = validate(net, val)
+    assert sig["top1"] == pytest.approx(top1) and sig["loss"] == pytest.approx(loss, rel=1e-5)
+    x = torch.cat([b[0] for b in val])
+    y = torch.cat([b[1] for b in val])
+    with torch.no_grad():
+        p = net(x).softmax(1)
+    assert sig["soft_accuracy"] == pytest.approx(float(p.gather(1, y[:, None]).mean()), rel=1e-5)
+    assert sig["agreement"] == 1.0 and sig["kl"] == pytest.approx(1.0)
+    assert sig["kl_divergence"] == pytest.approx(0.0, abs=1e-6)
+    other = Net(width=4).eval()
+    far = score_signals(other, val, reference=reference_logits(net, val))
+    assert 0.0 <= far["agreement"] <= 1.0 and 0.0 < far["kl"] < 1.0 and 0.0 <= far["soft_accuracy"] <= 1.0
+    with pytest.raises(ConfigError, match="other batches"):
+        score_signals(net, [*val[:-1], (val[0][0][:3], val[0][1][:3])], reference=reference_logits(net, val))
+
+
+@pytest.mark.parametrize("score", ["soft_accuracy", "agreement", "kl"])
+def test_an_evaluator_scores_by_its_signal_and_rewards_read_it(score: str) -> None:
+    from autoprune.objectives import AccuracyReward
+    from autoprune.types import CostReport
+
+    torch.manual_seed(0)
+    dense, val = Net().eval(), _data()
+    cand = Net(width=3).eval()
+    ev = make_evaluator("adaptive_bn", _data(seed=1), val, batches=2, score=score, reference_model=dense)
+    res = ev.evaluate(cand)
+    assert res.score is not None and 0.0 <= res.score <= 1.0 and res.ranking_score == res.score
+    assert res.accuracy == pytest.approx(make_evaluator("adaptive_bn", _data(seed=1), val, batches=2)
+                                         .evaluate(cand).accuracy)  # the accuracy stays top-1
+    c = CostReport(macs=1, params=1, bytes=1, bitops=1)
+    assert AccuracyReward()(res, c, c, None) == pytest.approx(res.score)
+    assert make_evaluator("plain", None, val).evaluate(cand).score is None  # top1: no separate score
+
+
+def test_a_score_needing_the_dense_model_without_it_is_refused() -> None:
+    with pytest.raises(ConfigError, match="compares with the dense model"):
+        make_evaluator("plain", None, _data(), score="kl")
+    with pytest.raises(ConfigError, match="unknown score"):
+        make_evaluator("plain", None, _data(), score="f1")

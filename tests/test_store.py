@@ -24,7 +24,8 @@ def _record(store: TrialStore, searcher: str = "tpe", seed: int = 0, n: int = 3)
         trial = study.ask()
         cand = Candidate(widths={"a": 4 + i, "b": 8}, bits={"conv": QuantSpec(4, None)})
         cost = CostReport(macs=1000 + i, params=100 + i, bytes=400 + i)
-        res = EvalResult(accuracy=0.5 + 0.1 * i, loss=1.0 - 0.1 * i, seconds=0.01, evaluator="fake")
+        res = EvalResult(accuracy=0.5 + 0.1 * i, loss=1.0 - 0.1 * i, seconds=0.01, evaluator="fake",
+                         score=None if i == 0 else 0.4 + 0.1 * i)
         TrialStore.finish(study, trial, candidate=cand, cost=cost, result=res, reward=-(0.5 - 0.1 * i),
                           seconds=0.02, searcher=searcher, seed=seed, values=[-(0.5 - 0.1 * i)],
                           constraints={"macs": (1000 + i) / 1001 - 1.0})
@@ -44,6 +45,7 @@ def test_records_roundtrip_to_dataframe_and_records(tmp_path: Path) -> None:
     recs = store.trials("tpe", 0)
     assert recs[2].candidate == Candidate(widths={"a": 6, "b": 8}, bits={"conv": QuantSpec(4, None)})
     assert recs[2].cost.macs == 1002 and recs[2].result is not None and recs[2].result.accuracy == pytest.approx(0.7)
+    assert recs[0].result.score is None and recs[2].result.score == pytest.approx(0.6)  # a ranking score, if any
     # a second store object on the same file sees the same trials (resume across processes)
     again = TrialStore(tmp_path / "c" / "trials.db", campaign="camp")
     assert len(again.to_dataframe()) == 3

@@ -780,7 +780,10 @@ def dense_score_label(camp: Campaign) -> str:
 
 
 def campaign_summary(camp: Campaign) -> str:
-    """The line a campaign starts with: model, data, what is searched, the dense model's MACs and accuracy."""
+    """The line a campaign starts with: model, data, what is searched, the dense model's MACs and accuracy.
+
+    A model whose channels are mostly frozen says so, with the causes (:meth:`GroupSet.frozen_warning`).
+    """
     cfg = camp.config
     acc = camp.dense_accuracy
     caveat = val_caveat(cfg)
@@ -788,7 +791,8 @@ def campaign_summary(camp: Campaign) -> str:
              f"dense val accuracy {100 * acc:.2f} % {dense_score_label(camp)}")
     return (f"campaign {cfg.name}: {cfg.model.name} on {cfg.dataset.name}, {searched(camp.space)} searched, "
             f"dense {camp.problem.dense_cost.macs:,} MACs, {score}"
-            + (f"; the validation images are {caveat}" if caveat else ""))
+            + (f"; the validation images are {caveat}" if caveat else "")
+            + (f"; WARNING: {frozen}" if (frozen := camp.groups.frozen_warning()) else ""))
 
 
 def compare(camp: Campaign, store: TrialStore, agents: Sequence[str], seeds: Sequence[int], *,

@@ -47,10 +47,11 @@ tables), :mod:`~autoprune.graph.state` (the analysis state), :mod:`~autoprune.gr
 """
 
 from autoprune.graph.analysis import analyze
-from autoprune.graph.groupset import GroupSet
+from autoprune.graph.groupset import MOSTLY_FROZEN_SHARE, GroupSet
 from autoprune.graph.records import ChannelGroup, CostTerms, LiteralSite, Member, TensorSlice, nearest_width
 
 __all__ = [
+    "MOSTLY_FROZEN_SHARE",
     "ChannelGroup",
     "CostTerms",
     "GroupSet",

@@ -9,6 +9,7 @@ cost rows (:mod:`autoprune.graph.terms`).
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -29,6 +30,10 @@ from autoprune.graph.trace import trace
 __all__ = ["analyze"]
 
 _MAX_REASONS = 3
+#: Reasons that freeze a group by design, not for want of a rule (left out of the mostly-frozen share).
+_BY_DESIGN = ("model input", "model output", "keep_widths_of ")
+
+log = logging.getLogger("autoprune.graph")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,6 +89,9 @@ def analyze(model: nn.Module, example_input: Any, *, keep_widths_of: Iterable[st
     _apply_keep(an, list(keep_widths_of))
     gs = _finalize(an, gm, example_input)
     gs.exported_modules = exported
+    warning = gs.frozen_warning()
+    if warning:
+        log.warning("%s: %s (GroupSet.describe() lists every group with its reason)", type(model).__name__, warning)
     return gs
 
 
@@ -254,6 +262,36 @@ def _finalize(an: Analysis, gm: fx.GraphModule, example_input: Any) -> GroupSet:
     prunable_ids = [g.id for g in groups if g.prunable]
     cost_terms = build_terms(prunable_ids, sizes, tdims, tshapes, an.mac_terms, an.macs_const / an.batch, an.batch,
                              {canon[n] for n, _ in gm.named_parameters()}, canon, grouped=grouped_dims)
-    return GroupSet(annotate(groups, cost_terms), gm, example_input, output_shapes=an.output_meta,
-                    tensor_dims=tdims, tensor_shapes=tshapes, module_roles=module_roles, literals=literals,
-                    cost_terms=cost_terms, batch_size=an.batch, aliases=aliases, grouped_dims=grouped_dims)
+    gs = GroupSet(annotate(groups, cost_terms), gm, example_input, output_shapes=an.output_meta,
+                  tensor_dims=tdims, tensor_shapes=tshapes, module_roles=module_roles, literals=literals,
+                  cost_terms=cost_terms, batch_size=an.batch, aliases=aliases, grouped_dims=grouped_dims)
+    gs.producer_channels, gs.frozen_producer_channels, gs.freeze_causes = _freeze_stats(
+        groups, frozen_reasons, order, gid)
+    return gs
+
+
+def _freeze_stats(groups: list[ChannelGroup], reasons: dict[int, list[str]], order: list[int],
+                  gid: dict[int, str]) -> tuple[int, int, list[tuple[str, int]]]:
+    """Producer channels, frozen producer channels and the freezing reasons with the channels each freezes.
+
+    Producer channels belong to groups with an ``out`` member (a conv/linear/embedding output), except groups
+    frozen only by design (:data:`_BY_DESIGN`: model input/output, ``keep_widths_of``). Causes are sorted by
+    channels, then by first appearance.
+    """
+    by_id = {g.id: g for g in groups}
+    total = frozen = 0
+    causes: dict[str, int] = {}
+    for r in order:
+        g = by_id[gid[r]]
+        if not any(m.role == "out" for m in g.members):
+            continue
+        own = [x for x in reasons[r] if not x.startswith(_BY_DESIGN)]
+        if reasons[r] and not own:
+            continue
+        total += g.size
+        if own:
+            frozen += g.size
+            for x in own:
+                causes[x] = causes.get(x, 0) + g.size
+    ranked = sorted(causes.items(), key=lambda kv: -kv[1])  # stable: ties keep execution order
+    return total, frozen, ranked

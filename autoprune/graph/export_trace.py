@@ -59,6 +59,35 @@ def _aten_table() -> dict[str, Any]:
 #: ATen op name -> the torch callable (or ``"method:<name>"``) the fx rules understand.
 ATEN: dict[str, Any] = _aten_table()
 
+#: ATen norm ops whose argument order differs from their ``torch.nn.functional`` form: op name -> (function,
+#: the function's positional arguments as ATen argument positions or constants, whether the ATen op returns a
+#: tuple whose first item is the output). ``torch.export`` gives ``batch_norm`` & co. for eval-mode norms;
+#: decomposed programs give ``_native_batch_norm_legit_no_training`` (``(out, mean, rstd)``).
+ATEN_NORMS: dict[str, tuple[Callable[..., Any], tuple[Any, ...], bool]] = {
+    # aten: (input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled)
+    "batch_norm": (F.batch_norm, (0, 3, 4, 1, 2, 5, 6, 7), False),
+    # aten: (input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn_enabled)
+    "instance_norm": (F.instance_norm, (0, 3, 4, 1, 2, 5, 6, 7), False),
+    # aten: (input, num_groups, weight, bias, eps, cudnn_enabled)
+    "group_norm": (F.group_norm, (0, 1, 2, 3, 4), False),
+    # aten: (input, normalized_shape, weight, bias, eps, cudnn_enable)
+    "layer_norm": (F.layer_norm, (0, 1, 2, 3, 4), False),
+    # aten: (input, weight, bias, running_mean, running_var, momentum, eps) -> (out, save_mean, save_rstd)
+    "_native_batch_norm_legit_no_training": (F.batch_norm, (0, 3, 4, 1, 2, ("const", False), 5, 6), True),
+}
+
+
+def _schema_args(n: fx.Node) -> list[Any]:
+    """All positional arguments of an ATen call, defaults filled in from the op's schema."""
+    out = list(n.args)
+    schema = getattr(n.target, "_schema", None)
+    if schema is not None:
+        for arg in schema.arguments[len(out):]:
+            if arg.kwarg_only:
+                break
+            out.append(n.kwargs.get(arg.name, arg.default_value))
+    return out
+
 
 def _aten_name(target: Any) -> str | None:
     if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
@@ -155,6 +184,7 @@ def rebuild_from_export(sub: nn.Module, ep: torch.export.ExportedProgram, is_lea
     env: dict[fx.Node, Any] = {}
     attrs: dict[str, fx.Node] = {}
     leaf_of = _leaf_calls(sub, ep, is_leaf)
+    firsts: set[fx.Node] = set()  # rebuilt nodes standing for the first item of an ATen op's tuple output
 
     def one(n: fx.Node) -> Any:
         if n.name in tensors:
@@ -188,13 +218,23 @@ def rebuild_from_export(sub: nn.Module, ep: torch.export.ExportedProgram, is_lea
             if len(inputs) != 1:
                 raise ExportFailure(f"module {path} is called with {len(inputs)} tensor inputs")
             env[n] = graph.call_module(path, (value(inputs[0]),))
+        elif n.target is operator.getitem and not n.users:
+            continue  # an unused item (e.g. the saved statistics of a decomposed batch norm)
         else:
-            env[n] = _aten_node(graph, n, value)
+            env[n] = _aten_node(graph, n, value, firsts)
     return fx.GraphModule(sub, graph, type(sub).__name__)
 
 
-def _aten_node(graph: fx.Graph, n: fx.Node, value: Callable[[Any], Any]) -> fx.Node:
-    """The fx node (torch function, tensor method or indexing) for one exported ATen node."""
+def _aten_node(graph: fx.Graph, n: fx.Node, value: Callable[[Any], Any], firsts: set[fx.Node]) -> fx.Node:
+    """The fx node (torch function, tensor method or indexing) for one exported ATen node.
+
+    ``firsts`` holds the rebuilt nodes that stand for item 0 of a tuple-returning ATen norm (:data:`ATEN_NORMS`):
+    indexing them with 0 is the node itself; any other item is refused.
+    """
+    if n.target is operator.getitem and n.args and value(n.args[0]) in firsts:
+        if n.args[1] != 0:
+            raise ExportFailure(f"item {n.args[1]} of a normalisation's outputs is used")
+        return value(n.args[0])
     if n.target in (operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv):
         return graph.call_function(n.target, value(n.args))  # tuple items and symbolic size arithmetic
     aten = _aten_name(n.target)
@@ -205,6 +245,14 @@ def _aten_node(graph: fx.Graph, n: fx.Node, value: Callable[[Any], Any]) -> fx.N
         end = None if isinstance(end, int) and end >= 2 ** 62 else end
         idx = (slice(None),) * norm_dim(dim, n.meta["val"].dim()) + (slice(start, end, step),)
         return graph.call_function(operator.getitem, (value(x), idx))
+    if aten in ATEN_NORMS:
+        func, order, tuple_out = ATEN_NORMS[aten]
+        args = _schema_args(n)
+        call_args = tuple(p[1] if isinstance(p, tuple) else args[p] for p in order)
+        new = graph.call_function(func, value(call_args))
+        if tuple_out:
+            firsts.add(new)
+        return new
     fn = ATEN.get(aten) if aten else None
     if fn is None:
         raise ExportFailure(f"no rule for {n.target}")

@@ -13,7 +13,10 @@ from autoprune.errors import AutoPruneError, ConfigError
 from autoprune.graph.common import close_hint, shape_meta
 from autoprune.graph.records import ChannelGroup, CostTerms, LiteralSite
 
-__all__ = ["GroupSet"]
+__all__ = ["MOSTLY_FROZEN_SHARE", "GroupSet"]
+
+#: Above this share of frozen producer channels, analyze warns that the model is mostly frozen (ENGINE.md §2.5).
+MOSTLY_FROZEN_SHARE = 0.5
 
 
 def _resolve_attr(root: nn.Module, target: str) -> Any:
@@ -78,6 +81,12 @@ class GroupSet:
         self.aliases = aliases
         self.grouped_dims = dict(grouped_dims or {})
         self.exported_modules: list[str] = []  # modules rebuilt through torch.export ("" = the whole model)
+        # producer channels (groups with an ``out`` member, not frozen only by model input/output or
+        # keep_widths_of), how many of them are frozen, and the reasons with the channels each freezes (set by
+        # analyze; see frozen_share / frozen_warning)
+        self.producer_channels = 0
+        self.frozen_producer_channels = 0
+        self.freeze_causes: list[tuple[str, int]] = []
         self._canon = {n: c for c, names in aliases.items() for n in names}
         self.prunable_ids = [g.id for g in self._groups if g.prunable]
         self.cache: dict[str, Any] = {}  # derived data computed on demand (autoprune.cost's pricing forms)
@@ -232,6 +241,29 @@ class GroupSet:
 
     # -- reports ---------------------------------------------------------------------------------------------
 
+    def frozen_share(self) -> float:
+        """Share of the producer channels that are frozen (ENGINE.md §2.5; 0.0 when there are none).
+
+        Producer channels are the channels of groups with a conv/linear ``out`` member, except groups frozen
+        only by what is frozen by design (``model input``, ``model output``, ``keep_widths_of``).
+        """
+        return self.frozen_producer_channels / self.producer_channels if self.producer_channels else 0.0
+
+    def frozen_warning(self, threshold: float = MOSTLY_FROZEN_SHARE) -> str | None:
+        """A one-line warning when more than ``threshold`` of the producer channels are frozen, with the top causes.
+
+        Returns:
+            ``"mostly frozen: 87 % of 120 producer channels cannot be pruned; top causes: <reason> (64 ch); ..."``
+            or None when the share is at most ``threshold``.
+        """
+        share = self.frozen_share()
+        if share <= threshold:
+            return None
+        causes = "; ".join(f"{reason} ({ch} ch)" for reason, ch in self.freeze_causes[:3])
+        more = f" (+{len(self.freeze_causes) - 3} more)" if len(self.freeze_causes) > 3 else ""
+        return (f"mostly frozen: {100 * share:.0f} % of {self.producer_channels} producer channels cannot be "
+                f"pruned; top causes: {causes}{more}")
+
     def describe(self) -> str:
         """A readable table: one row per group (id, size, prunable, members, MACs, params, reason)."""
         rows = [("id", "size", "state", "members", "MACs", "params", "reason")]
@@ -248,6 +280,9 @@ class GroupSet:
                 lines.append("-" * (sum(widths) + 12 + 6))
         n_p = len(self.prunable_ids)
         lines.append(f"{len(self)} groups, {n_p} prunable, {len(self) - n_p} frozen")
+        warning = self.frozen_warning()
+        if warning:
+            lines.append(f"WARNING: {warning}")
         return "\n".join(lines)
 
     explain = describe

@@ -7,7 +7,8 @@ what pruning needs through the analysis' state API (atoms, unions, uses, literal
 Anything without a rule goes to :func:`unknown`, which freezes the channels it touches.
 
 Dispatch: :data:`MODULE_RULES` (first ``isinstance`` match, in order), :data:`FUNCTION_RULES` (by function
-object) and :data:`METHOD_RULES` (by tensor method name). Adding an op means writing its rule here and listing it
+object), :data:`WRAPPED_FUNCTION_RULES` (other libraries' ``torch.fx.wrap`` functions, by qualified name) and
+:data:`METHOD_RULES` (by tensor method name). Adding an op means writing its rule here and listing it
 in one of these tables.
 """
 
@@ -25,7 +26,10 @@ from autoprune.graph.common import node_args, norm_dim, prod, target_name
 from autoprune.graph.layout import Const, Info, SizeRef
 from autoprune.graph.state import Analysis
 
-__all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "Rule", "apply_rule", "unknown"]
+__all__ = [
+    "FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "WRAPPED_FUNCTION_RULES", "Rule", "apply_rule",
+    "qualified_name", "unknown",
+]
 
 #: ``rule(analysis, node, value) -> layout``.
 Rule = Callable[["Analysis", fx.Node, Any], Any]
@@ -77,6 +81,9 @@ _MATMUL_FUNCS = _funcs(("matmul", "bmm", "mm"), torch) | {operator.matmul}
 _SDPA_FUNCS = _funcs(("scaled_dot_product_attention",), F)
 _FUNC_LINEAR = _funcs(("linear",), F)
 _FUNC_CONV = _funcs(("conv1d", "conv2d", "conv3d"), F)
+_FUNC_BATCH_NORM = _funcs(("batch_norm", "instance_norm"), F)
+_FUNC_GROUP_NORM = _funcs(("group_norm",), F)
+_FUNC_LAYER_NORM = _funcs(("layer_norm",), F)
 
 _UNARY_METHODS = frozenset(_UNARY_NAMES) | {"type", "cpu", "cuda", "requires_grad_"}
 _BINARY_METHODS = frozenset(_BINARY_NAMES) | {"__add__", "__mul__", "__sub__", "__truediv__"}
@@ -160,6 +167,8 @@ def _call_module(an: Analysis, n: fx.Node, value: Any) -> Any:
 
 def _call_function(an: Analysis, n: fx.Node, value: Any) -> Any:
     rule = FUNCTION_RULES.get(n.target)
+    if rule is None:
+        rule = WRAPPED_FUNCTION_RULES.get(qualified_name(n.target))
     if rule is not None:
         return rule(an, n, value)
     return unknown(an, n, value, f"unknown op {target_name(n)} {an.where(n)}")
@@ -337,6 +346,129 @@ def group_norm(an: Analysis, n: fx.Node, value: Any) -> Any:
     if mod.num_groups not in (1, mod.num_channels):
         return unknown(an, n, value, f"GroupNorm with {mod.num_groups} groups {an.where(n)}")
     return _norm(an, n, name, 1, _AFFINE_TENSORS, value)
+
+
+# Functional norms (``F.batch_norm`` & co., e.g. in a norm subclass whose ``forward`` calls the functional op):
+# ``(argument name, position)`` of each per-channel tensor; they must be parameter attributes (``get_attr``).
+_FUNC_BN_TENSORS = (("running_mean", 1), ("running_var", 2), ("weight", 3), ("bias", 4))
+_FUNC_AFFINE_TENSORS = (("weight", 2), ("bias", 3))
+
+
+def _arg(n: fx.Node, pos: int, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of a call, given positionally at ``pos`` or by keyword."""
+    return n.args[pos] if len(n.args) > pos else n.kwargs.get(name, default)
+
+
+def _attr_tensors(an: Analysis, n: fx.Node, spec: Sequence[tuple[str, int]]) -> list[tuple[str, Any]] | None:
+    """``(target, shape)`` of the per-channel tensor arguments of a functional norm (absent ones skipped).
+
+    None when one of them is not a parameter attribute (a computed tensor cannot be sliced).
+    """
+    out = []
+    for name, pos in spec:
+        a = _arg(n, pos, name)
+        if a is None:
+            continue
+        ref = an.info_of(a)
+        if not isinstance(ref, Const):
+            return None
+        out.append((ref.target, an.meta_of(a)))
+    return out
+
+
+def _functional_norm(an: Analysis, n: fx.Node, value: Any, cdim: int, tensors: Sequence[tuple[str, Any]],
+                     what: str) -> Any:
+    """A functional per-channel norm over ``cdim``: a follower whose attribute tensors are sliced on dim 0.
+
+    The member is named after the attributes' owner (``bn`` for ``bn.weight``; the node name if they differ), so
+    a norm subclass that calls the functional op is a ``norm`` member of its group like a ``torch.nn`` norm.
+    """
+    x = n.args[0] if n.args else n.kwargs.get("input")
+    info, meta = an.tensor_info(x), an.meta_of(x)
+    if info is None or not isinstance(meta, tuple) or not isinstance(value, torch.Tensor) or norm_dim(
+            info.cdim, len(meta)) != norm_dim(cdim, len(meta)) or (cdim == 1 and any(s != 1 for _, s in info.segs)):
+        return unknown(an, n, value, f"{what} over a dimension that is not the channel dim {an.where(n)}")
+    width = an.width(info)
+    if any(shape != (width,) for _, shape in tensors):
+        return unknown(an, n, value, f"{what} with parameters of another size {an.where(n)}")
+    if tensors:
+        owners = {t.rsplit(".", 1)[0] if "." in t else "" for t, _ in tensors}
+        name = owners.pop() if len(owners) == 1 and "" not in owners else n.name
+        an.add_tensor_use(name, "norm", an.entries(info), [(t, 0) for t, _ in tensors], width)
+    return Info(info.cdim, info.segs)
+
+
+def functional_batch_norm(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``F.batch_norm`` / ``F.instance_norm`` over dim 1: a per-channel follower, as ``nn.BatchNorm*``.
+
+    The running statistics, weight and bias must be parameter attributes (they are sliced with the channels);
+    a computed one freezes the channels.
+    """
+    what = target_name(n)
+    tensors = _attr_tensors(an, n, _FUNC_BN_TENSORS)
+    if tensors is None:
+        return unknown(an, n, value, f"{what} with computed per-channel tensors {an.where(n)}")
+    return _functional_norm(an, n, value, 1, tensors, what)
+
+
+def functional_group_norm(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``F.group_norm`` with one group or one group per channel: a follower, as ``nn.GroupNorm``; else frozen.
+
+    One group per channel is exact (an instance norm; ``num_groups`` is rewritten to the kept width); one group
+    normalises over all channels, so, as for ``nn.GroupNorm(1, C)``, the pruned model keeps shapes and costs but
+    is not equal to the masked original (ENGINE.md §2.4).
+    """
+    x = n.args[0] if n.args else n.kwargs.get("input")
+    info, meta = an.tensor_info(x), an.meta_of(x)
+    groups = _arg(n, 1, "num_groups")
+    tensors = _attr_tensors(an, n, _FUNC_AFFINE_TENSORS)
+    if info is None or not isinstance(meta, tuple) or len(meta) < 2 or not isinstance(groups, int):
+        return unknown(an, n, value, f"unknown use of group_norm {an.where(n)}")
+    channels = meta[1]
+    if groups not in (1, channels):
+        return unknown(an, n, value, f"GroupNorm with {groups} groups {an.where(n)}")
+    if tensors is None:
+        return unknown(an, n, value, f"group_norm with computed per-channel tensors {an.where(n)}")
+    out = _functional_norm(an, n, value, 1, tensors, "group_norm")
+    if isinstance(out, Info) and groups == channels > 1 and out.cdim == info.cdim:
+        path = ("args", 1) if len(n.args) > 1 else ("kwargs", "num_groups")
+        an.add_literal(n.name, path, groups, info.segs)
+    return out
+
+
+def functional_layer_norm(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``F.layer_norm``: over the channel dim alone, a follower as ``nn.LayerNorm`` (``normalized_shape`` rewritten).
+
+    Over trailing dims that exclude the channel dim (e.g. the width of a channels-first map) every channel is
+    normalised on its own: the layout passes through (its parameters are not per channel). Over several dims
+    including the channel dim: frozen, as ``nn.LayerNorm``.
+    """
+    x = n.args[0] if n.args else n.kwargs.get("input")
+    info, meta = an.tensor_info(x), an.meta_of(x)
+    shape = _arg(n, 1, "normalized_shape")
+    if isinstance(shape, int):
+        shape = (shape,)
+    if info is None or not isinstance(meta, tuple) or not isinstance(shape, (tuple, list)) \
+            or not 0 < len(shape) <= len(meta):
+        return unknown(an, n, value, f"unknown use of layer_norm {an.where(n)}")
+    nd, k = len(meta), len(shape)
+    c = norm_dim(info.cdim, nd)
+    if c < nd - k:
+        return unary(an, n, value)
+    if k == 1 and not isinstance(shape[0], int):
+        return unknown(an, n, value, f"layer_norm over the channel dim with a computed shape {an.where(n)}")
+    if k != 1:
+        return unknown(an, n, value, f"LayerNorm over {k} dims {an.where(n)}")
+    tensors = _attr_tensors(an, n, _FUNC_AFFINE_TENSORS)
+    if tensors is None:
+        return unknown(an, n, value, f"layer_norm with computed per-channel tensors {an.where(n)}")
+    out = _functional_norm(an, n, value, -1, tensors, "layer_norm")
+    if isinstance(out, Info):
+        path = ("args", 1) if len(n.args) > 1 else ("kwargs", "normalized_shape")
+        if isinstance(_arg(n, 1, "normalized_shape"), (tuple, list)):
+            path = (*path, 0)
+        an.add_literal(n.name, path, shape[0], info.segs)
+    return out
 
 
 def prelu(an: Analysis, n: fx.Node, value: Any) -> Any:
@@ -794,9 +926,27 @@ FUNCTION_RULES: dict[Any, Rule] = _table([
     (_PAD_FUNCS, pad),
     (_FUNC_LINEAR, functional_linear),
     (_FUNC_CONV, functional_conv),
+    (_FUNC_BATCH_NORM, functional_batch_norm),
+    (_FUNC_GROUP_NORM, functional_group_norm),
+    (_FUNC_LAYER_NORM, functional_layer_norm),
     (_MATMUL_FUNCS, matmul),
     (_SDPA_FUNCS, sdpa),
 ])
+
+#: Functions of other libraries that ``torch.fx.wrap`` keeps as ``call_function`` nodes, by qualified name
+#: (:func:`qualified_name`, so the library need not be importable here): the known channel-preserving ones.
+#: A wrapped function not listed here is an unknown op (its channels freeze).
+WRAPPED_FUNCTION_RULES: dict[str, Rule] = {
+    # identity in eval mode; in training a per-sample (or per-batch) 0/1 scale: channel-preserving either way
+    "torchvision.ops.stochastic_depth.stochastic_depth": unary,
+}
+
+
+def qualified_name(fn: Any) -> str:
+    """``module.qualname`` of a function (the key of :data:`WRAPPED_FUNCTION_RULES`); ``""`` if it has none."""
+    module, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    return f"{module}.{qual}" if isinstance(module, str) and isinstance(qual, str) else ""
+
 
 #: Tensor method names (``call_method``) and their rules.
 METHOD_RULES: dict[str, Rule] = _table([

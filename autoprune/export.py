@@ -307,7 +307,27 @@ def _latency(models: Mapping[str, nn.Module], example: torch.Tensor) -> dict[str
     from autoprune.latency import compare_latency
 
     res = compare_latency(dict(models), example, rounds=3, threads=1, min_run_time=0.1)
-    return {k: {"median_ms": v.median_ms, "iqr_ms": v.iqr_ms} for k, v in res.items()}
+    return {k: {"low_ms": v.low_ms, "median_ms": v.median_ms, "iqr_ms": v.iqr_ms} for k, v in res.items()}
+
+
+def latency_caveat(lat: Mapping[str, Mapping[str, float]]) -> str:
+    """A plain warning when the measured latency difference is within the run-to-run spread ("" otherwise).
+
+    ``lat`` holds ``original`` and ``exported`` timings (``low_ms`` when present, else ``median_ms``, and
+    ``iqr_ms``) from interleaved rounds. On a busy machine the spread of single runs can exceed the difference
+    between the two models; a ratio printed without that caveat reads as a real slow-down or speed-up.
+    """
+    o, e = lat.get("original"), lat.get("exported")
+    if not o or not e:
+        return ""
+    key = "low_ms" if "low_ms" in o and "low_ms" in e else "median_ms"
+    diff, spread = abs(e[key] - o[key]), max(o["iqr_ms"], e["iqr_ms"])
+    if diff > spread:
+        return ""
+    return (f"Caution: the latency difference ({diff:.3f} ms) is not larger than the run-to-run spread on this "
+            f"machine (inter-quartile range up to {spread:.3f} ms), so this measurement cannot tell which model is "
+            "faster; time them again on an idle machine (the figures come from interleaved rounds, so background "
+            "load hit both alike, but not evenly enough).")
 
 
 def _dir_bytes(path: Path) -> int:
@@ -510,8 +530,14 @@ def model_card(camp: Campaign, trial: SelectedTrial, m: Mapping[str, Any]) -> st
     ]
     if lat:
         ol, el = lat["original"], lat["exported"]
-        rows.append(("CPU latency, batch 1, 1 thread (ms)", f"{ol['median_ms']:.3f} ± {ol['iqr_ms']:.3f}",
-                     f"{el['median_ms']:.3f} ± {el['iqr_ms']:.3f}", _ratio(el["median_ms"], ol["median_ms"])))
+        key = "low_ms" if "low_ms" in ol and "low_ms" in el else "median_ms"
+
+        def cell(v: Mapping[str, float]) -> str:
+            return (f"{v['low_ms']:.3f} (median {v['median_ms']:.3f} ± {v['iqr_ms']:.3f})" if key == "low_ms"
+                    else f"{v['median_ms']:.3f} ± {v['iqr_ms']:.3f}")
+
+        rows.append(("CPU latency, batch 1, 1 thread (ms" + (", 10th percentile" if key == "low_ms" else "") + ")",
+                     cell(ol), cell(el), _ratio(el[key], ol[key])))
     summary = pd.DataFrame(rows, columns=["", "original", "exported", "exported / original"])
     layers = layer_table(camp, trial.candidate)
     ft_text = {"none": "none",
@@ -534,6 +560,7 @@ def model_card(camp: Campaign, trial: SelectedTrial, m: Mapping[str, Any]) -> st
         ("Batch norm is folded into the convolutions of the exported model (`export.fold_bn`).\n"
          if m.get("bn_folded") else "")
         + (memory_format_summary(m["deploy"]) + " (`export.memory_format`)\n" if m.get("deploy") else "")
+        + (latency_caveat(lat) + "\n" if lat and latency_caveat(lat) else "")
         + f"Reload check: the saved model was reloaded without the model code and re-evaluated: test accuracy "
         f"{_pct(check['reloaded_test_accuracy'])}, largest logit difference {check['max_logit_difference']:.2e} "
         f"({'passed' if check['passed'] else 'FAILED'}). {m['test_samples']} test images.\n",

@@ -48,7 +48,18 @@ from torch import nn
 from autoprune.utils import configure_threads
 from benchmarks._common import RESULTS, SHARED, WEIGHTS_DIR, command_line, result_path, write_result
 
-CELLS = ("predictor|resnet20", "predictor|resnet56", "predictor|mobilenetv2", "speedup|resnet56", "search|resnet20")
+CELLS = ("predictor|resnet20", "predictor|resnet56", "predictor|mobilenetv2", "speedup|resnet56", "search|resnet20",
+         "search|resnet20|seed1")
+
+
+def _search_cells(cells: Mapping[str, Any]) -> dict[str, Any]:
+    """The finished search cells (``search|resnet20`` is seed 0, ``search|resnet20|seedN`` seed N)."""
+    return {k: c for k, c in cells.items() if k.startswith("search|")}
+
+
+def _seed_of(key: str) -> int:
+    last = key.split("|")[-1]
+    return int(last[4:]) if last.startswith("seed") else 0
 GOALS = {"within_10pct": 0.9, "speedup_over_macs_ratio": 0.8, "latency_search_vs_macs_search": 0.0}
 WORKDIR = RESULTS / "latency_work"
 INPUT = (3, 32, 32)
@@ -470,7 +481,7 @@ def headline(cells: Mapping[str, Any]) -> dict[str, Any]:
     preds = [c for k, c in cells.items() if k.startswith("predictor|")]
     rows = [r for c in preds for r in c["rows"]]
     sp = cells.get("speedup|resnet56")
-    search = cells.get("search|resnet20")
+    deltas = [c["delta_points"] for c in _search_cells(cells).values()]
     base = sp["variants"]["pruned (export, fx)"] if sp else None
     return {
         "within_10pct": sum(abs(r["rel_error"]) <= 0.1 for r in rows) / len(rows) if rows else None,
@@ -480,7 +491,8 @@ def headline(cells: Mapping[str, Any]) -> dict[str, Any]:
         "candidates": len(rows) if rows else None,
         "speedup_over_macs_ratio": {"batch1": base["batch1"]["ratio"] if base else None,
                                     "batch64": base["batch64"]["ratio"] if base else None},
-        "latency_search_vs_macs_search": search["delta_points"] if search else None,
+        # mean over the seeds run (each seed: both searches and both fine-tunes with that seed)
+        "latency_search_vs_macs_search": statistics.fmean(deltas) if deltas else None,
     }
 
 
@@ -577,11 +589,14 @@ def summarise(raw: Mapping[str, Any]) -> str:
             lines += [f"| {n} | `{t['op']}` | {100 * t['share']:.1f} % | {t['calls']:.0f} | {t['us_per_forward']:.0f} |"
                       for t in p["top"][:8]]
         lines += ["", "Findings:", ""] + [f"- {f}" for f in c["findings"]] + [""]
-    if "search|resnet20" in cells:
-        c = cells["search|resnet20"]
-        lines += ["## Latency-aware search vs MACs search (ResNet-20, CIFAR-10)", "",
+    searches = _search_cells(cells)
+    if searches:
+        lines += ["## Latency-aware search vs MACs search (ResNet-20, CIFAR-10)", ""]
+    for key, c in sorted(searches.items(), key=lambda kv: _seed_of(kv[0])):
+        lines += [f"### Seed {_seed_of(key)} (`{key}`)", "",
                   f"tpe, {c['trials']} trials each, adaptive BN ({c['eval_batches']} batches, {c['val_size']} "
-                  f"validation images carved from the training set, which the checkpoint saw), same seed; both "
+                  f"validation images carved from the training set, which the checkpoint saw), the same seed for "
+                  f"both searches and both fine-tunes; both "
                   f"finalists fine-tuned by `export_trial` ({c['ft_epochs']:g} epoch, lr 0.01) and tested on the "
                   f"10,000 test images; dense {c['dense_ms']:.3f} ms.", "",
                   "| search | budget | MACs % | val % | latency ms (IQR) | latency vs dense | test % after FT |",
@@ -598,6 +613,10 @@ def summarise(raw: Mapping[str, Any]) -> str:
                   f"({_f(bf.get('predicted_fraction'), '.3f')} of dense; measured "
                   f"{_f(bf.get('measured_fraction'), '.3f')}), so that candidate is legal in both searches.", "",
                   f"Δ (latency − MACs) = {c['delta_points']:+.2f} points.", ""]
+    if len(searches) > 1:
+        ds = [c["delta_points"] for c in searches.values()]
+        lines += [f"Mean Δ over {len(ds)} seeds: {statistics.fmean(ds):+.2f} points (per seed: "
+                  f"{', '.join(f'{d:+.2f}' for d in ds)}).", ""]
     load = {k: f", 1-minute load average {' → '.join(f'{x:.1f}' for x in c['load_average'])} on {os.cpu_count()} "
             "cores" if c.get("load_average") else "" for k, c in cells.items()}
     lines += ["## Runs", "", *[f"- `{k}`: {c['seconds']:.0f} s, {c['finished']}{load[k]}" for k, c in cells.items()],
@@ -628,12 +647,12 @@ def save(raw: dict[str, Any], command: str) -> None:
 
 def run_cell(key: str, sizes: Sizes, work: Path) -> dict[str, Any]:
     """Run one cell by key."""
-    kind, model = key.split("|")
+    kind, model = key.split("|")[:2]
     if kind == "predictor":
         return run_predictor(model, sizes, work / key.replace("|", "-"))
     if kind == "speedup":
         return run_speedup(sizes, work / key.replace("|", "-"), model)
-    return run_search_cell(sizes, work / key.replace("|", "-"))
+    return run_search_cell(sizes, work / key.replace("|", "-"), seed=_seed_of(key))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -654,12 +673,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     if args.trials is not None:
         sizes = replace(sizes, trials=args.trials)
-    if "search|resnet20" in keys:
+    if any(k.startswith("search|") for k in keys):
         from benchmarks._cifar import missing_data
 
         if missing_data():
-            _log(f"skipping search|resnet20: {missing_data()}")
-            keys.remove("search|resnet20")
+            _log(f"skipping the search cells: {missing_data()}")
+            keys = [k for k in keys if not k.startswith("search|")]
     command = command_line()
     raw = load(result_path("latency", ".json"), sizes, args.quick)
     work = Path(tempfile.mkdtemp(prefix="bench-latency-")) if args.quick else WORKDIR

@@ -90,13 +90,19 @@ def test_headline_has_exactly_the_issue_keys_and_nulls_for_cells_not_run() -> No
     assert set(h) == HEADLINE_KEYS
     assert h["speedup_over_macs_ratio"]["batch1"] == pytest.approx(6.0 / 4.5 / 2.0)
     assert h["latency_search_vs_macs_search"] == 0.5
+    second = _search() | {"delta_points": -0.1}
+    h = bl.headline(cells | {"search|resnet20|seed1": second})  # the mean over the seeds run
+    assert h["latency_search_vs_macs_search"] == pytest.approx(0.2)
+    assert bl.run_cell.__doc__ and bl._seed_of("search|resnet20|seed1") == 1 and bl._seed_of("search|resnet20") == 0
 
 
 def test_the_markdown_renders_every_section() -> None:
     cells = {"predictor|resnet20": _predictor("resnet20", [0.05, 0.2]), "speedup|resnet56": _speedup(),
              "search|resnet20": _search()}
+    cells["search|resnet20|seed1"] = _search() | {"delta_points": -0.1}
     raw = {"quick": True, "sizes": {"big_batch": 64}, "cells": cells, "headline": bl.headline(cells)}
     text = bl.summarise(raw)
+    assert "### Seed 1 (`search|resnet20|seed1`)" in text and "Mean Δ over 2 seeds: +0.20 points" in text
     for part in ("| figure | value | goal | met |", "## Predictor vs measurement", "## Speed-up of ResNet-56",
                  "pruned, BN folded", "## Latency-aware search", "Δ (latency − MACs) = +0.50 points", "--resume"):
         assert part in text, part

@@ -23,7 +23,7 @@ import torch
 from autoprune import campaign, cli, serialize
 from autoprune.config import config_from_dict
 from autoprune.errors import ConfigError
-from autoprune.export import ExportCheckError, export_trial, select_trial
+from autoprune.export import ExportCheckError, export_trial, latency_caveat, select_trial
 from autoprune.search_spaces import build_space
 from autoprune.types import Candidate, QuantSpec
 
@@ -100,7 +100,10 @@ def test_export_reloads_without_the_model_code_and_reproduces_accuracy(user_camp
     assert (res.model_dir / "arch.json").is_file() and (res.model_dir / "weights.pt").is_file()
     assert set(res.deployment) == {"pt2"} and res.deployment["pt2"].is_file()
     assert set(m["latency"]) == {"original", "exported"}
+    assert all({"low_ms", "median_ms", "iqr_ms"} <= set(v) for v in m["latency"].values())
     card = res.card.read_text()
+    assert "10th percentile" in card
+    assert ("Caution: the latency difference" in card) == bool(latency_caveat(m["latency"]))
     for fragment in ("# Model card", "test accuracy", "MACs", "parameters", "CPU latency", "Per-layer widths",
                      "| net.conv1:out | net.conv1 | 12 |", "autoprune export results/exp", "autoprune search x.yaml",
                      "Reload check", "passed"):
@@ -294,3 +297,14 @@ def test_the_exported_float_model_has_its_batch_norm_folded_unless_asked_not_to(
     assert serialize.memory_format_of(serialize.load_module(folded.model_dir)) == layout
     assert f"Memory layout: {layout}" in folded.card.read_text()
     assert abs(folded.metrics["exported"]["test_accuracy"] - kept.metrics["exported"]["test_accuracy"]) <= 0.01
+
+
+def test_latency_caveat_only_when_the_spread_hides_the_difference() -> None:
+    hidden = {"original": {"low_ms": 1.00, "median_ms": 1.2, "iqr_ms": 0.5},
+              "exported": {"low_ms": 1.21, "median_ms": 1.5, "iqr_ms": 0.6}}  # 21 % "slower", spread 0.6 ms
+    assert "cannot tell which model is faster" in latency_caveat(hidden)
+    clear = {"original": {"low_ms": 2.0, "median_ms": 2.1, "iqr_ms": 0.05},
+             "exported": {"low_ms": 1.0, "median_ms": 1.1, "iqr_ms": 0.04}}
+    assert latency_caveat(clear) == ""
+    old = {"original": {"median_ms": 1.0, "iqr_ms": 0.3}, "exported": {"median_ms": 1.1, "iqr_ms": 0.1}}  # no low_ms
+    assert "0.100 ms" in latency_caveat(old) and latency_caveat({}) == ""

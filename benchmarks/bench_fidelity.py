@@ -1,4 +1,9 @@
-"""Benchmark: how faithfully cheap candidate evaluators rank pruned ResNet-20s (evaluator fidelity).
+"""Benchmark: how faithfully the *training* evaluators (and the cheap ones beside them) rank pruned ResNet-20s.
+
+The search's default score is measured by the larger ranking study (``benchmarks.bench_ranking``: 48 candidates,
+truth = the grid's 1-epoch fine-tune), which publishes ``evaluator_fidelity.{md,json}`` with issue #19's
+headline. This older study adds the ``finetune`` and ``infcop`` evaluators against a longer fine-tune and writes
+``evaluator_fidelity_training.*``.
 
 On the pretrained akamaster ResNet-20 / CIFAR-10 (``../shared``), N candidates at 50 % ± 2 % of the dense MACs
 with different per-group widths (random keep ratios per channel group, rescaled until the engine's closed-form
@@ -21,9 +26,9 @@ evaluators score on half A, the ground truth is measured on half B. Calibration 
 images only.
 
 Run as ``python -m benchmarks.bench_fidelity [--quick] [--threads 1]``; the table goes to
-``results/benchmarks/evaluator_fidelity.md`` (``evaluator_fidelity_quick.md`` with ``--quick``) and the raw
-per-candidate numbers to the matching ``.json`` (``.partial.json`` while running, updated per candidate;
-``--summarise FILE`` turns such a file into the markdown table).
+``results/benchmarks/evaluator_fidelity_training.md`` (``evaluator_fidelity_training_quick.md`` with
+``--quick``) and the raw per-candidate numbers to the matching ``.json`` (``.partial.json`` while running,
+updated per candidate; ``--summarise FILE`` turns such a file into the markdown table).
 """
 
 from __future__ import annotations
@@ -369,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.summarise:
         raw = json.loads(Path(args.summarise).read_text())
-        name = Path(args.summarise).name.split(".")[0]  # evaluator_fidelity[_quick](.partial).json
+        name = Path(args.summarise).name.split(".")[0]  # evaluator_fidelity_training[_quick](.partial).json
         print(f"wrote {write_result(name, TITLE, summarise(raw), command=raw.get('command'))}")
         return 0
     missing = _cifar.missing_data()
@@ -381,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {k: getattr(args, k) for k in ("candidates", "truth_steps", "score_images", "truth_images")
                  if getattr(args, k)}
     sizes = Sizes(**{**sizes.__dict__, **overrides})
-    name = "evaluator_fidelity_quick" if args.quick else "evaluator_fidelity"
+    name = "evaluator_fidelity_training_quick" if args.quick else "evaluator_fidelity_training"
     RESULTS.mkdir(parents=True, exist_ok=True)
     partial = RESULTS / f"{name}.partial.json"
     command = command_line()

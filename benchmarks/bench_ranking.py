@@ -57,11 +57,16 @@ from autoprune.distill import Distillation
 from autoprune.utils import configure_threads, seed_everything
 from benchmarks import _cifar
 from benchmarks import bench_search_quality as _sq
-from benchmarks._common import RESULTS, command_line, git_commit, write_result
+from benchmarks._common import RESULTS, command_line, git_commit, machine, write_result
 from benchmarks.bench_fidelity import kendall, pick_regret, sample_candidates, spearman, spearman_interval
 from benchmarks.bench_reliability import locked, parse_part
 
 TITLE = "Ranking study: cheap candidate scores vs the accuracy after a real fine-tune (ResNet-20, CIFAR-10)"
+FIDELITY_TITLE = "Evaluator fidelity: how the search's cheap score ranks candidates (ResNet-20, CIFAR-10, 50 % MACs)"
+#: Issue #19's goal for the default evaluator: Spearman, the low end of its 95 % interval, and the cost ratio.
+FIDELITY_GOALS = {"spearman": 0.8, "ci95_low": 0.6, "cost_ratio": 0.05}
+#: What the product's ``adaptive_bn`` evaluator does by default, by the name this study gives its setting.
+DEFAULT_EVALUATOR = "adaptive_bn (BN re-estimated on 10 batches × 64 training images, top-1 on 1,000 validation images)"
 SIGNALS = ("top1", "neg_ce", "soft_acc", "neg_kl", "agreement")
 SIGNAL_LABELS = {"top1": "top-1", "neg_ce": "−CE", "soft_acc": "soft accuracy", "neg_kl": "−KL(dense‖cand)",
                  "agreement": "agreement with dense"}
@@ -627,6 +632,79 @@ def summarise(raw: Mapping[str, Any], command: str = "") -> str:
     return "\n".join(lines)
 
 
+def fidelity_headline(raw: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Issue #19's headline for the search's default evaluator (:func:`baseline_key`) against the truth.
+
+    ``cost_ratio``: the evaluator's seconds per candidate (calibration + scoring pass) over the seconds of the
+    ground truth's fine-tune (its SGD steps only, so the ratio is if anything too high).
+    """
+    base = choose(rows, raw["sizes"])["baseline"]
+    ft = statistics.fmean(r["truth"]["ft_seconds"] for r in done_records(raw))
+    return {"default_evaluator": DEFAULT_EVALUATOR, "spearman": base["spearman"], "ci95_low": base["ci"][0],
+            "ci95_high": base["ci"][1], "candidates": len(base["values"]), "cost_ratio": base["seconds"] / ft}
+
+
+def fidelity_record(raw: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], command: str) -> dict[str, Any]:
+    """``evaluator_fidelity.json``: the headline, every signal's statistics and cost, and where they come from."""
+    recs = done_records(raw)
+    ft = statistics.fmean(r["truth"]["ft_seconds"] for r in recs)
+    pick = choose(rows, raw["sizes"])
+    keep = ("label", "setting", "scope", "images", "signal", "spearman", "kendall", "regret", "overlap", "seconds")
+    return {
+        "benchmark": "evaluator_fidelity", "command": command, "commit": git_commit(), "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "source": "results/benchmarks/ranking.json (python -m benchmarks.bench_ranking)",
+        "headline": fidelity_headline(raw, rows), "goals": FIDELITY_GOALS,
+        "truth": {"what": "top-1 on test half B after the search-quality grid's 1-epoch finalist fine-tune",
+                  "mean_accuracy": statistics.fmean(r["truth"]["accuracy"] for r in recs),
+                  "fine_tune_seconds": ft},
+        "best_within_twice_the_cost": pick["best"]["label"], "best_overall": pick["overall"]["label"],
+        "evaluators": [{**{k: r[k] for k in keep}, "ci95": list(r["ci"]), "cost_ratio": r["seconds"] / ft}
+                       for r in rows],
+    }
+
+
+def fidelity_markdown(record: Mapping[str, Any]) -> str:
+    """``evaluator_fidelity.md``: the headline against the goals and the signals table in short."""
+    h, g = record["headline"], record["goals"]
+
+    def met(ok: bool) -> str:
+        return "yes" if ok else "**no**"
+
+    lines = [
+        f"Source: the ranking study ([ranking.md](ranking.md), `{record['source'].split(' (')[0]}`), "
+        f"{h['candidates']} candidates; truth: {record['truth']['what']} (mean "
+        f"{100 * record['truth']['mean_accuracy']:.2f} %, {record['truth']['fine_tune_seconds']:.0f} s of fine-tune "
+        "per candidate).", "",
+        f"Default evaluator: {h['default_evaluator']}.", "",
+        "| figure | value | goal | met |", "|---|---|---|---|",
+        f"| Spearman ρ with the truth | {h['spearman']:+.3f} | ≥ {g['spearman']} | "
+        f"{met(h['spearman'] >= g['spearman'])} |",
+        f"| 95 % interval (bootstrap over candidates) | [{h['ci95_low']:+.3f}, {h['ci95_high']:+.3f}] | low ≥ "
+        f"{g['ci95_low']} | {met(h['ci95_low'] >= g['ci95_low'])} |",
+        f"| cost: evaluator s / fine-tune s | {h['cost_ratio']:.3f} | ≤ {g['cost_ratio']} | "
+        f"{met(h['cost_ratio'] <= g['cost_ratio'])} |", "",
+        f"Best signal costing at most twice the default: {record['best_within_twice_the_cost']}; best at any cost "
+        f"measured: {record['best_overall']} (details and paired comparisons in ranking.md).", "",
+        "| signal | images | Spearman [95 % CI] | Kendall | s / candidate | cost ratio |", "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {e['label']} | {e['images']} | {e['spearman']:+.3f} [{e['ci95'][0]:+.2f}, {e['ci95'][1]:+.2f}] | "
+              f"{e['kendall']:+.3f} | {e['seconds']:.2f} | {e['cost_ratio']:.3f} |"
+              for e in sorted(record["evaluators"], key=lambda e: -e["spearman"])]
+    return "\n".join(lines)
+
+
+def write_fidelity(raw: Mapping[str, Any], command: str) -> Path | None:
+    """Publish ``evaluator_fidelity.{md,json}`` from a complete full-size study at 50 % MACs (None otherwise)."""
+    n_all = len(raw.get("candidates", [])) or raw["sizes"]["candidates"]
+    if raw.get("quick") or abs(raw["sizes"]["target"] - 0.5) > 1e-9 or len(done_records(raw)) < n_all:
+        return None
+    rows = signal_rows(raw)
+    record = fidelity_record(raw, rows, command)
+    (RESULTS / "evaluator_fidelity.json").write_text(json.dumps(record, indent=1) + "\n")
+    return write_result("evaluator_fidelity", FIDELITY_TITLE, fidelity_markdown(record), command=command)
+
+
 def resume_command(command: str, raw: Mapping[str, Any]) -> str:
     """The command that continues the run."""
     if not command:
@@ -739,6 +817,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = write_result(name, TITLE + (" (quick)" if raw.get("quick") else ""), summarise(raw, command),
                        command=command)
     _log(f"wrote {out} and {path}")
+    fid = write_fidelity(raw, command)
+    if fid is not None:
+        _log(f"wrote {fid} and its .json (issue #19's headline)")
     return 0
 
 

@@ -9,7 +9,7 @@ a one-line note on stderr.
 * ``searchers_finalists.png`` (``searchers.json``) — fine-tuned test accuracy of each searcher's finalist.
 * ``search_quality_<model>_<pct>.png`` (``search_quality.json``) — per (model, MACs target): test accuracy
   after (and before) fine-tuning per searcher.
-* ``fidelity_scatter.png`` (``evaluator_fidelity.json``) — each evaluator's score vs the ground truth.
+* ``fidelity_scatter.png`` (``evaluator_fidelity_training.json``) — each evaluator's score vs the ground truth.
 * ``deployment_latency.png`` (``deployment.json``) — latency per variant and batch size, bytes on disk.
 * ``search_cost_depth.png`` (``search_cost.json``) — analysis / apply / closed-form / adaptive-BN time vs depth.
 
@@ -364,7 +364,7 @@ def draw_fidelity_scatter(raw: Mapping[str, Any]) -> Figure:
     The ground truth of a record is ``record["truth"]["accuracy"]`` (accuracy after the long fine-tune).
 
     Args:
-        raw: The content of ``evaluator_fidelity.json``.
+        raw: The content of ``evaluator_fidelity_training.json``.
 
     Returns:
         The figure.
@@ -555,7 +555,7 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec("search_quality", "search_quality.json", draw_search_quality,
                "Test accuracy after fine-tuning (bars, mean over seeds) and before it (markers) per searcher, "
                "against the dense model."),
-    FigureSpec("fidelity_scatter", "evaluator_fidelity.json", draw_fidelity_scatter,
+    FigureSpec("fidelity_scatter", "evaluator_fidelity_training.json", draw_fidelity_scatter,
                "Each cheap evaluator's score against the ground-truth accuracy after a long fine-tune, with "
                "Spearman's rank correlation."),
     FigureSpec("deployment_latency", "deployment.json", draw_deployment_latency,

@@ -193,6 +193,28 @@ def test_summary_of_a_partial_quick_run_has_the_estimate() -> None:
     assert "Too few" in br.summarise({**raw, "records": {"0": raw["records"]["0"]}})
 
 
+def test_fidelity_headline_is_the_default_evaluators_and_published_only_when_complete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = planted_raw("top1")  # the default score (top-1 after ABN 10, subset 1) ranks perfectly here
+    rows = br.signal_rows(raw)
+    h = br.fidelity_headline(raw, rows)
+    assert set(h) == {"default_evaluator", "spearman", "ci95_low", "ci95_high", "candidates", "cost_ratio"}
+    assert h["spearman"] == pytest.approx(1.0) and h["candidates"] == 12 and h["ci95_low"] <= h["ci95_high"]
+    assert h["cost_ratio"] == pytest.approx((0.1 * len("abn10") + 1.0) / 100.0)  # (prep + score) / fine-tune s
+    worse = br.fidelity_headline(planted_raw("soft_acc"), br.signal_rows(planted_raw("soft_acc")))
+    assert worse["spearman"] < 0.9  # computed from the data, not fixed
+    monkeypatch.setattr(br, "RESULTS", tmp_path)
+    monkeypatch.setattr(br, "write_result", lambda name, title, body, command=None: tmp_path / f"{name}.md")
+    partial = {**raw, "records": {k: v for k, v in raw["records"].items() if int(k) < 6}}
+    assert br.write_fidelity(partial, "cmd") is None and br.write_fidelity({**raw, "quick": True}, "cmd") is None
+    assert br.write_fidelity(raw, "python -m benchmarks.bench_ranking") == tmp_path / "evaluator_fidelity.md"
+    record = json.loads((tmp_path / "evaluator_fidelity.json").read_text())
+    assert record["headline"] == pytest.approx(h) and record["command"] == "python -m benchmarks.bench_ranking"
+    assert len(record["evaluators"]) == len(rows) and {"date", "commit", "machine"} <= set(record)
+    text = br.fidelity_markdown(record)
+    assert "| Spearman ρ with the truth | +1.000 | ≥ 0.8 | yes |" in text
+
+
 # ------------------------------------------------------------------------------------------------ real data
 
 

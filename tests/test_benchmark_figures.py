@@ -115,7 +115,7 @@ def search_cost_json() -> dict[str, Any]:
 
 SOURCES = {
     "searchers.json": searchers_json, "search_quality.json": search_quality_json,
-    "evaluator_fidelity.json": fidelity_json, "deployment.json": deployment_json,
+    "evaluator_fidelity_training.json": fidelity_json, "deployment.json": deployment_json,
     "search_cost.json": search_cost_json,
 }
 
@@ -152,7 +152,7 @@ def test_every_figure_from_synthetic_results(tmp_path: Path, capsys: pytest.Capt
 def test_missing_json_is_skipped_with_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results, out = write_results(tmp_path / "results", ["search_cost.json"]), tmp_path / "figs"
     (results / "deployment.json").write_text('{"models": [{"model": "resne')  # half-written by a running bench
-    (results / "evaluator_fidelity.json").write_text(json.dumps({"records": []}))  # nothing usable yet
+    (results / "evaluator_fidelity_training.json").write_text(json.dumps({"records": []}))  # nothing usable yet
     assert figures.main(["--results", str(results), "--out", str(out)]) == 0
     assert {p.name for p in out.glob("*.png")} == {"search_cost_depth.png"}
     err = capsys.readouterr().err

@@ -668,20 +668,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_names(parser: argparse.ArgumentParser, args: argparse.Namespace, sizes: BudgetSizes) -> list[str]:
     """The searchers to run; unknown searchers, evaluators or targets end the program before anything runs."""
-    from autoprune.agents.base import SEARCHERS as REGISTRY
     from autoprune.errors import AutoPruneError
     from autoprune.evaluate import EVALUATORS
 
-    missing = _cifar.missing_data(sizes.models)
-    if missing:
-        parser.error(missing)
-    if any(not 0.0 < t < 1.0 for t in sizes.targets):
-        parser.error("targets must be fractions of the dense MACs in (0, 1)")
-    names = ([n.strip() for n in args.searchers.split(",") if n.strip()] if args.searchers
-             else list(QUICK_SEARCHERS) if args.quick else default_searchers())
+    names = _sq.checked_searchers(parser, args.searchers, models=sizes.models, targets=sizes.targets,
+                                  default=list(QUICK_SEARCHERS) if args.quick else default_searchers(),
+                                  extra=[args.extra_rl])
     try:
-        for n in [*names, args.extra_rl]:
-            REGISTRY.get(n)
         EVALUATORS.get(sizes.evaluator)
     except AutoPruneError as exc:
         parser.error(str(exc))

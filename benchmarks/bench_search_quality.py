@@ -734,6 +734,31 @@ def parse_sizes(args: argparse.Namespace) -> Sizes:
     return replace(sizes, **over)
 
 
+def checked_searchers(parser: argparse.ArgumentParser, spec: str | None, *, models: Sequence[str],
+                      targets: Sequence[float], default: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
+    """The searchers named in ``spec`` (comma-separated; ``default`` when empty), after the checks every grid of
+    searchers shares; a failed check ends the program through ``parser.error`` before anything runs.
+
+    Checked: CIFAR-10 and the models' checkpoints are present, every target is a MACs fraction in (0, 1), and
+    every name (and every name in ``extra``) is a registered searcher.
+    """
+    from autoprune.agents.base import SEARCHERS
+    from autoprune.errors import AutoPruneError
+
+    missing = _cifar.missing_data(models)
+    if missing:
+        parser.error(missing)
+    if any(not 0.0 < t < 1.0 for t in targets):
+        parser.error("targets must be fractions of the dense MACs in (0, 1)")
+    names = [n.strip() for n in spec.split(",") if n.strip()] if spec else list(default)
+    try:
+        for n in [*names, *extra]:
+            SEARCHERS.get(n)
+    except AutoPruneError as exc:
+        parser.error(str(exc))
+    return names
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -760,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import optuna
 
-    from autoprune.agents.base import SEARCHERS, load_builtin_searchers
+    from autoprune.agents.base import load_builtin_searchers
     from autoprune.errors import AutoPruneError
 
     load_builtin_searchers()
@@ -770,18 +795,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(sizes.models) - set(CHECKPOINTS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {', '.join(CHECKPOINTS)}")
-    missing = _cifar.missing_data(sizes.models)
-    if missing:
-        parser.error(missing)
-    if any(not 0.0 < t < 1.0 for t in sizes.targets):
-        parser.error("targets must be fractions of the dense MACs in (0, 1)")
-    names = ([n.strip() for n in args.searchers.split(",") if n.strip()] if args.searchers
-             else list(QUICK_SEARCHERS) if args.quick else default_searchers())
-    try:
-        for n in names:
-            SEARCHERS.get(n)  # unknown names fail before anything runs
-    except AutoPruneError as exc:
-        parser.error(str(exc))
+    names = checked_searchers(parser, args.searchers, models=sizes.models, targets=sizes.targets,
+                              default=list(QUICK_SEARCHERS) if args.quick else default_searchers())
     rerun = [n.strip() for n in args.rerun.split(",") if n.strip()] if args.rerun else []
     if rerun and not args.resume:
         parser.error("--rerun replaces cells of an existing run: add --resume")

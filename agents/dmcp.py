@@ -289,8 +289,8 @@ def budget_loss(expected: Tensor, target: float, *, far: float = 200.0) -> Tenso
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _mask_points(groups: GroupSet, group_ids: Sequence[str]) -> dict[str, list[tuple[str, int]]]:
-    """Module name → [(group id, channel offset)] where the group's channels are masked.
+def _mask_points(groups: GroupSet, group_ids: Sequence[str]) -> dict[str, list[tuple[str, int, int]]]:
+    """Module name → [(group id, channel offset, stride)] where the group's channels are masked.
 
     Every ``out``, ``dw`` and ``norm`` member's output is masked, except a producer (or depthwise conv) whose
     only user is a norm of the same group — the mask then sits after that norm (before the activation), as in
@@ -299,11 +299,11 @@ def _mask_points(groups: GroupSet, group_ids: Sequence[str]) -> dict[str, list[t
     wanted = set(group_ids)
     members = {g.id: list(g.members) for g in groups.prunable() if g.id in wanted}
     skip = _producers_followed_by_norm(groups, members)
-    points: dict[str, list[tuple[str, int]]] = {}
+    points: dict[str, list[tuple[str, int, int]]] = {}
     for gid in group_ids:
         for m in members[gid]:
             if m.role in _OUTPUT_ROLES and (m.module, gid) not in skip:
-                points.setdefault(m.module, []).append((gid, m.offset))
+                points.setdefault(m.module, []).append((gid, m.offset, m.stride))
     return points
 
 
@@ -365,7 +365,7 @@ class MaskedSupernet(nn.Module):
             h.remove()
         self._handles = []
 
-    def _make_hook(self, pts: list[tuple[str, int]]) -> Callable[..., Tensor | None]:
+    def _make_hook(self, pts: list[tuple[str, int, int]]) -> Callable[..., Tensor | None]:
         def hook(module: nn.Module, _inputs: Any, output: Any) -> Tensor | None:
             if self._mode == "max" or not isinstance(output, Tensor):
                 return None
@@ -373,10 +373,12 @@ class MaskedSupernet(nn.Module):
             channels = output.shape[dim]
             pieces: list[Tensor] = []
             pos = 0
-            for gid, offset in sorted(pts, key=lambda p: p[1]):
+            for gid, offset, stride in sorted(pts, key=lambda p: p[1]):
                 mask = self._masks.get(gid)
                 if mask is None:
                     continue
+                if stride > 1:  # a strided member (channel shuffle, depth multiplier): s positions per channel
+                    mask = mask.repeat_interleave(stride)
                 if offset > pos:
                     pieces.append(output.new_ones(offset - pos))
                 pieces.append(mask.to(output.dtype))

@@ -15,6 +15,11 @@ takes microseconds. With per-layer bits, ``bytes`` and ``payload_bits`` equal wh
 of every stored tensor (and of each layer's output channels) are derived once per GroupSet from the folded graph
 (cached), and a call combines them with the bit-widths. :func:`count_macs` (``FlopCounterMode``) is the test
 oracle; :func:`expected_cost` is the differentiable form for expected widths (DMCP).
+
+Attention is priced analytically as a function of the pruned head counts (``q·kᵀ`` and ``attn·v``, ``einsum``,
+``scaled_dot_product_attention``, ``nn.MultiheadAttention``; ENGINE.md §2.4). Ops the closed form has no formula
+for (opaque leaves, unknown ops) are measured once by :func:`~autoprune.graph.analyze` on the example input and
+priced as a constant — the frozen group's reason says so — so budgets never silently leave MACs out.
 """
 
 from __future__ import annotations
@@ -397,19 +402,26 @@ def expected_cost(groups: GroupSet, widths: Mapping[str, torch.Tensor],
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def count_macs(module: nn.Module, example_input: Any) -> int:
+def count_macs(module: nn.Module, example_input: Any, *, attention: bool = False) -> int:
     """MACs of one forward pass on ``example_input`` counted by ``torch.utils.flop_counter`` (FLOPs / 2).
 
     This is the test oracle for :func:`closed_form` (pass a batch-1 input to compare with its per-sample
     MACs). The module runs in eval mode under ``no_grad``; its training flags are restored.
+
+    ``FlopCounterMode`` counts ``F.scaled_dot_product_attention`` on the CPU as 0, and ``nn.MultiheadAttention``'s
+    inference fast path as 0 altogether. With ``attention=True`` the CPU kernel is counted with the counter's own
+    formula (two matmuls) and the fast path is off (:func:`autoprune.graph.fallback.counting_flops`), so
+    attention is counted as the closed form prices it.
     """
     from torch.utils.flop_counter import FlopCounterMode
+
+    from autoprune.graph.fallback import counting_flops
 
     args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     flags = {m: m.training for m in module.modules()}
     try:
         module.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), (counting_flops() if attention else FlopCounterMode(display=False)) as counter:
             module(*args)
     finally:
         for m, t in flags.items():

@@ -101,9 +101,14 @@ def _reduce(scores: Sequence[torch.Tensor], how: str, size: int) -> torch.Tensor
     return stacked.amax(0)
 
 
+def is_weight(param_name: str, name: str = "weight") -> bool:
+    """``weight`` and the projection weights of attention (``in_proj_weight``, ``q_proj_weight``, …)."""
+    return param_name == name or param_name.endswith("_" + name)
+
+
 def _weights(group: ChannelGroup, roles: Iterable[str], name: str = "weight") -> list[TensorSlice]:
     roles = set(roles)
-    return [s for s in group.slices if s.role in roles and s.param_name == name]
+    return [s for s in group.slices if s.role in roles and is_weight(s.param_name, name)]
 
 
 def _magnitude(group: ChannelGroup, ctx: ScoreContext, p: int) -> torch.Tensor:
@@ -176,7 +181,7 @@ def taylor(group: ChannelGroup, ctx: ScoreContext) -> torch.Tensor:
     grads = _taylor_grads(ctx)
     scores = []
     for s in group.slices:
-        if s.tensor not in grads or (s.role == "in" and s.param_name != "weight"):
+        if s.tensor not in grads or (s.role == "in" and not is_weight(s.param_name)):
             continue
         w = channel_rows(ctx.tensors[s.tensor], s, group.size)
         g = channel_rows(grads[s.tensor], s, group.size)

@@ -114,7 +114,7 @@ def layer_sites(groups: GroupSet) -> list[LayerSite]:
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
-    was = gm.training
+    flags = {m: m.training for m in gm.modules()}  # the submodules are the user's: restore each one's own flag
     try:
         gm.eval()
         with torch.no_grad():
@@ -122,7 +122,8 @@ def layer_sites(groups: GroupSet) -> list[LayerSite]:
     finally:
         for h in handles:
             h.remove()
-        gm.train(was)
+        for m, flag in flags.items():
+            m.training = flag
     idx = {g: i for i, g in enumerate(groups.prunable_ids)}
     sizes = {g.id: g.size for g in groups}
     p = len(idx)

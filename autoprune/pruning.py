@@ -26,9 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from autoprune.errors import AutoPruneError, ConfigError
 from autoprune.graph import ChannelGroup, GroupSet, nearest_width
+from autoprune.graph.attention import retarget_window_attention
 from autoprune.importance import DEFAULT_CRITERION, group_scores, select
 from autoprune.types import Candidate
 
@@ -359,6 +361,8 @@ def _resize(mod: nn.Module, role: str, n: int) -> None:
         elif role == "out":
             mod.out_channels = n
         elif role == "in":  # grouped convs keep ``groups``: every block shrinks by the same count
+            if mod.groups == mod.in_channels > 1:  # depth multiplier: one input channel per conv group
+                mod.groups = n
             mod.in_channels = n
     elif isinstance(mod, nn.Linear):
         if role == "out":
@@ -388,11 +392,54 @@ def _resize_modules(new: fx.GraphModule, groups: GroupSet, widths: Mapping[str, 
             _resize(mod, role, _role_size(groups, full, entries, widths))
 
 
+def _resize_attention(new: fx.GraphModule) -> None:
+    """Give every ``nn.MultiheadAttention`` of ``new`` the widths of its sliced tensors (ENGINE.md §2.4, attention).
+
+    ``head_dim`` never changes (whole heads are pruned), so ``num_heads`` is the in-projection's rows per q/k/v
+    part over ``head_dim``; ``embed_dim``, ``kdim`` and ``vdim`` are the in-projection's columns (``out_proj``'s
+    features were set by :func:`_resize_modules`). When the widths still fit PyTorch's forward (query width =
+    ``num_heads·head_dim`` = output width, and packed weights exactly when ``kdim == vdim == embed_dim``), the
+    module keeps its class with those attributes rewritten; otherwise it becomes a
+    :class:`~autoprune.graph.attention.PrunedMultiheadAttention` holding the same parameters.
+    """
+    from autoprune.graph.attention import PrunedMultiheadAttention
+
+    for name, mod in list(new.named_modules()):
+        if not isinstance(mod, nn.MultiheadAttention):
+            continue
+        if mod._qkv_same_embed_dim:
+            attn, embed = mod.in_proj_weight.shape[0] // 3, mod.in_proj_weight.shape[1]
+            kdim = vdim = embed
+        else:
+            attn, embed = mod.q_proj_weight.shape[0], mod.q_proj_weight.shape[1]
+            kdim, vdim = mod.k_proj_weight.shape[1], mod.v_proj_weight.shape[1]
+        heads = attn // mod.head_dim
+        out = mod.out_proj.weight.shape[0]
+        if (embed, kdim, vdim, heads) == (mod.embed_dim, mod.kdim, mod.vdim, mod.num_heads) \
+                and (isinstance(mod, PrunedMultiheadAttention) or attn == embed == out):
+            continue
+        fits = attn == embed == out and mod._qkv_same_embed_dim == (kdim == embed and vdim == embed)
+        if fits and type(mod) is nn.MultiheadAttention:
+            mod.embed_dim, mod.kdim, mod.vdim, mod.num_heads = embed, kdim, vdim, heads
+            continue
+        parent, _, child = name.rpartition(".")
+        holder = new.get_submodule(parent) if parent else new
+        setattr(holder, child, PrunedMultiheadAttention.from_module(mod, embed_dim=embed, kdim=kdim, vdim=vdim,
+                                                                    num_heads=heads))
+
+
 def _set_path(container: Any, path: tuple[Any, ...], value: int) -> Any:
-    """A copy of ``container`` (tuple, list or dict) with the item at ``path`` replaced."""
+    """A copy of ``container`` (tuple, list, dict or slice) with the item at ``path`` replaced.
+
+    A slice's items are ``"start"``, ``"stop"`` and ``"step"`` (a literal channel slice ``x[:, a:b]``).
+    """
     if not path:
         return value
     head, rest = path[0], path[1:]
+    if isinstance(container, slice):
+        parts = {"start": container.start, "stop": container.stop, "step": container.step}
+        parts[head] = _set_path(parts[head], rest, value)
+        return slice(parts["start"], parts["stop"], parts["step"])
     if isinstance(container, dict):
         out = dict(container)
         out[head] = _set_path(container[head], rest, value)
@@ -403,7 +450,7 @@ def _set_path(container: Any, path: tuple[Any, ...], value: int) -> Any:
 
 
 def _rewrite_literals(new: fx.GraphModule, groups: GroupSet, widths: Mapping[str, int]) -> bool:
-    """Rewrite width-dependent literals (view sizes, split sizes, pad amounts) in the new graph."""
+    """Rewrite width-dependent literals (view sizes, split sizes, pad amounts, slice bounds) in the new graph."""
     nodes = {n.name: n for n in new.graph.nodes}
     changed = False
     for site in groups.literals:
@@ -470,7 +517,9 @@ def apply(model: nn.Module, groups: GroupSet | PruningPlan, widths: Mapping[str,
     kept_cache: dict[tuple[str, int], torch.Tensor | None] = {}
     new = gs.instantiate(model, _reindexer(gs, _Positions(gs, p.keep), kept_cache))
     _resize_modules(new, gs, p.widths)
-    if _rewrite_literals(new, gs, p.widths):
+    _resize_attention(new)
+    rewritten = _rewrite_literals(new, gs, p.widths)
+    if retarget_window_attention(new) or rewritten:  # after the literals: reads the rewritten num_heads
         new.recompile()
     if reconstruct:
         if loader is None:
@@ -523,10 +572,12 @@ def _shapes(value: Any) -> Any:
 
 def _check_outputs(new: fx.GraphModule, gs: GroupSet) -> None:
     flags = {m: m.training for m in new.modules()}
+    # a copy of the example input: a model that writes into its input must not change the caller's tensors
+    example = pytree.tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, gs.example_input)
     try:
         new.eval()
         with torch.no_grad():
-            out = new(*_cast_inputs(gs.example_input, new))
+            out = new(*_cast_inputs(example, new))
     except Exception as exc:
         raise RuntimeError(f"internal error: the pruned model fails on the example input: {exc}") from exc
     finally:

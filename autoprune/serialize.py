@@ -13,7 +13,10 @@ This module owns the on-disk format used by ``pruning.save_pruned`` / ``load_pru
 Loading never imports a string read from the file. ``call_function`` targets are looked up in a table built
 from the functions that take part in ``__torch_function__`` (``torch.*``, ``torch.nn.functional.*``, ...) plus a
 short list from ``operator`` and ``builtins.getattr``; ``call_method`` names must be public tensor methods;
-module types come from an allow-list. Anything else is refused with :class:`~autoprune.errors.CheckpointError`.
+module types come from an allow-list. Functions that other libraries keep as ``call_function`` nodes with
+``torch.fx.wrap`` (torchvision's ``stochastic_depth``, Swin's window attention, ...) are allowed by qualified name
+from a fixed table (:data:`_WRAPPED_FUNCTIONS`) whose modules are imported only when a file names exactly such a
+function. Anything else is refused with :class:`~autoprune.errors.CheckpointError`.
 
 Extension hooks: this module is the lowest layer of the format and imports no other format code. Modules that
 add leaf types or an ``arch.json`` section register them when imported — :func:`register_module_type` (e.g.
@@ -173,6 +176,79 @@ def _function_table() -> tuple[dict[str, Callable[..., Any]], dict[int, str]]:
     return by_name, canonical
 
 
+# Functions that other libraries keep as ``call_function`` nodes with ``torch.fx.wrap`` (torch.fx does not trace
+# into them), by qualified name (``f"{fn.__module__}.{fn.__qualname__}"``) -> the module defining them. A file may
+# name exactly these; the module (a constant of this table, never a string from the file) is imported on first
+# need, and the function must be that module's attribute with that qualified name. torchvision's are every
+# ``torch.fx.wrap`` of torchvision 0.29 whose arguments and results are tensors and plain values (not the
+# detection poolers' helpers, which pass dicts and Python objects); autoprune's own is the window attention that
+# ``pruning.apply`` puts in place of a pruned Swin attention (ENGINE.md §2.4).
+_WRAPPED_FUNCTIONS: dict[str, str] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": "torchvision.ops.stochastic_depth",
+    "torchvision.ops.drop_block.drop_block2d": "torchvision.ops.drop_block",
+    "torchvision.ops.drop_block.drop_block3d": "torchvision.ops.drop_block",
+    "torchvision.ops.roi_align.roi_align": "torchvision.ops.roi_align",
+    "torchvision.ops.roi_pool.roi_pool": "torchvision.ops.roi_pool",
+    "torchvision.ops.ps_roi_align.ps_roi_align": "torchvision.ops.ps_roi_align",
+    "torchvision.ops.ps_roi_pool.ps_roi_pool": "torchvision.ops.ps_roi_pool",
+    "torchvision.models.swin_transformer._patch_merging_pad": "torchvision.models.swin_transformer",
+    "torchvision.models.swin_transformer._get_relative_position_bias": "torchvision.models.swin_transformer",
+    "torchvision.models.swin_transformer.shifted_window_attention": "torchvision.models.swin_transformer",
+    "torchvision.models.video.swin_transformer._get_window_and_shift_size": "torchvision.models.video.swin_transformer",
+    "torchvision.models.video.swin_transformer._get_relative_position_bias":
+        "torchvision.models.video.swin_transformer",
+    "torchvision.models.video.swin_transformer._compute_pad_size_3d": "torchvision.models.video.swin_transformer",
+    "torchvision.models.video.swin_transformer._compute_attention_mask_3d":
+        "torchvision.models.video.swin_transformer",
+    "torchvision.models.video.swin_transformer.shifted_window_attention_3d":
+        "torchvision.models.video.swin_transformer",
+    "torchvision.models.video.mvit._unsqueeze": "torchvision.models.video.mvit",
+    "torchvision.models.video.mvit._squeeze": "torchvision.models.video.mvit",
+    "torchvision.models.video.mvit._add_rel_pos": "torchvision.models.video.mvit",
+    "torchvision.models.video.mvit._add_shortcut": "torchvision.models.video.mvit",
+    "autoprune.graph.attention.pruned_shifted_window_attention": "autoprune.graph.attention",
+}  # fmt: skip
+
+
+def _qualified(fn: Any) -> str:
+    """``module.qualname`` of a function (``""`` when it has none)."""
+    module, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    return f"{module}.{qual}" if isinstance(module, str) and isinstance(qual, str) else ""
+
+
+def _wrapped_function(name: str) -> Callable[..., Any]:
+    """The allow-listed wrapped function ``name`` (a key of :data:`_WRAPPED_FUNCTIONS`), importing its module.
+
+    Raises:
+        CheckpointError: The module cannot be imported here (with the install hint of its package), or it has no
+            function of that qualified name.
+    """
+    from autoprune._imports import optional_import
+
+    provider = _WRAPPED_FUNCTIONS[name]
+    try:
+        module = optional_import(provider, f"calling {name}")
+    except AutoPruneError as exc:
+        raise CheckpointError(f"the saved graph calls {name}, but {provider} cannot be imported here",
+                              hint=exc.hint) from exc
+    fn = getattr(module, name.rsplit(".", 1)[1], None)
+    if not callable(fn) or _qualified(fn) != name:
+        raise CheckpointError(f"the saved graph calls {name}, which this version of {provider} does not define",
+                              hint=f"install the {provider.split('.')[0]} version the model was saved with")
+    return fn
+
+
+def _wrapped_name(fn: Any) -> str | None:
+    """The allow-list name of a wrapped-function target, or None when it is not exactly that listed function."""
+    name = _qualified(fn)
+    if name not in _WRAPPED_FUNCTIONS:
+        return None
+    try:
+        return name if _wrapped_function(name) is fn else None
+    except CheckpointError:
+        return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Allow-list of leaf module types
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,6 +376,8 @@ _TYPE_PROVIDERS: dict[str, str] = {
     "autoprune.quantization.QConv1d": "autoprune.quantization",
     "autoprune.quantization.QConv2d": "autoprune.quantization",
     "autoprune.quantization.QLinear": "autoprune.quantization",
+    # a pruned nn.MultiheadAttention whose widths no longer fit PyTorch's forward (autoprune.pruning.apply)
+    "autoprune.graph.attention.PrunedMultiheadAttention": "autoprune.graph.attention",
 }
 _SECTION_PROVIDERS: dict[str, str] = {"quant": "autoprune.quantization"}
 
@@ -617,7 +695,7 @@ def encode_module(gm: fx.GraphModule) -> tuple[dict[str, Any], dict[str, torch.T
                 add_tensor(target, obj, "parameter" if isinstance(obj, nn.Parameter) else
                            "buffer" if is_buffer else "constant")
         elif node.op == "call_function":
-            name = canonical.get(id(target))
+            name = canonical.get(id(target)) or _wrapped_name(target)
             if name is None:
                 raise CheckpointError(
                     f"node {node.name!r} calls {getattr(target, '__module__', '?')}."
@@ -910,6 +988,16 @@ def _restore_training(module: nn.Module, spec: Mapping[str, Any]) -> None:
 _OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
 
 
+def _function_target(node: str, target: str, by_name: Mapping[str, Callable[..., Any]]) -> Callable[..., Any]:
+    """The function a loaded ``call_function`` node calls: from the torch table or the wrapped-function table."""
+    if target in by_name:
+        return by_name[target]
+    if target in _WRAPPED_FUNCTIONS:  # an exact key of the table: only then is its (constant) module imported
+        return _wrapped_function(target)
+    raise CheckpointError(f"node {node!r} calls {target!r}, which is not in autoprune's allow-list of functions",
+                          hint="the file was edited or written by an incompatible version; it is refused for safety")
+
+
 def _build_graph(nodes: Sequence[Any], specs: Mapping[str, Any], built: Mapping[str, torch.Tensor],
                  root: dict[str, Any]) -> fx.Graph:
     by_name, _ = _function_table()
@@ -922,11 +1010,7 @@ def _build_graph(nodes: Sequence[Any], specs: Mapping[str, Any], built: Mapping[
         if not isinstance(target, str):
             raise CheckpointError(f"arch.json: node {name!r} has a non-string target")
         if op == "call_function":
-            if target not in by_name:
-                raise CheckpointError(
-                    f"node {name!r} calls {target!r}, which is not in autoprune's allow-list of functions",
-                    hint="the file was edited or written by an incompatible version; it is refused for safety")
-            fn_target: Any = by_name[target]
+            fn_target: Any = _function_target(name, target, by_name)
         elif op == "call_method":
             if target not in _tensor_methods():
                 raise CheckpointError(f"node {name!r} calls method {target!r}, which is not an allowed tensor method")
@@ -948,6 +1032,8 @@ def _build_graph(nodes: Sequence[Any], specs: Mapping[str, Any], built: Mapping[
             raise CheckpointError(f"arch.json: node {name!r} has malformed kwargs")
         kwargs = {k: _decode_arg(v, env) for k, v in kwargs_raw.items()}
         node = graph.create_node(op, fn_target, args, kwargs, name=name)
+        if op == "call_function" and target in _WRAPPED_FUNCTIONS:
+            node.meta["is_wrapped"] = True  # the generated code wraps it again: tracing the module keeps the call
         env[name] = node
     try:
         graph.lint()

@@ -23,9 +23,11 @@ from benchmarks._common import write_result
 HERE = Path(__file__).resolve().parent
 # Cheap, engine-level benchmarks first; search-level ones (which train and evaluate networks) last.
 # The reliability soak (an hour, with the test suite under load) runs last.
-ORDER = ["data_loading", "engine", "env_overhead", "quantization", "deployment", "latency", "search_cost", "fidelity",
-         "ranking", "infcop_imp", "recovery", "searchers", "differentiable", "rl_center", "search_quality",
-         "search_budget", "reliability"]
+ORDER = ["data_loading", "engine", "engine_zoo", "env_overhead", "quantization", "deployment", "latency",
+         "search_cost", "fidelity", "ranking", "infcop_imp", "recovery", "searchers", "differentiable", "rl_center",
+         "search_quality", "search_budget", "reliability"]
+#: Benchmarks that run in another environment than this one: name → its Python, made by the named make target.
+ENVIRONMENTS = {"engine_zoo": (HERE.parent / ".venv-vision" / "bin" / "python", "make setup-vision")}
 
 
 def discover() -> list[str]:
@@ -54,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         if name in skip:
             continue
         source = (HERE / f"bench_{name}.py").read_text()
-        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}"]
+        python, setup = ENVIRONMENTS.get(name, (Path(sys.executable), ""))
+        if not python.exists():
+            print(f"== {name}: skipped, its environment is missing ({setup})", flush=True)
+            rows.append(f"| {name} | `{setup}` first | 0 | skipped (no {python.parent.parent.name}) |")
+            continue
+        cmd = [str(python), "-m", f"benchmarks.bench_{name}"]
         if args.quick and "--quick" in source:
             cmd.append("--quick")
         print(f"== {' '.join(cmd[1:])}", flush=True)

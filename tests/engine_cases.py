@@ -81,10 +81,12 @@ def masked_reference(model: nn.Module, groups: graph.GroupSet, plan: pruning.Pru
                 if m.role in ("out", "dw", "norm") and m.module in mods:
                     mod = mods[m.module]
                     dim = 1 if isinstance(mod, nn.Embedding) else 0
+                    # a strided member (after a channel shuffle or a depth multiplier) owns `stride` rows a channel
+                    rows = m.offset + (removed[:, None] * m.stride + torch.arange(m.stride)).flatten()
                     for name in ("weight", "bias"):
                         t = getattr(mod, name, None)
                         if isinstance(t, torch.Tensor):
-                            t.index_fill_(dim, m.offset + removed, 0.0)
+                            t.index_fill_(dim, rows, 0.0)
             for sl in g.slices:
                 if sl.role == "param" or (sl.role == "out" and sl.module not in mods):  # bare / functional
                     t = ref.get_parameter(sl.tensor) if sl.tensor in dict(ref.named_parameters()) else \
@@ -808,3 +810,420 @@ CASES: dict[str, Callable[[], Case]] = {
     "spatial_ops": lambda: _mk(SpatialOps(), _img()),
     "functional": lambda: _mk(FunctionalNet(), _img()),
 }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensor constants and channels-last activations (issue #22: MaxViT's relative-position bias, Swin's NHWC blocks)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def relative_position_index(size: int) -> torch.Tensor:
+    """Index into a relative-position bias table for every pair of tokens of a ``size × size`` window."""
+    coords = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (size - 1)
+    return rel[..., 0] * (2 * size - 1) + rel[..., 1]
+
+
+class RelPosAttention(nn.Module):
+    """MaxViT-style attention with a relative-position bias ``table[index.view(-1)]``.
+
+    fx does not proxy buffers: ``self.index.view(-1)`` is computed while tracing and stowed as a tensor constant
+    (``_tensor_constant…``) of the traced module, which indexes the bias table parameter.
+    """
+
+    def __init__(self, dim: int = 16, heads: int = 2, size: int = 3) -> None:
+        super().__init__()
+        self.heads, self.tokens = heads, size * size
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.table = nn.Parameter(torch.randn((2 * size - 1) ** 2, heads) * 0.5)
+        self.register_buffer("index", relative_position_index(size))
+
+    def bias(self) -> torch.Tensor:
+        b = self.table[self.index.view(-1)].view(self.tokens, self.tokens, -1)
+        return b.permute(2, 0, 1).contiguous().unsqueeze(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        att = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5 + self.bias()
+        y = (att.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        return self.proj(y)
+
+
+class RelPosNet(nn.Module):
+    """Tensor constants: a relative-position-bias attention block (a constant indexes a parameter table) between a
+    conv stem and an MLP, and a per-channel tensor made in ``forward`` (a constant that freezes what it meets)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.c2 = nn.Conv2d(12, 8, 3, padding=1)
+        self.patch = nn.Conv2d(8, 16, 4, 4)
+        self.ln1 = nn.LayerNorm(16)
+        self.attn = RelPosAttention(16, 2, 3)
+        self.ln2 = nn.LayerNorm(16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.c2(F.relu(self.c1(x)))) * torch.linspace(0.5, 1.5, 8).view(1, 8, 1, 1)
+        t = self.patch(y).flatten(2).transpose(1, 2)  # 12×12 → 3×3 tokens
+        t = t + self.attn(self.ln1(t))
+        t = t + self.fc2(F.gelu(self.fc1(self.ln2(t))))
+        return self.head(t.mean(1))
+
+
+def window_mix(x: torch.Tensor) -> torch.Tensor:
+    """Stands in for torchvision's fx-wrapped ``shifted_window_attention``: an op on NHWC maps without a rule."""
+    return x + 0.5 * torch.roll(x, shifts=(1, 1), dims=(1, 2))
+
+
+torch.fx.wrap("window_mix")
+
+
+class ChannelsLastBlock(nn.Module):
+    """Swin-style NHWC block: patch-embed conv → permute to NHWC → LayerNorm → window op (fx-wrapped, no rule) and
+    a Linear MLP on the last dim, residuals on the NHWC stream → permute back → conv. The 5×5 map's height is no
+    channel group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 2, 2)  # 10×10 → 5×5
+        self.norm1 = nn.LayerNorm(8)
+        self.norm2 = nn.LayerNorm(8)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.out = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.patch(x).permute(0, 2, 3, 1)  # N, H, W, C
+        y = y + window_mix(self.norm1(y))
+        y = y + self.fc2(F.gelu(self.fc1(self.norm2(y))))
+        z = F.relu(self.out(y.permute(0, 3, 1, 2)))
+        return self.fc(z.mean((2, 3)))
+
+
+CASES.update({
+    "tensor_constant": lambda: _mk(RelPosNet(), _img(s=12)),
+    "channels_last": lambda: _mk(ChannelsLastBlock(), _img(s=10)),
+})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Channel shuffle, channel counts read from shapes, literal channel slices, depth multipliers (issue #22)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """torchvision's ``channel_shuffle`` (ShuffleNetV2): the channel count is read with ``x.size()``."""
+    batchsize, num_channels, height, width = x.size()
+    channels_per_group = num_channels // groups
+    x = x.view(batchsize, groups, channels_per_group, height, width)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(batchsize, -1, height, width)
+
+
+class ShuffleNet(nn.Module):
+    """Channel shuffle, ShuffleNet-v1 style: grouped 1×1 conv (3 groups) → shuffle (torchvision's size-read form)
+    → depthwise 3×3 + BN on the shuffled (strided) layout → 1×1 conv → a literal shuffle ``view(N, 2, 4, H, W)``
+    … ``reshape(N, 8, H, W)`` whose sizes are rewritten → 1×1 conv → head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = bn_block(3, 12)
+        self.g1 = nn.Conv2d(12, 12, 1, groups=3, bias=False)
+        self.b1 = nn.BatchNorm2d(12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False)
+        self.b2 = nn.BatchNorm2d(12)
+        self.c2 = nn.Conv2d(12, 8, 1)
+        self.c3 = nn.Conv2d(8, 6, 1)
+        self.head = nn.Conv2d(6, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.b1(self.g1(self.stem(x))))
+        y = channel_shuffle(y, 3)
+        y = F.relu(self.b2(self.dw(y)))
+        z = self.c2(y)
+        n, _, h, w = z.shape
+        z = z.view(n, 2, 4, h, w).transpose(1, 2).reshape(n, 8, h, w)  # literal shuffle: 4 and 8 rewritten
+        return self.head(F.relu(self.c3(z))).mean((2, 3))
+
+
+class ShuffleV2Unit(nn.Module):
+    """ShuffleNetV2 stride-1 unit on a stem: ``chunk`` → branch (1×1, depthwise 3×3, 1×1) → ``cat`` → shuffle →
+    head. The shuffle ties the identity half to the branch output, so the whole stream stays prunable."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = bn_block(3, c)
+        half = c // 2
+        self.branch = nn.Sequential(
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+            nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU())
+        self.head = nn.Conv2d(c, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.stem(x).chunk(2, dim=1)
+        out = channel_shuffle(torch.cat((x1, self.branch(x2)), dim=1), 2)
+        return self.head(out).mean((2, 3))
+
+
+class SizeReadNet(nn.Module):
+    """Channel counts read with ``x.size()`` / ``x.shape[1]`` that only size views: ``x.view(b, c, h * w)`` and an
+    SE gate ``pool(x).view(b, c)`` → fc → ``view(b, c, 1, 1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = bn_block(3, 8)
+        self.fc1 = nn.Linear(8, 4)
+        self.fc2 = nn.Linear(4, 8)
+        self.c2 = nn.Conv1d(8, 6, 1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x)
+        b, c, h, w = y.size()
+        s = F.adaptive_avg_pool2d(y, 1).view(b, c)
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(s)))).view(b, y.shape[1], 1, 1)
+        z = (y * s).view(b, c, h * w)
+        return self.fc(F.relu(self.c2(z)).mean(2))
+
+
+class SliceNetLiteral(nn.Module):
+    """Literal channel slices: ``[:, :4]`` / ``[:, 4:]`` (then ``cat``), negative bounds ``[:, -3:]`` and
+    ``[:, 2:-2]``, and ``narrow(x, 1, 1, 5)``; the bounds are rewritten on apply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = bn_block(3, 12)
+        self.a = nn.Conv2d(12, 6, 3, padding=1)
+        self.b = nn.Conv2d(3, 3, 1)
+        self.c = nn.Conv2d(8, 4, 1)
+        self.d = nn.Conv2d(5, 4, 1)
+        self.e = nn.Conv2d(6 + 4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        u = torch.cat([F.relu(y[:, 4:]), y[:, :4]], 1)  # 8 + 4: the two pieces swapped
+        v = self.b(y[:, -3:])
+        w = self.c(y[:, 2:-2]) + self.d(torch.narrow(y, 1, 1, 5))
+        z = self.e(torch.cat([F.relu(self.a(u)), w], 1))
+        return z.mean((2, 3)) + v.mean((2, 3)).sum(1, keepdim=True)
+
+
+class DepthMultiplierNet(nn.Module):
+    """Depthwise convs with a channel multiplier (``groups = C_in``, ``out = m·C_in``): 6 → 12 (m = 2) → BN →
+    a plain depthwise conv on the strided layout → 12 → 36 (m = 3) → BN → 1×1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = bn_block(3, 6)
+        self.m1 = nn.Conv2d(6, 12, 3, padding=1, groups=6)
+        self.b1 = nn.BatchNorm2d(12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False)
+        self.m2 = nn.Conv2d(12, 36, 1, groups=12, bias=False)
+        self.b2 = nn.BatchNorm2d(36)
+        self.pw = nn.Conv2d(36, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.b1(self.m1(self.stem(x))))
+        y = F.relu(self.b2(self.m2(self.dw(y))))
+        return self.fc(F.relu(self.pw(y)).mean((2, 3)))
+
+
+CASES.update({
+    "channel_shuffle": lambda: _mk(ShuffleNet(), _img()),
+    "shufflenet_v2_unit": lambda: _mk(ShuffleV2Unit(), _img()),
+    "size_read": lambda: _mk(SizeReadNet(), _img()),
+    "literal_slices": lambda: _mk(SliceNetLiteral(), _img()),
+    "depth_multiplier": lambda: _mk(DepthMultiplierNet(), _img()),
+})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention (issue #22): nn.MultiheadAttention, a torchvision-style ViT, explicit attention heads, einsum
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MHANet(nn.Module):
+    """``nn.MultiheadAttention`` between two linear layers (sequence first, attention weights computed, so
+    ``FlopCounterMode`` sees every MAC): the input embedding width, the 4 heads and the output width are prunable,
+    and the pruned model equals the masked original (the removed heads' q, k and v rows are zero)."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        self.attn = nn.MultiheadAttention(dim, heads)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (L, N, 12)
+        h = self.embed(x)
+        a, _ = self.attn(h, h, h)
+        return self.head(F.relu(a)).mean(0)
+
+
+class ViTEncoderBlock(nn.Module):
+    """torchvision's ``EncoderBlock`` structure: LayerNorm → ``nn.MultiheadAttention`` → residual, LayerNorm →
+    MLP → residual. ``batch_first=False`` runs the attention sequence first with its weights computed (every MAC
+    visible to ``FlopCounterMode``); torchvision's own call is ``batch_first=True, need_weights=False``."""
+
+    def __init__(self, heads: int, hidden: int, mlp: int, batch_first: bool = True) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(hidden, eps=1e-6)
+        self.self_attention = nn.MultiheadAttention(hidden, heads, dropout=0.0, batch_first=batch_first)
+        self.dropout = nn.Dropout(0.0)
+        self.ln_2 = nn.LayerNorm(hidden, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(hidden, mlp), nn.GELU(), nn.Dropout(0.0), nn.Linear(mlp, hidden),
+                                 nn.Dropout(0.0))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
+        x = self.ln_1(input)
+        if self.self_attention.batch_first:
+            x, _ = self.self_attention(x, x, x, need_weights=False)
+        else:
+            x = x.transpose(0, 1)
+            x, _ = self.self_attention(x, x, x)
+            x = x.transpose(0, 1)
+        x = self.dropout(x)
+        x = x + input
+        y = self.ln_2(x)
+        y = self.mlp(y)
+        return x + y
+
+
+class ViTLike(nn.Module):
+    """torchvision's ``VisionTransformer`` structure at toy size: conv patch embedding, ``reshape(n, hidden_dim,
+    n_h·n_w)``, class token ``expand`` + ``cat`` on the token dim, positional embedding added, encoder blocks, final
+    LayerNorm, ``x[:, 0]``, linear head. The hidden width (class token, positional embedding, LayerNorms, the
+    attention's inputs and output projections, the MLPs) is one prunable group; every block's heads and MLP
+    hidden width are groups of their own."""
+
+    def __init__(self, image: int = 16, patch: int = 4, layers: int = 2, heads: int = 4, hidden: int = 16,
+                 mlp: int = 32, classes: int = 10, batch_first: bool = True) -> None:
+        super().__init__()
+        self.image_size, self.patch_size, self.hidden_dim = image, patch, hidden
+        self.conv_proj = nn.Conv2d(3, hidden, kernel_size=patch, stride=patch)
+        seq = (image // patch) ** 2 + 1
+        self.class_token = nn.Parameter(torch.randn(1, 1, hidden) * 0.5)
+        self.pos_embedding = nn.Parameter(torch.randn(1, seq, hidden) * 0.5)
+        self.dropout = nn.Dropout(0.0)
+        self.layers = nn.Sequential(*(ViTEncoderBlock(heads, hidden, mlp, batch_first) for _ in range(layers)))
+        self.ln = nn.LayerNorm(hidden, eps=1e-6)
+        self.heads = nn.Sequential(nn.Linear(hidden, classes))
+
+    def _process_input(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        p = self.patch_size
+        torch._assert(h == self.image_size, f"Wrong image height! Expected {self.image_size} but got {h}!")
+        torch._assert(w == self.image_size, f"Wrong image width! Expected {self.image_size} but got {w}!")
+        n_h, n_w = h // p, w // p
+        x = self.conv_proj(x)
+        x = x.reshape(n, self.hidden_dim, n_h * n_w)
+        return x.permute(0, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._process_input(x)
+        n = x.shape[0]
+        batch_class_token = self.class_token.expand(n, -1, -1)
+        x = torch.cat([batch_class_token, x], dim=1)
+        torch._assert(x.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {x.shape}")
+        x = x + self.pos_embedding
+        x = self.ln(self.layers(self.dropout(x)))
+        return self.heads(x[:, 0])
+
+
+class HeadAttention(nn.Module):
+    """Explicit multi-head attention whose head count and head width are literals (``self.heads``,
+    ``self.head_dim`` are ints baked into the traced graph) and whose merge uses ``-1``: the heads are prunable.
+    ``sdpa=True`` uses ``F.scaled_dot_product_attention`` instead of ``q @ kᵀ → softmax → @ v``."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, sdpa: bool = False) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.sdpa = heads, dim // heads, sdpa
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.sdpa:
+            q, k, v = qkv.unbind(0)
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            att = (q @ k.transpose(-2, -1)) * self.scale
+            y = att.softmax(dim=-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(b, n, -1))
+
+
+class HeadNet(nn.Module):
+    """Token embedding → residual :class:`HeadAttention` → mean over tokens → linear head."""
+
+    def __init__(self, sdpa: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, 16)
+        self.attn = HeadAttention(16, 4, sdpa)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.attn(F.gelu(h))
+        return self.head(h.mean(1))
+
+
+class EinsumAttention(nn.Module):
+    """MaxViT-style attention: ``chunk`` of one qkv projection, per-part ``reshape(B, N, H, d)``, ``torch.einsum``
+    for ``q·kᵀ`` and ``attn·v``, merge with ``reshape(B, N, -1)``: the heads are prunable, einsum MACs exact."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.scale = self.head_dim ** -0.5
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.merge = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = torch.chunk(self.to_qkv(x), 3, dim=-1)
+        q = q.reshape(b, n, self.heads, self.head_dim).permute(0, 2, 1, 3)
+        k = k.reshape(b, n, self.heads, self.head_dim).permute(0, 2, 1, 3) * self.scale
+        v = v.reshape(b, n, self.heads, self.head_dim).permute(0, 2, 1, 3)
+        att = F.softmax(torch.einsum("b h i d, b h j d -> b h i j", q, k), dim=-1)
+        out = torch.einsum("bhij,bhjd->bhid", att, v)
+        return self.merge(out.permute(0, 2, 1, 3).reshape(b, n, -1))
+
+
+class EinsumNet(nn.Module):
+    """Token embedding → :class:`EinsumAttention` → mean over tokens → linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, 16)
+        self.attn = EinsumAttention(16, 4)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.attn(self.embed(x))).mean(1))
+
+
+def _tokens(b: int = 2, n: int = 6, c: int = 12) -> torch.Tensor:
+    return torch.randn(b, n, c, generator=torch.Generator().manual_seed(1))
+
+
+# The explicit-attention cases are exact, but masked_reference above zeroes ``out`` members' rows without their
+# stride (one row per channel), and a head owns head_dim rows of its projection: E for them is checked in
+# tests/test_graph_attention.py with a stride-aware reference. LayerNorm on ViTLike's pruned stream is not exact.
+CASES.update({
+    "mha": lambda: _mk(MHANet(), torch.randn(6, 2, 12, generator=torch.Generator().manual_seed(1))),
+    "vit_like": lambda: _mk(ViTLike(batch_first=False), _img(s=16), exact=False, min_prunable=4),
+    "attention_heads": lambda: _mk(HeadNet(), _tokens(), exact=False, min_prunable=2),
+    "einsum_attention": lambda: _mk(EinsumNet(), _tokens(), exact=False, min_prunable=3),
+})

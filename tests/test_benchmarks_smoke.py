@@ -372,3 +372,10 @@ def test_quick_runs_get_their_own_result_files(monkeypatch: pytest.MonkeyPatch) 
     assert _common.result_path("engine", ".json").name == "engine_quick.json"
     assert _common.result_path("quantization_parts", ".json").name == "quantization_parts_quick.json"
     assert _common.result_path("index_quick").name == "index_quick.md"  # never doubled
+
+
+def test_a_benchmark_whose_environment_is_missing_is_skipped_not_failed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_run, "ENVIRONMENTS", {"engine": (tmp_path / "no-venv" / "bin" / "python", "make x")})
+    monkeypatch.setattr(bench_run, "write_result", lambda name, title, body: tmp_path / "index.md")
+    assert bench_run.main(["--only", "engine", "--skip", "figures"]) == 0

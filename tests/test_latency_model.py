@@ -52,6 +52,15 @@ class Blocks(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
+def test_layer_sites_leave_every_training_flag_as_it_was() -> None:
+    model, x = Blocks().eval(), torch.randn(1, 3, 16, 16)
+    model.a.train()  # mixed flags: the user's model is shared with the traced module
+    gs = graph.analyze(model, x)
+    before = {n: m.training for n, m in model.named_modules()}
+    layer_sites(gs)
+    assert {n: m.training for n, m in model.named_modules()} == before and model.a.training
+
+
 def test_layer_sites_follow_the_widths_exactly() -> None:
     model, x = Blocks().eval(), torch.randn(1, 3, 16, 16)
     gs = graph.analyze(model, x)

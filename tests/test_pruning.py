@@ -479,7 +479,8 @@ def test_grouped_every_legal_width_combination_sample(name: str, tmp_path: objec
         for mod_name, mod in pruned.named_modules():
             if isinstance(mod, nn.Conv2d):
                 orig = c.model.get_submodule(mod_name)
-                assert mod.groups == orig.groups
+                # grouped convs keep groups; depthwise and depth-multiplier convs (groups == in) follow their input
+                assert mod.groups == (mod.in_channels if orig.groups == orig.in_channels > 1 else orig.groups)
                 assert mod.in_channels % mod.groups == 0 and mod.out_channels % mod.groups == 0
                 assert tuple(mod.weight.shape[:2]) == (mod.out_channels, mod.in_channels // mod.groups)
     pytest.importorskip("autoprune.serialize")
@@ -487,7 +488,7 @@ def test_grouped_every_legal_width_combination_sample(name: str, tmp_path: objec
     loaded = pruning.load_pruned(tmp_path)  # type: ignore[arg-type]
     assert _max_diff(run(loaded, c.x), run(pruned, c.x)) == 0.0
     convs = {n: m for n, m in loaded.named_modules() if isinstance(m, nn.Conv2d)}
-    assert {n: m.groups for n, m in convs.items()} == {n: c.model.get_submodule(n).groups for n in convs}
+    assert {n: m.groups for n, m in convs.items()} == {n: m.groups for n, m in pruned.named_modules() if n in convs}
 
 
 def test_grouped_selection_is_per_block() -> None:

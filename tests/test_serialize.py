@@ -619,3 +619,134 @@ def test_quantized_artifacts_load_in_a_fresh_process(tmp_path: Path) -> None:
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["ok", "QConv2d"]
+
+
+# --------------------------------------------------------------------------- fx-wrapped functions of other libraries
+
+_FAKE_PROVIDER = "autoprune_test_fake_provider"  # stands in for e.g. torchvision.ops.stochastic_depth
+
+
+def fake_wrapped_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """An fx-wrapped function of another library (torch.fx keeps the call; serialize's table must allow it)."""
+    if x.dim() < 2:  # data-dependent control flow: tracing into it would fail
+        raise ValueError("expected a batch")
+    return x * factor + 1.0
+
+
+fake_wrapped_scale.__module__ = _FAKE_PROVIDER
+torch.fx.wrap("fake_wrapped_scale")
+
+
+def impostor_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Claims the listed qualified name but is not the provider's function: never saved under that name."""
+    return x * factor
+
+
+impostor_scale.__module__, impostor_scale.__qualname__ = _FAKE_PROVIDER, "fake_wrapped_scale"
+torch.fx.wrap("impostor_scale")
+
+
+class _WrappedNet(nn.Module):
+    def __init__(self, impostor: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.impostor = impostor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return impostor_scale(y, 0.5) if self.impostor else fake_wrapped_scale(y, 0.5)
+
+
+@pytest.fixture
+def fake_provider(monkeypatch: pytest.MonkeyPatch):
+    """A provider module (in sys.modules) defining ``fake_wrapped_scale``, listed in serialize's wrapped table."""
+    import sys
+    import types
+
+    module = types.ModuleType(_FAKE_PROVIDER)
+    module.fake_wrapped_scale = fake_wrapped_scale  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, _FAKE_PROVIDER, module)
+    name = f"{_FAKE_PROVIDER}.fake_wrapped_scale"
+    monkeypatch.setitem(serialize._WRAPPED_FUNCTIONS, name, _FAKE_PROVIDER)
+    return name
+
+
+def test_wrapped_function_round_trips(tmp_path: Path, fake_provider: str) -> None:
+    model = _WrappedNet().eval()
+    x = torch.randn(2, 3, 4, 4)
+    serialize.save_module(model, tmp_path, x)
+    nodes = serialize.read_metadata(tmp_path)["graph"]
+    assert [n["target"] for n in nodes if n["op"] == "call_function"] == [fake_provider]
+    loaded = serialize.load_module(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    # the loaded call is marked wrapped again: tracing the loaded module keeps it one call
+    retraced = fx.symbolic_trace(loaded)
+    assert [n.target for n in retraced.graph.nodes if n.op == "call_function"] == [fake_wrapped_scale]
+
+
+def test_wrapped_function_without_its_provider_is_a_checkpoint_error(tmp_path: Path, fake_provider: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    serialize.save_module(_WrappedNet().eval(), tmp_path, torch.randn(2, 3, 4, 4))
+    monkeypatch.delitem(sys.modules, _FAKE_PROVIDER)  # the machine that loads lacks the package
+    with pytest.raises(CheckpointError, match=rf"calls {fake_provider}, but {_FAKE_PROVIDER} cannot be imported") \
+            as err:
+        serialize.load_module(tmp_path)
+    assert err.value.hint is not None and f"install the `{_FAKE_PROVIDER}` package" in err.value.hint
+    module = type(sys)(_FAKE_PROVIDER)  # importable, but without the function: refused as well
+    monkeypatch.setitem(sys.modules, _FAKE_PROVIDER, module)
+    with pytest.raises(CheckpointError, match="does not define"):
+        serialize.load_module(tmp_path)
+
+
+def test_wrapped_function_impostor_and_unlisted_names_refused(tmp_path: Path, fake_provider: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    x = torch.randn(2, 3, 4, 4)
+    # same qualified name as the listed function, but not the provider's object: not saved under that name
+    with pytest.raises(CheckpointError, match="allow-list of functions"):
+        serialize.save_module(_WrappedNet(impostor=True).eval(), tmp_path / "impostor", x)
+    # unlisted while saving: refused
+    monkeypatch.delitem(serialize._WRAPPED_FUNCTIONS, fake_provider)
+    with pytest.raises(CheckpointError, match="allow-list of functions"):
+        serialize.save_module(_WrappedNet().eval(), tmp_path / "unlisted", x)
+    monkeypatch.setitem(serialize._WRAPPED_FUNCTIONS, fake_provider, _FAKE_PROVIDER)
+    serialize.save_module(_WrappedNet().eval(), tmp_path / "ok", x)
+    # a file naming an importable module that is not in the table: refused, and the module is never imported
+    marker = tmp_path / "imported"
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "autoprune_test_not_listed.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\ndef fake_wrapped_scale(x, f):\n    return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+
+    def edit(doc: dict) -> None:
+        node = next(n for n in doc["graph"] if n["op"] == "call_function")
+        node["target"] = "autoprune_test_not_listed.fake_wrapped_scale"
+
+    _rewrite_arch(tmp_path / "ok", edit)
+    with pytest.raises(CheckpointError, match="allow-list of functions"):
+        serialize.load_module(tmp_path / "ok")
+    assert not marker.exists() and "autoprune_test_not_listed" not in sys.modules
+
+
+@pytest.mark.skipif(is_available("torchvision"), reason="checks the message where torchvision cannot be imported")
+def test_torchvision_function_without_torchvision_gives_the_install_hint(saved) -> None:
+    path, _ = saved
+
+    def edit(doc: dict) -> None:
+        node = next(n for n in doc["graph"] if n["op"] == "call_function")
+        node["target"] = "torchvision.ops.stochastic_depth.stochastic_depth"
+
+    _rewrite_arch(path, edit)
+    with pytest.raises(CheckpointError, match=r"torchvision\.ops\.stochastic_depth cannot be imported here") as err:
+        serialize.load_module(path)
+    assert err.value.hint is not None and "vision" in err.value.hint
+
+
+def test_wrapped_function_table_is_qualified_names_of_their_providers() -> None:
+    for name, provider in serialize._WRAPPED_FUNCTIONS.items():
+        assert name.rpartition(".")[0] == provider
+    assert "autoprune.graph.attention.pruned_shifted_window_attention" in serialize._WRAPPED_FUNCTIONS

@@ -8,6 +8,7 @@ cost rows (:mod:`autoprune.graph.terms`).
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import logging
 import math
@@ -16,10 +17,11 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from autoprune.errors import AutoPruneError, ConfigError
 from autoprune.graph.common import close_hint
-from autoprune.graph.groupset import GroupSet
+from autoprune.graph.groupset import GroupSet, mark_constants
 from autoprune.graph.layout import Use
 from autoprune.graph.records import ChannelGroup, LiteralSite, Member, TensorSlice
 from autoprune.graph.rules import apply_rule
@@ -67,25 +69,31 @@ def analyze(model: nn.Module, example_input: Any, *, keep_widths_of: Iterable[st
         raise ConfigError(f"analyze() needs an nn.Module, got {type(model).__name__}")
     args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     exported: list[str] = []
-    gm, leaf_reasons = trace(model, list(opaque), args if use_export else None, exported)
-    flags = {m: m.training for m in gm.modules()}
-    flags.update({m: m.training for m in model.modules()})
-    run_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-    an = Analysis(gm, leaf_reasons, apply_rule)
+    snapshot = _Snapshot(model)
     try:
-        gm.eval()
-        with torch.no_grad():
-            an.run(*run_args)
-    except AutoPruneError:
-        raise
-    except Exception as exc:
-        raise AutoPruneError(
-            f"running {type(model).__name__} on the example input failed: {type(exc).__name__}: {exc}",
-            hint="pass an example input of the shape and dtype the model expects",
-        ) from exc
+        gm, leaf_reasons = trace(model, list(opaque), args if use_export else None, exported)
+        flags = {m: m.training for m in gm.modules()}
+        run_args = pytree.tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, args)
+        constants = _constants(model, gm)
+        if gm is not model:
+            mark_constants(gm, constants)
+        an = Analysis(gm, leaf_reasons, apply_rule, constants=constants)
+        try:
+            gm.eval()
+            with torch.no_grad():
+                an.run(*run_args)
+        except AutoPruneError:
+            raise
+        except Exception as exc:
+            raise AutoPruneError(
+                f"running {type(model).__name__} on the example input failed: {type(exc).__name__}: {exc}",
+                hint="pass an example input of the shape and dtype the model expects",
+            ) from exc
+        finally:
+            for m, t in flags.items():
+                m.training = t
     finally:
-        for m, t in flags.items():
-            m.training = t
+        snapshot.restore()
     _apply_keep(an, list(keep_widths_of))
     gs = _finalize(an, gm, example_input)
     gs.exported_modules = exported
@@ -93,6 +101,104 @@ def analyze(model: nn.Module, example_input: Any, *, keep_widths_of: Iterable[st
     if warning:
         log.warning("%s: %s (GroupSet.describe() lists every group with its reason)", type(model).__name__, warning)
     return gs
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """A tensor's in-place version counter (None where it has none, e.g. inference tensors)."""
+    try:
+        return int(t._version)
+    except Exception:
+        return None
+
+
+class _Snapshot:
+    """What running a model's code (tracing, torch.export capture, the analysis run) could change in it.
+
+    Per module: the ``__dict__`` (attributes added or replaced, e.g. a value cached in ``forward`` or the
+    constants fx stows on the root), the contents of its dicts, lists and sets (parameters, buffers, submodules,
+    hooks), hence also the training flags; the values of buffers and plain tensor attributes (in-place updates);
+    and the version counters of parameters. :meth:`restore` puts everything back; a parameter changed in place
+    (only the model's own code, e.g. an opaque leaf, can do so: the analysis runs on copies of the graph's
+    attributes) cannot be restored and is logged.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.name = type(model).__name__
+        self.modules: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = []
+        self.tensors: dict[int, tuple[torch.Tensor, int | None, torch.Tensor]] = {}
+        self.params: dict[int, tuple[str, torch.Tensor, int | None]] = {}
+        for name, m in model.named_modules():
+            attrs = dict(m.__dict__)
+            contents = {k: copy.copy(v) for k, v in attrs.items() if isinstance(v, (dict, list, set))}
+            self.modules.append((m, attrs, contents))
+            for v in attrs.values():
+                if isinstance(v, torch.Tensor) and id(v) not in self.tensors:  # a plain tensor attribute
+                    self.tensors[id(v)] = (v, _version(v), v.detach().clone())
+            for k, p in m._parameters.items():
+                if p is not None and id(p) not in self.params:
+                    self.params[id(p)] = (f"{name}.{k}" if name else k, p, _version(p))
+            for b in m._buffers.values():
+                if b is not None and id(b) not in self.tensors:
+                    self.tensors[id(b)] = (b, _version(b), b.detach().clone())
+
+    def restore(self) -> None:
+        """Put the attributes, containers and tensor values back as they were."""
+        for m, attrs, contents in self.modules:
+            d = m.__dict__
+            for k in [k for k in d if k not in attrs]:
+                del d[k]
+            for k, v in attrs.items():
+                if d.get(k, _MISSING) is not v:
+                    d[k] = v
+            for k, saved in contents.items():
+                cur = d[k]
+                if isinstance(cur, dict) and (cur.keys() != saved.keys() or any(cur[x] is not saved[x] for x in cur)):
+                    cur.clear()
+                    cur.update(saved)
+                elif isinstance(cur, list) and (len(cur) != len(saved) or any(a is not b for a, b in zip(cur, saved))):
+                    cur[:] = saved
+                elif isinstance(cur, set) and cur != saved:
+                    cur.clear()
+                    cur.update(saved)
+        with torch.no_grad():
+            for t, version, saved in self.tensors.values():
+                v = _version(t)
+                try:
+                    if (v is None or v != version) and not torch.equal(t, saved):
+                        t.copy_(saved)
+                except Exception:  # meta or exotic tensors: nothing to compare or restore
+                    pass
+        changed = [name for name, p, version in self.params.values() if version is not None and
+                   _version(p) != version]
+        if changed:
+            log.warning("%s: its own forward code changed parameter(s) %s in place while it was analysed",
+                        self.name, ", ".join(changed[:5]) + (" …" if len(changed) > 5 else ""))
+
+
+_MISSING = object()
+
+
+def _constants(model: nn.Module, gm: fx.GraphModule) -> set[str]:
+    """Names of the graph module's tensors (and ``get_attr`` tensors) that are not parameters or buffers of ``model``.
+
+    These are the constants fx made while tracing (``_tensor_constant0``) and plain tensor attributes.
+    """
+    own = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+    out = {n for n, t in list(gm.named_parameters(remove_duplicate=False)) +
+           list(gm.named_buffers(remove_duplicate=False)) if id(t) not in own}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            obj = _attr(gm, str(node.target))
+            if isinstance(obj, torch.Tensor) and id(obj) not in own:
+                out.add(str(node.target))
+    return out
+
+
+def _attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def _apply_keep(an: Analysis, keep: list[str]) -> None:
@@ -115,8 +221,13 @@ def _apply_keep(an: Analysis, keep: list[str]) -> None:
                               hint=close_hint(pat, list(producers) + list(labels)))
 
 
-def _canonical_names(gm: fx.GraphModule) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """Map every tensor name -> canonical name (its first name), and canonical -> aliases."""
+def _canonical_names(gm: fx.GraphModule, constants: Iterable[str] = ()) -> tuple[dict[str, str],
+                                                                                 dict[str, list[str]]]:
+    """Map every tensor name -> canonical name (its first name), and canonical -> aliases.
+
+    Tensor constants (not the model's tensors) have canonical names but no aliases, so they are never looked up
+    in a model (:meth:`GroupSet.tensors_of`).
+    """
     by_id: dict[int, str] = {}
     canon: dict[str, str] = {}
     aliases: dict[str, list[str]] = {}
@@ -124,7 +235,19 @@ def _canonical_names(gm: fx.GraphModule) -> tuple[dict[str, str], dict[str, list
         c = by_id.setdefault(id(t), name)
         canon[name] = c
         aliases.setdefault(c, []).append(name)
+    for c in set(constants) & set(aliases):
+        del aliases[c]
     return canon, aliases
+
+
+def _tensor_shapes(gm: fx.GraphModule, canon: dict[str, str], constants: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Canonical tensor name -> full shape, for the graph module's tensors and the constants its graph reads."""
+    shapes = {canon[n]: tuple(t.shape) for n, t in list(gm.named_parameters()) + list(gm.named_buffers())}
+    for name in constants:  # e.g. a plain tensor attribute read by get_attr (its MACs may be counted)
+        t = _attr(gm, name)
+        if isinstance(t, torch.Tensor):
+            shapes.setdefault(canon.get(name, name), tuple(t.shape))
+    return shapes
 
 
 def _tied_unions(an: Analysis, canon: dict[str, str]) -> None:
@@ -205,7 +328,7 @@ def _resolve_blocks(an: Analysis) -> dict[int, int]:
 
 
 def _finalize(an: Analysis, gm: fx.GraphModule, example_input: Any) -> GroupSet:
-    canon, aliases = _canonical_names(gm)
+    canon, aliases = _canonical_names(gm, an.constants)
     _tied_unions(an, canon)
     divisors = _resolve_blocks(an)
     leaves = [a for a in range(len(an.parent)) if a not in an.children]
@@ -239,8 +362,10 @@ def _finalize(an: Analysis, gm: fx.GraphModule, example_input: Any) -> GroupSet:
                 c = canon.get(tname, tname)
                 slices[r].setdefault(TensorSlice(c, dim, off, s, u.role, u.module, u.groups), None)
                 tensor_dims.setdefault(c, {}).setdefault(dim, {}).setdefault((gid[r], off, s), None)
-    tshapes = {c: tuple(t.shape) for c, t in ((canon[n], t) for n, t in list(gm.named_parameters())
-                                                + list(gm.named_buffers()))}
+    # Only classes that some module or tensor uses are channel groups: an atom nothing is sliced along (e.g. new
+    # frozen atoms on a dim of a tensor computed from constants) is no group of the model.
+    order = [r for r in order if members[r]]
+    tshapes = _tensor_shapes(gm, canon, an.constants)
     tdims = {t: {d: list(e) for d, e in dims.items()} for t, dims in tensor_dims.items()}
     sizes = {gid[r]: an.size[first[r]] for r in order}
     groups = []
@@ -264,7 +389,8 @@ def _finalize(an: Analysis, gm: fx.GraphModule, example_input: Any) -> GroupSet:
                              {canon[n] for n, _ in gm.named_parameters()}, canon, grouped=grouped_dims)
     gs = GroupSet(annotate(groups, cost_terms), gm, example_input, output_shapes=an.output_meta,
                   tensor_dims=tdims, tensor_shapes=tshapes, module_roles=module_roles, literals=literals,
-                  cost_terms=cost_terms, batch_size=an.batch, aliases=aliases, grouped_dims=grouped_dims)
+                  cost_terms=cost_terms, batch_size=an.batch, aliases=aliases, grouped_dims=grouped_dims,
+                  constants=sorted(an.constants))
     gs.producer_channels, gs.frozen_producer_channels, gs.freeze_causes = _freeze_stats(
         groups, frozen_reasons, order, gid)
     return gs

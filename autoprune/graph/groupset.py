@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from autoprune.errors import AutoPruneError, ConfigError
 from autoprune.graph.common import close_hint, shape_meta
 from autoprune.graph.records import ChannelGroup, CostTerms, LiteralSite
 
-__all__ = ["MOSTLY_FROZEN_SHARE", "GroupSet"]
+__all__ = ["MOSTLY_FROZEN_SHARE", "GroupSet", "mark_constants"]
 
 #: Above this share of frozen producer channels, analyze warns that the model is mostly frozen (ENGINE.md §2.5).
 MOSTLY_FROZEN_SHARE = 0.5
@@ -26,14 +26,30 @@ def _resolve_attr(root: nn.Module, target: str) -> Any:
     return obj
 
 
+def mark_constants(gm: fx.GraphModule, names: Iterable[str]) -> None:
+    """Make the tensor constants ``names`` of a graph module non-persistent buffers.
+
+    They are buffers of the graph module (fx registers the tensors a ``get_attr`` reads as buffers) but not
+    tensors of the model, so the state dict keeps the model's names only.
+    """
+    for name in names:
+        owner_path, _, field = name.rpartition(".")
+        try:
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+        except AttributeError:
+            continue
+        if field in owner._buffers:
+            owner._non_persistent_buffers_set.add(field)
+
+
 def _clone_module(mod: nn.Module, memo: dict[int, Any]) -> nn.Module:
     """Copy a module, taking tensors from ``memo``; plain torch.nn leaves get a fast shallow copy."""
     if mod._modules or not type(mod).__module__.startswith("torch.nn.modules"):
         return copy.deepcopy(mod, memo)
     new = copy.copy(mod)
     for key, val in list(new.__dict__.items()):
-        if isinstance(val, dict):
-            new.__dict__[key] = type(val)(val)
+        if isinstance(val, (dict, list, set)):  # nothing done to the copy may reach the original's containers
+            new.__dict__[key] = copy.copy(val)
     new._parameters = {k: (memo.get(id(v), v) if v is not None else None) for k, v in mod._parameters.items()}
     new._buffers = {k: (memo.get(id(v), v) if v is not None else None) for k, v in mod._buffers.items()}
     return new
@@ -43,7 +59,10 @@ class GroupSet:
     """The channel groups of one model, in execution order, plus everything needed to slice and price them.
 
     Iterating yields every :class:`ChannelGroup` (frozen ones included) in execution order. ``gs[id]`` looks a
-    group up (unknown ids raise :class:`~autoprune.errors.ConfigError` with close matches).
+    group up (unknown ids raise :class:`~autoprune.errors.ConfigError` with close matches). Every group has at
+    least one member: channels along which no module or tensor is sliced (e.g. a dim of a tensor whose channel
+    dim the analysis does not know) are not channel groups of the model, so counts of frozen groups count real
+    channels only.
 
     Attributes:
         graph_module: The traced ``torch.fx.GraphModule`` (it shares its submodules with the analysed model).
@@ -53,6 +72,10 @@ class GroupSet:
         grouped_dims: ``tensor name -> {dim: groups}`` for the input dim of grouped conv weights, whose
             ``tensor_dims`` entries count along the virtual ``C_in`` axis (see :class:`TensorSlice`).
         exported_modules: Modules rebuilt through the ``torch.export`` front-end (``""`` = the whole model).
+        constants: Tensors of :attr:`graph_module` that are not parameters or buffers of the analysed model:
+            constants ``torch.fx`` made while tracing (``_tensor_constant0``, e.g. ``self.index.view(-1)`` of a
+            buffer) and plain tensor attributes. They are never sliced (channels they meet are frozen), never
+            looked up by :meth:`tensors_of`, and :meth:`instantiate` copies them.
         module_roles: ``(module, role) -> [(group id, offset, stride), ...]`` and the full size, per role.
         literals: Literal sizes in ``view``/``reshape`` calls that depend on widths.
         cost_terms: Closed-form cost rows (see :class:`CostTerms`).
@@ -66,7 +89,8 @@ class GroupSet:
                  tensor_shapes: dict[str, tuple[int, ...]],
                  module_roles: dict[tuple[str, str], tuple[int, list[tuple[str, int, int]]]],
                  literals: Sequence[LiteralSite], cost_terms: CostTerms, batch_size: int,
-                 aliases: dict[str, list[str]], grouped_dims: dict[str, dict[int, int]] | None = None) -> None:
+                 aliases: dict[str, list[str]], grouped_dims: dict[str, dict[int, int]] | None = None,
+                 constants: Sequence[str] = ()) -> None:
         self._groups = list(groups)
         self._by_id = {g.id: g for g in self._groups}
         self.graph_module = graph_module
@@ -80,6 +104,7 @@ class GroupSet:
         self.batch_size = batch_size
         self.aliases = aliases
         self.grouped_dims = dict(grouped_dims or {})
+        self.constants: frozenset[str] = frozenset(constants)
         self.exported_modules: list[str] = []  # modules rebuilt through torch.export ("" = the whole model)
         # producer channels (groups with an ``out`` member, not frozen only by model input/output or
         # keep_widths_of), how many of them are frozen, and the reasons with the channels each freezes (set by
@@ -169,7 +194,7 @@ class GroupSet:
         """The current parameters and buffers of ``model`` under the analysis' canonical names.
 
         ``model`` is the analysed model, its traced graph module, or any module with the same architecture
-        (same names and shapes), e.g. a fine-tuned copy.
+        (same names and shapes), e.g. a fine-tuned copy. Tensor constants (:attr:`constants`) are not among them.
 
         Raises:
             AutoPruneError: If a tensor is missing or has another shape (a different architecture).
@@ -199,20 +224,26 @@ class GroupSet:
         """A new graph module with the traced structure and (transformed) copies of ``model``'s tensors.
 
         Args:
-            model: Source of the tensor values (see :meth:`tensors_of`).
+            model: Source of the tensor values (see :meth:`tensors_of`). A tensor constant (:attr:`constants`)
+                comes from ``model`` when it has a tensor of that name and shape (a plain tensor attribute),
+                otherwise from :attr:`graph_module`.
             transform: ``f(canonical name, tensor) -> tensor`` applied to every parameter and buffer; the
                 default clones. Tied tensors stay tied; nothing is shared with ``model``.
         """
         src = self.tensors_of(model)
         gm = self.graph_module
+        for name in self.constants:
+            if name not in src:
+                src[name] = self._constant_of(model, name)
         memo: dict[int, Any] = {}
         made: dict[str, Any] = {}
+        constants = [(n, _resolve_attr(gm, n)) for n in sorted(self.constants)]
         with torch.no_grad():
             for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(
-                    gm.named_buffers(remove_duplicate=False)):
+                    gm.named_buffers(remove_duplicate=False)) + constants:
                 if id(t) in memo:
                     continue
-                c = self._canon[name]
+                c = self._canon.get(name, name)
                 if c not in made:
                     v = src[c].detach()
                     v = transform(c, v) if transform is not None else v
@@ -234,10 +265,23 @@ class GroupSet:
             else:
                 root[node.target] = copy.deepcopy(obj)
         new = fx.GraphModule(root, copy.deepcopy(gm.graph), type(gm).__name__)
+        mark_constants(new, self.constants)
         flags = {n: m.training for n, m in gm.named_modules()}
         for n, m in new.named_modules():
             m.training = flags.get(n, gm.training)
         return new
+
+    def _constant_of(self, model: nn.Module, name: str) -> torch.Tensor:
+        """Tensor constant ``name``: ``model``'s attribute of that name and shape if it has one, else the graph's."""
+        own = _resolve_attr(self.graph_module, name)
+        if model is not self.graph_module:
+            try:
+                found = _resolve_attr(model, name)
+            except AttributeError:
+                found = None
+            if isinstance(found, torch.Tensor) and found.shape == own.shape:
+                return found
+        return own
 
     # -- reports ---------------------------------------------------------------------------------------------
 

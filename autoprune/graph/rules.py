@@ -9,26 +9,33 @@ Anything without a rule goes to :func:`unknown`, which freezes the channels it t
 Dispatch: :data:`MODULE_RULES` (first ``isinstance`` match, in order), :data:`FUNCTION_RULES` (by function
 object), :data:`WRAPPED_FUNCTION_RULES` (other libraries' ``torch.fx.wrap`` functions, by qualified name) and
 :data:`METHOD_RULES` (by tensor method name). Adding an op means writing its rule here and listing it
-in one of these tables.
+in one of these tables. The attention rules (heads, ``nn.MultiheadAttention``, ``expand``, ``einsum``, Swin's
+wrapped window attention, MACs of parameter-free attention ops) live in :mod:`autoprune.graph.attention`; an op
+without a rule falls back to :func:`autoprune.graph.fallback.unknown` (frozen, its MACs measured).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from autoprune.graph import attention
 from autoprune.graph.common import node_args, norm_dim, prod, target_name
-from autoprune.graph.layout import Const, Info, SizeRef
+from autoprune.graph.fallback import unknown
+from autoprune.graph.layout import Const, Info, Segments, SizeRef
 from autoprune.graph.state import Analysis
 
 __all__ = [
-    "FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "WRAPPED_FUNCTION_RULES", "Rule", "apply_rule",
-    "qualified_name", "unknown",
+    "FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "WRAPPED_FUNCTION_RULES", "ChannelBlocks", "ChannelCount",
+    "Rule", "apply_rule", "qualified_name", "unknown",
 ]
 
 #: ``rule(analysis, node, value) -> layout``.
@@ -129,6 +136,7 @@ def apply_rule(an: Analysis, n: fx.Node, value: Any) -> Any:
         return an.fresh(an.meta_of(n), f"input:{n.name}", f"model input {n.name}")
     if n.op == "get_attr":
         return Const(str(n.target)) if isinstance(value, torch.Tensor) else None
+    _guard_special(an, n)  # channel counts and channel blocks freeze unless the node's rule understands them
     if n.op == "output":
         an.observe_output(an.meta_of(n))
         an.freeze([an.info_of(a) for a in node_args(n)], "model output")
@@ -145,13 +153,6 @@ def apply_rule(an: Analysis, n: fx.Node, value: Any) -> Any:
     if n.op == "call_method":
         return _call_method(an, n, value)
     return unknown(an, n, value, f"unknown node kind {n.op} {an.where(n)}")
-
-
-def unknown(an: Analysis, n: fx.Node, value: Any, reason: str) -> Any:
-    """No rule applies: freeze the input channels; the outputs get new frozen atoms."""
-    an.freeze([an.info_of(a) for a in node_args(n)], reason)
-    label = f"{n.target}:out" if n.op == "call_module" else f"{n.name}:out"
-    return an.fresh(an.meta_of(n), label, reason)
 
 
 def _call_module(an: Analysis, n: fx.Node, value: Any) -> Any:
@@ -193,7 +194,16 @@ def _module(an: Analysis, n: fx.Node) -> tuple[str, Any]:
 
 
 def conv(an: Analysis, n: fx.Node, value: Any) -> Any:
-    """``nn.Conv*d``: a consumer of its input and a producer (depthwise: pass-through; grouped: block rules)."""
+    """``nn.Conv*d``: a consumer of its input and a producer (depthwise: pass-through; grouped: block rules).
+
+    ``groups == 1``: input channels are weight columns, so a strided input layout (a channel owning ``s``
+    consecutive input channels, e.g. after a channel shuffle or a depth-multiplier conv) slices ``s`` columns per
+    channel. Depthwise (``groups == C_in == C_out``): per-position filters follow the input layout. Depth
+    multiplier ``m`` (``groups == C_in``, ``C_out = m·C_in``): input channel ``i`` feeds output channels
+    ``i·m … i·m + m − 1``, so the output layout is the input layout with every stride times ``m`` (members ``in``,
+    without tensors, and ``out``, weight and bias rows) and pruning input channel ``i`` removes its ``m`` outputs;
+    apply sets ``in_channels = groups`` to the kept input width and ``out_channels = m·`` that.
+    """
     name, mod = _module(an, n)
     x = n.args[0]
     info, meta = an.tensor_info(x), an.meta_of(x)
@@ -202,15 +212,20 @@ def conv(an: Analysis, n: fx.Node, value: Any) -> Any:
     an.add_mac_term(f"{name}.weight", float(prod(out_meta) / cout))
     where = an.where(n)
     if g == 1:
-        entries = an.layout_for(info, meta, 1, cin, name, where, allow_stride=False)
+        entries = an.layout_for(info, meta, 1, cin, name, where, allow_stride=True)
         an.add_use(name, "in", entries, [("weight", 1)], cin)
         atom = an.new_atom(cout, f"{name}:out")
         an.add_use(name, "out", [(atom, 0, 1)], [("weight", 0), ("bias", 0)], cout)
         return Info(1, ((atom, 1),))
-    if g == cin == cout and info is not None and isinstance(meta, tuple) \
-            and norm_dim(info.cdim, len(meta)) == 1 and all(s == 1 for _, s in info.segs):
-        an.add_use(name, "dw", an.entries(info), [("weight", 0), ("bias", 0)], cout)
-        return Info(1, info.segs)
+    if g == cin and cout % cin == 0:  # depthwise (m == 1) or depth multiplier m: one input channel per conv group
+        m = cout // cin
+        entries = an.layout_for(info, meta, 1, cin, name, where, allow_stride=True)
+        if m == 1:
+            an.add_use(name, "dw", entries, [("weight", 0), ("bias", 0)], cout)
+            return Info(1, tuple((a, s) for a, _, s in entries))
+        an.add_use(name, "in", entries, [], cin)
+        an.add_use(name, "out", [(a, off * m, s * m) for a, off, s in entries], [("weight", 0), ("bias", 0)], cout)
+        return Info(1, tuple((a, s * m) for a, _, s in entries))
     # Grouped conv (1 < g, not depthwise; a conv with out_channels == 1 has g == 1, and g == out != in is
     # grouped too): input block i (C_in/g channels) feeds only output block i (C_out/g channels). Both
     # layouts get an "equal kept count per block" constraint, resolved into group divisors at the end.
@@ -279,24 +294,31 @@ def functional_conv(an: Analysis, n: fx.Node, value: Any) -> Any:
 
 
 def matmul(an: Analysis, n: fx.Node, value: Any) -> Any:
-    """``matmul`` / ``bmm`` / ``mm`` / ``@``: MACs counted as constant, channels frozen."""
-    return _frozen_with_macs(an, n, value, "matmul")
+    """``matmul`` / ``bmm`` / ``mm`` / ``@``: heads among the batch dims pass (:func:`attention.matmul`, MACs
+    follow them); otherwise MACs counted as constant, channels frozen."""
+    out = attention.matmul(an, n, value)
+    return out if out is not None else _frozen_with_macs(an, n, value, "matmul")
 
 
 def matmul_method(an: Analysis, n: fx.Node, value: Any) -> Any:
-    """``x.matmul(y)`` / ``x.bmm(y)`` / ``x.mm(y)``: MACs counted as constant, channels frozen."""
+    """``x.matmul(y)`` / ``x.bmm(y)`` / ``x.mm(y)``: as :func:`matmul`."""
+    out = attention.matmul(an, n, value)
+    if out is not None:
+        return out
     _count_macs(an, n, value, "matmul")
-    return unknown(an, n, value, f"unknown op Tensor.{n.target} {an.where(n)}")
+    return unknown(an, n, value, f"unknown op Tensor.{n.target} {an.where(n)}", counted=True)
 
 
 def sdpa(an: Analysis, n: fx.Node, value: Any) -> Any:
-    """``F.scaled_dot_product_attention``: MACs (QKᵀ and AV) counted as constant, channels frozen."""
-    return _frozen_with_macs(an, n, value, "sdpa")
+    """``F.scaled_dot_product_attention``: heads pass (:func:`attention.sdpa`, MACs ``QKᵀ`` and ``AV`` follow
+    them); otherwise MACs counted as constant, channels frozen."""
+    out = attention.sdpa(an, n, value)
+    return out if out is not None else _frozen_with_macs(an, n, value, "sdpa")
 
 
 def _frozen_with_macs(an: Analysis, n: fx.Node, value: Any, kind: str) -> Any:
     _count_macs(an, n, value, kind)
-    return unknown(an, n, value, f"{target_name(n)} {an.where(n)}")
+    return unknown(an, n, value, f"{target_name(n)} {an.where(n)}", counted=True)
 
 
 def _count_macs(an: Analysis, n: fx.Node, value: Any, kind: str) -> None:
@@ -317,10 +339,11 @@ def _count_macs(an: Analysis, n: fx.Node, value: Any, kind: str) -> None:
 
 
 def _norm(an: Analysis, n: fx.Node, name: str, cdim: int, tensors: Sequence[tuple[str, int]], value: Any) -> Any:
+    # A strided layout (a channel owning s consecutive positions: after a channel shuffle or a depth-multiplier
+    # conv) slices s per-position parameters per channel.
     x = n.args[0]
     info, meta = an.tensor_info(x), an.meta_of(x)
-    if info is None or not isinstance(meta, tuple) or norm_dim(info.cdim, len(meta)) != norm_dim(
-            cdim, len(meta)) or (cdim == 1 and any(s != 1 for _, s in info.segs)):
+    if info is None or not isinstance(meta, tuple) or norm_dim(info.cdim, len(meta)) != norm_dim(cdim, len(meta)):
         return unknown(an, n, value, f"normalisation over a dimension that is not the channel dim {an.where(n)}")
     an.add_use(name, "norm", an.entries(info), tensors, an.width(info))
     return Info(info.cdim, info.segs)
@@ -501,8 +524,16 @@ def _first_tensor(an: Analysis, n: fx.Node) -> tuple[Any, Info | None, Any]:
 
 
 def unary(an: Analysis, n: fx.Node, value: Any) -> Any:
-    """Element-wise ops, pooling, dropout, casts: the layout passes through unless the channel dim changes."""
-    _, info, meta = _first_tensor(an, n)
+    """Element-wise ops, pooling, dropout, casts: the layout passes through unless the channel dim changes.
+
+    Channel blocks (:class:`ChannelBlocks`) pass through copies (``contiguous``, ``clone``, casts) only.
+    """
+    x, info, meta = _first_tensor(an, n)
+    blocks = an.info_of(x)
+    if isinstance(blocks, ChannelBlocks):
+        if _op_name(n) in _BLOCK_COPIES and isinstance(value, torch.Tensor) and tuple(value.shape) == meta:
+            return _blocks_out(an, n, value, blocks)
+        return _fail(an, n, value, f"{target_name(n)} on channel blocks {an.where(n)}")
     out = an.meta_of(n)
     if info is None or not isinstance(value, torch.Tensor) or not isinstance(meta, tuple):
         return unknown(an, n, value, f"unknown use of {target_name(n)} {an.where(n)}")
@@ -515,8 +546,11 @@ def unary(an: Analysis, n: fx.Node, value: Any) -> Any:
 def binary(an: Analysis, n: fx.Node, value: Any) -> Any:
     """``add``/``mul``/…: same-shape operands are unioned channel by channel (residuals).
 
-    A constant attribute broadcast along the channels becomes a ``param`` member of the group.
+    A constant attribute broadcast along the channels becomes a ``param`` member of the group. Arithmetic on a
+    channel count read from a shape goes to :func:`count_arith`.
     """
+    if any(isinstance(an.info_of(a), ChannelCount) for a in node_args(n)):
+        return count_arith(an, n, value)
     if not isinstance(value, torch.Tensor):
         return unknown(an, n, value, f"unknown use of {target_name(n)} {an.where(n)}")
     out = tuple(value.shape)
@@ -628,8 +662,18 @@ def reshape(an: Analysis, n: fx.Node, value: Any) -> Any:
     """``view``/``reshape``/``flatten``/``(un)squeeze``: the channel dim moves or is flattened.
 
     Flattened with the dims after it, each channel spans their product (the stride); a literal channel size in
-    the call is recorded for rewriting.
+    the call is recorded for rewriting. A ``view``/``reshape`` that splits the channel dim into two dims ``(g, q)``
+    gives :class:`ChannelBlocks` (the first step of a channel shuffle), and one that merges such blocks again
+    gives a layout (:func:`_merge_blocks`). Channel counts among the sizes are checked (:func:`_check_counts`).
     """
+    x = n.args[0] if n.args else next(iter(n.kwargs.values()), None)
+    blocks = an.info_of(x)
+    out = _merge_blocks(an, n, value, blocks) if isinstance(blocks, ChannelBlocks) else _reshape(an, n, value)
+    _check_counts(an, n, value, out)
+    return out
+
+
+def _reshape(an: Analysis, n: fx.Node, value: Any) -> Any:
     _, info, meta = _first_tensor(an, n)
     if info is None or not isinstance(value, torch.Tensor) or not isinstance(meta, tuple):
         return unknown(an, n, value, f"unknown use of {target_name(n)} {an.where(n)}")
@@ -646,23 +690,115 @@ def reshape(an: Analysis, n: fx.Node, value: Any) -> Any:
             new = Info(k, tuple((a, s * post) for a, s in info.segs))
             _record_literal(an, n, k, new)
             return new
+    heads = attention.split_heads(an, n, info, src, dst)  # a token tensor's channels into (…, heads, head_dim)
+    if heads is not None:
+        _record_literal(an, n, *heads)
+        return heads[1]
+    for k in range(len(dst) - 1):  # the channel dim split into (g, q): channel blocks
+        if prod(dst[:k]) == pre and dst[k] > 1 and dst[k + 1] > 1 and dst[k] * dst[k + 1] == chan \
+                and prod(dst[k + 2:]) == post:
+            return _view_blocks(an, n, value, info, k)
     return unknown(an, n, value, f"reshape that mixes the channel dim {tuple(src)} -> {tuple(dst)} {an.where(n)}")
+
+
+def _shape_spec(n: fx.Node) -> tuple[list[Any], Callable[[int], tuple[Any, ...]]] | None:
+    """The sizes given to a ``view``/``reshape`` call and the path of size ``k`` in the node (None for other ops)."""
+    if n.op == "call_module" or target_name(n) not in ("view", "reshape", "torch.reshape"):
+        return None
+    args = n.args[1:]
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        return list(args[0]), lambda k: ("args", 1, k)
+    key = "shape" if "shape" in n.kwargs else "size"
+    if not args and isinstance(n.kwargs.get(key), (tuple, list)):
+        return list(n.kwargs[key]), lambda k: ("kwargs", key, k)
+    return list(args), lambda k: ("args", k + 1)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _record_literal(an: Analysis, n: fx.Node, k: int, info: Info) -> None:
     """Remember a literal channel size in a view/reshape call so that apply can rewrite it."""
-    if n.op == "call_module" or target_name(n) not in ("view", "reshape"):
+    spec = _shape_spec(n)
+    if spec is None:
         return
-    args = n.args[1:]
-    if len(args) == 1 and isinstance(args[0], (tuple, list)):
-        shape, path = list(args[0]), ("args", 1)
-    elif "shape" in n.kwargs and isinstance(n.kwargs["shape"], (tuple, list)):
-        shape, path = list(n.kwargs["shape"]), ("kwargs", "shape")
-    else:
-        shape, path = list(args), ("args",)
-    if k < len(shape) and isinstance(shape[k], int) and shape[k] != -1:
-        full_path = (*path, k) if path != ("args",) else ("args", k + 1)
-        an.add_literal(n.name, full_path, shape[k], info.segs)
+    shape, path = spec
+    if k < len(shape) and _is_int(shape[k]) and shape[k] != -1:
+        an.add_literal(n.name, path(k), shape[k], info.segs)
+
+
+def _view_blocks(an: Analysis, n: fx.Node, value: Any, info: Info, k: int) -> Any:
+    """A ``view``/``reshape`` of the channel dim into ``(g, q)`` at dims ``k, k + 1``: :class:`ChannelBlocks`.
+
+    The block size ``q`` must be a literal (rewritten to the kept width of a block), ``-1`` or a channel count
+    equal to ``C / g`` (checked when the blocks are merged, after tying them); the blocks themselves are tied only
+    when a merge (:func:`_merge_blocks`) shows the pattern, so a split that leads elsewhere just freezes.
+    """
+    g, q = int(value.shape[k]), int(value.shape[k + 1])
+    blocks = []
+    for a in range(g):
+        segs = an.sub_layout(info, a * q, (a + 1) * q)
+        if segs is None:
+            return unknown(an, n, value, f"reshape into channel blocks inside a flattened channel {an.where(n)}")
+        blocks.append(segs)
+    spec = _shape_spec(n)
+    size = spec[0][k + 1] if spec is not None and k + 1 < len(spec[0]) else None
+    ref = an.info_of(size) if isinstance(size, fx.Node) else None
+    pending: tuple[ChannelCount, ...] = ()
+    if isinstance(ref, ChannelCount):
+        pending = (ref,)
+    elif spec is not None and _is_int(size):
+        if size != -1:
+            an.add_literal(n.name, spec[1](k + 1), size, blocks[0])
+    else:  # computed elsewhere (or view_as): it would not follow the block width
+        return unknown(an, n, value, f"reshape into channel blocks with a block size that is not understood "
+                                     f"{an.where(n)}")
+    out = ChannelBlocks(info, tuple(blocks), k, k + 1, n.name, pending)
+    return _blocks_out(an, n, value, out)
+
+
+def _merge_blocks(an: Analysis, n: fx.Node, value: Any, blocks: ChannelBlocks) -> Any:
+    """A ``view``/``reshape``/``flatten`` that merges the two block dims again: a channel shuffle or its inverse.
+
+    Merged in block order (``(g, q)``) the channels are as before the split; transposed (``(q, g)``, the channel
+    shuffle) channel ``a·q + b`` goes to position ``b·g + a``. Either way the ``g`` blocks are tied channel by
+    channel (each keeps the same channels, so every block keeps the same count and the kept positions after the
+    shuffle come in runs of ``g``): the result's layout is block 0's with every stride times ``g``. Dims after the
+    merged pair may be flattened into it too (strides times their product).
+    """
+    meta = an.meta_of(n.args[0] if n.args else None)
+    use = f"{target_name(n)} {an.where(n)}"
+    if not isinstance(meta, tuple) or not isinstance(value, torch.Tensor) or abs(blocks.outer - blocks.inner) != 1:
+        return _fail(an, n, value, f"reshape of channel blocks that does not merge them {an.where(n)}")
+    lo = min(blocks.outer, blocks.inner)
+    src, dst = list(meta), list(value.shape)
+    g, pre, post = len(blocks.blocks), prod(src[:lo]), prod(src[lo + 2:])
+    width = src[lo] * src[lo + 1]
+    for k in range(len(dst)):
+        if prod(dst[:k]) != pre:
+            continue
+        if dst[k] == width and prod(dst[k + 1:]) == post:
+            extra = 1
+        elif k == len(dst) - 1 and dst[k] == width * post and post > 1:
+            extra = post
+        else:
+            continue
+        if not all(an.align(blocks.blocks[0], other) for other in blocks.blocks[1:]):
+            return _fail(an, n, value, f"channel blocks with different channel layouts {an.where(n)}")
+        for cc in blocks.pending:
+            if not _same_width(an, cc, blocks.blocks[0]):
+                an.freeze(cc.info, f"{cc.origin} used by {use}")
+                return _fail(an, n, value, f"channel blocks sized by a channel count that does not follow them "
+                                           f"{an.where(n)}")
+        if blocks.outer < blocks.inner:
+            segs = blocks.info.segs
+        else:
+            segs = tuple((leaf, s * g) for leaf, s in an.leaf_segs(blocks.blocks[0]))
+        out = Info(k, tuple((a, s * extra) for a, s in segs))
+        _record_literal(an, n, k, out)
+        return out
+    return _fail(an, n, value, f"reshape of channel blocks that does not merge them {an.where(n)}")
 
 
 def reduce(an: Analysis, n: fx.Node, value: Any) -> Any:
@@ -687,11 +823,13 @@ def reduce(an: Analysis, n: fx.Node, value: Any) -> Any:
 
 
 def _permute(an: Analysis, n: fx.Node, value: Any, transpose: bool) -> Any:
-    _, info, meta = _first_tensor(an, n)
-    if info is None or not isinstance(meta, tuple) or not isinstance(value, torch.Tensor):
-        return unknown(an, n, value, f"unknown use of {target_name(n)} {an.where(n)}")
+    x, info, meta = _first_tensor(an, n)
+    blocks = an.info_of(x)
+    if not isinstance(blocks, ChannelBlocks):
+        blocks = None
+    if (info is None and blocks is None) or not isinstance(meta, tuple) or not isinstance(value, torch.Tensor):
+        return _fail(an, n, value, f"unknown use of {target_name(n)} {an.where(n)}")
     nd = len(meta)
-    c = norm_dim(info.cdim, nd)
     rest = list(n.args[1:])
     if transpose:
         if target_name(n) == "t":
@@ -700,15 +838,24 @@ def _permute(an: Analysis, n: fx.Node, value: Any, transpose: bool) -> Any:
             d0 = rest[0] if rest else n.kwargs.get("dim0")
             d1 = rest[1] if len(rest) > 1 else n.kwargs.get("dim1")
         if not isinstance(d0, int) or not isinstance(d1, int):
-            return unknown(an, n, value, f"dynamic transpose {an.where(n)}")
+            return _fail(an, n, value, f"dynamic transpose {an.where(n)}")
         d0, d1 = norm_dim(d0, nd), norm_dim(d1, nd)
-        new_c = d1 if c == d0 else d0 if c == d1 else c
+
+        def moved(d: int) -> int:
+            return d1 if d == d0 else d0 if d == d1 else d
     else:
         dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest or n.kwargs.get("dims")
         if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims):
-            return unknown(an, n, value, f"dynamic permute {an.where(n)}")
-        new_c = [norm_dim(d, nd) for d in dims].index(c)
-    return Info(new_c, info.segs)
+            return _fail(an, n, value, f"dynamic permute {an.where(n)}")
+        order = [norm_dim(d, nd) for d in dims]
+
+        def moved(d: int) -> int:
+            return order.index(d)
+    if blocks is not None:  # both block dims move
+        return _blocks_out(an, n, value, dataclasses.replace(blocks, outer=moved(blocks.outer),
+                                                             inner=moved(blocks.inner)))
+    assert info is not None
+    return Info(moved(norm_dim(info.cdim, nd)), info.segs)
 
 
 def permute(an: Analysis, n: fx.Node, value: Any) -> Any:
@@ -782,7 +929,7 @@ def pad(an: Analysis, n: fx.Node, value: Any) -> Any:
 
 
 def getitem(an: Analysis, n: fx.Node, value: Any) -> Any:
-    """``x[idx]``: an item of a tuple/dict, an entry of a shape, or indexing a tensor away from its channels."""
+    """``x[idx]``: an item of a tuple/dict, an entry of a shape, or indexing a tensor (see :func:`_channel_slice`)."""
     base, idx = n.args[0], n.args[1]
     binfo = an.info_of(base)
     if isinstance(binfo, (tuple, list)):
@@ -798,9 +945,114 @@ def getitem(an: Analysis, n: fx.Node, value: Any) -> Any:
         return None
     meta = an.meta_of(base)
     new_c = _index_channel_dim(idx, len(meta), norm_dim(binfo.cdim, len(meta)))
-    if new_c is None or not isinstance(value, torch.Tensor) or value.shape[new_c] != meta[binfo.cdim]:
-        return unknown(an, n, value, f"indexing along the channel dim {an.where(n)}")
-    return Info(new_c, binfo.segs)
+    if new_c is not None and isinstance(value, torch.Tensor) and value.shape[new_c] == meta[binfo.cdim]:
+        return Info(new_c, binfo.segs)
+    return _channel_slice(an, n, value, binfo, meta)
+
+
+def _channel_item(idx: Any, ndim: int, cdim: int) -> tuple[int | None, Any, tuple[int, ...]] | None:
+    """The index item that ``x[idx]`` applies to the channel dim: ``(dim after indexing, item, its path in idx)``.
+
+    The dim is None when an int removes it; the path is ``(i,)`` for item ``i`` of a tuple index, ``()`` for a
+    single index. None for advanced indexing, or when the channel dim is not indexed by an item of its own.
+    """
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    if any(not isinstance(i, (slice, int, type(None), type(Ellipsis))) for i in items):
+        return None
+    consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+    in_dim = out_dim = 0
+    for pos, i in enumerate(items):
+        if i is Ellipsis:
+            span = ndim - consumed
+            if in_dim <= cdim < in_dim + span:
+                return None
+            in_dim, out_dim = in_dim + span, out_dim + span
+        elif i is None:
+            out_dim += 1
+        elif in_dim == cdim:
+            return (out_dim if isinstance(i, slice) else None), i, ((pos,) if isinstance(idx, tuple) else ())
+        else:
+            out_dim += isinstance(i, slice)
+            in_dim += 1
+    return None
+
+
+def _channel_slice(an: Analysis, n: fx.Node, value: Any, info: Info, meta: tuple[int, ...]) -> Any:
+    """``x[:, a:b]`` with int (or no) bounds and step 1 on the channel dim: like ``split`` with explicit sizes.
+
+    The range ``[a, b)`` becomes sub-atoms (:meth:`~Analysis.sub_layout`) and the result's layout; a bound is a
+    literal rewritten on apply to the kept width before it (``a > 0``) or, negative, minus the kept width after it.
+    Bounds at or beyond the ends need no rewrite. Other steps, int indices and dynamic bounds on the channel dim
+    freeze (``indexing along the channel dim``).
+    """
+    reason = f"indexing along the channel dim {an.where(n)}"
+    found = _channel_item(n.args[1], len(meta), norm_dim(info.cdim, len(meta)))
+    if found is None or found[0] is None or not isinstance(found[1], slice) or not isinstance(value, torch.Tensor):
+        return unknown(an, n, value, reason)
+    out_c, item, pos = found
+    if item.step not in (None, 1) or not all(b is None or _is_int(b) for b in (item.start, item.stop)):
+        return unknown(an, n, value, reason)
+    size = meta[norm_dim(info.cdim, len(meta))]
+    lo, hi, _ = item.indices(size)
+    if hi <= lo or value.dim() <= out_c or value.shape[out_c] != hi - lo:
+        return unknown(an, n, value, reason)
+    segs = an.sub_layout(info, lo, hi)
+    if segs is None:
+        return unknown(an, n, value, f"channel slice inside a flattened channel {an.where(n)}")
+    for key, bound, at in (("start", item.start, lo), ("stop", item.stop, hi)):
+        if bound is None or bound == 0 or not -size < bound < size:
+            continue  # an end of the dim: still an end after pruning
+        _bound_literal(an, n, ("args", 1, *pos, key), bound, info, at, size)
+    return Info(out_c, segs)
+
+
+def _bound_literal(an: Analysis, n: fx.Node, path: tuple[Any, ...], bound: int, info: Info, at: int,
+                   size: int) -> None:
+    """Record a channel position ``bound`` (``at`` from the start) that must follow the widths.
+
+    Positive: the kept width of positions ``[0, at)``; negative: minus the kept width of ``[at, size)`` (the
+    literal's terms then carry negative coefficients). Both stay non-zero, as every group keeps a channel.
+    """
+    if bound > 0:
+        part = an.sub_layout(info, 0, at)
+        if part is not None:
+            an.add_literal(n.name, path, bound, part)
+    else:
+        part = an.sub_layout(info, at, size)
+        if part is not None:
+            an.add_literal(n.name, path, bound, tuple((a, -s) for a, s in part))
+
+
+def narrow(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``torch.narrow(x, dim, start, length)`` / ``x.narrow(...)``: on the channel dim as ``x[:, start:start+length]``.
+
+    With int arguments the range becomes sub-atoms; ``start`` (non-zero) and ``length`` are literals rewritten to
+    the kept widths before / inside the range. On another dim the layout passes through.
+    """
+    _, info, meta = _first_tensor(an, n)
+    dim, start, length = _arg(n, 1, "dim"), _arg(n, 2, "start"), _arg(n, 3, "length")
+    if info is None or not isinstance(meta, tuple) or not isinstance(value, torch.Tensor) \
+            or not all(_is_int(v) for v in (dim, start, length)):
+        return unknown(an, n, value, f"unknown use of narrow {an.where(n)}")
+    c = norm_dim(info.cdim, len(meta))
+    if norm_dim(dim, len(meta)) != c:
+        return Info(info.cdim, info.segs)
+    size = meta[c]
+    lo = start + size if start < 0 else start
+    if not 0 <= lo < lo + length <= size:
+        return unknown(an, n, value, f"narrow along the channel dim {an.where(n)}")
+    segs = an.sub_layout(info, lo, lo + length)
+    if segs is None:
+        return unknown(an, n, value, f"channel slice inside a flattened channel {an.where(n)}")
+    if lo > 0:
+        _bound_literal(an, n, _arg_path(n, 2, "start"), start, info, lo, size)
+    an.add_literal(n.name, _arg_path(n, 3, "length"), length, segs)
+    return Info(info.cdim, segs)
+
+
+def _arg_path(n: fx.Node, pos: int, name: str) -> tuple[Any, ...]:
+    """Path of argument ``name`` of a call: positional at ``pos`` or by keyword."""
+    return ("args", pos) if len(n.args) > pos else ("kwargs", name)
 
 
 def _index_channel_dim(idx: Any, ndim: int, cdim: int) -> int | None:
@@ -835,7 +1087,11 @@ def setitem(an: Analysis, n: fx.Node, value: Any) -> Any:
 
 
 def size_query(an: Analysis, n: fx.Node, value: Any) -> Any:
-    """``x.size()``, ``x.size(d)``, ``x.numel()`` …: channel counts must not leak into other ops."""
+    """``x.size()``, ``x.size(d)``, ``x.numel()`` …: channel counts must not leak into other ops.
+
+    ``x.size(c)`` of the channel dim is a :class:`ChannelCount` (free only where a rule understands it); the
+    element count freezes the channels.
+    """
     method = str(n.target)
     info, meta = an.tensor_info(n.args[0]), an.meta_of(n.args[0])
     if info is None or not isinstance(meta, tuple):
@@ -849,13 +1105,17 @@ def size_query(an: Analysis, n: fx.Node, value: Any) -> Any:
     d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
     if d is None:
         return SizeRef(info, len(meta))
-    if not isinstance(d, int) or norm_dim(d, len(meta)) == c:
+    if not isinstance(d, int):
         an.freeze(info, f"channel count read by size() {an.where(n)}")
+    elif norm_dim(d, len(meta)) == c:
+        return ChannelCount(info, 1, 1, f"channel count read by size() {an.where(n)}")
     return None
 
 
 def _size_item(an: Analysis, n: fx.Node, ref: SizeRef, idx: Any) -> Any:
     c = norm_dim(ref.info.cdim, ref.ndim)
+    if isinstance(idx, int) and norm_dim(idx, ref.ndim) == c:
+        return ChannelCount(ref.info, 1, 1, f"channel count read from the shape {an.where(n)}")
     dims = range(ref.ndim)
     hit = (norm_dim(idx, ref.ndim) == c) if isinstance(idx, int) else (
         c in dims[idx] if isinstance(idx, slice) and all(
@@ -880,6 +1140,221 @@ def attribute(an: Analysis, n: fx.Node, value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Channel counts read from shapes; channel blocks (channel shuffle)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChannelCount:
+    """An int computed from a tensor's channel count (``x.size(1)``, ``x.shape[1]``): ``width(info) · num / den``.
+
+    Reading a channel count does not freeze by itself: the count is free where a rule understands it, namely
+    ``c // k`` and ``c * k`` with an int ``k`` (:func:`count_arith`, again a count) and a ``view``/``reshape`` size
+    that equals the width of the dim it sizes at every group width (:func:`_check_counts`). There it needs no
+    rewrite: the pruned model reads the pruned count at run time. Any other use freezes ``info``
+    (:func:`_guard_special`), with ``origin`` in the reason.
+
+    Attributes:
+        info: Layout of the tensor whose channel count was read.
+        num: Numerator of the factor applied to the count.
+        den: Denominator of the factor.
+        origin: Where the count was read (``channel count read by size() at ...``).
+    """
+
+    info: Info
+    num: int
+    den: int
+    origin: str
+
+
+@dataclass(frozen=True)
+class ChannelBlocks:
+    """A channel dim viewed as two dims ``(g, q)`` (the first ``view`` of a channel shuffle).
+
+    Block ``a`` (its index along dim ``outer``) holds channels ``a·q … a·q + q − 1`` of ``info`` (their index along
+    dim ``inner``). Only ``transpose``/``permute``, copies (``contiguous``, ``clone``, casts) and a
+    ``view``/``reshape`` that merges the two dims again (:func:`_merge_blocks`) understand it; any other use
+    freezes ``info`` and the counts in ``pending`` (:func:`_guard_special`).
+
+    Attributes:
+        info: Layout of the channel dim before the view.
+        blocks: Segments of each of the ``g`` blocks.
+        outer: Dim holding the block index.
+        inner: Dim holding the position inside a block.
+        node: Name of the view that made the blocks.
+        pending: A channel count given as that view's block size, checked when the blocks are merged.
+    """
+
+    info: Info
+    blocks: tuple[Segments, ...]
+    outer: int
+    inner: int
+    node: str
+    pending: tuple[ChannelCount, ...] = ()
+
+
+#: Ops through which channel blocks pass unchanged (:func:`unary`).
+_BLOCK_COPIES = frozenset({"contiguous", "clone", "detach", "float", "double", "half", "to", "type", "type_as", "cpu",
+                           "cuda", "requires_grad_"})
+_COUNT_OPS = {operator.mul: "mul", operator.floordiv: "floordiv"}
+
+
+def _op_name(n: fx.Node) -> str:
+    """The bare name of a node's function or method (``contiguous``, ``clone``, ``transpose`` …)."""
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+
+
+def _freeze_ref(an: Analysis, ref: Any, use: str) -> None:
+    """Freeze what a channel count or channel blocks depend on, naming the use that is not understood."""
+    if isinstance(ref, ChannelCount):
+        an.freeze(ref.info, f"{ref.origin} used by {use}")
+    elif isinstance(ref, ChannelBlocks):
+        an.freeze(ref.info, f"channel dim viewed as {len(ref.blocks)} blocks (node {ref.node}) used by {use}")
+        for cc in ref.pending:
+            an.freeze(cc.info, f"{cc.origin} used by {use}")
+
+
+def _fail(an: Analysis, n: fx.Node, value: Any, reason: str) -> Any:
+    """:func:`unknown`, also freezing (with ``reason``) the channel counts and channel blocks among the arguments."""
+    for a in node_args(n):
+        ref = an.info_of(a)
+        if isinstance(ref, (ChannelCount, ChannelBlocks)):
+            an.freeze(ref.info, reason)
+        if isinstance(ref, ChannelBlocks):
+            for cc in ref.pending:
+                an.freeze(cc.info, reason)
+    return unknown(an, n, value, reason)
+
+
+def _blocks_out(an: Analysis, n: fx.Node, value: Any, blocks: ChannelBlocks) -> Any:
+    """``blocks`` as the node's value, unless nothing uses it (then nothing would ever check it: freeze)."""
+    if not n.users:
+        return _fail(an, n, value, f"channel blocks not merged again {an.where(n)}")
+    return blocks
+
+
+def _rule_of(an: Analysis, n: fx.Node) -> Rule | None:
+    """The rule a node dispatches to (None: :func:`unknown`)."""
+    if n.op == "call_function":
+        return FUNCTION_RULES.get(n.target) or WRAPPED_FUNCTION_RULES.get(qualified_name(n.target))
+    if n.op == "call_method":
+        return METHOD_RULES.get(str(n.target))
+    if n.op == "call_module" and str(n.target) not in an.leaf_reasons:
+        mod = an.mods[str(n.target)]
+        return next((rule for types, rule in MODULE_RULES if isinstance(mod, types)), None)
+    return None
+
+
+def _guard_special(an: Analysis, n: fx.Node) -> None:
+    """Freeze the channel counts and channel blocks among ``n``'s arguments unless its rule understands them.
+
+    Counts: :func:`reshape`, :func:`binary` and :func:`count_arith` (which check or freeze every count they get).
+    Blocks: as the first argument of :func:`reshape`, :func:`permute`, :func:`transpose` and :func:`unary` (the
+    rules that carry, merge or freeze them). Everything else (the model output included) freezes them.
+    """
+    refs = [(k, an.info_of(a)) for k, a in enumerate(node_args(n))]
+    if not any(isinstance(r, (ChannelCount, ChannelBlocks)) for _, r in refs):
+        return
+    rule = _rule_of(an, n)
+    first = n.args[0] if n.args else next(iter(n.kwargs.values()), None)
+    use = f"{target_name(n)} {an.where(n)}"
+    for k, r in refs:
+        if not isinstance(r, (ChannelCount, ChannelBlocks)):
+            continue
+        if isinstance(r, ChannelCount):
+            understood = rule in _COUNT_RULES
+        else:  # channel blocks: only as the tensor the rule works on
+            understood = rule in _BLOCK_RULES and k == 0 and isinstance(first, fx.Node) and an.info_of(first) is r
+        if not understood:
+            _freeze_ref(an, r, use)
+
+
+def count_arith(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """``c // k``, ``c * k``, ``k * c`` on a :class:`ChannelCount` ``c`` with an int ``k > 0``: again a count.
+
+    ``c // k`` must divide exactly on the example input. Other arithmetic on a count freezes its channels; ``//``
+    on tensors is an unknown op.
+    """
+    counts = [an.info_of(a) for a in node_args(n) if isinstance(an.info_of(a), ChannelCount)]
+    use = f"{target_name(n)} {an.where(n)}"
+    if not counts:
+        return unknown(an, n, value, f"unknown op {use}")
+    op = _COUNT_OPS.get(n.target) if callable(n.target) else None
+    if op is not None and len(n.args) == 2 and not n.kwargs and _is_int(value):
+        a, b = (an.info_of(x) for x in n.args)
+        cc, k = (a, n.args[1]) if isinstance(a, ChannelCount) else (b, n.args[0]) if op == "mul" else (None, None)
+        if isinstance(cc, ChannelCount) and _is_int(k) and k > 0:
+            full = Fraction(an.width(cc.info) * cc.num, cc.den)
+            f = Fraction(cc.num * k, cc.den) if op == "mul" else Fraction(cc.num, cc.den * k)
+            if (full * k if op == "mul" else full / k) == value:
+                return ChannelCount(cc.info, f.numerator, f.denominator, cc.origin)
+    for cc in counts:
+        _freeze_ref(an, cc, use)
+    return None
+
+
+def _width_terms(an: Analysis, segs: Segments, scale: Fraction = Fraction(1)) -> dict[int, Fraction]:
+    """A layout's width as a linear function of its channel classes: ``{union-find root: positions per channel}``."""
+    out: dict[int, Fraction] = {}
+    for leaf, s in an.leaf_segs(segs):
+        r = an.find(leaf)
+        out[r] = out.get(r, Fraction(0)) + s * scale
+    return out
+
+
+def _same_width(an: Analysis, cc: ChannelCount, segs: Segments) -> bool:
+    """True when the count equals the width of ``segs`` at every group width.
+
+    Either the two width functions agree already, or (a count of a whole tensor, the same full width) the two
+    layouts are unioned channel by channel, which makes them agree (e.g. ``y.view(b, c, 1, 1)`` with ``c`` read
+    from another tensor ``x``: ``y`` then keeps ``x``'s channels). False otherwise.
+    """
+    if _width_terms(an, cc.info.segs, Fraction(cc.num, cc.den)) == _width_terms(an, segs):
+        return True
+    return cc.num == cc.den and an.width(cc.info) == sum(an.size[a] * s for a, s in segs) \
+        and an.align(cc.info.segs, segs)
+
+
+def _check_counts(an: Analysis, n: fx.Node, value: Any, out: Any) -> None:
+    """Channel counts among a ``view``/``reshape``'s sizes must size the channel dim of the result.
+
+    A count at the result's channel dim must equal its width at every group width (:func:`_same_width`); one given
+    as the block size of new channel blocks is checked when they are merged (:func:`_merge_blocks`). Any other
+    count (another dim, another argument, another op) freezes.
+    """
+    spec = _shape_spec(n)
+    shape = spec[0] if spec is not None else []
+    use = f"{target_name(n)} {an.where(n)}"
+    sized: set[fx.Node] = set()
+    # the result's channel dim: a size there that does not follow its width would break the pruned model
+    cdim = norm_dim(out.cdim, value.dim()) if isinstance(out, Info) and isinstance(value, torch.Tensor) else None
+    for k, s in enumerate(shape):
+        cc = an.info_of(s) if isinstance(s, fx.Node) else None
+        if not isinstance(cc, ChannelCount):
+            if k == cdim and isinstance(s, fx.Node):
+                an.freeze(out, f"reshape to a computed channel size {use}")
+            continue
+        sized.add(s)
+        if isinstance(out, ChannelBlocks):
+            ok = out.node == n.name and k == out.inner and cc in out.pending
+        else:
+            ok = isinstance(out, Info) and isinstance(value, torch.Tensor) \
+                and k == norm_dim(out.cdim, value.dim()) and _same_width(an, cc, out.segs)
+        if not ok:
+            _freeze_ref(an, cc, use)
+            if k == cdim:
+                an.freeze(out, f"reshape to a channel size that does not follow the channels ({cc.origin}) {use}")
+    for a in node_args(n):
+        if a not in sized and isinstance(an.info_of(a), ChannelCount):
+            _freeze_ref(an, an.info_of(a), use)
+
+
+#: Rules that check (or freeze) every channel count they get, and rules that handle channel blocks.
+_COUNT_RULES: frozenset[Rule] = frozenset({reshape, binary, count_arith})
+_BLOCK_RULES: frozenset[Rule] = frozenset({reshape, permute, transpose, unary})
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Dispatch tables
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -893,6 +1368,7 @@ MODULE_RULES: tuple[tuple[type | tuple[type, ...], Rule], ...] = (
     (nn.GroupNorm, group_norm),
     (nn.PReLU, prelu),
     (nn.Embedding, embedding),
+    (nn.MultiheadAttention, attention.multihead_attention),
     (nn.Flatten, reshape),
     ((nn.Softmax, nn.LogSoftmax), softmax_module),
     (_PASS_TYPES, unary),
@@ -931,6 +1407,9 @@ FUNCTION_RULES: dict[Any, Rule] = _table([
     (_FUNC_LAYER_NORM, functional_layer_norm),
     (_MATMUL_FUNCS, matmul),
     (_SDPA_FUNCS, sdpa),
+    (_funcs(("einsum",), torch), attention.einsum),
+    ((operator.floordiv,), count_arith),
+    (_funcs(("narrow",), torch), narrow),
 ])
 
 #: Functions of other libraries that ``torch.fx.wrap`` keeps as ``call_function`` nodes, by qualified name
@@ -939,6 +1418,12 @@ FUNCTION_RULES: dict[Any, Rule] = _table([
 WRAPPED_FUNCTION_RULES: dict[str, Rule] = {
     # identity in eval mode; in training a per-sample (or per-batch) 0/1 scale: channel-preserving either way
     "torchvision.ops.stochastic_depth.stochastic_depth": unary,
+    # Swin V1/V2 attention: hidden width, heads (num_heads rewritten) and output width; exact MACs. The pruned
+    # form that apply puts in its place where the widths no longer fit torchvision's (head_dim explicit).
+    "torchvision.models.swin_transformer.shifted_window_attention": attention.shifted_window_attention,
+    "autoprune.graph.attention.pruned_shifted_window_attention": attention.shifted_window_attention,
+    # Swin's per-head relative position bias [1, heads, N, N] from the table's columns
+    "torchvision.models.swin_transformer._get_relative_position_bias": attention.relative_position_bias,
 }
 
 
@@ -960,4 +1445,6 @@ METHOD_RULES: dict[str, Rule] = _table([
     (_TRANSPOSE_METHODS, transpose),
     (_SOFTMAX_METHODS, softmax),
     (_MATMUL_METHODS, matmul_method),
+    (("narrow",), narrow),
+    (("expand", "expand_as"), attention.expand),
 ])

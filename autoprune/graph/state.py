@@ -15,6 +15,20 @@ API:
 * records: :meth:`~Analysis.add_use`, :meth:`~Analysis.add_tensor_use`, :meth:`~Analysis.add_literal`,
   :meth:`~Analysis.add_mac_term`, :meth:`~Analysis.add_const_macs`, :meth:`~Analysis.add_blocks`,
   :meth:`~Analysis.observe_input`, :meth:`~Analysis.observe_output`.
+
+**Tensor constants.** ``torch.fx`` stows a tensor that is not a parameter or buffer of the model (one computed
+while tracing, e.g. ``self.index.view(-1)`` of a buffer, or a plain tensor attribute) as an attribute of the
+traced graph module (``_tensor_constant0``, …). Such a tensor (``constants``) is not part of the model and cannot
+be sliced: a use that would slice it freezes the channels it meets instead (:meth:`~Analysis.add_tensor_use`).
+
+**Channel dim of new tensors.** The output of an op without a rule gets new frozen atoms (:meth:`~Analysis.fresh`)
+on the dim where its input's channels were (same rank: the same dim; channels-last inputs: the last dim), and the
+default dim (1, or the last dim of a 3-D tensor) only when no input says otherwise, so a channels-last (NHWC)
+tensor does not get atoms sized by its height. Atoms along which no tensor is ever sliced do not become groups
+(:func:`autoprune.graph.analysis.analyze` leaves them out).
+
+The graph's ``get_attr`` tensors are copies during the run (:meth:`~Analysis.get_attr`), so an in-place op in the
+traced code cannot change the model's parameters.
 """
 
 from __future__ import annotations
@@ -42,11 +56,17 @@ class Analysis(fx.Interpreter):
         gm: The traced model.
         leaf_reasons: Opaque leaf module name → why it is opaque.
         rule: ``rule(analysis, node, value)`` → the node's layout (:func:`autoprune.graph.rules.apply_rule`).
+        constants: Names of the graph module's tensors that are not parameters or buffers of the model (tensor
+            constants made while tracing, plain tensor attributes): never sliced, their channels freeze.
     """
 
-    def __init__(self, gm: fx.GraphModule, leaf_reasons: Mapping[str, str], rule: Rule) -> None:
+    def __init__(self, gm: fx.GraphModule, leaf_reasons: Mapping[str, str], rule: Rule, *,
+                 constants: Iterable[str] = ()) -> None:
         super().__init__(gm)
         self.rule = rule
+        self.constants = frozenset(constants)  # tensors of the graph module that are not the model's (see above)
+        self.current: fx.Node | None = None  # the node whose rule is running
+        self._attr_copies: dict[str, torch.Tensor] = {}
         self.extra_traceback = False  # fx's structured-trace logging imports inductor (seconds) on errors
         self.mods = dict(gm.named_modules())
         self.leaf_reasons = dict(leaf_reasons)
@@ -245,9 +265,9 @@ class Analysis(fx.Interpreter):
         return f"at node {n.name}"
 
     def fresh(self, meta: Any, label: str, reason: str) -> Any:
-        """New frozen atoms for every tensor in an output structure."""
+        """New frozen atoms for every tensor in an output structure (on the dim :meth:`channel_dim` picks)."""
         if isinstance(meta, tuple) and all(isinstance(x, int) for x in meta):
-            cd = default_cdim(len(meta))
+            cd = self.channel_dim(meta)
             if cd is None:
                 return None
             return Info(cd, ((self.new_atom(meta[cd], label, reason), 1),))
@@ -256,6 +276,34 @@ class Analysis(fx.Interpreter):
         if isinstance(meta, dict):
             return {k: self.fresh(m, label, reason) for k, m in meta.items()}
         return None
+
+    def channel_dim(self, shape: tuple[int, ...]) -> int | None:
+        """The channel dim of a new tensor of ``shape`` made by the running node, whose layout no rule knows.
+
+        Taken from the node's tensor inputs with a known layout: an input of the same rank gives its channel dim
+        (one whose size is unchanged first); when every such input is channels-last (e.g. NHWC activations), the
+        last dim. Only without such inputs (model inputs, tensors computed from constants) is it the default: 1,
+        or 2 for a 3-D tensor (tokens × channels). None for a 0-d tensor.
+        """
+        nd = len(shape)
+        if nd == 0:
+            return None
+        hints: list[tuple[int, tuple[int, ...]]] = []
+        if self.current is not None:
+            for a in node_args(self.current):
+                info, meta = self.infos.get(a), self.meta.get(a)
+                if isinstance(info, Info) and isinstance(meta, tuple) and meta \
+                        and all(isinstance(v, int) for v in meta):
+                    hints.append((norm_dim(info.cdim, len(meta)), meta))
+        same = [(c, m) for c, m in hints if len(m) == nd]
+        for c, m in same:
+            if shape[c] == m[c]:
+                return c
+        if same:
+            return same[0][0]
+        if hints and all(c == len(m) - 1 for c, m in hints):
+            return nd - 1
+        return default_cdim(nd)
 
     def info_of(self, a: Any) -> Any:
         """What the analysis knows about an argument (a layout, a nested structure, ...; None for constants)."""
@@ -294,12 +342,29 @@ class Analysis(fx.Interpreter):
                 present.append((f"{module}.{tname}", dim))
             else:
                 present.append((tname, dim))
-        self.uses.append(Use(module, role, list(entries), present, int(full), groups))
+        self.uses.append(Use(module, role, list(entries), self._sliceable(module, entries, present), int(full),
+                             groups))
 
     def add_tensor_use(self, module: str, role: str, entries: Entries, tensors: Sequence[tuple[str, int]],
                        full: int) -> None:
-        """Record a use whose tensors are given by their full names (functional layers, bare attributes)."""
-        self.uses.append(Use(module, role, list(entries), list(tensors), full))
+        """Record a use whose tensors are given by their full names (functional layers, bare attributes).
+
+        A tensor constant among them (see the module docstring) is not sliced: the channels of ``entries`` freeze.
+        """
+        self.uses.append(Use(module, role, list(entries), self._sliceable(module, entries, tensors), full))
+
+    def _sliceable(self, module: str, entries: Entries, tensors: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+        """``tensors`` without the tensor constants; each constant freezes the atoms of ``entries``, with a reason."""
+        out = []
+        for tname, dim in tensors:
+            if tname not in self.constants:
+                out.append((tname, dim))
+                continue
+            where = self.where(self.current) if self.current is not None else f"at {module}"
+            self.freeze_atoms([a for a, _, _ in entries],
+                              f"channels meet the tensor constant {tname} (made while tracing or a plain tensor "
+                              f"attribute, not a parameter or buffer of the model, so it cannot be sliced) {where}")
+        return out
 
     def add_literal(self, node: str, path: tuple[Any, ...], base: int, segs: Segments) -> None:
         """Record a Python integer at ``path`` in ``node``'s arguments whose value is the width of ``segs``."""
@@ -328,8 +393,19 @@ class Analysis(fx.Interpreter):
 
     # -- interpreter hook ------------------------------------------------------------------------------------
 
+    def get_attr(self, target: fx.node.Target, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A graph attribute; tensors are copies (one per attribute), so in-place ops leave the model unchanged."""
+        value = super().get_attr(target, args, kwargs)
+        if not isinstance(value, torch.Tensor):
+            return value
+        key = str(target)
+        if key not in self._attr_copies:
+            self._attr_copies[key] = value.detach().clone()
+        return self._attr_copies[key]
+
     def run_node(self, n: fx.Node) -> Any:
         """Run one node, then apply its channel rule (a failing rule freezes the node's channels)."""
+        self.current = n
         try:
             value = super().run_node(n)
         except Exception as exc:

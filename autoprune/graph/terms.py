@@ -17,7 +17,13 @@ import numpy as np
 
 from autoprune.graph.records import ChannelGroup, CostTerms, QuadraticForm
 
-__all__ = ["Factors", "Rows", "affine", "annotate", "build_terms", "factors", "quadratic"]
+__all__ = ["MACS_PREFIX", "Factors", "Rows", "affine", "annotate", "build_terms", "factors", "quadratic"]
+
+#: Name prefix of the virtual one-dimensional tensors that carry MAC terms of ops without parameters (attention
+#: matmuls, ``einsum``, ``scaled_dot_product_attention``; :func:`autoprune.graph.attention.add_layout_macs`): a
+#: use lays such a tensor out like the op's channel layout, so its "numel" is the layout's width as a function of
+#: the group widths. It is not a parameter and nothing slices it.
+MACS_PREFIX = "#macs:"
 
 #: ``(k, a0, A, b0, B)`` of one row ``k·(A·w + a0)·(B·w + b0)``.
 Factors = tuple[float, float, np.ndarray, float, np.ndarray]
@@ -111,7 +117,8 @@ def build_terms(prunable: list[str], sizes: Mapping[str, int], tensor_dims: Tens
         sizes: Full width of every group.
         tensor_dims: ``tensor -> {dim: [(group id, offset, stride)]}``.
         tensor_shapes: Full shape of every parameter and buffer.
-        mac_terms: ``(weight tensor, multiplier)``: MACs of one call = multiplier × numel(weight).
+        mac_terms: ``(weight tensor, multiplier)``: MACs of one call = multiplier × numel(weight). A name starting
+            with :data:`MACS_PREFIX` is a virtual tensor whose numel is the width of its dim-0 layout.
         macs_const: Per-sample MACs of ops whose operands are frozen.
         batch: Batch size of the example input (multipliers are divided by it).
         param_names: Canonical names of the parameters (counted in ``params``).
@@ -140,10 +147,15 @@ def build_terms(prunable: list[str], sizes: Mapping[str, int], tensor_dims: Tens
         b_l.append(b)
         return rows[name]
 
+    def shape_of(t: str) -> tuple[int, ...]:
+        if t in tensor_shapes or not t.startswith(MACS_PREFIX):
+            return tensor_shapes[t]
+        return (sum(sizes[g] * s for g, _off, s in tensor_dims.get(t, {}).get(0, ())),)  # a layout's width
+
     def tensor_row(t: str) -> int:
         if t in rows:
             return rows[t]
-        return add_row(t, *factors(t, tensor_shapes[t], tensor_dims.get(t, {}), idx, sizes, p, grouped.get(t)))
+        return add_row(t, *factors(t, shape_of(t), tensor_dims.get(t, {}), idx, sizes, p, grouped.get(t)))
 
     macs_coef: dict[int, float] = {}
     layers: dict[str, dict[str, Any]] = {}
@@ -151,6 +163,8 @@ def build_terms(prunable: list[str], sizes: Mapping[str, int], tensor_dims: Tens
         t = canon.get(wname, wname)
         r = tensor_row(t)
         macs_coef[r] = macs_coef.get(r, 0.0) + mult / batch
+        if t.startswith(MACS_PREFIX):  # an op without parameters: no layer
+            continue
         layer = wname.rsplit(".", 1)[0]
         info = layers.setdefault(layer, {"weight": r, "macs": 0.0})
         info["macs"] += mult / batch

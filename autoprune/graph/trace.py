@@ -63,6 +63,12 @@ def _with_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return out
 
 
+def _drop_new_attributes(root: nn.Module, before: set[str]) -> None:
+    """Remove what tracing added to ``root``: fx stows tensor constants on the traced root (``_tensor_constant0``)."""
+    for key in set(root.__dict__) - before:
+        del root.__dict__[key]
+
+
 def trace(model: nn.Module, opaque: Sequence[type[nn.Module] | str], args: tuple[Any, ...] | None = None,
           exported: list[str] | None = None) -> tuple[fx.GraphModule, dict[str, str]]:
     """Trace ``model``; untraceable submodules go through torch.export or become leaves.
@@ -74,7 +80,9 @@ def trace(model: nn.Module, opaque: Sequence[type[nn.Module] | str], args: tuple
         exported: The names of the modules rebuilt through ``torch.export`` are appended to it.
 
     Returns:
-        The graph module and, per leaf module, why it is a leaf (its boundary channels get frozen).
+        The graph module and, per leaf module, why it is a leaf (its boundary channels get frozen). Tensors that
+        are not parameters or buffers of ``model`` (constants computed while tracing) are buffers of the graph
+        module only: ``model`` is left without the attributes fx stows them in.
 
     Raises:
         AutoPruneError: If the model's own ``forward`` cannot be traced or rebuilt.
@@ -103,9 +111,11 @@ def trace(model: nn.Module, opaque: Sequence[type[nn.Module] | str], args: tuple
     last_error: Exception | None = None
     for _ in range(_MAX_RETRACES):
         tracer = _Tracer(leaf_names, leaf_types)
+        before = set(work.__dict__)
         try:
             graph = tracer.trace(work)
         except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError … depending on the construct
+            _drop_new_attributes(work, before)
             last_error = exc
             bad = tracer.failed
             if bad in leaf_names:
@@ -133,7 +143,10 @@ def trace(model: nn.Module, opaque: Sequence[type[nn.Module] | str], args: tuple
             reasons[bad] = f"untraceable module {bad} ({type(names[bad]).__name__}: {type(exc).__name__}: " \
                            f"{first_line[:80]}; {why}) analysed as an opaque leaf"
             continue
-        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        try:
+            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)  # copies the stowed constants
+        finally:
+            _drop_new_attributes(work, before)
         return gm, reasons
     raise AutoPruneError(f"tracing {type(model).__name__} failed after {_MAX_RETRACES} attempts: {last_error}")
 

@@ -10,9 +10,11 @@ that the checks test more than zeros), as a user would run the engine:
 * ``ok``: analyse, apply and a forward of the pruned model succeed with the original output shapes;
 * ``equivalent``: the pruned model equals the original with the removed channels zeroed
   (``tests/engine_cases.masked_reference``, written independently of the engine) within
-  ``1e-5 · max(1, max|output|)``. Where a LayerNorm or GroupNorm normalises over pruned channels, removing a
-  channel is not zeroing it (ENGINE.md §2.4): there the check runs with only the other groups pruned, and
-  ``equivalence_scope`` / ``inexact_norms`` say so;
+  ``1e-5 · max(1, max|output|)``. Where a LayerNorm normalises over pruned channels, removing a channel is not
+  zeroing it (its statistics run over the kept channels only, ENGINE.md §2.4): there the masked original's
+  LayerNorm also normalises over the kept channels only (:func:`masked_layer_norms`), and ``equivalence_scope``
+  says so; a GroupNorm with fewer groups than channels over pruned channels is checked with only the other groups
+  pruned;
 * ``macs_exact``: the closed-form MACs (``cost.closed_form``) equal the counted MACs, dense and pruned. The
   counter is :func:`reference_macs`: ``FlopCounterMode`` with attention included (the MHA fast path is switched
   off and the CPU kernel of ``scaled_dot_product_attention``, which the counter counts as 0, gets its formula);
@@ -207,7 +209,9 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "models": n,
         "ok": count("ok"),
         "equivalent": count("equivalent"),
-        "equivalence_partial": sum(1 for r in records if r.get("ok") and r.get("inexact_norms")),
+        "equivalence_partial": sum(1 for r in records if r.get("ok") and _partial(r)),
+        "equivalence_kept_channel_norms": sum(1 for r in records if r.get("ok") and r.get("inexact_norms")
+                                              and not _partial(r)),
         "macs_exact": count("macs_exact"),
         "unchanged": count("unchanged"),
         "mostly_frozen": sum(1 for r in records if (r.get("frozen_share") or 0.0) > 0.5),
@@ -257,8 +261,12 @@ def render_markdown(raw: dict[str, Any]) -> str:
     ]
     if expected is not None and len(records) < expected:
         lines += [f"**Partial run: {len(records)} of {expected} models measured** (continue with `--resume`).", ""]
-    partial = (f" ({s['equivalence_partial']} of them checked with only the groups pruned that no LayerNorm/GroupNorm "
-               "normalises over, ENGINE.md §2.4)") if s.get("equivalence_partial") else ""
+    notes = ([f"{s['equivalence_kept_channel_norms']} of them with LayerNorms over pruned channels, checked against "
+              "a masked original whose LayerNorms normalise over the kept channels"]
+             if s.get("equivalence_kept_channel_norms") else [])
+    notes += ([f"{s['equivalence_partial']} checked with only the groups pruned that no LayerNorm/GroupNorm "
+               "normalises over, ENGINE.md §2.4"] if s.get("equivalence_partial") else [])
+    partial = f" ({'; '.join(notes)})" if notes else ""
     lines += [
         "## Summary",
         "",
@@ -288,16 +296,17 @@ def render_markdown(raw: dict[str, Any]) -> str:
             reasons = f"**{stage} failed**: {_first_line(msg, 100)}" + (f"; {reasons}" if reasons else "")
         groups = f"{r['prunable']} / {r['groups']}" if r.get("groups") is not None else "—"
         dense = r.get("macs_dense_counter")
-        e_cell = _cell(r.get("equivalent")) + (" (part)" if r.get("inexact_norms") else "")
+        e_cell = _cell(r.get("equivalent")) + (" (part)" if _partial(r) else " (LN)" if r.get("inexact_norms") else "")
         lines.append(
             f"| {r['model']} | {_cell(r.get('ok'))} | {e_cell} | {_cell(r.get('macs_exact'))} "
             f"| {_cell(r.get('unchanged'))} | {groups} | {_cell(r.get('frozen_share'), '{:.2f}')} "
             f"| {_cell(r.get('macs_ratio'))} | {_cell(r.get('tp_macs_ratio'))} | {_esc(r.get('tp_status') or '—')} "
             f"| {_cell(r.get('analyse_s'), '{:.2f}')} | {_cell(r.get('apply_s'), '{:.2f}')} "
             f"| {_cell(None if dense is None else dense / 1e9, '{:.2f}')} | {_esc(reasons)} |")
-    lines += ["", "Columns: E = pruned model equals the masked original within 1e-5 relative (part: checked "
-              "with only the groups pruned that no LayerNorm/GroupNorm normalises over, since there removing a "
-              "channel is not zeroing it); MACs exact = "
+    lines += ["", "Columns: E = pruned model equals the masked original within 1e-5 relative (LN: the masked "
+              "original's LayerNorms over pruned channels normalise over the kept channels, since removing a "
+              "channel is not zeroing it; part: checked with only the groups pruned that no LayerNorm/GroupNorm "
+              "normalises over); MACs exact = "
               "closed form equals the counter before and after pruning; unchanged = `analyze` and `apply` left the "
               "model passed in as it was (state dict, attributes, output); frozen share = frozen producer channels / "
               "producer channels (`GroupSet.frozen_share()`); TP = Torch-Pruning's outcome.", ""]
@@ -536,6 +545,61 @@ def inexact_norms(model: nn.Module, gs: Any, plan: Any) -> dict[str, list[str]]:
     return found
 
 
+def _partial(rec: dict[str, Any]) -> bool:
+    """True when the equivalence check left some pruned groups out (``equivalence_scope`` not "all …")."""
+    return bool(rec.get("inexact_norms")) and not str(rec.get("equivalence_scope") or "").startswith("all ")
+
+
+def masked_layer_norms(masked: nn.Module, gs: Any, plan: Any) -> nn.Module:
+    """``masked`` with every LayerNorm over pruned channels normalising over the kept channels only.
+
+    Pruning a channel out of a LayerNorm's normalised dim changes the statistics of the others, so the pruned model
+    equals the masked original only when the latter's LayerNorm ignores the removed (zeroed) channels: mean and
+    variance over the kept ones, output 0 at the removed ones (their weight and bias are zeroed by the mask). Works
+    for ``nn.LayerNorm`` and subclasses that call ``F.layer_norm`` over the channel dim (ConvNeXt's
+    ``LayerNorm2d``): during that module's forward ``F.layer_norm`` is replaced by the kept-channel version.
+    """
+    import types
+
+    import torch.nn.functional as F
+
+    mods = dict(masked.named_modules())
+    keep: dict[str, torch.Tensor] = {}
+    for gid in plan.pruned():
+        kept = set(plan.keep[gid])
+        removed = [i for i in range(gs[gid].size) if i not in kept]
+        for m in gs[gid].members:
+            mod = mods.get(m.module) if m.role == "norm" else None
+            if not isinstance(mod, nn.LayerNorm):
+                continue
+            mask = keep.setdefault(m.module, torch.ones(mod.normalized_shape[-1], dtype=torch.bool))
+            for i in removed:
+                mask[m.offset + i * m.stride: m.offset + (i + 1) * m.stride] = False
+    original = F.layer_norm
+
+    def kept_only(mask: torch.Tensor) -> Callable[..., torch.Tensor]:
+        def layer_norm(x: torch.Tensor, shape: Any, weight: Any = None, bias: Any = None,
+                       eps: float = 1e-5) -> torch.Tensor:
+            out = torch.zeros_like(x)
+            out[..., mask] = original(x[..., mask], (int(mask.sum()),), None if weight is None else weight[mask],
+                                      None if bias is None else bias[mask], eps)
+            return out
+        return layer_norm
+
+    def patched(fn: Callable[..., torch.Tensor]) -> Callable[..., Any]:
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            F.layer_norm = fn
+            try:
+                return type(self).forward(self, *args, **kwargs)
+            finally:
+                F.layer_norm = original
+        return forward
+
+    for name, mask in keep.items():
+        mods[name].forward = types.MethodType(patched(kept_only(mask)), mods[name])
+    return masked
+
+
 def _equivalence(rec: dict[str, Any], model: nn.Module, gs: Any, plan: Any, got: list[torch.Tensor],
                  x: torch.Tensor) -> None:
     """``equivalent`` / ``max_rel_err``: the pruned model against the masked original (filling ``rec``).
@@ -550,6 +614,15 @@ def _equivalence(rec: dict[str, Any], model: nn.Module, gs: Any, plan: Any, got:
     inexact = inexact_norms(model, gs, plan)
     rec["inexact_norms"] = sorted({n for names in inexact.values() for n in names})
     pruned_groups = plan.pruned()
+    mods = dict(model.named_modules())
+    if inexact and all(isinstance(mods.get(n.split(" (")[0]), nn.LayerNorm) for n in rec["inexact_norms"]):
+        masked = masked_layer_norms(ec.masked_reference(model, gs, plan), gs, plan)
+        rec["equivalence_scope"] = (f"all {len(pruned_groups)} pruned groups (the masked original's LayerNorms over "
+                                    "pruned channels normalise over the kept channels)")
+        err = relative_error(got, _run(masked, x))
+        rec["max_rel_err"] = err
+        rec["equivalent"] = err <= TOLERANCE
+        return
     if inexact:
         exact = {g: plan.widths[g] for g in pruned_groups if g not in inexact}
         rec["equivalence_scope"] = (f"{len(exact)} of {len(pruned_groups)} pruned groups (the others pass through "

@@ -243,3 +243,46 @@ def test_torch_pruning_missing_is_a_status() -> None:
         pytest.skip("torch_pruning is installed here; its absence is what this test covers")
     res = bz.tp_prune(nn.Linear(3, 3), torch.rand(1, 3), 9)
     assert res == {"tp_status": "not installed", "tp_macs_ratio": None, "tp_seconds": None}
+
+
+class LN2d(nn.LayerNorm):
+    """ConvNeXt's ``LayerNorm2d``: a LayerNorm subclass over the channel dim of an NCHW tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class LNStream(nn.Module):
+    """A prunable stream through an ``nn.LayerNorm`` and a ``LayerNorm2d``-style subclass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.ln2d = LN2d(8)
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.ln = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(self.ln2d(self.stem(x))) + self.stem(x)
+        return self.head(self.ln(y.mean((2, 3))))
+
+
+def test_the_masked_original_normalises_over_the_kept_channels_only() -> None:
+    import engine_cases as ec
+
+    from autoprune import graph, pruning
+
+    torch.manual_seed(0)
+    model, x = ec.randomize(LNStream().eval()), torch.randn(2, 3, 6, 6)
+    gs = graph.analyze(model, x)
+    plan = pruning.plan(model, gs, {g: gs[g].size // 2 for g in gs.prunable_ids})
+    assert bz.inexact_norms(model, gs, plan)  # the stream passes through both norms
+    got = bz._run(pruning.apply(model, gs, plan), x)
+    zeroed = bz.relative_error(got, bz._run(ec.masked_reference(model, gs, plan), x))
+    kept = bz.relative_error(got, bz._run(bz.masked_layer_norms(ec.masked_reference(model, gs, plan), gs, plan), x))
+    assert zeroed > 1e-3 and kept <= bz.TOLERANCE  # zeroing is not removing; the kept-channel reference is exact
+    rec: dict[str, Any] = {}
+    bz._equivalence(rec, model, gs, plan, got, x)
+    assert rec["equivalent"] and rec["equivalence_scope"].startswith(f"all {len(plan.pruned())} pruned groups")

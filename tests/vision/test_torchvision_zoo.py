@@ -8,9 +8,10 @@ once: ``graph.analyze``, every prunable group at 50 % of its width with L1 impor
 
 * ``prune``: analyse, apply and a forward of the pruned model succeed with the original output shapes;
 * ``equivalent``: the pruned model equals the masked original (``tests/engine_cases.masked_reference``) within
-  ``1e-5 · max(1, max|output|)``. Where a LayerNorm or GroupNorm normalises over pruned channels
-  (``bench_engine_zoo.inexact_norms``: ConvNeXt's and the ViTs' residual streams) removing a channel is not
-  zeroing it (ENGINE.md §2.4), so there the check prunes only the other groups (block-internal widths);
+  ``1e-5 · max(1, max|output|)``, on the whole plan. Where a LayerNorm normalises over pruned channels
+  (``bench_engine_zoo.inexact_norms``: ConvNeXt's, the ViTs' and Swin's streams) removing a channel is not zeroing
+  it (ENGINE.md §2.4): there the masked original's LayerNorm normalises over the kept channels only
+  (``bench_engine_zoo.masked_layer_norms``);
 * ``macs_dense`` / ``macs_pruned``: the closed-form MACs (``cost.closed_form``) equal the counted MACs of the
   dense / pruned model (``bench_engine_zoo.reference_macs``: ``FlopCounterMode`` with attention counted);
 * ``unchanged``: analyse and apply left the model passed in as it was (state dict, module attributes, output).

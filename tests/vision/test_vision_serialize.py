@@ -134,6 +134,24 @@ def test_swin_heads_pruned_equal_the_masked_original_and_reload(name: str, tmp_p
         ["True", _PRUNED, f"{_SWIN}._get_relative_position_bias", f"{_SWIN}._patch_merging_pad", _DEPTH, *kept])
 
 
+def test_vit_b_16_heads_pruned_equal_the_masked_original_and_reload(tmp_path: Path) -> None:
+    """ViT-B/16 (built for 32×32 inputs): half the heads of every encoder block and half of every MLP; the pruned
+    model equals the masked original, its MACs are the closed form's, and it reloads without model code."""
+    torch.manual_seed(0)
+    model, x = bz.perturb(tvm.vit_b_16(image_size=32)), torch.rand(1, 3, 32, 32)
+    gs = graph.analyze(model, x)
+    heads = [g for g in gs.prunable() if g.id.endswith(":heads")]
+    assert len(heads) == 12 and {g.size for g in heads} == {12}
+    mlp = [g for g in gs.prunable() if g.id.endswith("mlp.0:out")]
+    assert len(mlp) == 12
+    p = pruning.plan(model, gs, {g.id: g.size // 2 for g in [*heads, *mlp]})
+    small = pruning.apply(model, gs, p)
+    got, want = run(small, x), run(masked_reference(model, gs, p), x)
+    assert close(got, want) and not close(got, run(model, x))
+    assert cost.closed_form(gs, p.widths).macs == bz.reference_macs(small, x)
+    assert reload_fresh(small, x, tmp_path / "vit_b_16") == ["True"]
+
+
 @pytest.mark.parametrize("name", ["efficientnet_b0", "maxvit_t"])
 def test_pruned_models_with_stochastic_depth_reload_in_a_fresh_process(name: str, tmp_path: Path) -> None:
     model, x = build(name)

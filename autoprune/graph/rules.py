@@ -1125,6 +1125,18 @@ def _size_item(an: Analysis, n: fx.Node, ref: SizeRef, idx: Any) -> Any:
     return None
 
 
+def patch_merging_pad(an: Analysis, n: fx.Node, value: Any) -> Any:
+    """torchvision Swin's wrapped ``_patch_merging_pad(x)``: pads H and W of a channels-last tensor to even sizes
+    and concatenates its four 2×2 sub-grids on the channel (last) dim, so the output's channels are the input's
+    four times over (no MACs; a pruned input channel is removed from each copy)."""
+    x = n.args[0] if len(n.args) == 1 and not n.kwargs else None
+    info = an.tensor_info(x) if isinstance(x, fx.Node) else None
+    if (info is None or not isinstance(value, torch.Tensor)
+            or norm_dim(info.cdim, value.dim()) != value.dim() - 1):
+        return unknown(an, n, value, f"unknown use of _patch_merging_pad {an.where(n)}")
+    return Info(info.cdim, tuple(info.segs) * 4)
+
+
 def attribute(an: Analysis, n: fx.Node, value: Any) -> Any:
     """``getattr(x, name)``: ``x.shape`` is a shape read, ``x.data`` the same layout; other tensors frozen."""
     attr = n.args[1] if len(n.args) > 1 else None
@@ -1423,6 +1435,8 @@ WRAPPED_FUNCTION_RULES: dict[str, Rule] = {
     "torchvision.models.swin_transformer.shifted_window_attention": attention.shifted_window_attention,
     "autoprune.graph.attention.pruned_shifted_window_attention": attention.shifted_window_attention,
     # Swin's per-head relative position bias [1, heads, N, N] from the table's columns
+    # Swin's patch merging: the channel-last input's channels four times (the 2×2 sub-grids concatenated)
+    "torchvision.models.swin_transformer._patch_merging_pad": patch_merging_pad,
     "torchvision.models.swin_transformer._get_relative_position_bias": attention.relative_position_bias,
 }
 

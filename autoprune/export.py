@@ -520,6 +520,7 @@ def model_card(camp: Campaign, trial: SelectedTrial, m: Mapping[str, Any]) -> st
 
     o, e = m["original"], m["exported"]
     lat = m.get("latency") or {}
+    caveat = latency_caveat(lat)
     ft = m["finetune"]
     rows = [
         ("test accuracy", _pct(o["test_accuracy"]), _pct(e["test_accuracy"]), ""),
@@ -560,7 +561,7 @@ def model_card(camp: Campaign, trial: SelectedTrial, m: Mapping[str, Any]) -> st
         ("Batch norm is folded into the convolutions of the exported model (`export.fold_bn`).\n"
          if m.get("bn_folded") else "")
         + (memory_format_summary(m["deploy"]) + " (`export.memory_format`)\n" if m.get("deploy") else "")
-        + (latency_caveat(lat) + "\n" if lat and latency_caveat(lat) else "")
+        + (caveat + "\n" if caveat else "")
         + f"Reload check: the saved model was reloaded without the model code and re-evaluated: test accuracy "
         f"{_pct(check['reloaded_test_accuracy'])}, largest logit difference {check['max_logit_difference']:.2e} "
         f"({'passed' if check['passed'] else 'FAILED'}). {m['test_samples']} test images.\n",

@@ -155,17 +155,6 @@ def relative_error(outputs: Sequence[torch.Tensor], references: Sequence[torch.T
     return diff / scale if diff == diff else float("inf")  # NaN → inf
 
 
-def flat_tensors(out: Any) -> list[torch.Tensor]:
-    """Every tensor of a (nested) model output, in a fixed order (torchvision's ``InceptionOutputs`` included)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for k in sorted(out) for t in flat_tensors(out[k])]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in flat_tensors(o)]
-    return []
-
-
 def head_layers(model: nn.Module, num_classes: int = 1000) -> list[nn.Module]:
     """The classifier head: the last ``Linear`` (or ``Conv2d``, SqueezeNet) with ``num_classes`` outputs.
 
@@ -430,7 +419,8 @@ _ENGINE_CASES: ModuleType | None = None
 
 
 def engine_cases() -> ModuleType:
-    """``tests/engine_cases.py`` (``randomize``, ``masked_reference``, ``half_widths``), imported once.
+    """``tests/engine_cases.py`` (``randomize``, ``masked_reference``, ``half_widths``, ``flat_outputs``), imported
+    once.
 
     The benchmark shares the test suite's reference implementations instead of copying them: the masked
     reference is written independently of the engine's own ``pruning.mask``.
@@ -452,7 +442,7 @@ def engine_cases() -> ModuleType:
 def _run(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     model.eval()
     with torch.no_grad():
-        return flat_tensors(model(x))
+        return engine_cases().flat_outputs(model(x))  # tuples (Inception's outputs) and dicts included
 
 
 def _error(exc: BaseException) -> str:

@@ -27,7 +27,11 @@ search continues from its trial store, a fine-tune from the export's checkpoint 
 and starts no new cell after it; ``--resume`` continues; ``--part I/N`` runs every N-th cell (processes merge
 into the JSON under a lock; a cell whose input is not ready yet waits for a later run). The Markdown
 (``recovery.md``) and the ``headline`` are rebuilt from the JSON after every cell and epoch. Work directories
-(campaigns, exports, checkpoints) go to ``results/benchmarks/recovery_work/`` (not versioned).
+(campaigns, exports, checkpoints) go to ``results/benchmarks/recovery_work/`` (not versioned); at the end of
+every run the part a later run needs (the search campaigns and the checkpoints of unfinished fine-tunes) is packed
+into ``results/benchmarks/recovery_carry.tar.gz``, which is committed with the partial results, and the next run
+puts back what its machine is missing (:mod:`benchmarks._carry`): a fine-tune longer than a session continues on
+the next machine after its last completed epoch.
 
 Usage::
 
@@ -63,6 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks import _carry
 from benchmarks._cifar import CHECKPOINTS, missing_data
 from benchmarks._common import REPO, RESULTS, SHARED, WEIGHTS_DIR, command_line, git_commit, write_result
 from benchmarks.bench_reliability import locked, parse_part
@@ -163,6 +168,28 @@ def split_name(name: str) -> tuple[str, str, str]:
 
 def work_dir(s: Settings) -> Path:
     return RESULTS / f"{NAME}{'_quick' if s.quick else ''}_work"
+
+
+def carry_path(s: Settings) -> Path:
+    """The versioned archive that carries unfinished work to the next machine (:mod:`benchmarks._carry`)."""
+    return RESULTS / f"{NAME}{'_quick' if s.quick else ''}_carry.tar.gz"
+
+
+def carried(rel: str) -> bool:
+    """What a later run needs to continue: every search's campaign directory (its config and trial store, which
+    the fine-tunes export from) and the checkpoint of every unfinished fine-tune (the export deletes it when done)."""
+    from autoprune.export import FINETUNE_CHECKPOINT
+
+    parts = rel.split("/")
+    return ((len(parts) == 3 and parts[1] == "search")
+            or (len(parts) == 4 and parts[1] in ("export", "sweep") and parts[3] == FINETUNE_CHECKPOINT))
+
+
+def stale_checkpoint(work: Path, rel: str) -> bool:
+    """A carried fine-tune checkpoint whose export has finished here since (restoring it would train again)."""
+    from autoprune.export import FINETUNE_CHECKPOINT
+
+    return rel.endswith(FINETUNE_CHECKPOINT) and (work / rel).parent.joinpath("export.json").is_file()
 
 
 def json_path(s: Settings) -> Path:
@@ -1132,6 +1159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if redo:
         raw = update(path, lambda r: [r["cells"].pop(n, None) for n in list(r["cells"])
                                       if any(n.startswith(x) for x in redo)])
+    back = _carry.restore(work_dir(s), carry_path(s), lambda rel: stale_checkpoint(work_dir(s), rel))
+    if back:
+        _log(f"restored {len(back)} file(s) of unfinished work from {_rel(carry_path(s))}")
     todo = [n for n in names if not done(raw, n)]
     _log(f"{len(names) - len(todo)} of {len(names)} cells already done; {len(todo)} to run; JSON {path}")
     started, wall0 = time.time(), time.perf_counter()
@@ -1173,6 +1203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log("estimated full-size hours per cell (rough, from this run's rates):")
         for n, e in est.items():
             _log(f"  {n}: {_num(e['hours'])} h ({e['basis']})")
+    packed = _carry.pack(work_dir(s), carry_path(s), carried)
+    _log(f"carried {len(packed)} file(s) of unfinished work in {_rel(carry_path(s))} (commit it to continue "
+         "elsewhere)" if packed else "nothing to carry")
     raw = update(path, lambda r: None)
     md = write_md(raw, s, all_names)
     _log("headline: " + json.dumps(raw["headline"]))

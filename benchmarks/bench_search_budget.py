@@ -33,7 +33,9 @@ Run as ``python -m benchmarks.bench_search_budget [--quick] [--resume] [--part I
 [--searchers a,b] [--targets 0.5] [--evaluator NAME] [--extra-rl td3]``. Every finished cell is merged into
 ``results/benchmarks/search_budget.json`` at once (under a file lock, atomic replace) and the table
 (``search_budget.md``) is rebuilt; ``--resume`` skips finished cells and continues an interrupted search from
-its trial store (``results/benchmarks/search_budget_work/``, one folder per cell, not versioned); ``--part I/N``
+its trial store (``results/benchmarks/search_budget_work/``, one folder per cell, not versioned; the folders of
+unfinished cells are packed into the versioned ``search_budget_carry.tar.gz`` at the end of every run and put
+back on a machine that lacks them, :mod:`benchmarks._carry`); ``--part I/N``
 runs every N-th cell, so N processes (each with ``--resume``) split the run; ``--max-minutes`` stops starting
 new cells after M minutes. ``--quick`` (1 target, 3 searchers, 6 candidates, 5 fine-tune steps) writes
 ``search_budget_quick.*`` and estimates the CPU hours of the full run from the rates it measured.
@@ -56,7 +58,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from autoprune.utils import configure_threads
-from benchmarks import _cifar
+from benchmarks import _carry, _cifar
 from benchmarks import bench_search_quality as _sq
 from benchmarks._common import RESULTS, write_result
 from benchmarks.bench_reliability import parse_part
@@ -265,6 +267,24 @@ def overhead_per_candidate(store: Any, name: str, seed: int) -> float | None:
 def cell_dir(store_dir: Path, model: str, target: float, name: str, seed: int) -> Path:
     """The trial-store folder of one cell (its own SQLite file: processes of a split run never share one)."""
     return store_dir / f"{model}-{round(100 * target)}-{name}-seed{seed}"
+
+
+def finished_dirs(out_json: Path, store_dir: Path) -> set[str]:
+    """The folder names (:func:`cell_dir`) of the cells finished in ``out_json``."""
+    try:
+        done = json.loads(out_json.read_text()).get("cells", {})
+    except (OSError, ValueError):
+        return set()
+    out = set()
+    for key in done:
+        model, target, name, seed = key.split("|")
+        out.add(cell_dir(store_dir, model, float(target), name, int(seed)).name)
+    return out
+
+
+def carry_path() -> Path:
+    """The versioned archive of unfinished cells' trial stores and agent checkpoints (:mod:`benchmarks._carry`)."""
+    return RESULTS / "search_budget_carry.tar.gz"
 
 
 def make_cell_runner(sizes: BudgetSizes, gp_max_seconds: float | None) -> Callable[..., dict[str, Any]]:
@@ -731,7 +751,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("--fresh with --part would discard the other parts' cells: start them with --resume")
             shutil.rmtree(store_dir, ignore_errors=True)
             out_json.unlink(missing_ok=True)
+            carry_path().unlink(missing_ok=True)
         store_dir.mkdir(parents=True, exist_ok=True)
+        done_dirs = finished_dirs(out_json, store_dir)
+        back = _carry.restore(store_dir, carry_path(), lambda rel: rel.split("/")[0] in done_dirs)
+        if back:
+            _log(f"restored {len(back)} file(s) of unfinished cells from {carry_path().name}")
     gp_max = args.gp_max_seconds if args.gp_max_seconds and args.gp_max_seconds > 0 else None
     mine = part_of(cells(sizes, names, args.extra_rl), part, parts)
     _log(f"part {part}/{parts}: {len(mine)} cell(s)")
@@ -753,6 +778,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if args.quick:
             shutil.rmtree(store_dir, ignore_errors=True)
+        else:  # what an interrupted cell needs to continue on another machine
+            done_dirs = finished_dirs(out_json, store_dir)
+            packed = _carry.pack(store_dir, carry_path(), lambda rel: rel.split("/")[0] not in done_dirs)
+            _log(f"carried {len(packed)} file(s) of unfinished cells in {carry_path().name} (commit it to continue "
+                 "elsewhere)" if packed else "no unfinished cell to carry")
     write_figures(raw, figures_dir, quick=args.quick)
     if args.quick:
         est = estimate_full(raw, names=default_searchers(), extra_rl=args.extra_rl)

@@ -5,6 +5,8 @@ replaced by fakes."""
 from __future__ import annotations
 
 import json
+import shutil
+import tarfile
 from collections import Counter
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -293,3 +295,32 @@ def test_parts_merge_to_the_same_cells(fake_bench: dict[str, Any]) -> None:
     assert _cells_in(fake_bench["results"]) == {bsq.cell_key(*c) for c in whole}
     with pytest.raises(SystemExit):
         bsb.main([*args, "--part", "3/2"])
+
+
+def test_an_interrupted_cell_is_carried_to_a_machine_without_the_work_directory(
+        fake_bench: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder of a cell killed mid-search is packed into the versioned archive (a finished cell's is not) and
+    put back when the work directory is gone, so the cell continues from its store."""
+    seen: list[tuple[str, str]] = []
+
+    def runner(ctx: Any, sizes: Any, target: float, name: str, seed: int, store_dir: Path) -> dict[str, Any]:
+        d = bsb.cell_dir(store_dir, ctx["name"], target, name, seed)
+        d.mkdir(parents=True, exist_ok=True)
+        marker = d / "progress.txt"
+        seen.append((name, marker.read_text() if marker.exists() else "nothing"))
+        marker.write_text(f"{name} half-way")
+        if name == "random" and len(seen) == 2:
+            raise RuntimeError("killed")
+        return _record(name, seed, target, _curve([0.5, 0.6], 1.0), 0.8)
+
+    monkeypatch.setattr(bsb, "make_cell_runner", lambda sizes, gp_max: runner)
+    args = ["--searchers", "uniform,random", "--targets", "0.5", "--seeds", "1", "--resume"]
+    with pytest.raises(RuntimeError, match="killed"):
+        bsb.main(args)
+    archive = bsb.carry_path()
+    with tarfile.open(archive) as tar:
+        assert tar.getnames() == ["resnet20-50-random-seed0/progress.txt"]  # the finished uniform cell: not carried
+    shutil.rmtree(fake_bench["results"] / "search_budget_work")  # a new machine
+    assert bsb.main(args) == 0
+    assert seen == [("uniform", "nothing"), ("random", "nothing"), ("random", "random half-way")]
+    assert not archive.exists()  # every cell finished: nothing left to carry

@@ -1,0 +1,120 @@
+"""Carry a long benchmark's unfinished work from one machine to the next.
+
+A benchmark cell that outlives a session (a 30-epoch fine-tune, a 400-candidate search) keeps its progress in a
+work directory that is not versioned: trial stores, fine-tune checkpoints. A new session may start on a new
+machine, where that directory is gone and the cell would start again from nothing. :func:`pack` writes the
+files a later run needs to continue into one versioned archive (``results/benchmarks/<name>_carry.tar.gz``,
+committed with the partial results); :func:`restore` puts them back where they are missing before the run goes
+on. SQLite stores are copied through SQLite's backup API (a consistent snapshot, write-ahead log included);
+their ``-wal``/``-shm``/lock companions are never carried.
+
+Restoring never overwrites: a file that exists locally is newer than (or the same as) the carried one. The
+caller decides what to carry (``select``) and what not to put back (``skip``, e.g. a checkpoint whose export has
+since finished, which would otherwise make the finished run train again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sqlite3
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+COMPANIONS = ("-wal", "-shm", "-journal", ".lock")
+
+
+def carried_files(work: Path, select: Callable[[str], bool]) -> list[Path]:
+    """The regular files under ``work`` that ``select`` accepts (by POSIX path relative to ``work``), without
+    SQLite companions, sorted."""
+    if not work.is_dir():
+        return []
+    out = []
+    for p in sorted(work.rglob("*")):
+        rel = p.relative_to(work).as_posix()
+        if p.is_file() and not p.is_symlink() and not rel.endswith(COMPANIONS) and select(rel):
+            out.append(p)
+    return out
+
+
+def _sqlite_snapshot(path: Path) -> bytes:
+    """A consistent copy of the SQLite database ``path`` (its write-ahead log folded in)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dst_path = Path(tmp) / "copy.db"
+        src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            dst = sqlite3.connect(dst_path)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        return dst_path.read_bytes()
+
+
+def pack(work: Path, archive: Path, select: Callable[[str], bool]) -> list[str]:
+    """Write the files of ``work`` that ``select`` accepts into ``archive`` (gzip tar, replaced atomically).
+
+    With nothing to carry the archive is removed (a finished run leaves none behind).
+
+    Returns:
+        The carried paths, relative to ``work``.
+    """
+    files = carried_files(work, select)
+    if not files:
+        archive.unlink(missing_ok=True)
+        return []
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=archive.name + ".", suffix=".tmp", dir=archive.parent)
+    os.close(fd)
+    names = []
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for p in files:
+                rel = p.relative_to(work).as_posix()
+                data = _sqlite_snapshot(p) if p.suffix == ".db" else p.read_bytes()
+                info = tarfile.TarInfo(rel)
+                info.size, info.mtime, info.mode = len(data), int(p.stat().st_mtime), 0o644
+                tar.addfile(info, io.BytesIO(data))
+                names.append(rel)
+        os.replace(tmp, archive)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return names
+
+
+def restore(work: Path, archive: Path, skip: Callable[[str], bool] = lambda rel: False) -> list[str]:
+    """Put the files of ``archive`` back under ``work`` where they are missing (never over an existing file, never
+    one that ``skip`` rejects, never outside ``work``).
+
+    Returns:
+        The restored paths, relative to ``work``.
+    """
+    if not archive.is_file():
+        return []
+    restored = []
+    with tarfile.open(archive, "r:gz") as tar:
+        for m in tar.getmembers():
+            if not m.isfile():
+                continue
+            rel = Path(m.name)
+            if rel.is_absolute() or ".." in rel.parts:
+                continue
+            dest = work / rel
+            if dest.exists() or skip(rel.as_posix()):
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(m)
+            if src is None:
+                continue
+            tmp = dest.with_name(dest.name + ".carry-tmp")
+            tmp.write_bytes(src.read())
+            os.replace(tmp, dest)
+            restored.append(rel.as_posix())
+    return restored

@@ -1,0 +1,144 @@
+"""Carrying a long benchmark's unfinished work to the next machine (``benchmarks._carry``) and its use by the
+recovery benchmark: what is packed, that a restore fills only what is missing, and that a run on a machine
+without the work directory continues from the carried state."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sqlite3
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import _carry
+from benchmarks import bench_recovery as br
+
+
+def _db_in_wal_mode(path: Path, rows: int) -> sqlite3.Connection:
+    """A SQLite database whose rows are still in its write-ahead log (the connection stays open)."""
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA wal_autocheckpoint=0")
+    con.execute("CREATE TABLE t (x INTEGER)")
+    con.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(rows)])
+    con.commit()
+    return con
+
+
+def test_pack_and_restore_round_trip_with_a_live_sqlite_store(tmp_path: Path) -> None:
+    work, archive = tmp_path / "work", tmp_path / "carry.tar.gz"
+    (work / "a").mkdir(parents=True)
+    (work / "a" / "keep.txt").write_text("kept")
+    (work / "a" / "drop.txt").write_text("not selected")
+    con = _db_in_wal_mode(work / "a" / "trials.db", 50)
+    assert (work / "a" / "trials.db-wal").stat().st_size > 0  # the rows are in the log, not the main file
+    names = _carry.pack(work, archive, lambda rel: not rel.endswith("drop.txt"))
+    con.close()
+    assert names == ["a/keep.txt", "a/trials.db"]  # companions (-wal, -shm) never carried
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == names
+    fresh = tmp_path / "fresh"
+    assert _carry.restore(fresh, archive) == names
+    assert (fresh / "a" / "keep.txt").read_text() == "kept" and not (fresh / "a" / "drop.txt").exists()
+    got = sqlite3.connect(fresh / "a" / "trials.db")
+    assert got.execute("SELECT COUNT(*), SUM(x) FROM t").fetchone() == (50, sum(range(50)))
+    got.close()
+
+
+def test_restore_never_overwrites_and_honours_skip_and_stays_inside(tmp_path: Path) -> None:
+    work, archive = tmp_path / "work", tmp_path / "carry.tar.gz"
+    (work / "d").mkdir(parents=True)
+    for name in ("old.txt", "skipped.txt", "new.txt"):
+        (work / "d" / name).write_text("carried " + name)
+    _carry.pack(work, archive, lambda rel: True)
+    with tarfile.open(archive) as tar:
+        assert len(tar.getmembers()) == 3
+    # a hostile member (path traversal) is ignored
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive) as src, tarfile.open(evil, "w:gz") as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m))
+        info = tarfile.TarInfo("../outside.txt")
+        info.size = 1
+        dst.addfile(info, io.BytesIO(b"x"))
+    target = tmp_path / "target"
+    (target / "d").mkdir(parents=True)
+    (target / "d" / "old.txt").write_text("local, newer")
+    back = _carry.restore(target, evil, skip=lambda rel: rel.endswith("skipped.txt"))
+    assert back == ["d/new.txt"]
+    assert (target / "d" / "old.txt").read_text() == "local, newer"
+    assert not (target / "d" / "skipped.txt").exists() and not (tmp_path / "outside.txt").exists()
+
+
+def test_nothing_to_carry_removes_the_archive_and_a_missing_archive_restores_nothing(tmp_path: Path) -> None:
+    archive = tmp_path / "carry.tar.gz"
+    archive.write_bytes(b"old")
+    assert _carry.pack(tmp_path / "absent", archive, lambda rel: True) == [] and not archive.exists()
+    assert _carry.restore(tmp_path / "w", archive) == []
+
+
+def test_recovery_carries_search_campaigns_and_unfinished_fine_tune_checkpoints(tmp_path: Path) -> None:
+    from autoprune.export import FINETUNE_CHECKPOINT
+
+    assert br.carried("resnet20/search/trials.db") and br.carried("resnet20/search/config.resolved.yaml")
+    assert br.carried(f"resnet56/export/kd-lr0.01-e30/{FINETUNE_CHECKPOINT}")
+    assert br.carried(f"resnet20/sweep/lr0.1-e3/{FINETUNE_CHECKPOINT}")
+    assert not br.carried("resnet20/export/kd-lr0.01-e30/model/weights.pt")  # a finished export's output
+    assert not br.carried("resnet20/search/artifacts/x/agent.zip")
+    d = tmp_path / "resnet20" / "export" / "kd"
+    d.mkdir(parents=True)
+    rel = f"resnet20/export/kd/{FINETUNE_CHECKPOINT}"
+    assert not br.stale_checkpoint(tmp_path, rel)
+    (d / "export.json").write_text("{}")  # the export finished here since: its old checkpoint must not come back
+    assert br.stale_checkpoint(tmp_path, rel) and not br.stale_checkpoint(tmp_path, "resnet20/search/trials.db")
+
+
+@pytest.fixture
+def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The recovery benchmark with fake cells; a fine-tune cell writes its checkpoint and stays unfinished."""
+    from benchmarks import _common
+
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    monkeypatch.setattr(br, "RESULTS", tmp_path)
+    monkeypatch.setattr(br, "missing_data", lambda models: None)
+    monkeypatch.setattr(br, "git_commit", lambda: "abc")
+    seen: dict[str, Any] = {"found": []}
+
+    def cell(s: br.Settings, name: str, raw: dict, path: Path, deadline: float | None) -> dict[str, Any]:
+        from autoprune.export import FINETUNE_CHECKPOINT
+
+        search = br.search_dir(s, "resnet20")
+        if name == "search|resnet20":
+            search.mkdir(parents=True, exist_ok=True)
+            (search / "config.resolved.yaml").write_text("name: x\n")
+            _db_in_wal_mode(search / "trials.db", 3).close()
+            return {"status": "done", "params": {"trials": 1}, "trials_done": 1, "seconds": 1.0,
+                    "best": {"trial": "tpe/seed0/1", "label": "t1", "macs_ratio": 0.5, "val_accuracy": 0.9}}
+        ckpt = br.work_dir(s) / "resnet20" / "export" / "kd-lr0.01-e30" / FINETUNE_CHECKPOINT
+        seen["found"].append((search / "trials.db").is_file() and ckpt.is_file() and ckpt.read_text())
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.write_text(f"epoch {len(seen['found'])}")
+        return {"status": "partial", "epochs_log": [], "params": {"variant": "kd", "lr": 0.01, "epochs": 30,
+                                                                  "distill": 0.9, "trial": "tpe/seed0/1"}}
+
+    monkeypatch.setattr(br, "run_cell", cell)
+    seen["work"] = br.work_dir(br.Settings())
+    seen["archive"] = br.carry_path(br.Settings())
+    return seen
+
+
+def test_an_unfinished_fine_tune_continues_on_a_machine_without_the_work_directory(machine: dict[str, Any]) -> None:
+    args = ["--models", "resnet20", "--only", "search,finetune|resnet20|kd", "--resume", "--lr", "0.01"]
+    assert br.main(args) == 0
+    assert machine["found"] == [False]  # the first run starts from nothing
+    with tarfile.open(machine["archive"]) as tar:
+        assert {Path(n).name for n in tar.getnames()} == {"config.resolved.yaml", "trials.db", "finetune.ckpt"}
+    shutil.rmtree(machine["work"])  # a new machine: only the versioned files are there
+    assert br.main(args) == 0
+    assert machine["found"][-1] == "epoch 1"  # the campaign and the checkpoint of epoch 1 came back
+    raw = json.loads((machine["archive"].parent / "recovery.json").read_text())
+    assert raw["cells"]["search|resnet20"]["status"] == "done"

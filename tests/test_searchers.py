@@ -609,6 +609,22 @@ def test_rl_searchers_search_the_bits_a_quantizing_space_holds(agent: str) -> No
         assert set(t.candidate.bits) == {f"conv{i}" for i in range(5)}
 
 
+@pytest.mark.parametrize("agent", RL)
+def test_the_amc_preset_restores_amcs_action_map_and_user_keys_still_win(agent: str) -> None:
+    problem = make_problem()
+    amc = make_searcher(agent, problem, store=new_store(), n_trials=1, budget=BUDGET, preset="amc")
+    assert amc.preset == "amc" and amc.hp["action_center"] == "middle"
+    assert amc.make_env().unwrapped.action_center == "middle"
+    mixed = make_searcher(agent, problem, store=new_store(), n_trials=1, budget=BUDGET, preset="amc",
+                          action_center="uniform")
+    assert mixed.hp["action_center"] == "uniform"  # a key the user sets beats the preset
+    default = make_searcher(agent, problem, store=new_store(), n_trials=1, budget=BUDGET)
+    assert default.preset == "default" and default.hp["action_center"] == "uniform"
+    with pytest.raises(ConfigError, match="unknown preset 'haq'") as err:
+        make_searcher(agent, problem, store=new_store(), n_trials=1, budget=BUDGET, preset="haq")
+    assert "amc" in (err.value.hint or "")
+
+
 def test_an_rl_mode_that_leaves_out_part_of_the_space_is_reported(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING", logger="autoprune.agents.rl"):
         s = make_searcher("ddpg", make_problem(quantize=True), store=new_store(), n_trials=1, budget=BUDGET,

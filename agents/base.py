@@ -55,7 +55,7 @@ import yaml
 
 from autoprune import interrupts
 from autoprune.errors import AutoPruneError, ConfigError
-from autoprune.objectives import Budget, Reward, failure_reward, make_reward
+from autoprune.objectives import Budget, Reward, failure_reward, make_reward, reward_value
 from autoprune.problem import Problem, SearchSpace
 from autoprune.registry import Registry
 from autoprune.store import COUNTED_STATES, TrialStore, record_candidate_params
@@ -603,7 +603,7 @@ class Searcher(ABC):
 
     def reward(self, result: EvalResult, cost: CostReport) -> float:
         """The objective's reward of an evaluated candidate."""
-        return float(self.reward_fn(result, cost, self.dense, self.budget))
+        return reward_value(self.reward_fn, result, cost, self.dense, self.budget)
 
     def failure_value(self) -> float:
         """Reward of a candidate that could not be (or was not) evaluated."""

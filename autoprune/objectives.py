@@ -18,6 +18,7 @@ Conventions (ALGORITHMS.md): error ``Err = 1 - accuracy`` with accuracy in ``[0,
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -27,6 +28,14 @@ from typing import Any, ClassVar
 from autoprune.errors import ConfigError
 from autoprune.registry import Registry
 from autoprune.types import COST_METRICS, CostReport, EvalResult
+
+log = logging.getLogger("autoprune.objectives")
+
+#: Largest reward magnitude that fits the scale of every built-in reward at its defaults (``r_flops`` of a
+#: 10-GMAC network is about −23) and that the RL agents' defaults assume (AMC's rewards are of order 1): a larger
+#: one is reported once per reward, as a likely unit mistake (accuracy in percent, a cost in bytes, ...).
+REWARD_SCALE = 100.0
+_SCALE_REPORTED: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -399,6 +408,36 @@ def make_reward(name: str | Reward, **kwargs: Any) -> Reward:
     except TypeError as exc:
         raise ConfigError(f"bad parameters {sorted(kwargs)} for reward {name!r}: {exc}",
                           hint=f"{name}: {REWARDS.help(name)}") from None
+
+
+def reward_value(reward: Reward, result: EvalResult, cost: CostReport, dense: CostReport,
+                 budget: Budget | None) -> float:
+    """``reward(result, cost, dense, budget)`` as a float, checked: every searcher ranks and every agent learns
+    from this value, so a broken one is stopped here instead of silently poisoning the search.
+
+    A value beyond :data:`REWARD_SCALE` is reported once per reward name and process (a warning on the
+    ``autoprune.objectives`` logger): RL agents learn poorly from rewards far from order 1.
+
+    Raises:
+        ConfigError: The reward is not a finite number (NaN, ±inf, or not a number at all).
+    """
+    raw = reward(result, cost, dense, budget)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    name = getattr(reward, "name", "") or type(reward).__name__
+    if not math.isfinite(value):
+        raise ConfigError(f"reward {name!r} returned {raw!r} for a candidate with accuracy "
+                          f"{result.accuracy:.4f} at {cost.macs:,} MACs: a reward must be a finite number",
+                          hint="check the reward's formula and parameters (a plugin reward: its __call__); "
+                          "built-in rewards: r_err, r_flops, r_param, accuracy, weighted, ...")
+    if abs(value) > REWARD_SCALE and name not in _SCALE_REPORTED:
+        _SCALE_REPORTED.add(name)
+        log.warning("reward %r returned %.4g, beyond the scale of the built-in rewards (|r| <= %g): a unit mistake "
+                    "(accuracy in percent, a cost not divided by the dense one) makes RL agents learn poorly; "
+                    "scale it to order 1", name, value, REWARD_SCALE)
+    return value
 
 
 def failure_reward(reward: Reward | str, dense: CostReport, budget: Budget | None = None, **kwargs: Any) -> float:

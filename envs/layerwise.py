@@ -59,7 +59,7 @@ import torch
 from gymnasium import spaces
 
 from autoprune.errors import ConfigError
-from autoprune.objectives import Budget, Reward, make_reward
+from autoprune.objectives import Budget, Reward, make_reward, reward_value
 from autoprune.problem import GroupChoice, LayerChoice
 from autoprune.types import Candidate, CostReport, QuantSpec
 
@@ -466,7 +466,7 @@ class LayerwiseCompressionEnv(gym.Env[np.ndarray, np.ndarray]):
         start = time.perf_counter()
         dense = self.dense_cost
         feasible = self.budget.feasible(cost, dense)
-        reward = float(self.reward_fn(result, cost, dense, self.budget))
+        reward = reward_value(self.reward_fn, result, cost, dense, self.budget)
         self._env_seconds += time.perf_counter() - start
         build = float(result.extra.get("build_seconds", 0.0)) if result.extra else 0.0
         info = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -22,7 +23,7 @@ from autoprune.envs import ENV_IDS, LayerwiseCompressionEnv, legalize_bits, make
 from autoprune.envs.embedding import PRUNE_STATIC, QUANT_STATIC, StateEmbedding, collect_layer_stats
 from autoprune.envs.layerwise import keep_ratio, pick_bits
 from autoprune.errors import ConfigError
-from autoprune.objectives import Budget, make_reward
+from autoprune.objectives import Budget, Reward, make_reward
 from autoprune.problem import GroupChoice, LayerChoice, SearchSpace
 from autoprune.store import TrialStore
 from autoprune.types import Candidate, CostReport, EvalResult, QuantSpec
@@ -582,3 +583,15 @@ def test_every_finished_episode_meets_the_budget_real_engine(resnet20_problem, m
     assert info["feasible"]
     limit = info["limits"][metric]
     assert {"macs": info["cost"]["macs"], "size_bytes": info["cost"]["bytes"]}[metric] <= limit
+
+
+def test_a_broken_reward_stops_the_episode_before_an_agent_learns_from_it() -> None:
+    class Broken(Reward):
+        name = "broken_test"
+
+        def __call__(self, result: Any, cost: Any, dense: Any, budget: Any) -> float:
+            return math.nan
+
+    env = LayerwiseCompressionEnv(FakeProblem(), mode="prune", reward=Broken(), budget=Budget(macs=0.5))
+    with pytest.raises(ConfigError, match="'broken_test' returned nan"):
+        run_episode(env, [np.array([0.0], np.float32)] * 4)

@@ -8,8 +8,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from autoprune import objectives
 from autoprune.errors import ConfigError
-from autoprune.objectives import BUDGET_METRICS, REWARDS, Budget, Reward, failure_reward, make_reward
+from autoprune.objectives import (
+    BUDGET_METRICS,
+    REWARDS,
+    Budget,
+    Reward,
+    failure_reward,
+    make_reward,
+    reward_value,
+)
 from autoprune.types import COST_METRICS, CostReport, EvalResult
 
 DENSE = CostReport(macs=40_000_000, params=270_000, bytes=1_080_000, bitops=40_000_000 * 1024, latency_ms=4.0)
@@ -182,3 +191,42 @@ def test_failure_never_beats_a_scored_candidate(acc: float, frac: float, budget_
     budget = Budget(macs=budget_frac)
     reward = make_reward(name, **kwargs)
     assert failure_reward(reward, DENSE, budget) <= reward(res(acc), cost, DENSE, budget) + 1e-12
+
+
+# --------------------------------------------------------------------------------------------------------
+# The reward every searcher ranks by is checked
+
+
+class _Fixed(Reward):
+    """A plugin-like reward that returns whatever it was given."""
+
+    name = "fixed_test"
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __call__(self, result: EvalResult, cost: CostReport, dense: CostReport, budget: Budget | None) -> float:
+        return self.value  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "0.5x", None])
+def test_a_reward_that_is_not_a_finite_number_is_refused(bad: object) -> None:
+    with pytest.raises(ConfigError, match=r"'fixed_test' returned .* a reward must be a finite number") as err:
+        reward_value(_Fixed(bad), res(0.8), HALF, DENSE, None)
+    assert err.value.hint
+
+
+def test_a_reward_out_of_scale_is_reported_once_and_built_ins_stay_in_scale(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(objectives, "_SCALE_REPORTED", set())
+    with caplog.at_level("WARNING", logger="autoprune.objectives"):
+        assert reward_value(_Fixed(-42.0), res(0.8), HALF, DENSE, None) == -42.0  # in scale: silent
+        assert not caplog.records
+        assert reward_value(_Fixed(-4200.0), res(0.8), HALF, DENSE, None) == -4200.0  # accuracy in percent × …
+        assert reward_value(_Fixed(-4300.0), res(0.8), HALF, DENSE, None) == -4300.0
+    assert len(caplog.records) == 1 and "unit mistake" in caplog.text
+    big = CostReport(macs=10_000_000_000, params=25_000_000, bytes=100_000_000, bitops=10**13, latency_ms=50.0)
+    for name in REWARDS.names():  # every built-in reward at its defaults, worst case (accuracy 0, huge network)
+        r = make_reward(name, **({"reference_accuracy": 1.0} if name == "haq" else {}))
+        value = reward_value(r, res(0.0), big, big, Budget(macs=0.5))
+        assert abs(value) <= objectives.REWARD_SCALE, (name, value)

@@ -625,6 +625,24 @@ def test_the_amc_preset_restores_amcs_action_map_and_user_keys_still_win(agent: 
     assert "amc" in (err.value.hint or "")
 
 
+@pytest.mark.parametrize("agent", ["ddpg", "ppo", "tpe"])
+def test_a_reward_that_is_not_finite_stops_the_search_with_a_user_error(agent: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoprune.objectives import REWARDS, Reward
+
+    class Broken(Reward):
+        name = "broken_test"
+
+        def __call__(self, result: Any, cost: Any, dense: Any, budget: Any) -> float:
+            return math.inf
+
+    monkeypatch.setitem(REWARDS._items, "broken_test", Broken)
+    s = make_searcher(agent, make_problem(), store=new_store(), n_trials=3, budget=BUDGET,
+                      objective="broken_test", **RL_TINY.get(agent, {}))
+    with pytest.raises(ConfigError, match="'broken_test' returned inf"):
+        s.run()
+
+
 def test_an_rl_mode_that_leaves_out_part_of_the_space_is_reported(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING", logger="autoprune.agents.rl"):
         s = make_searcher("ddpg", make_problem(quantize=True), store=new_store(), n_trials=1, budget=BUDGET,

@@ -581,6 +581,27 @@ def resume_command(command: str) -> str:
 # ------------------------------------------------------------------------------------------------ figures
 
 
+def seed_curves(curves: Sequence[Mapping[str, Sequence[Any]]], grid_s: Any) -> tuple[Any, Any]:
+    """One searcher's best-so-far curves as arrays (a row per seed) against candidates and against the seconds of
+    ``grid_s``, ready to average over seeds. A seed that ended earlier than another (fewer candidates, a faster
+    search) keeps its final value up to where the searcher's longest seed ends (a best-so-far never drops, and the
+    table reads ended curves the same way); before a seed's first candidate it has none (NaN)."""
+    import numpy as np
+
+    n_max = max(len(c["n"]) for c in curves)
+    end_s = max(c["seconds"][-1] for c in curves)
+    by_n = np.full((len(curves), n_max), np.nan)
+    by_s = np.full((len(curves), len(grid_s)), np.nan)
+    for k, c in enumerate(curves):
+        best = np.array([np.nan if b is None else b for b in c["best"]], dtype=float)
+        by_n[k, :len(best)] = best
+        by_n[k, len(best):] = best[-1]
+        idx = np.searchsorted(np.asarray(c["seconds"]), grid_s, side="right") - 1
+        ok = (idx >= 0) & (np.asarray(grid_s) <= end_s)
+        by_s[k, ok] = best[idx[ok]]
+    return by_n, by_s
+
+
 def write_figures(raw: Mapping[str, Any], out: Path, *, quick: bool = False) -> list[Path]:
     """One image per target (best-so-far against candidates and against minutes, mean over seeds); nothing
     without matplotlib."""
@@ -604,14 +625,7 @@ def write_figures(raw: Mapping[str, Any], out: Path, *, quick: bool = False) -> 
         for i, (name, color) in enumerate(zip(names, figures._colors(len(names)), strict=False)):
             own = [r["curve"] for r in recs if r["searcher"] == name]
             n_max = max(len(c["n"]) for c in own)
-            by_n = np.full((len(own), n_max), np.nan)
-            by_s = np.full((len(own), len(grid_s)), np.nan)
-            for k, c in enumerate(own):
-                best = np.array([np.nan if b is None else b for b in c["best"]], dtype=float)
-                by_n[k, :len(best)] = best
-                idx = np.searchsorted(np.asarray(c["seconds"]), grid_s, side="right") - 1
-                ok = (idx >= 0) & (grid_s <= c["seconds"][-1])
-                by_s[k, ok] = best[idx[ok]]
+            by_n, by_s = seed_curves(own, grid_s)
             style = {"color": color, "ls": figures.LINESTYLES[i % len(figures.LINESTYLES)], "lw": 1.5}
             label = f"{name} ({len(own)} seed{'s' * (len(own) > 1)})"
             if n_max == 1:

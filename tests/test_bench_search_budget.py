@@ -324,3 +324,15 @@ def test_an_interrupted_cell_is_carried_to_a_machine_without_the_work_directory(
     assert bsb.main(args) == 0
     assert seen == [("uniform", "nothing"), ("random", "nothing"), ("random", "random half-way")]
     assert not archive.exists()  # every cell finished: nothing left to carry
+
+
+def test_seed_curves_hold_an_ended_seeds_final_value() -> None:
+    """Averaged over seeds, a best-so-far curve never drops where one seed ended before the other."""
+    np = pytest.importorskip("numpy")
+    short = {"n": [1, 2], "seconds": [10.0, 20.0], "best": [None, 0.6]}
+    long = {"n": [1, 2, 3, 4], "seconds": [10.0, 20.0, 30.0, 40.0], "best": [0.5, 0.5, 0.7, 0.8]}
+    grid = np.array([5.0, 15.0, 25.0, 35.0, 45.0])
+    by_n, by_s = bsb.seed_curves([short, long], grid)
+    assert np.allclose(by_n[0], [np.nan, 0.6, 0.6, 0.6], equal_nan=True)
+    assert np.allclose(by_s[0], [np.nan, np.nan, 0.6, 0.6, np.nan], equal_nan=True)  # held to the longest end
+    assert np.allclose(by_s[1], [np.nan, 0.5, 0.5, 0.7, np.nan], equal_nan=True)

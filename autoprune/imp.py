@@ -63,6 +63,9 @@ class IMPConfig:
 
     Attributes:
         flow: Stopping criterion of each retraining phase: ``"IF"``, ``"GF"`` or ``"none"`` (fixed budget).
+        monitor: With ``flow="none"``: a flow (``"IF"`` or ``"GF"``) measured after pruning and after every round
+            without stopping on it, so that a fixed-budget run shows where each tolerance ε would have stopped
+            (rows' ``distance_before`` and the trajectories' ``distance``).
         iterations: IMP iterations (iteration 0 retrains the dense network; pruning starts at 1).
         granularity: ``"unstructured"`` or ``"structured"`` (see the module docstring).
         scope: ``"layer"`` or ``"global"`` magnitude ranking.
@@ -87,6 +90,7 @@ class IMPConfig:
     """
 
     flow: str = "IF"
+    monitor: str = "none"
     iterations: int = 5
     granularity: str = "unstructured"
     scope: str = "layer"
@@ -113,8 +117,8 @@ class IMPConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        choices = {"flow": FLOWS, "granularity": GRANULARITIES, "scope": SCOPES, "form": DISTANCE_FORMS,
-                   "reduce": ("mean", "abs"), "stat": ("mean", "fro")}
+        choices = {"flow": FLOWS, "monitor": FLOWS, "granularity": GRANULARITIES, "scope": SCOPES,
+                   "form": DISTANCE_FORMS, "reduce": ("mean", "abs"), "stat": ("mean", "fro")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown IMP {name} {getattr(self, name)!r}", hint=f"use one of {allowed}")
@@ -129,6 +133,8 @@ class IMPConfig:
             (self.round_epochs > 0, "round_epochs must be > 0"),
             (self.eps is None or self.eps > 0, "eps must be > 0"),
             (self.flow_samples >= 1, "flow_samples must be >= 1"),
+            (self.monitor == "none" or self.flow == "none", "monitor is for fixed-budget runs (flow none); a flow "
+                                                            "that stops the run is measured anyway"),
         ]
         for ok, message in checks:
             if not ok:
@@ -398,6 +404,7 @@ class IMPRow:
     val_accuracy: float
     stop_reason: str
     distance: float | None
+    distance_before: float | None = None
 
 
 @dataclass
@@ -505,9 +512,10 @@ def run_imp(
     say(f"warm-up: {config.warmup_rounds} rounds, best val {best:.4f}, {warm_seconds:.1f}s")
     snapshot = {k: v.detach().clone() for k, v in work.state_dict().items()}  # clone: no aliasing
     reference = None
-    if config.flow != "none":
-        eps = config.eps if config.eps is not None else DEFAULT_EPS[config.flow]
-        reference = FlowReference.compute(work, flow_loader or train_loader, config.flow,
+    kind = config.flow if config.flow != "none" else config.monitor
+    if kind != "none":
+        eps = config.eps if config.eps is not None else DEFAULT_EPS[kind]
+        reference = FlowReference.compute(work, flow_loader or train_loader, kind,
                                           max_samples=config.flow_samples, eps=eps, form=config.form,
                                           reduce=config.reduce, stat=config.stat, device=dev)
 
@@ -523,6 +531,10 @@ def run_imp(
                 rewind(work, snapshot, masks, targets)
             else:
                 apply_masks(work, masks)
+        before = None
+        if reference is not None:  # how far pruning moved the flow, before any retraining
+            d = reference.check(work, masks=masks, device=dev).distance
+            before = None if math.isnan(d) else d
         rounds, reason, trajectory = _retrain(work, masks, train_loader, val_loader, reference, target, config,
                                               steps_per_round, dev, teacher)
         acc = trajectory[-1]["val_accuracy"]
@@ -532,7 +544,7 @@ def run_imp(
         cum_seconds += seconds
         sp, alive, _ = sparsity(masks, targets)
         row = IMPRow(k, sp, alive, asked, rounds, epochs, rounds * steps_per_round, seconds, cum_epochs,
-                     cum_seconds, acc, reason, trajectory[-1].get("distance"))
+                     cum_seconds, acc, reason, trajectory[-1].get("distance"), before)
         rows.append(row)
         trajectories.append(trajectory)
         say(f"iteration {k}: sparsity {sp:.3f}, {rounds} rounds ({epochs:g} epochs), {seconds:.1f}s, "
@@ -570,7 +582,7 @@ def _retrain(model: nn.Module, masks: Masks, train_loader: Loader, val_loader: L
             consistent = False
             if reference is not None:
                 check = reference.check(model, masks=masks, device=device)
-                consistent = check.consistent
+                consistent = check.consistent and config.flow != "none"  # a monitored flow never stops the run
                 entry["distance"] = None if math.isnan(check.distance) else check.distance
                 entry["consistent"] = consistent
             last = r == config.max_rounds
@@ -580,7 +592,7 @@ def _retrain(model: nn.Module, masks: Masks, train_loader: Loader, val_loader: L
             if consistent:
                 reason = "consistent"
                 break
-            if reference is not None and config.stop_on_accuracy and entry["val_accuracy"] >= target:
+            if config.flow != "none" and config.stop_on_accuracy and entry["val_accuracy"] >= target:
                 reason = "accuracy"
                 break
     finally:

@@ -770,6 +770,8 @@ def run_infcop_cell(s: Settings, variant: str) -> dict[str, Any]:
                      sgd=SGDSettings(lr=s.imp_lr, momentum=0.9, weight_decay=5e-4), seed=s.seed,
                      flow_samples=s.imp_flow_samples)
     cfg = _variants(base)[variant]
+    if cfg.flow == "none":  # the fixed-budget baseline records where every tolerance ε would have stopped
+        cfg = dataclasses.replace(cfg, monitor="IF")
     t0 = time.perf_counter()
     res = run_imp(model, train, val, cfg, flow_loader=flow, log=lambda m: _log(f"  infcop|{variant}: {m}"))
     seconds = time.perf_counter() - t0

@@ -238,6 +238,28 @@ def test_run_imp_fixed_budget_versus_infcop_stopping() -> None:
     assert _no_hooks(model) and _no_hooks(quick.model)
 
 
+def test_a_monitored_flow_records_distances_without_changing_the_fixed_budget_run() -> None:
+    """``monitor`` measures the flow after pruning and after every round of a fixed-budget run (to calibrate ε
+    offline) and changes nothing else: same rounds, same weights as the unmonitored run."""
+    data = _data()
+    sgd = SGDSettings(lr=0.05)
+    torch.manual_seed(0)
+    model = Net()
+    plain = run_imp(model, data, data[:2], IMPConfig.lth(iterations=3, warmup_rounds=0, max_rounds=2,
+                                                         round_epochs=0.5, sgd=sgd, seed=1))
+    watched = run_imp(model, data, data[:2], IMPConfig.lth(iterations=3, warmup_rounds=0, max_rounds=2,
+                                                           round_epochs=0.5, sgd=sgd, seed=1, monitor="IF"))
+    assert [r.rounds for r in watched.rows] == [2, 2, 2] and {r.stop_reason for r in watched.rows} == {"budget"}
+    assert watched.reference is not None and plain.reference is None
+    assert all(r.distance_before is not None and r.distance is not None for r in watched.rows)
+    assert all(len(t) == 2 and all(e["distance"] is not None for e in t) for t in watched.trajectories)
+    assert watched.rows[1].distance_before > 0  # pruning moved the flow
+    for k, v in plain.model.state_dict().items():
+        assert torch.equal(v, watched.model.state_dict()[k]), k
+    with pytest.raises(ConfigError, match="monitor"):
+        IMPConfig(flow="IF", monitor="GF")
+
+
 def test_run_imp_pq_global_and_outputs(tmp_path) -> None:  # type: ignore[no-untyped-def]
     data = _data()
     cfg = IMPConfig(flow="IF", pq=True, scope="global", p=1.0, q=2.0, iterations=3, warmup_rounds=1,

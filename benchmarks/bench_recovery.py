@@ -779,7 +779,8 @@ def run_infcop_cell(s: Settings, variant: str) -> dict[str, Any]:
     acc = top1_on_halves(ctx, res.model)
     last = res.rows[-1]
     return {"status": "done", "params": {"variant": variant, **cfg.summary()},
-            "rows": [asdict(r) for r in res.rows], "cum_epochs": last.cum_epochs, "final_sparsity": last.sparsity,
+            "rows": [asdict(r) for r in res.rows], "trajectories": res.trajectories,
+            "cum_epochs": last.cum_epochs, "final_sparsity": last.sparsity,
             "target_half_a": res.warmup["target_accuracy"], **acc, "seconds": seconds,
             "train_steps_per_epoch": len(train)}
 

@@ -16,11 +16,18 @@ a standalone model. Measured:
 * **InfCoP** (``infcop|…`` cells): IMP of the pretrained ResNet-20 on CIFAR-10, retraining stopped by the
   information-flow rule (``IF``) against fixed retraining (``lth``), the same pruning iterations, rounds of a
   fractional epoch (:func:`benchmarks.bench_infcop_imp._variants` builds both settings); the stopping rule's
-  accuracy target is the pretrained model's half-A top-1;
+  accuracy target is the pretrained model's half-A top-1. The paper's tolerance (ε = 1.0 on the l2 distance)
+  finds these networks consistent after the first round of every iteration, so a third cell (``IF-cal``) runs
+  the rule with ε **calibrated** from the ``lth`` run, which monitors the flow (:attr:`autoprune.imp.IMPConfig.
+  monitor`): ε = the largest distance the *unpruned* network's flow moves from the reference while it is
+  retrained with the same settings (iteration 0), i.e. a pruned network counts as consistent once its flow is
+  as close to the dense network's as retraining alone leaves the dense network (:func:`calibrated_eps`); the
+  headline's InfCoP figures come from that cell when it is done;
 * the exported models are reloaded with :func:`autoprune.serialize.load_module` and re-tested (recorded).
 
 The work is a list of resumable **cells**, each checkpointed into ``results/benchmarks/recovery.json`` (``search|M``,
-``lr|resnet20|LR``, ``finetune|M|kd``, ``finetune|M|ce``, ``infcop|resnet20|lth``, ``infcop|resnet20|IF``). A
+``lr|resnet20|LR``, ``finetune|M|kd``, ``finetune|M|ce``, ``infcop|resnet20|lth``, ``infcop|resnet20|IF``,
+``infcop|resnet20|IF-cal``). A
 search continues from its trial store, a fine-tune from the export's checkpoint after its last completed epoch
 (the same result as an uninterrupted run), so the whole run can be spread over several sessions:
 ``--max-minutes M`` stops a search (Ctrl-C, resumable) or a fine-tune (after the last epoch that fits) at M minutes
@@ -87,8 +94,11 @@ HEADLINE_UNITS = {"macs_ratio": "exported MACs / dense MACs (closed form)",
                   "test_top1": "percent, full CIFAR-10 test set (10,000 images)",
                   "epochs": "epochs of the export fine-tune (cosine schedule over all of them)",
                   "hours": "wall hours of the fine-tune's epochs on this machine (search and tests excluded)",
-                  "epochs_ratio": "IMP retraining epochs, InfCoP (IF) / fixed retraining (lth)",
-                  "accuracy_delta": "percentage points, full test set, InfCoP (IF) minus fixed retraining (lth)"}
+                  "epochs_ratio": "IMP retraining epochs, InfCoP / fixed retraining (lth); InfCoP = the calibrated-ε "
+                                  "cell (IF-cal) when done, else the paper's ε (IF)",
+                  "accuracy_delta": "percentage points, full test set, InfCoP minus fixed retraining (lth)"}
+#: The InfCoP cells: fixed retraining (monitoring the flow), the paper's ε, ε calibrated on the fixed run.
+IMP_VARIANTS = ("lth", "IF", "IF-cal")
 #: Training images per fine-tune epoch (45,000: the campaigns carve 5,000 validation images) and per IMP epoch.
 FT_IMAGES, IMP_IMAGES = 45_000, 50_000
 
@@ -156,7 +166,7 @@ def cell_names(s: Settings) -> list[str]:
             names += [f"lr|resnet20|{lr:g}" for lr in s.sweep_lrs]
         names += [f"finetune|{m}|{v}" for v in VARIANTS]
         if m == "resnet20":
-            names += ["infcop|resnet20|lth", "infcop|resnet20|IF"]
+            names += [f"infcop|resnet20|{v}" for v in IMP_VARIANTS]
     return names
 
 
@@ -288,7 +298,8 @@ def headline(raw: Mapping[str, Any]) -> dict[str, Any]:
             row["epochs"] = rec["params"]["epochs"]
             row["hours"] = round(sum(e.get("seconds") or 0.0 for e in rec.get("epochs_log", [])) / 3600, 3)
         out[m] = row
-    lth, inf = done(raw, "infcop|resnet20|lth"), done(raw, "infcop|resnet20|IF")
+    lth = done(raw, "infcop|resnet20|lth")
+    inf = done(raw, "infcop|resnet20|IF-cal") or done(raw, "infcop|resnet20|IF")
     ic: dict[str, Any] = {"epochs_ratio": None, "accuracy_delta": None}
     if lth is not None and inf is not None and lth["cum_epochs"]:
         ic["epochs_ratio"] = round(inf["cum_epochs"] / lth["cum_epochs"], 4)
@@ -750,28 +761,56 @@ def finish_export(ctx: Context, job: Job, metrics: Mapping[str, Any]) -> dict[st
 # ---------------------------------------------------------------------------------------------- InfCoP cells
 
 
-def run_infcop_cell(s: Settings, variant: str) -> dict[str, Any]:
-    """IMP of the pretrained ResNet-20 with ``variant``'s retraining rule (``lth``: fixed; ``IF``: InfCoP)."""
+def calibrated_eps(lth: Mapping[str, Any] | None) -> float | None:
+    """ε for the ``IF-cal`` cell from a finished ``lth`` cell that monitored the flow: the largest distance from
+    the reference that the unpruned network's flow reaches while it is retrained (iteration 0, every round);
+    ``None`` without such a record."""
+    if lth is None or not lth.get("trajectories"):
+        return None
+    ds = [e["distance"] for e in lth["trajectories"][0] if e.get("distance") is not None]
+    return max(ds) if ds and max(ds) > 0 else None
+
+
+def imp_config(s: Settings, variant: str, raw: Mapping[str, Any] | None = None) -> Any:
+    """The :class:`autoprune.imp.IMPConfig` of an ``infcop|resnet20|variant`` cell (``lth``: fixed retraining,
+    monitoring the flow; ``IF``: InfCoP with the paper's ε; ``IF-cal``: InfCoP with :func:`calibrated_eps`).
+
+    Raises:
+        NotReady: ``IF-cal`` before the ``lth`` cell is done.
+    """
+    from autoprune.evaluate import SGDSettings
+    from autoprune.imp import IMPConfig
+    from benchmarks.bench_infcop_imp import _variants
+
+    base = IMPConfig(iterations=s.imp_iterations, max_rounds=s.imp_rounds, round_epochs=s.imp_round_epochs,
+                     sgd=SGDSettings(lr=s.imp_lr, momentum=0.9, weight_decay=5e-4), seed=s.seed,
+                     flow_samples=s.imp_flow_samples)
+    if variant == "IF-cal":
+        eps = calibrated_eps(done(raw or {}, "infcop|resnet20|lth"))
+        if eps is None:
+            raise NotReady("infcop|resnet20|lth (with its flow monitored) is not done")
+        return dataclasses.replace(_variants(base)["IF"], eps=eps)
+    cfg = _variants(base)[variant]
+    if cfg.flow == "none":  # the fixed-budget baseline records where every tolerance ε would have stopped
+        cfg = dataclasses.replace(cfg, monitor="IF")
+    return cfg
+
+
+def run_infcop_cell(s: Settings, variant: str, raw: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """IMP of the pretrained ResNet-20 with ``variant``'s retraining rule (:func:`imp_config`)."""
     from dataclasses import asdict
 
     from autoprune.data import make_loader, subset
-    from autoprune.evaluate import SGDSettings
-    from autoprune.imp import IMPConfig, run_imp
+    from autoprune.imp import run_imp
     from benchmarks._cifar import load_cifar10, load_pretrained, split_test
-    from benchmarks.bench_infcop_imp import _variants
 
+    cfg = imp_config(s, variant, raw)
     splits = load_cifar10(s.seed)
     half_a, half_b = split_test(subset(splits.test, s.test_images) if s.test_images else splits.test)
     model, _, _ = load_pretrained("resnet20", splits)
     train = make_loader(splits.train, s.imp_batch, shuffle=True, augment=True, seed=s.seed, drop_last=True)
     flow = make_loader(splits.train, 256)
     val = make_loader(subset(half_a, s.val_images) if s.val_images else half_a, 500)
-    base = IMPConfig(iterations=s.imp_iterations, max_rounds=s.imp_rounds, round_epochs=s.imp_round_epochs,
-                     sgd=SGDSettings(lr=s.imp_lr, momentum=0.9, weight_decay=5e-4), seed=s.seed,
-                     flow_samples=s.imp_flow_samples)
-    cfg = _variants(base)[variant]
-    if cfg.flow == "none":  # the fixed-budget baseline records where every tolerance ε would have stopped
-        cfg = dataclasses.replace(cfg, monitor="IF")
     t0 = time.perf_counter()
     res = run_imp(model, train, val, cfg, flow_loader=flow, log=lambda m: _log(f"  infcop|{variant}: {m}"))
     seconds = time.perf_counter() - t0
@@ -972,7 +1011,7 @@ def _sweep_section(raw: Mapping[str, Any]) -> list[str]:
 
 
 def _infcop_section(raw: Mapping[str, Any], s: Settings) -> list[str]:
-    imp = {v: raw.get("cells", {}).get(f"infcop|resnet20|{v}") for v in ("lth", "IF")}
+    imp = {v: raw.get("cells", {}).get(f"infcop|resnet20|{v}") for v in IMP_VARIANTS}
     if not any(imp.values()):
         return []
     lines = ["## InfCoP: IMP of the pretrained ResNet-20", "",
@@ -980,15 +1019,33 @@ def _infcop_section(raw: Mapping[str, Any], s: Settings) -> list[str]:
              f"weights, {s.imp_iterations} iterations (pruning from the second), rounds of {s.imp_round_epochs:g} "
              f"epoch (fractional), at most {s.imp_rounds} rounds per iteration, SGD lr {s.imp_lr:g}; the stopping "
              "rule's accuracy target and validation are half A; tests on the full set and half B.", "",
-             "| variant | retraining epochs | final sparsity | test % | half B % | seconds | stop reasons |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | ε | retraining epochs | final sparsity | test % | half B % | seconds | stop reasons |",
+             "|---|---|---|---|---|---|---|---|"]
     for v, r in imp.items():
         if r is None:
-            lines.append(f"| {v} | not run | | | | | |")
+            lines.append(f"| {v} | | not run | | | | | |")
             continue
         reasons = ", ".join(x["stop_reason"] for x in r["rows"])
-        lines.append(f"| {v} | {r['cum_epochs']:g} | {r['final_sparsity']:.3f} | {_pct(r['test_top1'])} | "
-                     f"{_pct(r['half_b'])} | {r['seconds']:.0f} | {reasons} |")
+        params = r.get("params") or {}
+        eps = params.get("eps")
+        fixed = params.get("flow", "none" if v == "lth" else "IF") == "none"
+        eps_text = "–" if fixed else ("1 (paper)" if eps is None else f"{eps:.4g}")
+        lines.append(f"| {v} | {eps_text} | {r['cum_epochs']:g} | {r['final_sparsity']:.3f} | "
+                     f"{_pct(r['test_top1'])} | {_pct(r['half_b'])} | {r['seconds']:.0f} | {reasons} |")
+    lth = imp.get("lth")
+    if lth and lth.get("trajectories"):
+        lines += ["", "Information-flow distance from the dense reference in the fixed-budget (`lth`) run: after "
+                  "pruning (before retraining), then after every round; ε of `IF-cal` = the largest distance of "
+                  "iteration 0, where nothing is pruned: "
+                  + _num(calibrated_eps(lth), "{:.4g}") + ".", "",
+                  "| iteration | sparsity | after pruning | after each round | val % after each round |",
+                  "|---|---|---|---|---|"]
+        for row, traj in zip(lth["rows"], lth["trajectories"], strict=False):
+            ds = ", ".join(_num(e.get("distance"), "{:.4f}") for e in traj)
+            accs = ", ".join(_num(None if e.get("val_accuracy") is None else 100 * e["val_accuracy"], "{:.2f}")
+                             for e in traj)
+            lines.append(f"| {row['iteration']} | {row['sparsity']:.3f} | {_num(row.get('distance_before'), '{:.4f}')}"
+                         f" | {ds} | {accs} |")
     return [*lines, ""]
 
 
@@ -1072,7 +1129,7 @@ def run_cell(s: Settings, name: str, raw: Mapping[str, Any], path: Path, deadlin
     if kind in ("lr", "finetune"):
         return run_finetune_cell(s, make_job(s, raw, name), previous, path, deadline)
     if kind == "infcop":  # independent of the searches: IMP of the pretrained network
-        return run_infcop_cell(s, arg)
+        return run_infcop_cell(s, arg, raw)
     raise ValueError(f"unknown cell {name}")
 
 

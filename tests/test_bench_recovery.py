@@ -81,6 +81,42 @@ def test_headline_has_exactly_the_issues_keys_computed_from_planted_cells() -> N
     assert br.goal_status(head) == {"resnet20": "met", "resnet56": "not run", "infcop": "met"}
 
 
+def _monitored_lth() -> dict[str, Any]:
+    rec = _imp(10.0, 90.0)
+    rec["params"] = {"variant": "lth", "flow": "none", "monitor": "IF", "eps": None}
+    rec["rows"] = [{"iteration": k, "sparsity": 0.2 * k, "distance_before": 0.004 * k, "stop_reason": "budget"}
+                   for k in range(2)]
+    rec["trajectories"] = [[{"round": 1, "distance": 0.011, "val_accuracy": 0.91},
+                            {"round": 2, "distance": 0.017, "val_accuracy": 0.915}],
+                           [{"round": 1, "distance": 0.02, "val_accuracy": 0.90},
+                            {"round": 2, "distance": 0.016, "val_accuracy": 0.905}]]
+    return rec
+
+
+def test_the_calibrated_tolerance_comes_from_the_unpruned_networks_drift_in_the_fixed_run() -> None:
+    lth = _monitored_lth()
+    assert br.calibrated_eps(lth) == 0.017  # the largest distance of iteration 0 (nothing pruned yet)
+    assert br.calibrated_eps(None) is None and br.calibrated_eps(_imp(10.0, 90.0)) is None  # not monitored
+    s = br.Settings()
+    with pytest.raises(br.NotReady, match="lth"):
+        br.imp_config(s, "IF-cal", {"cells": {}})
+    cal = br.imp_config(s, "IF-cal", {"cells": {"infcop|resnet20|lth": lth}})
+    assert cal.flow == "IF" and cal.eps == 0.017 and cal.monitor == "none"
+    fixed = br.imp_config(s, "lth")
+    assert fixed.flow == "none" and fixed.monitor == "IF"  # the baseline records where any ε would stop
+    paper = br.imp_config(s, "IF")
+    assert paper.flow == "IF" and paper.eps is None and fixed.iterations == paper.iterations == cal.iterations
+    # the headline's InfCoP figures: the calibrated cell once it is done, the paper's ε before
+    raw = {"cells": {"infcop|resnet20|lth": lth, "infcop|resnet20|IF": _imp(2.5, 89.9),
+                     "infcop|resnet20|IF-cal": _imp(6.0, 90.1)}}
+    assert br.headline(raw)["infcop"] == {"epochs_ratio": 0.6, "accuracy_delta": 0.1}
+    del raw["cells"]["infcop|resnet20|IF-cal"]
+    assert br.headline(raw)["infcop"] == {"epochs_ratio": 0.25, "accuracy_delta": -0.1}
+    md = br.summarise(raw, br.Settings(models=("resnet20",)), br.cell_names(br.Settings(models=("resnet20",))))
+    assert "ε of `IF-cal` = the largest distance of iteration 0, where nothing is pruned: 0.017." in md
+    assert "| 1 | 0.200 | 0.0040 | 0.0200, 0.0160 | 90.00, 90.50 |" in md
+
+
 def test_headline_of_an_empty_run_is_all_none_and_the_goals_not_run() -> None:
     head = br.headline({"cells": {}})
     assert {k: set(v) for k, v in head.items()} == HEADLINE
@@ -129,7 +165,7 @@ def test_a_fine_tune_uses_the_swept_rate_or_waits_for_it(tmp_path: Path, monkeyp
 def test_cell_names_and_per_model_options() -> None:
     assert br.cell_names(br.Settings.quick_run()) == [
         "search|resnet20", "lr|resnet20|0.01", "lr|resnet20|0.1", "finetune|resnet20|kd", "finetune|resnet20|ce",
-        "infcop|resnet20|lth", "infcop|resnet20|IF"]
+        "infcop|resnet20|lth", "infcop|resnet20|IF", "infcop|resnet20|IF-cal"]
     assert {n.split("|")[0] for n in br.cell_names(br.Settings())} == {"search", "lr", "finetune", "infcop"}
     assert br.per_model("resnet56=12", {"resnet20": 30, "resnet56": 30}, "--epochs") == {"resnet20": 30,
                                                                                         "resnet56": 12}
@@ -145,7 +181,7 @@ def test_cell_names_and_per_model_options() -> None:
 def test_markdown_renders_with_missing_parts() -> None:
     s = br.Settings()
     empty = br.summarise({"cells": {}, "errors": {}, "runs": []}, s, br.cell_names(s))
-    assert "0 of 11 cells done" in empty and "| resnet56 |" in empty and "not run" in empty
+    assert "0 of 12 cells done" in empty and "| resnet56 |" in empty and "not run" in empty
     assert "not chosen yet" in empty and "no fine-tune done yet" in empty
     raw = planted()
     raw["cells"].update({f"lr|resnet20|{lr:g}": _sweep(lr, a) for lr, a in ((0.01, 88.0), (0.03, 89.5),
@@ -209,7 +245,7 @@ def test_resume_skips_finished_cells_and_a_fresh_run_refuses_to_clobber(fake_run
 def test_a_cell_whose_input_is_not_ready_waits_and_part_splits_the_cells(fake_run: dict[str, Any]) -> None:
     assert br.main(["--models", "resnet20", "--only", "finetune,infcop", "--part", "1/2"]) == 0
     raw = json.loads(fake_run["json"].read_text())
-    assert fake_run["ran"] == ["finetune|resnet20|kd", "infcop|resnet20|lth"]
+    assert fake_run["ran"] == ["finetune|resnet20|kd", "infcop|resnet20|lth", "infcop|resnet20|IF-cal"]
     assert "finetune|resnet20|kd" not in raw["cells"] and "infcop|resnet20|lth" in raw["cells"]  # it waited
     assert br.main(["--models", "resnet20", "--only", "finetune,infcop", "--part", "2/2", "--resume"]) == 0
     assert "infcop|resnet20|IF" in json.loads(fake_run["json"].read_text())["cells"]

@@ -81,6 +81,7 @@ def pack(work: Path, archive: Path, select: Callable[[str], bool]) -> list[str]:
                 info.size, info.mtime, info.mode = len(data), int(p.stat().st_mtime), 0o644
                 tar.addfile(info, io.BytesIO(data))
                 names.append(rel)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the archive is a versioned result
         os.replace(tmp, archive)
     except BaseException:
         with contextlib.suppress(OSError):

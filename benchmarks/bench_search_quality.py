@@ -791,6 +791,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_builtin_searchers()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     configure_threads(args.threads)
+    from autoprune import interrupts
+
+    interrupts.install()  # as the CLI does: a Ctrl-C swallowed inside a trial still stops the run at the next check
     sizes = parse_sizes(args)
     unknown = sorted(set(sizes.models) - set(CHECKPOINTS))
     if unknown:

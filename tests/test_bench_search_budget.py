@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import tarfile
 from collections import Counter
 from datetime import datetime, timedelta
@@ -221,7 +222,7 @@ def test_figures_from_planted_curves(tmp_path: Path) -> None:
 
 
 @pytest.fixture()
-def fake_bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+def fake_bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> dict[str, Any]:
     """``main`` with every heavy function replaced: no data, no search; the runner logs the cells it ran."""
     import autoprune.evaluate
 
@@ -248,6 +249,8 @@ def fake_bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any
         return _record(name, seed, target, curve, 0.8)
 
     monkeypatch.setattr(bsb, "make_cell_runner", lambda sizes, gp_max: runner)
+    previous = signal.getsignal(signal.SIGINT)  # main installs the CLI's Ctrl-C handler: give it back afterwards
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     return state
 
 

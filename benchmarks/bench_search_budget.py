@@ -786,12 +786,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_result(name, title, summarise(merged, command), command=command)
         return merged
 
+    interrupted = False
     try:
         raw = _sq.run(sizes, names, out_json, store_dir, resume=args.resume, quick=args.quick,
                       max_minutes=args.max_minutes, on_update=on_update, command=command, cells=mine,
                       cell_runner=make_cell_runner(sizes, gp_max))
     except AutoPruneError as exc:
         parser.error(str(exc))
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         if args.quick:
             shutil.rmtree(store_dir, ignore_errors=True)
@@ -800,6 +803,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             packed = _carry.pack(store_dir, carry_path(), lambda rel: rel.split("/")[0] not in done_dirs)
             _log(f"carried {len(packed)} file(s) of unfinished cells in {carry_path().name} (commit it to continue "
                  "elsewhere)" if packed else "no unfinished cell to carry")
+    if interrupted:
+        _log("interrupted: finished cells are in the JSON, the running one continues from its store with --resume")
+        return 130
     write_figures(raw, figures_dir, quick=args.quick)
     if args.quick:
         est = estimate_full(raw, names=default_searchers(), extra_rl=args.extra_rl)

@@ -339,3 +339,17 @@ def test_seed_curves_hold_an_ended_seeds_final_value() -> None:
     assert np.allclose(by_n[0], [np.nan, 0.6, 0.6, 0.6], equal_nan=True)
     assert np.allclose(by_s[0], [np.nan, np.nan, 0.6, 0.6, np.nan], equal_nan=True)  # held to the longest end
     assert np.allclose(by_s[1], [np.nan, 0.5, 0.5, 0.7, np.nan], equal_nan=True)
+
+
+def test_ctrl_c_exits_130_and_still_carries_the_running_cell(fake_bench: dict[str, Any],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def runner(ctx: Any, sizes: Any, target: float, name: str, seed: int, store_dir: Path) -> dict[str, Any]:
+        d = bsb.cell_dir(store_dir, ctx["name"], target, name, seed)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "progress.txt").write_text("half-way")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bsb, "make_cell_runner", lambda sizes, gp_max: runner)
+    assert bsb.main(["--searchers", "random", "--targets", "0.5", "--seeds", "1", "--resume"]) == 130
+    with tarfile.open(bsb.carry_path()) as tar:
+        assert tar.getnames() == ["resnet20-50-random-seed0/progress.txt"]

@@ -402,8 +402,8 @@ class RLSearcher(Searcher):
         base = {k: v for k, v in kwargs.items() if k in base_names}
         user = {k: v for k, v in kwargs.items() if k not in base_names}
         hp = load_hyperparams(self.name)
-        preset = str(user.pop("preset", None) or hp.pop("preset", None) or "default")
-        hp.pop("preset", None)
+        file_preset = hp.pop("preset", None)
+        preset = str(user.pop("preset", None) or file_preset or "default")
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r} for searcher {self.name!r}",
                               hint=f"choices: {', '.join(PRESETS)} (amc: AMC's recipe with its own action map)")

@@ -15,14 +15,14 @@ since finished, which would otherwise make the finished run train again).
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import sqlite3
 import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from autoprune.utils import atomic_open, atomic_path
 
 COMPANIONS = ("-wal", "-shm", "-journal", ".lock")
 
@@ -69,24 +69,15 @@ def pack(work: Path, archive: Path, select: Callable[[str], bool]) -> list[str]:
         archive.unlink(missing_ok=True)
         return []
     archive.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=archive.name + ".", suffix=".tmp", dir=archive.parent)
-    os.close(fd)
     names = []
-    try:
-        with tarfile.open(tmp, "w:gz") as tar:
-            for p in files:
-                rel = p.relative_to(work).as_posix()
-                data = _sqlite_snapshot(p) if p.suffix == ".db" else p.read_bytes()
-                info = tarfile.TarInfo(rel)
-                info.size, info.mtime, info.mode = len(data), int(p.stat().st_mtime), 0o644
-                tar.addfile(info, io.BytesIO(data))
-                names.append(rel)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the archive is a versioned result
-        os.replace(tmp, archive)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(archive) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        for p in files:
+            rel = p.relative_to(work).as_posix()
+            data = _sqlite_snapshot(p) if p.suffix == ".db" else p.read_bytes()
+            info = tarfile.TarInfo(rel)
+            info.size, info.mtime, info.mode = len(data), int(p.stat().st_mtime), 0o644
+            tar.addfile(info, io.BytesIO(data))
+            names.append(rel)
     return names
 
 
@@ -114,8 +105,7 @@ def restore(work: Path, archive: Path, skip: Callable[[str], bool] = lambda rel:
             src = tar.extractfile(m)
             if src is None:
                 continue
-            tmp = dest.with_name(dest.name + ".carry-tmp")
-            tmp.write_bytes(src.read())
-            os.replace(tmp, dest)
+            with atomic_open(dest, "wb", encoding=None) as out:
+                out.write(src.read())
             restored.append(rel.as_posix())
     return restored

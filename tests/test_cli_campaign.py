@@ -220,14 +220,69 @@ def _check_shared_study(store: TrialStore, n: int, pids: set[int]) -> None:
     assert owners <= pids and len(owners) == 2, owners  # both processes contributed
 
 
-def test_two_workers_share_one_sqlite_study(tmp_path: Path) -> None:
-    write_config(tmp_path / "c.yaml", n_trials=8)
+def _owns_a_trial(store: TrialStore, pid: int) -> Callable[[], bool]:
+    """True once a trial of the shared study carries ``pid`` as its worker (the process has claimed work)."""
+    def cond() -> bool:
+        try:
+            study = optuna.load_study(study_name=store.study_name("random", 0), storage=store.storage)
+        except KeyError:  # the study is not created yet
+            return False
+        return any((t.user_attrs.get(WORKER_ATTR) or {}).get("pid") == pid for t in study.get_trials(deepcopy=False))
+    return cond
+
+
+def _sqlite_unlocked(db: Path) -> bool:
+    """True when no process holds a write lock on the SQLite file (a paused one must not block the others)."""
+    con = sqlite3.connect(str(db), timeout=0)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        con.rollback()
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        con.close()
+
+
+def _run_two_workers(tmp_path: Path, store: TrialStore, db: Path | None = None) -> tuple[int, int]:
+    """``search`` and ``worker`` on one study, each made to claim a trial whatever the machine's load.
+
+    The first process is paused (SIGSTOP) in the middle of its first trial, outside any write to the store, until
+    the worker has claimed a trial of its own; both then run to the end. Without the pause a fast first process
+    may finish every trial before the second one has imported torch.
+    """
     a = start("search", "c.yaml", cwd=tmp_path)
-    b = start("worker", "c.yaml", cwd=tmp_path)
+    b: subprocess.Popen[str] | None = None
+    try:
+        wait_for(_owns_a_trial(store, a.pid), a)
+        while True:
+            a.send_signal(signal.SIGSTOP)
+            if db is None or _sqlite_unlocked(db):
+                break
+            a.send_signal(signal.SIGCONT)  # stopped inside a write: let it finish, then pause again
+            time.sleep(0.05)
+        b = start("worker", "c.yaml", cwd=tmp_path)
+        wait_for(_owns_a_trial(store, b.pid), b)
+    except BaseException:
+        for p in (a, b):
+            if p is not None:
+                p.kill()
+        raise
+    finally:
+        a.send_signal(signal.SIGCONT)
     (ca, oa, ea), (cb, ob, eb) = finish(a), finish(b)
     assert ca == 0 and cb == 0, (oa, ea, ob, eb)
-    assert "worker joined study clitest/random/seed0" in ob
-    _check_shared_study(TrialStore(tmp_path / "results" / "trials.db", campaign="clitest"), 8, {a.pid, b.pid})
+    assert "worker joined study" in ob, ob
+    return a.pid, b.pid
+
+
+def test_two_workers_share_one_sqlite_study(tmp_path: Path) -> None:
+    # stale_seconds well above any pause: the paused process's trial must stay its own, not be proposed again
+    write_config(tmp_path / "c.yaml", n_trials=8, workers={"heartbeat_seconds": 1, "stale_seconds": 900})
+    db = tmp_path / "results" / "trials.db"
+    store = TrialStore(db, campaign="clitest")
+    pids = _run_two_workers(tmp_path, store, db)
+    _check_shared_study(store, 8, set(pids))
 
 
 @pytest.mark.postgres
@@ -240,14 +295,12 @@ def test_two_workers_share_one_postgres_study(tmp_path: Path) -> None:
     except Exception as exc:  # ImportError, OperationalError
         pytest.skip(f"PostgreSQL at {POSTGRES} does not answer ({type(exc).__name__}: {exc})".strip())
     name = f"clitest-{uuid.uuid4().hex[:8]}"
-    write_config(tmp_path / "c.yaml", n_trials=6, name=name, storage=POSTGRES)
+    write_config(tmp_path / "c.yaml", n_trials=6, name=name, storage=POSTGRES,
+                 workers={"heartbeat_seconds": 1, "stale_seconds": 900})
     store = TrialStore(POSTGRES, campaign=name)
     try:
-        a = start("search", "c.yaml", cwd=tmp_path)
-        b = start("worker", "c.yaml", cwd=tmp_path)
-        (ca, oa, ea), (cb, ob, eb) = finish(a), finish(b)
-        assert ca == 0 and cb == 0, (oa, ea, ob, eb)
-        _check_shared_study(store, 6, {a.pid, b.pid})
+        pids = _run_two_workers(tmp_path, store)
+        _check_shared_study(store, 6, set(pids))
     finally:
         store.delete()
     assert store.study_names() == []

@@ -31,7 +31,9 @@ fine-tuned like any other.
 
 Run as ``python -m benchmarks.bench_search_budget [--quick] [--resume] [--part I/N] [--max-minutes M]
 [--searchers a,b] [--targets 0.5] [--evaluator NAME] [--extra-rl td3]``. Every finished cell is merged into
-``results/benchmarks/search_budget.json`` at once (under a file lock, atomic replace) and the table
+``results/benchmarks/search_budget.json`` at once (under a file lock, atomic replace; ``cells`` is a list of
+records headed by ``model, target, searcher, seed, candidates, val_best, macs_ratio, test_after_ft``,
+:mod:`benchmarks._cells`) and the table
 (``search_budget.md``) is rebuilt; ``--resume`` skips finished cells and continues an interrupted search from
 its trial store (``results/benchmarks/search_budget_work/``, one folder per cell, not versioned; the folders of
 unfinished cells are packed into the versioned ``search_budget_carry.tar.gz`` at the end of every run and put
@@ -60,6 +62,7 @@ from typing import Any
 from autoprune.utils import configure_threads
 from benchmarks import _carry, _cifar
 from benchmarks import bench_search_quality as _sq
+from benchmarks._cells import from_file
 from benchmarks._common import RESULTS, write_result
 from benchmarks.bench_reliability import parse_part
 
@@ -272,7 +275,7 @@ def cell_dir(store_dir: Path, model: str, target: float, name: str, seed: int) -
 def finished_dirs(out_json: Path, store_dir: Path) -> set[str]:
     """The folder names (:func:`cell_dir`) of the cells finished in ``out_json``."""
     try:
-        done = json.loads(out_json.read_text()).get("cells", {})
+        done = from_file(json.loads(out_json.read_text()))["cells"]
     except (OSError, ValueError):
         return set()
     out = set()
@@ -444,7 +447,7 @@ def target_table(raw: Mapping[str, Any], target: float) -> list[str]:
         lines.append(f"| {name} | {len(recs)} | " + " | ".join(cols)
                      + f" | {statistics.fmean(r['trials'] for r in recs):.0f} | "
                      + ("—" if minutes is None else f"{minutes:.0f}")
-                     + f" | {_mean_sd([r['best_val'] for r in done])} | "
+                     + f" | {_mean_sd([r['val_best'] for r in done])} | "
                      + f"**{_mean_sd([r['test_after_ft'] for r in done])}**"
                      + f" | {'; '.join(notes) or ''} |")
     return lines
@@ -753,7 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.summarise:
         if not out_json.exists():
             parser.error(f"{out_json} does not exist: nothing to summarise")
-        raw = json.loads(out_json.read_text())
+        raw = from_file(json.loads(out_json.read_text()))
         write_result(name, title, summarise(raw, command), command=command)
         write_figures(raw, figures_dir, quick=args.quick)
         _log(f"wrote {RESULTS / (name + '.md')}")

@@ -53,6 +53,7 @@ import torch
 
 from autoprune.utils import configure_threads, seed_everything
 from benchmarks import _cifar, published
+from benchmarks._cells import cell_key, from_file, to_file
 from benchmarks._cifar import CHECKPOINTS, SPLIT_SEED
 from benchmarks._common import RESULTS, write_result
 
@@ -89,11 +90,6 @@ QUICK = Sizes(models=("resnet20",), targets=(0.5,), candidates=3, seeds=1, calib
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def cell_key(model: str, target: float, searcher: str, seed: int) -> str:
-    """The key of one grid cell in the results JSON."""
-    return f"{model}|{target:g}|{searcher}|{seed}"
 
 
 def searcher_options(name: str, sizes: Sizes, n_groups: int) -> dict[str, Any]:
@@ -160,7 +156,7 @@ def run_cell(ctx: Mapping[str, Any], sizes: Sizes, target: float, name: str, see
     ok = [t for t in res.trials if t.state == "complete" and t.result is not None and t.cost.macs <= limit]
     record: dict[str, Any] = {
         "model": ctx["name"], "target": target, "searcher": name, "seed": seed, "stop_reason": res.stop_reason,
-        "trials": len(res.trials), "evaluated": len(ok), "options": {k: v for k, v in opts.items()
+        "trials": len(res.trials), "candidates": len(ok), "options": {k: v for k, v in opts.items()
                                                                       if k not in ("train_loader", "val_loader")},
         "search_seconds": float(store.to_dataframe(searcher=name, seed=seed)["seconds"].fillna(0.0).sum()),
         "search_wall_this_run": wall,
@@ -180,8 +176,8 @@ def run_cell(ctx: Mapping[str, Any], sizes: Sizes, target: float, name: str, see
     else:
         module = problem.build(best.candidate)
     record.update({
-        "best_val": float(best.result.accuracy), "best_trial": best.number,
-        "macs": cost.macs, "macs_fraction": cost.macs / dense.macs, "params": cost.params,
+        "val_best": float(best.result.accuracy), "best_trial": best.number,
+        "macs": cost.macs, "macs_ratio": cost.macs / dense.macs, "params": cost.params,
         "params_built": int(sum(p.numel() for p in module.parameters())), "bytes": cost.bytes,
         "widths": dict(best.candidate.widths),
     })
@@ -218,7 +214,7 @@ def load_results(path: Path, sizes: Sizes, resume: bool) -> dict[str, Any]:
                              "runs": []}
     if not path.exists():
         return fresh
-    old = json.loads(path.read_text())
+    old = from_file(json.loads(path.read_text()))
     if not resume:
         if old.get("cells") and not old.get("quick"):
             raise ConfigError(f"{path} already holds {len(old['cells'])} finished cells",
@@ -361,12 +357,12 @@ def write_merged(path: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
     with open(path.with_suffix(".json.lock"), "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
         try:
-            disk = json.loads(path.read_text()) if path.exists() else {}
+            disk = from_file(json.loads(path.read_text())) if path.exists() else {}
         except ValueError:
             disk = {}
         merged = dict(raw) if raw.get("quick") else merge_results(disk, raw)
         tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(merged, indent=1, default=str))
+        tmp.write_text(json.dumps(to_file(merged), indent=1, default=str))
         tmp.replace(path)
     return merged
 
@@ -442,8 +438,8 @@ def run(sizes: Sizes, names: Sequence[str], out_json: Path, store_dir: Path, *, 
         raw["cells"][cell_key(model_name, target, name, seed)] = rec
         run_info["cells"] += 1
         run_info["seconds"] = time.perf_counter() - t0
-        _log(f"{cell_key(model_name, target, name, seed)}: val {rec.get('best_val', float('nan')):.4f}, "
-             f"MACs {rec.get('macs_fraction', float('nan')):.3f}, test after FT "
+        _log(f"{cell_key(model_name, target, name, seed)}: val {rec.get('val_best', float('nan')):.4f}, "
+             f"MACs {rec.get('macs_ratio', float('nan')):.3f}, test after FT "
              f"{rec.get('test_after_ft', float('nan')):.4f} ({rec['search_seconds']:.0f}s search, "
              f"{rec.get('ft_seconds', 0):.0f}s FT)")
         raw = on_update(raw)
@@ -546,17 +542,17 @@ def cell_table(raw: Mapping[str, Any], model: str, target: float) -> list[str]:
             continue
         done = [r for r in recs if "test_after_ft" in r]
         if not done:
-            lines.append(f"| {name} | {len(recs)} | {statistics.fmean(r['evaluated'] for r in recs):.0f} | "
+            lines.append(f"| {name} | {len(recs)} | {statistics.fmean(r['candidates'] for r in recs):.0f} | "
                          f"{recs[0].get('error', '—')} |" + " — |" * 9)
             continue
         after = [r["test_after_ft"] for r in done]
         delta = [a - dense["report"] for a in after] if dense else []
         samples = [r["search_train_samples"] for r in done if r.get("search_train_samples") is not None]
         mean = {k: statistics.fmean(r[k] for r in done)
-                for k in ("evaluated", "macs_fraction", "params", "bytes", "search_seconds", "ft_seconds")}
+                for k in ("candidates", "macs_ratio", "params", "bytes", "search_seconds", "ft_seconds")}
         lines.append(
-            f"| {name} | {len(done)} | {mean['evaluated']:.0f} | {_mean_std([r['best_val'] for r in done])} | "
-            f"{mean['macs_fraction']:.3f} | {mean['params']:,.0f} | {mean['bytes'] / 1024:,.1f} | "
+            f"| {name} | {len(done)} | {mean['candidates']:.0f} | {_mean_std([r['val_best'] for r in done])} | "
+            f"{mean['macs_ratio']:.3f} | {mean['params']:,.0f} | {mean['bytes'] / 1024:,.1f} | "
             f"{_mean_std([r['test_before_ft'] for r in done])} | **{_mean_std(after)}** | "
             f"{_mean_std(delta, signed=True)} | {mean['search_seconds']:.0f} | {mean['ft_seconds']:.0f} | "
             f"{f'{statistics.fmean(samples):,.0f}' if samples else '—'} |")

@@ -41,6 +41,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from benchmarks._cells import from_file
 from benchmarks._common import REPO, RESULTS
 
 DPI = 120
@@ -342,8 +343,9 @@ def draw_search_quality(raw: Mapping[str, Any]) -> list[Part]:
     Returns:
         One :class:`Part` per (model, target), suffix ``<model>_<percent>``.
     """
+    raw = from_file(raw)
     cells: dict[tuple[str, float], list[Mapping[str, Any]]] = defaultdict(list)
-    for rec in (raw.get("cells") or {}).values():
+    for rec in raw["cells"].values():
         if isinstance(rec, Mapping) and "model" in rec and "target" in rec and "searcher" in rec:
             cells[(str(rec["model"]), float(rec["target"]))].append(rec)
     parts = []

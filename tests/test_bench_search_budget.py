@@ -20,6 +20,7 @@ import pytest
 from benchmarks import _cifar, _common
 from benchmarks import bench_search_budget as bsb
 from benchmarks import bench_search_quality as bsq
+from benchmarks._cells import PUBLISHED, from_file, to_file
 
 T0 = datetime(2024, 1, 1, 12, 0, 0)
 
@@ -144,9 +145,9 @@ def _curve(values: list[float | None], seconds_each: float) -> dict[str, list[An
 
 def _record(name: str, seed: int, target: float, curve: dict, test: float, **extra: Any) -> dict[str, Any]:
     return {"model": "resnet20", "target": target, "searcher": name, "seed": seed, "trials": len(curve["n"]),
-            "evaluated": len(curve["n"]), "options": {}, "search_seconds": curve["seconds"][-1], "curve": curve,
-            "best_val": max(v for v in curve["best"] if v is not None), "test_after_ft": test,
-            "test_before_ft": test - 0.1, "ft_seconds": 1.0, "macs_fraction": target, **extra}
+            "candidates": len(curve["n"]), "options": {}, "search_seconds": curve["seconds"][-1], "curve": curve,
+            "val_best": max(v for v in curve["best"] if v is not None), "test_after_ft": test,
+            "test_before_ft": test - 0.1, "ft_seconds": 1.0, "macs_ratio": target, **extra}
 
 
 def planted() -> dict[str, Any]:
@@ -255,7 +256,9 @@ def fake_bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.
 
 
 def _cells_in(results: Path) -> set[str]:
-    return set(json.loads((results / "search_budget.json").read_text())["cells"])
+    cells = json.loads((results / "search_budget.json").read_text())["cells"]
+    assert isinstance(cells, list) and all(list(c)[:len(PUBLISHED)] == list(PUBLISHED) for c in cells)
+    return {bsq.cell_key(c["model"], c["target"], c["searcher"], c["seed"]) for c in cells}
 
 
 def test_resume_skips_finished_cells(fake_bench: dict[str, Any]) -> None:
@@ -353,3 +356,25 @@ def test_ctrl_c_exits_130_and_still_carries_the_running_cell(fake_bench: dict[st
     assert bsb.main(["--searchers", "random", "--targets", "0.5", "--seeds", "1", "--resume"]) == 130
     with tarfile.open(bsb.carry_path()) as tar:
         assert tar.getnames() == ["resnet20-50-random-seed0/progress.txt"]
+
+
+def test_results_file_publishes_cells_as_a_list_and_reads_older_files() -> None:
+    rec = _record("tpe", 1, 0.3, _curve([0.5, 0.6], 1.0), 0.8)
+    raw = {"sizes": {}, "cells": {bsq.cell_key("resnet20", 0.3, "tpe", 1): rec},
+           "superseded": {bsq.cell_key("resnet20", 0.3, "tpe", 1): [{"record": rec, "at": 1.0, "command": "c"}]}}
+    on_disk = json.loads(json.dumps(to_file(raw)))
+    cell = on_disk["cells"][0]
+    assert list(cell)[:len(PUBLISHED)] == list(PUBLISHED)
+    assert (cell["model"], cell["target"], cell["searcher"], cell["seed"]) == ("resnet20", 0.3, "tpe", 1)
+    assert cell["candidates"] == 2 and cell["val_best"] == 0.6 and cell["test_after_ft"] == 0.8
+    assert from_file(on_disk) == raw  # the round trip gives the in-memory form back
+    failed = {"model": "resnet20", "target": 0.5, "searcher": "gp", "seed": 0, "error": "no feasible candidate"}
+    back = from_file(json.loads(json.dumps(to_file({"cells": {"k": failed}}))))
+    assert back["cells"] == {bsq.cell_key("resnet20", 0.5, "gp", 0): failed}  # no None fields added
+    legacy_rec = {k: v for k, v in rec.items() if k not in ("val_best", "macs_ratio", "candidates")}
+    legacy_rec.update(best_val=0.6, macs_fraction=0.3, evaluated=2)
+    legacy = {"cells": {bsq.cell_key("resnet20", 0.3, "tpe", 1): legacy_rec},
+              "superseded": {bsq.cell_key("resnet20", 0.3, "tpe", 1): legacy_rec}}  # oldest form: a bare record
+    read = from_file(legacy)
+    assert read["cells"] == raw["cells"]
+    assert read["superseded"][bsq.cell_key("resnet20", 0.3, "tpe", 1)] == rec

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from benchmarks import figures
+from benchmarks._cells import from_file
 
 ALL_PNGS = {
     "searchers_best_so_far.png", "searchers_finalists.png", "search_quality_resnet20_50.png",
@@ -52,11 +53,11 @@ def searchers_json() -> dict[str, Any]:
 
 def _cell(model: str, target: float, searcher: str, seed: int, after: float | None) -> dict[str, Any]:
     rec: dict[str, Any] = {"model": model, "target": target, "searcher": searcher, "seed": seed,
-                           "stop_reason": "n_trials", "trials": 3, "evaluated": 3, "search_seconds": 4.0}
+                           "stop_reason": "n_trials", "trials": 3, "candidates": 3, "search_seconds": 4.0}
     if after is None:
         rec["error"] = "no feasible evaluated candidate"
     else:
-        rec.update({"best_val": 0.5, "macs_fraction": target - 0.01, "test_before_ft": after - 0.3,
+        rec.update({"val_best": 0.5, "macs_ratio": target - 0.01, "test_before_ft": after - 0.3,
                     "test_after_ft": after, "widths": WIDTHS})
     return rec
 
@@ -221,7 +222,7 @@ def _expected_real(results: Path) -> set[str]:
         if spec.name != "search_quality":
             expected.add(f"{spec.name}.png")
             continue
-        for rec in (raw.get("cells") or {}).values():
+        for rec in from_file(raw)["cells"].values():
             if rec.get("test_after_ft") is not None and not rec.get("error"):
                 expected.add(f"search_quality_{rec['model']}_{100 * float(rec['target']):.0f}.png")
     return expected

@@ -71,6 +71,12 @@ SEARCHERS = ("uniform", "random", "tpe", "cmaes", "gp", "nsga2", "ddpg", "td3", 
 #: Searchers that get ``seeds`` seeds (the others: one), besides the ``--extra-rl`` agent.
 MULTI_SEED = ("uniform", "random", "tpe", "cmaes", "ddpg")
 RL = ("ddpg", "td3", "sac", "ppo", "a2c")
+#: The Optuna samplers among :data:`SEARCHERS` (``random`` is the project's own baseline).
+OPTUNA = ("tpe", "cmaes", "gp", "nsga2")
+#: Issue #19's goals, as means over seeds of the test accuracy after the fine-tune: ddpg ahead of uniform by at
+#: least this many points, and behind the best Optuna sampler by at most this many.
+GOAL_OVER_UNIFORM = 1.0
+GOAL_BEHIND_OPTUNA = 0.5
 #: Agents with AMC's random warm-up (SB3 ``learning_starts``).
 OFF_POLICY = ("ddpg", "td3", "sac")
 EXTRA_RL = "td3"
@@ -453,6 +459,54 @@ def target_table(raw: Mapping[str, Any], target: float) -> list[str]:
     return lines
 
 
+def finalist_means(raw: Mapping[str, Any], target: float) -> dict[str, tuple[float, int]]:
+    """Searcher → (mean test accuracy after the fine-tune over its finished seeds, number of seeds) at ``target``."""
+    by: dict[str, list[float]] = {}
+    for c in raw["cells"].values():
+        if c["target"] == target and c.get("test_after_ft") is not None and not c.get("error"):
+            by.setdefault(c["searcher"], []).append(float(c["test_after_ft"]))
+    return {n: (statistics.fmean(v), len(v)) for n, v in by.items()}
+
+
+def goal_checks(raw: Mapping[str, Any], target: float) -> list[dict[str, Any]]:
+    """Issue #19's goals at ``target`` from the finished cells: each ``{"goal", "value", "met"}``; ``met`` is
+    ``None`` while a cell it needs is missing (the value then covers the cells finished so far)."""
+    means = finalist_means(raw, target)
+    expected = {n: seeds_for(n, int(raw["sizes"]["seeds"]), raw.get("extra_rl", EXTRA_RL)) for n in SEARCHERS}
+
+    def complete(names: Sequence[str]) -> bool:
+        return all(means.get(n, (0.0, 0))[1] >= expected[n] for n in names)
+
+    out: list[dict[str, Any]] = []
+    if "ddpg" in means and "uniform" in means:
+        d = 100 * (means["ddpg"][0] - means["uniform"][0])
+        out.append({"goal": f"ddpg − uniform ≥ {GOAL_OVER_UNIFORM:+.1f} points", "value": d,
+                    "met": (d >= GOAL_OVER_UNIFORM) if complete(("ddpg", "uniform")) else None})
+    optuna = {n: means[n][0] for n in OPTUNA if n in means}
+    if "ddpg" in means and optuna:
+        best = max(optuna, key=lambda n: optuna[n])
+        d = 100 * (means["ddpg"][0] - optuna[best])
+        out.append({"goal": f"ddpg − best Optuna sampler ({best}) ≥ {-GOAL_BEHIND_OPTUNA:+.1f} points", "value": d,
+                    "met": (d >= -GOAL_BEHIND_OPTUNA) if complete(("ddpg", *OPTUNA)) else None})
+    if "uniform" in means:
+        for n in RL:
+            if n in means and n != "ddpg":  # ddpg's row above asks more
+                d = 100 * (means[n][0] - means["uniform"][0])
+                out.append({"goal": f"{n} − uniform ≥ 0 points", "value": d,
+                            "met": (d >= 0) if complete((n, "uniform")) else None})
+    return out
+
+
+def goals_lines(raw: Mapping[str, Any]) -> list[str]:
+    """The goal table of issue #19 (one row per goal and target)."""
+    lines = ["| target | goal | value (points) | status |", "|---|---|---|---|"]
+    for t in dict.fromkeys(c["target"] for c in raw["cells"].values()):
+        for g in goal_checks(raw, t):
+            status = {True: "met", False: "**not met**", None: "open (cells missing)"}[g["met"]]
+            lines.append(f"| {100 * t:.0f} % | {g['goal']} | {g['value']:+.2f} | {status} |")
+    return lines
+
+
 def all_cells(raw: Mapping[str, Any]) -> list[tuple[str, float, str, int]]:
     """The cells the status counts: the full form's targets and searchers (a quick run: its own)."""
     s = raw["sizes"]
@@ -556,6 +610,11 @@ def summarise(raw: Mapping[str, Any], command: str) -> str:
                   "Mean over seeds of the best-so-far search score (%, half A) within each budget; last row: the "
                   "finalists' test accuracy after the fine-tune (half B). A single-seed searcher's lead of under "
                   "~0.5 points is within seed noise.", "", *best_by_budget_table(raw)]
+        if not raw.get("quick"):
+            lines += ["", "## Goals of issue #19", "",
+                      "Means over seeds of the test accuracy after the fine-tune (half B); a goal stays open until "
+                      "every seed of the searchers it compares has finished. The Optuna samplers are "
+                      + ", ".join(f"`{n}`" for n in OPTUNA) + ".", "", *goals_lines(raw)]
     d = raw.get("dense", {}).get("resnet20", {})
     if d:
         lines += ["", f"Dense ResNet-20: top-1 {_pct(d.get('select'))} % on half A, **{_pct(d.get('report'))} %** on "

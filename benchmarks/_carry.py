@@ -56,15 +56,24 @@ def _sqlite_snapshot(path: Path) -> bytes:
         return dst_path.read_bytes()
 
 
-def pack(work: Path, archive: Path, select: Callable[[str], bool]) -> list[str]:
+#: The largest file an archive carries: the archives are versioned, and the repository keeps no file over 2 MB.
+MAX_FILE_BYTES = 1_500_000
+
+
+def pack(work: Path, archive: Path, select: Callable[[str], bool], max_file_bytes: int = MAX_FILE_BYTES
+         ) -> list[str]:
     """Write the files of ``work`` that ``select`` accepts into ``archive`` (gzip tar, replaced atomically).
 
-    With nothing to carry the archive is removed (a finished run leaves none behind).
+    A top-level folder (one cell) with a file over ``max_file_bytes`` is left out whole: that cell starts
+    again where it is restored, instead of the archive growing past what the repository keeps. With nothing
+    to carry the archive is removed (a finished run leaves none behind).
 
     Returns:
         The carried paths, relative to ``work``.
     """
     files = carried_files(work, select)
+    too_big = {p.relative_to(work).parts[0] for p in files if p.stat().st_size > max_file_bytes}
+    files = [p for p in files if p.relative_to(work).parts[0] not in too_big]
     if not files:
         archive.unlink(missing_ok=True)
         return []

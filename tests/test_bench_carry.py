@@ -142,3 +142,15 @@ def test_an_unfinished_fine_tune_continues_on_a_machine_without_the_work_directo
     assert machine["found"][-1] == "epoch 1"  # the campaign and the checkpoint of epoch 1 came back
     raw = json.loads((machine["archive"].parent / "recovery.json").read_text())
     assert raw["cells"]["search|resnet20"]["status"] == "done"
+
+
+def test_a_cell_with_a_file_over_the_limit_is_left_out_whole(tmp_path: Path) -> None:
+    work, archive = tmp_path / "work", tmp_path / "carry.tar.gz"
+    (work / "small").mkdir(parents=True)
+    (work / "small" / "a.bin").write_bytes(b"x" * 10)
+    (work / "big" / "artifacts").mkdir(parents=True)
+    (work / "big" / "artifacts" / "agent.zip").write_bytes(b"y" * 2000)
+    (work / "big" / "b.bin").write_bytes(b"z" * 10)
+    assert _carry.pack(work, archive, lambda rel: True, max_file_bytes=1000) == ["small/a.bin"]
+    assert sorted(_carry.pack(work, archive, lambda rel: True, max_file_bytes=5000)) == [
+        "big/artifacts/agent.zip", "big/b.bin", "small/a.bin"]

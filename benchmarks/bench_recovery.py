@@ -1168,6 +1168,27 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return s
 
 
+def restore_carry(s: Settings) -> str | None:
+    """Put back what the carry archive holds and this machine lacks; the ``error:``/``hint:`` text when the archive
+    cannot be read (then nothing is run)."""
+    try:
+        back = _carry.restore(work_dir(s), carry_path(s), lambda rel: stale_checkpoint(work_dir(s), rel))
+    except _carry.CarryError as exc:
+        return f"error: {exc}\n  hint: {exc.hint(carry_path(s))}"
+    if back:
+        _log(f"restored {len(back)} file(s) of unfinished work from {_rel(carry_path(s))}")
+    return None
+
+
+def pick_cells(all_names: Sequence[str], only: str, part: int, parts: int) -> tuple[list[str], list[str]]:
+    """The cells this process runs (``--only`` prefixes, then every ``parts``-th from ``part``) and the prefixes that
+    name no cell."""
+    prefixes = [x.strip() for x in only.split(",") if x.strip()]
+    unknown = [x for x in prefixes if not any(n.startswith(x) for n in all_names)]
+    names = [n for n in all_names if not prefixes or any(n.startswith(x) for x in prefixes)]
+    return [n for i, n in enumerate(names) if i % parts == part - 1], unknown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark's cells (resumable, splittable); write the JSON and the Markdown."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -1207,21 +1228,19 @@ def main(argv: Sequence[str] | None = None) -> int:
               "cells are skipped), or move the file aside to start over", file=sys.stderr)
         return 2
     all_names = cell_names(s)
-    prefixes = [x.strip() for x in args.only.split(",") if x.strip()]
-    unknown = [x for x in prefixes if not any(n.startswith(x) for n in all_names)]
+    names, unknown = pick_cells(all_names, args.only, part, parts)
     if unknown:
         print(f"error: no cell starts with {', '.join(unknown)}\n  hint: cells are {', '.join(all_names)}",
               file=sys.stderr)
         return 2
-    names = [n for n in all_names if not prefixes or any(n.startswith(x) for x in prefixes)]
-    names = [n for i, n in enumerate(names) if i % parts == part - 1]
     redo = [x.strip() for x in args.redo.split(",") if x.strip()]
     if redo:
         raw = update(path, lambda r: [r["cells"].pop(n, None) for n in list(r["cells"])
                                       if any(n.startswith(x) for x in redo)])
-    back = _carry.restore(work_dir(s), carry_path(s), lambda rel: stale_checkpoint(work_dir(s), rel))
-    if back:
-        _log(f"restored {len(back)} file(s) of unfinished work from {_rel(carry_path(s))}")
+    problem = restore_carry(s)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     todo = [n for n in names if not done(raw, n)]
     _log(f"{len(names) - len(todo)} of {len(names)} cells already done; {len(todo)} to run; JSON {path}")
     started, wall0 = time.time(), time.perf_counter()

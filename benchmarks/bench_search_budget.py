@@ -783,6 +783,32 @@ def check_names(parser: argparse.ArgumentParser, args: argparse.Namespace, sizes
     return names
 
 
+def prepare_store(parser: argparse.ArgumentParser, args: argparse.Namespace, out_json: Path, parts: int) -> Path:
+    """The directory of the cells' trial stores: a temporary one for ``--quick``; else :data:`WORKDIR`, emptied by
+    ``--fresh`` and refilled from the carry archive with what unfinished cells need (a damaged archive is a usage
+    error: exit 2, nothing is changed)."""
+    if args.quick:
+        return Path(tempfile.mkdtemp(prefix="bench-search-budget-"))
+    store_dir = WORKDIR
+    if args.fresh:
+        if parts > 1:
+            parser.error("--fresh with --part would discard the other parts' cells: start them with --resume")
+        shutil.rmtree(store_dir, ignore_errors=True)
+        out_json.unlink(missing_ok=True)
+        for f in _carry.archive_files(carry_path()):
+            f.unlink()
+    store_dir.mkdir(parents=True, exist_ok=True)
+    done_dirs = finished_dirs(out_json, store_dir)
+    try:
+        back = _carry.restore(store_dir, carry_path(), lambda rel: rel.split("/")[0] in done_dirs)
+    except _carry.CarryError as exc:
+        print(f"error: {exc}\n  hint: {exc.hint(carry_path())}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if back:
+        _log(f"restored {len(back)} file(s) of unfinished cells from {carry_path().name}")
+    return store_dir
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     parser = build_parser()
@@ -821,21 +847,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(f"wrote {RESULTS / (name + '.md')}")
         return 0
     names = check_names(parser, args, sizes)
-    if args.quick:
-        store_dir = Path(tempfile.mkdtemp(prefix="bench-search-budget-"))
-    else:
-        store_dir = WORKDIR
-        if args.fresh:
-            if parts > 1:
-                parser.error("--fresh with --part would discard the other parts' cells: start them with --resume")
-            shutil.rmtree(store_dir, ignore_errors=True)
-            out_json.unlink(missing_ok=True)
-            carry_path().unlink(missing_ok=True)
-        store_dir.mkdir(parents=True, exist_ok=True)
-        done_dirs = finished_dirs(out_json, store_dir)
-        back = _carry.restore(store_dir, carry_path(), lambda rel: rel.split("/")[0] in done_dirs)
-        if back:
-            _log(f"restored {len(back)} file(s) of unfinished cells from {carry_path().name}")
+    store_dir = prepare_store(parser, args, out_json, parts)
     gp_max = args.gp_max_seconds if args.gp_max_seconds and args.gp_max_seconds > 0 else None
     mine = part_of(cells(sizes, names, args.extra_rl), part, parts)
     _log(f"part {part}/{parts}: {len(mine)} cell(s)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import sqlite3
 import tarfile
@@ -144,13 +145,84 @@ def test_an_unfinished_fine_tune_continues_on_a_machine_without_the_work_directo
     assert raw["cells"]["search|resnet20"]["status"] == "done"
 
 
-def test_a_cell_with_a_file_over_the_limit_is_left_out_whole(tmp_path: Path) -> None:
+def test_a_cell_over_the_cell_limit_is_left_out_whole(tmp_path: Path) -> None:
     work, archive = tmp_path / "work", tmp_path / "carry.tar.gz"
     (work / "small").mkdir(parents=True)
     (work / "small" / "a.bin").write_bytes(b"x" * 10)
     (work / "big" / "artifacts").mkdir(parents=True)
-    (work / "big" / "artifacts" / "agent.zip").write_bytes(b"y" * 2000)
-    (work / "big" / "b.bin").write_bytes(b"z" * 10)
-    assert _carry.pack(work, archive, lambda rel: True, max_file_bytes=1000) == ["small/a.bin"]
-    assert sorted(_carry.pack(work, archive, lambda rel: True, max_file_bytes=5000)) == [
+    (work / "big" / "artifacts" / "agent.zip").write_bytes(b"y" * 600)
+    (work / "big" / "b.bin").write_bytes(b"z" * 600)  # no file over 1000 bytes, the cell is
+    assert _carry.pack(work, archive, lambda rel: True, max_cell_bytes=1000) == ["small/a.bin"]
+    assert sorted(_carry.pack(work, archive, lambda rel: True, max_cell_bytes=5000)) == [
         "big/artifacts/agent.zip", "big/b.bin", "small/a.bin"]
+
+
+def _incompressible(n: int, seed: int) -> bytes:
+    import random
+
+    return random.Random(seed).randbytes(n)
+
+
+def test_an_archive_over_the_volume_size_is_split_and_joined_again(tmp_path: Path) -> None:
+    work, archive = tmp_path / "work", tmp_path / "res" / "x_carry.tar.gz"
+    (work / "cell").mkdir(parents=True)
+    (work / "cell" / "finetune.ckpt").write_bytes(_incompressible(25_000, 1))  # one file bigger than a volume
+    (work / "cell" / "small.txt").write_text("s")
+    assert _carry.pack(work, archive, lambda rel: True, max_volume_bytes=10_000) == ["cell/finetune.ckpt",
+                                                                                    "cell/small.txt"]
+    parts = _carry.volumes(archive)
+    assert not archive.exists() and [p.name for p in parts] == [f"x_carry.tar.gz.{i:03d}" for i in (1, 2, 3)]
+    assert all(p.stat().st_size <= 10_000 for p in parts) and parts[0].stat().st_size == 10_000
+    fresh = tmp_path / "fresh"
+    assert _carry.restore(fresh, archive) == ["cell/finetune.ckpt", "cell/small.txt"]
+    assert (fresh / "cell" / "finetune.ckpt").read_bytes() == _incompressible(25_000, 1)
+    # smaller again: one archive, no stale volume left behind (a stale one would corrupt the join)
+    (work / "cell" / "finetune.ckpt").write_bytes(b"0" * 100)
+    assert _carry.pack(work, archive, lambda rel: True, max_volume_bytes=10_000)
+    assert archive.is_file() and _carry.volumes(archive) == []
+    # bigger again, then fewer volumes than before: the old fourth volume goes
+    (work / "cell" / "finetune.ckpt").write_bytes(_incompressible(35_000, 2))
+    _carry.pack(work, archive, lambda rel: True, max_volume_bytes=10_000)
+    assert len(_carry.volumes(archive)) == 4 and not archive.exists()
+    (work / "cell" / "finetune.ckpt").write_bytes(_incompressible(15_000, 3))
+    _carry.pack(work, archive, lambda rel: True, max_volume_bytes=10_000)
+    assert len(_carry.volumes(archive)) == 2
+    shutil.rmtree(fresh)
+    _carry.restore(fresh, archive)
+    assert (fresh / "cell" / "finetune.ckpt").read_bytes() == _incompressible(15_000, 3)
+    # nothing left to carry: every volume goes
+    assert _carry.pack(work, archive, lambda rel: False) == [] and _carry.archive_files(archive) == []
+    assert not [p for p in archive.parent.iterdir() if not p.name.startswith(".")]
+
+
+def test_a_damaged_archive_or_a_missing_volume_is_a_carry_error_that_names_it(tmp_path: Path) -> None:
+    work, archive = tmp_path / "work", tmp_path / "x_carry.tar.gz"
+    (work / "cell").mkdir(parents=True)
+    (work / "cell" / "ckpt").write_bytes(_incompressible(25_000, 4))
+    _carry.pack(work, archive, lambda rel: True, max_volume_bytes=10_000)
+    second = _carry.volumes(archive)[1]
+    data = second.read_bytes()
+    second.unlink()
+    with pytest.raises(_carry.CarryError, match=r"\[1, 3\].*missing"):
+        _carry.restore(tmp_path / "a", archive)
+    second.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(_carry.CarryError, match=re.escape(", ".join(f"x_carry.tar.gz.00{i}" for i in (1, 2, 3)))):
+        _carry.restore(tmp_path / "b", archive)
+    for p in _carry.volumes(archive):
+        p.unlink()
+    archive.write_bytes(b"not a tarball")
+    with pytest.raises(_carry.CarryError, match="not a readable carry archive") as err:
+        _carry.restore(tmp_path / "c", archive)
+    assert "git checkout" in err.value.hint(archive)
+
+
+def test_the_benchmarks_answer_a_damaged_carry_with_an_error_and_a_hint(machine: dict[str, Any],
+                                                                          capsys: pytest.CaptureFixture[str]
+                                                                          ) -> None:
+    machine["archive"].parent.mkdir(parents=True, exist_ok=True)
+    machine["archive"].write_bytes(b"damaged")
+    assert br.main(["--models", "resnet20", "--only", "search", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: recovery_carry.tar.gz: not a readable carry archive") and "hint: git checkout" in err
+    assert machine["archive"].read_bytes() == b"damaged"  # nothing changed, nothing ran
+    assert machine["found"] == []

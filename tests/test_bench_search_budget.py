@@ -396,3 +396,17 @@ def test_goal_checks_follow_the_issue_and_stay_open_until_every_seed_is_in() -> 
     assert checks["ppouniform"]["value"] == pytest.approx(-0.6) and checks["ppouniform"]["met"] is False
     text = "\n".join(bsb.goals_lines(raw))
     assert "**not met**" in text and "open (cells missing)" in text and "| 50 % | ddpg − uniform" in text
+
+
+def test_a_damaged_carry_is_an_error_with_a_hint_and_runs_nothing(fake_bench: dict[str, Any],
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    archive = bsb.carry_path()
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    archive.with_name(archive.name + ".001").write_bytes(b"half of")
+    archive.with_name(archive.name + ".003").write_bytes(b"an archive")  # .002 is missing
+    with pytest.raises(SystemExit) as exit_:
+        bsb.main(["--searchers", "uniform", "--targets", "0.5", "--resume"])
+    assert exit_.value.code == 2 and fake_bench["ran"] == []
+    err = capsys.readouterr().err
+    assert err.startswith("error: search_budget_carry.tar.gz: volumes [1, 3]") and "hint: git checkout" in err
+    assert len(bsb._carry.volumes(archive)) == 2  # nothing deleted

@@ -31,7 +31,7 @@ T0 = datetime(2024, 1, 1, 12, 0, 0)
 def test_full_cells_counts_seeds_and_rl_warmup() -> None:
     cells = bsb.cells(bsb.FULL, bsb.SEARCHERS)
     per = Counter(c[2] for c in cells)
-    two = {"uniform", "random", "tpe", "cmaes", "ddpg", "td3"}
+    two = {"uniform", "random", "tpe", "cmaes", "ddpg", "ppo"}
     for name in bsb.SEARCHERS:  # two targets × seeds
         assert per[name] == 2 * (2 if name in two else 1), name
     assert len(cells) == 34 and len(set(cells)) == 34
@@ -41,7 +41,7 @@ def test_full_cells_counts_seeds_and_rl_warmup() -> None:
     assert all(c[3] == 0 for c in cells[:first_seed1]) and first_seed1 == 22
     # another "best other RL agent"
     per_sac = Counter(c[2] for c in bsb.cells(bsb.FULL, bsb.SEARCHERS, extra_rl="sac"))
-    assert per_sac["sac"] == 4 and per_sac["td3"] == 2
+    assert per_sac["sac"] == 4 and per_sac["ppo"] == 2
     assert bsb.FULL.candidates == 400
 
 

@@ -7,7 +7,7 @@ pretrained akamaster ResNet-20 on CIFAR-10 (``../shared``) is pruned to 50 % and
 with **400 candidates per searcher and seed** (the off-policy agents ``ddpg``/``td3``/``sac``: AMC's 100
 warm-up episodes of random actions + 300 agent episodes; ``ppo``/``a2c`` learn on-policy from the first
 episode; ``uniform`` proposes its single candidate). ``uniform``, ``random``, ``tpe``, ``cmaes``, ``ddpg`` and
-the best other RL agent (``--extra-rl``, default ``td3``) run two seeds, the others one.
+the best other RL agent (``--extra-rl``, default ``ppo``) run two seeds, the others one.
 
 Everything else is the grid's protocol, reused from :mod:`benchmarks.bench_search_quality` (its set-up, its
 cell, its results file handling and its fine-tune): the candidates are scored on test half A by the evaluator
@@ -30,7 +30,7 @@ evaluation); such a cell is recorded as truncated, with the number of candidates
 fine-tuned like any other.
 
 Run as ``python -m benchmarks.bench_search_budget [--quick] [--resume] [--part I/N] [--max-minutes M]
-[--searchers a,b] [--targets 0.5] [--evaluator NAME] [--extra-rl td3]``. Every finished cell is merged into
+[--searchers a,b] [--targets 0.5] [--evaluator NAME] [--extra-rl ppo]``. Every finished cell is merged into
 ``results/benchmarks/search_budget.json`` at once (under a file lock, atomic replace; ``cells`` is a list of
 records headed by ``model, target, searcher, seed, candidates, val_best, macs_ratio, test_after_ft``,
 :mod:`benchmarks._cells`) and the table
@@ -558,6 +558,18 @@ def estimate_full(raw: Mapping[str, Any], full: BudgetSizes = FULL, names: Seque
     return {"hours": hours, "per_searcher_hours": per, "cells": n_cells}
 
 
+def beyond_plan(raw: Mapping[str, Any], grid: Sequence[tuple[str, float, str, int]]) -> str:
+    """``" (kept from earlier runs and counted: …)"`` for finished cells outside the current plan (e.g. a second
+    seed of an agent that was the ``--extra-rl`` choice before), else ``""``."""
+    planned = {_sq.cell_key(*c) for c in grid}
+    extra = sorted((c["searcher"], c["target"], c["seed"]) for k, c in raw["cells"].items()
+                   if k not in planned and not c.get("error"))
+    if not extra:
+        return ""
+    return " (kept from earlier runs and counted: " + ", ".join(
+        f"`{n}` seed {seed} at {100 * t:.0f} %" for n, t, seed in extra) + ")"
+
+
 def summarise(raw: Mapping[str, Any], command: str) -> str:
     """The markdown body."""
     s = raw["sizes"]
@@ -577,8 +589,9 @@ def summarise(raw: Mapping[str, Any], command: str) -> str:
         f"**Budget.** **{s['candidates']} candidates** per searcher and seed: `ddpg`, `td3` and `sac` start with "
         f"{min(s.get('rl_warmup', 100), s['candidates'] - 1)} warm-up episodes of random actions (AMC's), `ppo` and "
         "`a2c` learn from the first episode, `uniform` proposes its single candidate. "
-        f"{multi} run {s['seeds']} seeds, the others one. Evaluator {ev}: {s['calib_batches']} fixed training "
-        f"batches of {s['calib_batch']} for BN calibration, top-1 on half A. Every finalist (its cell's best "
+        f"{multi} run {s['seeds']} seeds, the others one{beyond_plan(raw, grid)}. Evaluator {ev}: "
+        f"{s['calib_batches']} fixed training batches of {s['calib_batch']} for BN calibration, top-1 on half A. "
+        "Every finalist (its cell's best "
         f"feasible candidate by that score) gets the grid's fine-tune: BN re-estimated, {s['ft_steps']} SGD steps "
         f"× {s['ft_batch']} ({epochs:.2f} epochs), lr {s['ft_lr']} cosine. `gp` stops early (recorded, †) when "
         f"{GUARD_PATIENCE} candidates in a row take more than {raw.get('gp_max_seconds', GP_MAX_SECONDS):g} s of its "

@@ -410,3 +410,13 @@ def test_a_damaged_carry_is_an_error_with_a_hint_and_runs_nothing(fake_bench: di
     err = capsys.readouterr().err
     assert err.startswith("error: search_budget_carry.tar.gz: volumes [1, 3]") and "hint: git checkout" in err
     assert len(bsb._carry.volumes(archive)) == 2  # nothing deleted
+
+
+def test_finished_cells_outside_the_plan_are_named_in_the_protocol() -> None:
+    grid = bsb.cells(bsb.replace(bsb.FULL, targets=(0.5,)), ["uniform", "td3", "ppo"], extra_rl="ppo")
+    raw = {"cells": {bsq.cell_key(*c): {"searcher": c[2], "target": c[1], "seed": c[3]} for c in grid}}
+    assert bsb.beyond_plan(raw, grid) == ""
+    raw["cells"][bsq.cell_key("resnet20", 0.5, "td3", 1)] = {"searcher": "td3", "target": 0.5, "seed": 1}
+    raw["cells"][bsq.cell_key("resnet20", 0.5, "sac", 0)] = {"searcher": "sac", "target": 0.5, "seed": 0,
+                                                             "error": "crashed"}  # a failure is not counted
+    assert bsb.beyond_plan(raw, grid) == " (kept from earlier runs and counted: `td3` seed 1 at 50 %)"

@@ -10,8 +10,9 @@ candidate of every episode is recorded as a trial.
 
 * warm-up: ``warmup_episodes`` episodes of uniform random actions (SB3's ``learning_starts`` in steps);
 * exploration: :class:`TruncatedNormalDecayNoise`, a truncated normal around the actor's action on the action
-  box with ``σ = σ₀ · decay^(episode − warm-up)``; AMC's ``σ₀ = 0.5`` is on [0, 1], i.e. ``1.0`` on SB3's
-  [−1, 1], and the YAML value is given in AMC's [0, 1] units;
+  box with ``σ = max(σ_min, σ₀ · decay^(episode − warm-up))``; AMC's ``σ₀ = 0.5`` is on [0, 1], i.e. ``1.0`` on
+  SB3's [−1, 1], and the YAML values (``noise_sigma``, ``noise_min``) are given in AMC's [0, 1] units; AMC has
+  no floor (``noise_min: 0``);
 * reward baseline: :class:`MovingAverageBaseline` subtracts ``b`` from the terminal reward the agent learns
   from and then updates ``b ← b + α(r − b)`` (α = 0.5; the recorded trial keeps the raw reward). AMC
   subtracts the moving average of the batch mean at update time; with a terminal-only reward and γ = 1 this
@@ -25,7 +26,7 @@ entropy; PPO and A2C collect ``rollout_episodes`` whole episodes per update.
 
 Hyper-parameters come from ``agents/hyperparams/<algo>.yaml`` (``yaml.safe_load``), overridden by keyword
 arguments. Keys that are not SB3 constructor arguments: ``warmup_episodes``, ``buffer_episodes``,
-``rollout_episodes``, ``net_arch``, ``actor_lr``, ``critic_lr``, ``noise_sigma``, ``noise_decay``,
+``rollout_episodes``, ``net_arch``, ``actor_lr``, ``critic_lr``, ``noise_sigma``, ``noise_decay``, ``noise_min``,
 ``preset`` (``default``: the files as they are; ``amc``: AMC's recipe, i.e. the files with AMC's action map
 ``action_center: middle``; applied before the other keys, see :data:`PRESETS`),
 ``reward_baseline`` (α, or ``null`` for none), ``save_every`` (episodes between checkpoints), ``mode``
@@ -82,7 +83,8 @@ log = logging.getLogger("autoprune.agents.rl")
 
 
 class TruncatedNormalDecayNoise(ActionNoise):
-    """AMC's exploration: a truncated normal around the action, σ decaying per episode after the warm-up.
+    """AMC's exploration: a truncated normal around the action, σ decaying per episode after the warm-up, down to
+    an optional floor.
 
     SB3 adds ``noise()`` to the action and clips; a *truncated* normal needs the action itself, so algorithms
     that know this class (:class:`AMCDDPG`, :class:`AMCTD3`) call :meth:`perturb` instead. Called plainly
@@ -93,19 +95,26 @@ class TruncatedNormalDecayNoise(ActionNoise):
         sigma: σ₀ in SB3's [−1, 1] action units.
         decay: Factor per episode after the warm-up.
         warmup_episodes: Episodes before the decay starts.
+        sigma_min: Floor of σ in SB3's units (0: none, AMC's).
         low: Lower bound of the action box.
         high: Upper bound of the action box.
         seed: Seed of the noise generator.
     """
 
+    #: Class default, so that an agent checkpoint pickled before the floor existed loads with none.
+    sigma_min: float = 0.0
+
     def __init__(self, size: int, sigma: float = 1.0, decay: float = 0.95, warmup_episodes: int = 0,
-                 low: float = -1.0, high: float = 1.0, seed: int | None = None) -> None:
+                 low: float = -1.0, high: float = 1.0, seed: int | None = None, sigma_min: float = 0.0) -> None:
         super().__init__()
-        if sigma <= 0 or not 0 < decay <= 1:
-            raise ConfigError(f"noise needs sigma > 0 and decay in (0, 1], got {sigma} and {decay}")
+        if sigma <= 0 or not 0 < decay <= 1 or not 0 <= sigma_min <= sigma:
+            raise ConfigError(f"noise needs sigma > 0, decay in (0, 1] and 0 <= noise_min <= noise_sigma, got "
+                              f"sigma {sigma}, decay {decay}, minimum {sigma_min} (SB3 units)",
+                              hint="e.g. noise_sigma: 0.5, noise_decay: 0.95, noise_min: 0.05 (AMC's [0, 1] units)")
         self.size = int(size)
         self.sigma0 = float(sigma)
         self.decay = float(decay)
+        self.sigma_min = float(sigma_min)
         self.warmup_episodes = int(warmup_episodes)
         self.low, self.high = float(low), float(high)
         self.episode = 0
@@ -113,8 +122,8 @@ class TruncatedNormalDecayNoise(ActionNoise):
 
     @property
     def sigma(self) -> float:
-        """Current σ: ``σ₀ · decay^max(0, episode − warm-up)``."""
-        return self.sigma0 * self.decay ** max(0, self.episode - self.warmup_episodes)
+        """Current σ: ``max(σ_min, σ₀ · decay^max(0, episode − warm-up))``."""
+        return max(self.sigma_min, self.sigma0 * self.decay ** max(0, self.episode - self.warmup_episodes))
 
     def __call__(self) -> np.ndarray:
         return self.rng.normal(0.0, self.sigma, self.size).astype(np.float32)
@@ -139,7 +148,7 @@ class TruncatedNormalDecayNoise(ActionNoise):
         self.episode += 1
 
     def __repr__(self) -> str:
-        return (f"TruncatedNormalDecayNoise(sigma0={self.sigma0}, decay={self.decay}, "
+        return (f"TruncatedNormalDecayNoise(sigma0={self.sigma0}, decay={self.decay}, sigma_min={self.sigma_min}, "
                 f"warmup_episodes={self.warmup_episodes}, episode={self.episode})")
 
 
@@ -355,7 +364,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _SPECIAL = ("preset", "warmup_episodes", "buffer_episodes", "rollout_episodes", "net_arch", "actor_lr", "critic_lr",
-            "noise_sigma", "noise_decay", "reward_baseline", "save_every", "mode", "legal_actions",
+            "noise_sigma", "noise_decay", "noise_min", "reward_baseline", "save_every", "mode", "legal_actions",
             "action_center")
 
 
@@ -475,7 +484,8 @@ class RLSearcher(Searcher):
         noise = TruncatedNormalDecayNoise(dim, sigma=2.0 * float(self.hp["noise_sigma"]),  # [0,1] → [-1,1]
                                           decay=float(self.hp.get("noise_decay", 0.95)),
                                           warmup_episodes=int(self.hp.get("warmup_episodes", 0)),
-                                          seed=derive_seed(self.seed, 10_000_019))
+                                          seed=derive_seed(self.seed, 10_000_019),
+                                          sigma_min=2.0 * float(self.hp.get("noise_min", 0.0)))
         return noise
 
     def make_agent(self, env: gym.Env) -> BaseAlgorithm:

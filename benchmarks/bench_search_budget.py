@@ -775,7 +775,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"stop gp after {GUARD_PATIENCE} candidates in a row over this many seconds of its own "
                              "time (0: never)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--rerun", default=None,
+                        help="comma-separated searchers whose finished cells (among this run's targets, seeds and "
+                             "part) run again, e.g. after a change to their defaults; the old records are kept "
+                             "under superseded")
     return parser
+
+
+def rerun_names(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    """``--rerun``'s searchers: each must be among the searchers this run covers."""
+    rerun = [n.strip() for n in (args.rerun or "").split(",") if n.strip()]
+    unknown = [n for n in rerun if n not in names]
+    if unknown:
+        parser.error(f"--rerun {', '.join(unknown)}: not among this run's searchers ({', '.join(names)}); add them "
+                     "to --searchers")
+    return rerun
 
 
 def check_names(parser: argparse.ArgumentParser, args: argparse.Namespace, sizes: BudgetSizes) -> list[str]:
@@ -863,6 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(f"wrote {RESULTS / (name + '.md')}")
         return 0
     names = check_names(parser, args, sizes)
+    rerun = rerun_names(parser, args, names)
     store_dir = prepare_store(parser, args, out_json, parts)
     gp_max = args.gp_max_seconds if args.gp_max_seconds and args.gp_max_seconds > 0 else None
     mine = part_of(cells(sizes, names, args.extra_rl), part, parts)
@@ -880,7 +895,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         raw = _sq.run(sizes, names, out_json, store_dir, resume=args.resume, quick=args.quick,
                       max_minutes=args.max_minutes, on_update=on_update, command=command, cells=mine,
-                      cell_runner=make_cell_runner(sizes, gp_max))
+                      cell_runner=make_cell_runner(sizes, gp_max), rerun=rerun,
+                      forget=lambda *cell: shutil.rmtree(cell_dir(store_dir, *cell), ignore_errors=True))
     except AutoPruneError as exc:
         parser.error(str(exc))
     except KeyboardInterrupt:

@@ -387,7 +387,8 @@ def run(sizes: Sizes, names: Sequence[str], out_json: Path, store_dir: Path, *, 
         max_minutes: float | None, on_update: Callable[[dict[str, Any]], dict[str, Any]],
         rerun: Sequence[str] = (), command: str = "",
         cells: Sequence[tuple[str, float, str, int]] | None = None,
-        cell_runner: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
+        cell_runner: Callable[..., dict[str, Any]] | None = None,
+        forget: Callable[[str, float, str, int], None] | None = None) -> dict[str, Any]:
     """Run (or continue) the grid.
 
     ``on_update`` receives the results after every finished cell and returns them merged with what other
@@ -396,8 +397,9 @@ def run(sizes: Sizes, names: Sequence[str], out_json: Path, store_dir: Path, *, 
     file with the time and ``command`` — and their trial studies deleted, so they run again (after a change to
     a searcher's defaults).
 
-    ``cells`` replaces the grid (``(model, target, searcher, seed)`` tuples, run in that order) and
-    ``cell_runner`` replaces :func:`run_cell` (same arguments); another benchmark builds on the loop that way.
+    ``cells`` replaces the grid (``(model, target, searcher, seed)`` tuples, run in that order; ``rerun`` then
+    picks among them), ``cell_runner`` replaces :func:`run_cell` (same arguments) and ``forget`` replaces the
+    deletion of a rerun cell's trials (same tuple); another benchmark builds on the loop that way.
     """
     from autoprune.evaluate import validate
     from autoprune.store import TrialStore
@@ -409,10 +411,13 @@ def run(sizes: Sizes, names: Sequence[str], out_json: Path, store_dir: Path, *, 
     run_info = {"started": time.time(), "cells": 0, "seconds": 0.0}
     raw.setdefault("runs", []).append(run_info)
     if rerun:
-        again = grid(sizes, list(rerun))
+        again = [c for c in cells if c[2] in rerun] if cells is not None else grid(sizes, list(rerun))
         moved = supersede(raw, [cell_key(*c) for c in again], command)
         for model_name, target, name, seed in again:
-            TrialStore(store_dir / "trials.db", campaign=campaign_name(model_name, target)).delete(name, seed)
+            if forget is not None:
+                forget(model_name, target, name, seed)
+            else:
+                TrialStore(store_dir / "trials.db", campaign=campaign_name(model_name, target)).delete(name, seed)
         _log(f"rerunning {len(again)} cell(s); superseded: {', '.join(moved) or 'none'}")
         raw = on_update(raw)
     splits = _cifar.load_cifar10()

@@ -420,3 +420,27 @@ def test_finished_cells_outside_the_plan_are_named_in_the_protocol() -> None:
     raw["cells"][bsq.cell_key("resnet20", 0.5, "sac", 0)] = {"searcher": "sac", "target": 0.5, "seed": 0,
                                                              "error": "crashed"}  # a failure is not counted
     assert bsb.beyond_plan(raw, grid) == " (kept from earlier runs and counted: `td3` seed 1 at 50 %)"
+
+
+def test_rerun_supersedes_a_searchers_cells_and_starts_them_from_an_empty_store(
+        fake_bench: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    def runner(ctx: Any, sizes: Any, target: float, name: str, seed: int, store_dir: Path) -> dict[str, Any]:
+        fake_bench["ran"].append((ctx["name"], target, name, seed))  # a rerun gives another result
+        return _record(name, seed, target, _curve([0.5, 0.6], 1.0), 0.8 + len(fake_bench["ran"]) / 100)
+
+    monkeypatch.setattr(bsb, "make_cell_runner", lambda sizes, gp_max: runner)
+    args = ["--searchers", "uniform,ddpg", "--targets", "0.5", "--seeds", "1", "--resume"]
+    assert bsb.main(args) == 0
+    work = fake_bench["results"] / "search_budget_work"
+    old_dir = bsb.cell_dir(work, "resnet20", 0.5, "ddpg", 0)
+    old_dir.mkdir(parents=True)
+    (old_dir / "trials.db").write_text("the old study")
+    fake_bench["ran"].clear()
+    assert bsb.main([*args, "--rerun", "ddpg"]) == 0
+    assert fake_bench["ran"] == [("resnet20", 0.5, "ddpg", 0)]  # uniform kept, ddpg ran again
+    assert not (old_dir / "trials.db").exists()  # from an empty store
+    raw = json.loads((fake_bench["results"] / "search_budget.json").read_text())
+    assert list(raw["superseded"]) == ["resnet20|0.5|ddpg|0"] and _cells_in(fake_bench["results"]) == {
+        "resnet20|0.5|uniform|0", "resnet20|0.5|ddpg|0"}
+    with pytest.raises(SystemExit):
+        bsb.main([*args, "--rerun", "tpe"])  # not among this run's searchers

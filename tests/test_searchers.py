@@ -501,6 +501,37 @@ def test_truncated_normal_noise_stays_in_the_box_and_decays() -> None:
         TruncatedNormalDecayNoise(1, sigma=0.0)
 
 
+def test_the_noise_floor_keeps_exploring_after_the_decay_and_old_checkpoints_have_none() -> None:
+    import pickle
+
+    from autoprune.agents.rl import TruncatedNormalDecayNoise
+
+    floored = TruncatedNormalDecayNoise(2, sigma=1.0, decay=0.5, sigma_min=0.2, seed=0)
+    for _ in range(10):
+        floored.reset()
+    assert floored.sigma == 0.2  # 0.5^10 would be 0.001
+    draws = np.array([floored.perturb(np.zeros(2)) for _ in range(4000)])
+    assert 0.18 < float(draws.std()) < 0.22
+    with pytest.raises(ConfigError, match="noise_min"):
+        TruncatedNormalDecayNoise(1, sigma=0.2, sigma_min=0.3)
+    old = TruncatedNormalDecayNoise(1, sigma=1.0, decay=0.5, seed=0)
+    del old.__dict__["sigma_min"]  # as unpickled from an agent saved before the floor existed
+    back = pickle.loads(pickle.dumps(old))
+    back.episode = 10
+    assert back.sigma == 0.5 ** 10
+
+
+def test_the_ddpg_noise_floor_comes_from_the_hyper_parameters_in_amcs_units() -> None:
+    from autoprune.agents.rl import TruncatedNormalDecayNoise
+
+    pytest.importorskip("autoprune.envs", reason="the RL searchers need autoprune.envs")
+    agent = make_searcher("ddpg", make_problem(), store=new_store(), n_trials=2, budget=BUDGET, noise_min=0.05,
+                          warmup_episodes=1, batch_size=4)
+    agent.run()
+    noise = agent.model.action_noise
+    assert isinstance(noise, TruncatedNormalDecayNoise) and noise.sigma_min == pytest.approx(0.1)  # [0,1] → [-1,1]
+
+
 def test_moving_average_baseline_shapes_the_terminal_reward() -> None:
     import gymnasium as gym
 

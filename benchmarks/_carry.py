@@ -81,17 +81,22 @@ def archive_files(archive: Path) -> list[Path]:
     return [archive] if archive.is_file() else volumes(archive)
 
 
+def remove(archive: Path) -> None:
+    """Delete ``archive`` and every volume of it (also stale ones beside a whole archive)."""
+    for p in [archive, *volumes(archive)]:
+        p.unlink(missing_ok=True)
+
+
 def _write_split(data_path: Path, archive: Path, max_volume_bytes: int) -> None:
     """Replace ``archive`` (whole or in volumes) by the bytes of ``data_path``: one file when they fit in
     ``max_volume_bytes``, else numbered volumes of at most that size. New volumes are complete before old ones go."""
     size = data_path.stat().st_size
-    old = archive_files(archive)
+    old = [archive, *volumes(archive)]
     data_path.chmod(0o644)
     if size <= max_volume_bytes:
         data_path.replace(archive)
-        for p in old:
-            if p != archive:
-                p.unlink(missing_ok=True)
+        for p in old[1:]:
+            p.unlink(missing_ok=True)
         return
     written: list[Path] = []
     with data_path.open("rb") as src:
@@ -125,8 +130,7 @@ def pack(work: Path, archive: Path, select: Callable[[str], bool], max_volume_by
         per_cell[top] = per_cell.get(top, 0) + p.stat().st_size
     files = [p for p in files if per_cell[p.relative_to(work).parts[0]] <= max_cell_bytes]
     if not files:
-        for p in archive_files(archive):
-            p.unlink(missing_ok=True)
+        remove(archive)
         return []
     archive.parent.mkdir(parents=True, exist_ok=True)
     names = []
@@ -148,12 +152,27 @@ def pack(work: Path, archive: Path, select: Callable[[str], bool], max_volume_by
 
 
 class CarryError(RuntimeError):
-    """A carry archive that cannot be read (damaged, or a volume missing)."""
+    """A carry archive that cannot be read (damaged, or a volume missing).
 
-    def hint(self, archive: Path) -> str:
+    Args:
+        message: What is wrong.
+        archive: The archive's path (its volumes beside it).
+    """
+
+    def __init__(self, message: str, archive: Path) -> None:
+        super().__init__(message)
+        self.archive = archive
+
+    @property
+    def hint(self) -> str:
         """What a user does about it: take the committed version back, or drop it (the unfinished cells restart)."""
-        return (f"git checkout -- {archive.parent}/{archive.name}* restores the committed archive; deleting "
-                f"{archive.name} and its volumes starts the unfinished cells again (finished ones are kept)")
+        a = self.archive
+        return (f"git checkout -- {a.parent}/{a.name}* restores the committed archive; deleting {a.name} and its "
+                "volumes starts the unfinished cells again (finished ones are kept)")
+
+    def for_user(self) -> str:
+        """The ``error:`` and ``hint:`` lines the benchmarks print before they exit with 2."""
+        return f"error: {self}\n  hint: {self.hint}"
 
 
 def restore(work: Path, archive: Path, skip: Callable[[str], bool] = lambda rel: False) -> list[str]:
@@ -172,12 +191,13 @@ def restore(work: Path, archive: Path, skip: Callable[[str], bool] = lambda rel:
         return []
     numbers = [int(p.suffix[1:]) for p in parts if p != archive]
     if numbers and numbers != list(range(1, len(numbers) + 1)):
-        raise CarryError(f"{archive.name}: volumes {numbers} are not numbered 1..{len(numbers)} (one is missing)")
+        raise CarryError(f"{archive.name}: volumes {numbers} are not numbered 1..{len(numbers)} (one is missing)",
+                         archive)
     try:
         return _restore_from(work, b"".join(p.read_bytes() for p in parts), skip)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         names = ", ".join(p.name for p in parts)
-        raise CarryError(f"{names}: not a readable carry archive ({exc})") from exc
+        raise CarryError(f"{names}: not a readable carry archive ({exc})", archive) from exc
 
 
 def _restore_from(work: Path, data: bytes, skip: Callable[[str], bool]) -> list[str]:

@@ -1174,7 +1174,7 @@ def restore_carry(s: Settings) -> str | None:
     try:
         back = _carry.restore(work_dir(s), carry_path(s), lambda rel: stale_checkpoint(work_dir(s), rel))
     except _carry.CarryError as exc:
-        return f"error: {exc}\n  hint: {exc.hint(carry_path(s))}"
+        return exc.for_user()
     if back:
         _log(f"restored {len(back)} file(s) of unfinished work from {_rel(carry_path(s))}")
     return None

@@ -825,14 +825,13 @@ def prepare_store(parser: argparse.ArgumentParser, args: argparse.Namespace, out
             parser.error("--fresh with --part would discard the other parts' cells: start them with --resume")
         shutil.rmtree(store_dir, ignore_errors=True)
         out_json.unlink(missing_ok=True)
-        for f in _carry.archive_files(carry_path()):
-            f.unlink()
+        _carry.remove(carry_path())
     store_dir.mkdir(parents=True, exist_ok=True)
     done_dirs = finished_dirs(out_json, store_dir)
     try:
         back = _carry.restore(store_dir, carry_path(), lambda rel: rel.split("/")[0] in done_dirs)
     except _carry.CarryError as exc:
-        print(f"error: {exc}\n  hint: {exc.hint(carry_path())}", file=sys.stderr)
+        print(exc.for_user(), file=sys.stderr)
         raise SystemExit(2) from None
     if back:
         _log(f"restored {len(back)} file(s) of unfinished cells from {carry_path().name}")

@@ -151,7 +151,7 @@ def test_a_cell_over_the_cell_limit_is_left_out_whole(tmp_path: Path) -> None:
     (work / "small" / "a.bin").write_bytes(b"x" * 10)
     (work / "big" / "artifacts").mkdir(parents=True)
     (work / "big" / "artifacts" / "agent.zip").write_bytes(b"y" * 600)
-    (work / "big" / "b.bin").write_bytes(b"z" * 600)  # no file over 1000 bytes, the cell is
+    (work / "big" / "b.bin").write_bytes(b"z" * 600)  # no file over 1000 bytes, but the cell in all is
     assert _carry.pack(work, archive, lambda rel: True, max_cell_bytes=1000) == ["small/a.bin"]
     assert sorted(_carry.pack(work, archive, lambda rel: True, max_cell_bytes=5000)) == [
         "big/artifacts/agent.zip", "big/b.bin", "small/a.bin"]
@@ -190,6 +190,13 @@ def test_an_archive_over_the_volume_size_is_split_and_joined_again(tmp_path: Pat
     shutil.rmtree(fresh)
     _carry.restore(fresh, archive)
     assert (fresh / "cell" / "finetune.ckpt").read_bytes() == _incompressible(15_000, 3)
+    # a stale volume beside a whole archive goes with the next pack
+    (work / "cell" / "finetune.ckpt").write_bytes(b"1" * 100)
+    _carry.pack(work, archive, lambda rel: True, max_volume_bytes=10_000)
+    stale = archive.with_name(archive.name + ".001")
+    stale.write_bytes(b"left over")
+    _carry.pack(work, archive, lambda rel: True, max_volume_bytes=10_000)
+    assert archive.is_file() and not stale.exists()
     # nothing left to carry: every volume goes
     assert _carry.pack(work, archive, lambda rel: False) == [] and _carry.archive_files(archive) == []
     assert not [p for p in archive.parent.iterdir() if not p.name.startswith(".")]
@@ -213,7 +220,7 @@ def test_a_damaged_archive_or_a_missing_volume_is_a_carry_error_that_names_it(tm
     archive.write_bytes(b"not a tarball")
     with pytest.raises(_carry.CarryError, match="not a readable carry archive") as err:
         _carry.restore(tmp_path / "c", archive)
-    assert "git checkout" in err.value.hint(archive)
+    assert "git checkout" in err.value.hint and err.value.for_user().startswith("error: x_carry.tar.gz: not a")
 
 
 def test_the_benchmarks_answer_a_damaged_carry_with_an_error_and_a_hint(machine: dict[str, Any],

@@ -812,6 +812,8 @@ class FullFineTuneEvaluator(TrainingEvaluator):
     def _train(self, model: nn.Module, report: ReportFn | None) -> Outcome:
         resumed = self._resume(model)
         trainer, done = resumed if resumed is not None else (self._start(model, self.epochs * self.steps_per_epoch), 0)
+        if done and callable(getattr(self.train_loader, "resumed_at_step", None)):
+            self.train_loader.resumed_at_step(trainer.steps)  # type: ignore[union-attr]  # progress lines go on
         history: list[float] = []
         for epoch in range(done + 1, self.epochs + 1):
             trainer.run(self.steps_per_epoch)

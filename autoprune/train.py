@@ -25,7 +25,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -460,9 +460,15 @@ def train_steps(
 class _LabelTap:
     """A view of a loader that remembers the labels of the batch it handed out last (everything else delegated)."""
 
-    def __init__(self, loader: Iterable[Batch]) -> None:
+    def __init__(self, loader: Iterable[Batch], on_resume: Callable[[int], None] | None = None) -> None:
         self.loader = loader
         self.labels: torch.Tensor | None = None
+        self._on_resume = on_resume
+
+    def resumed_at_step(self, steps: int) -> None:
+        """Told by a loop that continues a saved run: ``steps`` optimizer steps were taken before it."""
+        if self._on_resume is not None:
+            self._on_resume(int(steps))
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
@@ -515,6 +521,10 @@ def watch_training(
 
         fine-tune epoch 3/30 (step 1173/11730): loss 0.4123, train acc 86.12 %, lr 0.00875, 95.2 s, about 17 min left
 
+    A loop that continues a saved run calls ``resumed_at_step(steps)`` on the yielded loader once it has loaded
+    the run: the lines then count from there (epoch 11/30 after 10 saved epochs, not 1/30) and the time left is
+    estimated from the steps of this run only.
+
     Nothing about the training changes: the same batches, in the same order, and no extra computation on the
     model (the loss of the lines is computed from the logits the loop produced anyway).
 
@@ -531,9 +541,13 @@ def watch_training(
         every = spe
     else:
         every = max(1, math.ceil((total_steps or 400) / 4))
-    tap = _LabelTap(loader)
-    state: dict[str, Any] = {"steps": 0, "shown": 0, "lr": float("nan"), "running": None,
+    state: dict[str, Any] = {"steps": 0, "shown": 0, "first": 0, "lr": float("nan"), "running": None,
                              "start": time.perf_counter(), "last": time.perf_counter()}
+
+    def on_resume(steps: int) -> None:
+        state.update(steps=steps, shown=steps, first=steps, start=time.perf_counter(), last=time.perf_counter())
+
+    tap = _LabelTap(loader, on_resume)
 
     def show() -> None:
         steps, now = state["steps"], time.perf_counter()
@@ -546,7 +560,8 @@ def watch_training(
         text = (f"{desc} {where}: loss {loss:.4f}, train acc {100 * top1:.2f} %, lr {state['lr']:.4g}, "
                 f"{now - state['last']:.1f} s")
         if total_steps and steps < total_steps:
-            text += f", about {_duration((now - state['start']) / steps * (total_steps - steps))} left"
+            per_step = (now - state["start"]) / max(1, steps - state["first"])
+            text += f", about {_duration(per_step * (total_steps - steps))} left"
         progress_line(text, with_bars=True)
         state.update(shown=steps, last=now, running=None)
 

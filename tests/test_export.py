@@ -164,7 +164,8 @@ def test_export_distils_from_the_dense_model_when_asked(user_campaign: tuple, tm
 
 
 def test_a_killed_export_continues_after_its_last_epoch_with_the_uninterrupted_result(
-        user_campaign: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        user_campaign: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     from autoprune import serialize
     from autoprune.evaluate import StepTrainer
     from autoprune.export import FINETUNE_CHECKPOINT
@@ -188,8 +189,12 @@ def test_a_killed_export_continues_after_its_last_epoch_with_the_uninterrupted_r
         export_trial(camp, trial, out_dir=tmp_path / "cut", **kw)
     assert (tmp_path / "cut" / FINETUNE_CHECKPOINT).is_file()
     monkeypatch.setattr(StepTrainer, "run", real_run)
+    capsys.readouterr()
     resumed = export_trial(camp, trial, out_dir=tmp_path / "cut", **kw)
     assert resumed.metrics["finetune"]["resumed_after_epoch"] == 1
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("fine-tune epoch")]
+    # the progress lines go on from the saved epoch (2/3, 3/3), not from 1/3
+    assert [ln.split(" (")[0] for ln in lines] == ["fine-tune epoch 2/3", "fine-tune epoch 3/3"], lines
     assert resumed.metrics["finetune"]["steps"] == whole.metrics["finetune"]["steps"]
     assert resumed.metrics["exported"]["test_accuracy"] == whole.metrics["exported"]["test_accuracy"]
     a = serialize.load_module(whole.model_dir).state_dict()

@@ -26,9 +26,10 @@ entropy; PPO and A2C collect ``rollout_episodes`` whole episodes per update.
 
 Hyper-parameters come from ``agents/hyperparams/<algo>.yaml`` (``yaml.safe_load``), overridden by keyword
 arguments. Keys that are not SB3 constructor arguments: ``warmup_episodes``, ``buffer_episodes``,
-``rollout_episodes``, ``net_arch``, ``actor_lr``, ``critic_lr``, ``noise_sigma``, ``noise_decay``, ``noise_min``,
+``rollout_episodes``, ``net_arch``, ``critic_lr``, ``noise_sigma``, ``noise_decay``, ``noise_min``,
 ``preset`` (``default``: the files as they are; ``amc``: AMC's recipe, i.e. the files with AMC's action map
-``action_center: middle``; applied before the other keys, see :data:`PRESETS`),
+``action_center: middle``, no self-imitation and no noise floor; applied before the other keys, see
+:data:`PRESETS`),
 ``reward_baseline`` (α, or ``null`` for none), ``save_every`` (episodes between checkpoints), ``mode``
 (environment mode; unset, it follows the search space: ``joint`` when the space holds channel groups and layer
 bits, see :func:`env_mode`), ``legal_actions`` and ``action_center`` (``middle``: AMC's action map, an action of 0
@@ -166,7 +167,76 @@ class _TruncatedNoiseMixin:
         return self.policy.unscale_action(buffer_action), buffer_action  # type: ignore[attr-defined]
 
 
-class AMCDDPG(_TruncatedNoiseMixin, DDPG):
+class _SelfImitationMixin:
+    """Self-imitation of the best episodes so far (after Oh et al., 2018, "Self-Imitation Learning").
+
+    The agent keeps the ``elite_episodes`` episodes with the highest raw reward (warm-up included: their
+    observations and the actions it took, in SB3's [−1, 1] units) and, after each of DDPG's/TD3's gradient steps,
+    takes one more actor step on ``imitation_weight · ‖π(s) − a‖²`` over the elite transitions. The critic's
+    gradient still shapes the actor; the exploration noise then searches around what has scored best instead of
+    around a policy that, learned from a terminal-only reward, settles below the best warm-up episode
+    (ALGORITHMS.md §1.5). ``elite_episodes: 0`` turns it off (AMC's recipe). The elites are saved with the agent.
+    """
+
+    #: Class defaults, so that an agent pickled before self-imitation existed loads with it off.
+    elite_episodes: int = 0
+    imitation_weight: float = 1.0
+
+    def __init__(self, *args: Any, elite_episodes: int = 0, imitation_weight: float = 1.0, **kwargs: Any) -> None:
+        if int(elite_episodes) < 0 or float(imitation_weight) < 0:
+            raise ConfigError(f"self-imitation needs elite_episodes >= 0 and imitation_weight >= 0, got "
+                              f"{elite_episodes} and {imitation_weight}",
+                              hint="e.g. elite_episodes: 5, imitation_weight: 1.0 (elite_episodes: 0 turns it off)")
+        self.elite_episodes = int(elite_episodes)
+        self.imitation_weight = float(imitation_weight)
+        self.elites: list[tuple[float, np.ndarray, np.ndarray]] = []
+        self._episode_obs: list[np.ndarray] = []
+        self._episode_actions: list[np.ndarray] = []
+        super().__init__(*args, **kwargs)
+
+    def _store_transition(self, replay_buffer: Any, buffer_action: np.ndarray, new_obs: Any, reward: np.ndarray,
+                          dones: np.ndarray, infos: list[dict[str, Any]]) -> None:
+        if self.elite_episodes > 0:
+            self._episode_obs.append(np.array(self._last_obs[0], dtype=np.float32))  # type: ignore[attr-defined]
+            self._episode_actions.append(np.array(buffer_action[0], dtype=np.float32))
+            if dones[0]:
+                raw = float(infos[0].get("raw_reward", reward[0]))
+                self.add_elite(raw, np.stack(self._episode_obs), np.stack(self._episode_actions))
+                self._episode_obs, self._episode_actions = [], []
+        super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)  # type: ignore[misc]
+
+    def add_elite(self, reward: float, observations: np.ndarray, actions: np.ndarray) -> None:
+        """Offer a finished episode to the elite set (kept: the ``elite_episodes`` highest rewards, ties to the
+        earlier episode)."""
+        if not np.isfinite(reward):
+            return
+        self.elites.append((float(reward), observations, actions))
+        self.elites.sort(key=lambda e: -e[0])
+        del self.elites[self.elite_episodes:]
+
+    def imitation_loss(self) -> torch.Tensor | None:
+        """``imitation_weight`` × the mean squared distance of the actor's actions to the elites' (``None``
+        without elites)."""
+        if not self.elites or self.elite_episodes == 0 or self.imitation_weight == 0:
+            return None
+        import torch
+
+        obs = torch.as_tensor(np.concatenate([e[1] for e in self.elites]), device=self.device)  # type: ignore[attr-defined]
+        act = torch.as_tensor(np.concatenate([e[2] for e in self.elites]), device=self.device)  # type: ignore[attr-defined]
+        return self.imitation_weight * torch.nn.functional.mse_loss(self.actor(obs), act)  # type: ignore[attr-defined]
+
+    def train(self, gradient_steps: int, batch_size: int = 100) -> None:
+        super().train(gradient_steps, batch_size)  # type: ignore[misc]
+        for _ in range(gradient_steps):
+            loss = self.imitation_loss()
+            if loss is None:
+                return
+            self.actor.optimizer.zero_grad()  # type: ignore[attr-defined]
+            loss.backward()
+            self.actor.optimizer.step()  # type: ignore[attr-defined]
+
+
+class AMCDDPG(_SelfImitationMixin, _TruncatedNoiseMixin, DDPG):
     """SB3 DDPG with AMC's separate actor and critic learning rates and truncated-normal exploration.
 
     Args:
@@ -185,7 +255,7 @@ class AMCDDPG(_TruncatedNoiseMixin, DDPG):
         self.logger.record("train/actor_learning_rate", self.actor_lr)
 
 
-class AMCTD3(_TruncatedNoiseMixin, TD3):
+class AMCTD3(_SelfImitationMixin, _TruncatedNoiseMixin, TD3):
     """SB3 TD3 with the truncated-normal decaying exploration noise."""
 
 
@@ -359,11 +429,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the hyper-parameter files as they are: AMC's recipe with the action map centred on the budget-meeting
     # uniform keep ratio (rl_center.md: DDPG's last 30 proposals 55.6 % val instead of 23.3 %)
     "default": {},
-    # AMC's own recipe (ALGORITHMS.md §1.5): the same files with AMC's action map, centred on [min_ratio, 1]
-    "amc": {"action_center": "middle"},
+    # AMC's own recipe (ALGORITHMS.md §1.5): the same files with AMC's action map, centred on [min_ratio, 1],
+    # no self-imitation of the best episodes and no floor under the exploration noise
+    "amc": {"action_center": "middle", "elite_episodes": 0, "noise_min": 0.0},
 }
 
-_SPECIAL = ("preset", "warmup_episodes", "buffer_episodes", "rollout_episodes", "net_arch", "actor_lr", "critic_lr",
+_SPECIAL = ("preset", "warmup_episodes", "buffer_episodes", "rollout_episodes", "net_arch", "critic_lr",
             "noise_sigma", "noise_decay", "noise_min", "reward_baseline", "save_every", "mode", "legal_actions",
             "action_center")
 
@@ -416,11 +487,12 @@ class RLSearcher(Searcher):
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r} for searcher {self.name!r}",
                               hint=f"choices: {', '.join(PRESETS)} (amc: AMC's recipe with its own action map)")
-        hp = {**hp, **PRESETS[preset], **user}
-        self.preset = preset
-        super().__init__(problem, **base)
         allowed = _init_params(self.algo_cls) - {"self", "policy", "env", "seed", "action_noise", "learning_starts",
                                                  "buffer_size", "n_steps", "verbose", "_init_setup_model"}
+        # a preset sets what this algorithm has (AMC's recipe turns self-imitation off where there is one)
+        hp = {**hp, **{k: v for k, v in PRESETS[preset].items() if k in allowed or k in _SPECIAL}, **user}
+        self.preset = preset
+        super().__init__(problem, **base)
         unknown = sorted(set(hp) - allowed - set(_SPECIAL))
         if unknown:
             raise ConfigError(f"unknown hyper-parameter(s) {unknown} for searcher {self.name!r}",

@@ -532,6 +532,58 @@ def test_the_ddpg_noise_floor_comes_from_the_hyper_parameters_in_amcs_units() ->
     assert isinstance(noise, TruncatedNormalDecayNoise) and noise.sigma_min == pytest.approx(0.1)  # [0,1] → [-1,1]
 
 
+@pytest.mark.parametrize("agent", ["ddpg", "td3"])
+def test_self_imitation_keeps_the_best_episodes_pulls_the_actor_to_them_and_resumes(agent: str,
+                                                                                   tmp_path: Path) -> None:
+    """The elites are the top-k episodes by raw reward (warm-up included); an imitation step moves the actor's
+    actions on their states towards theirs; the elites travel with the agent checkpoint."""
+    pytest.importorskip("autoprune.envs", reason="the RL searchers need autoprune.envs")
+    store = TrialStore(tmp_path / "rl.db", campaign="sil")
+    fast_actor = {"actor_lr": 1e-2} if agent == "ddpg" else {"learning_rate": 1e-2}  # td3: one learning rate
+    kw = {**RL_TINY[agent], "budget": BUDGET, "elite_episodes": 2, "imitation_weight": 1.0, **fast_actor}
+    first = make_searcher(agent, make_problem(), store=store, n_trials=6, seed=3, **kw)
+    res = first.run()
+    model = first.model
+    assert model is not None and model.elite_episodes == 2
+    assert model.actor.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
+    rewards = sorted((t.reward for t in res.trials), reverse=True)
+    assert [e[0] for e in model.elites] == pytest.approx(rewards[:2])  # raw rewards, not baseline-shaped ones
+    for _, obs, act in model.elites:
+        assert obs.shape == (len(SIZES), *model.observation_space.shape) and act.shape == (len(SIZES), 1)
+        assert np.all(np.abs(act) <= 1.0)
+    before = float(model.imitation_loss().detach())
+    model.train(gradient_steps=200, batch_size=4)
+    assert float(model.imitation_loss().detach()) < 0.5 * before
+    # off: no elites are kept, no imitation loss
+    plain = make_searcher(agent, make_problem(), store=new_store(), n_trials=3, seed=3,
+                          **{**kw, "elite_episodes": 0})
+    plain.run()
+    assert plain.model.elites == [] and plain.model.imitation_loss() is None
+    # resume: the elites come back with the agent and keep being updated
+    second = make_searcher(agent, make_problem(), store=TrialStore(tmp_path / "rl.db", campaign="sil"),
+                           n_trials=8, seed=3, **kw)
+    res2 = second.run()
+    assert second.resumed_from
+    rewards2 = sorted((t.reward for t in res2.trials), reverse=True)
+    assert [e[0] for e in second.model.elites] == pytest.approx(rewards2[:2])
+
+
+def test_self_imitation_settings_are_checked_and_amcs_preset_turns_it_off() -> None:
+    from autoprune.agents.rl import PRESETS
+
+    pytest.importorskip("autoprune.envs", reason="the RL searchers need autoprune.envs")
+    with pytest.raises(ConfigError, match="elite_episodes"):
+        make_searcher("ddpg", make_problem(), store=new_store(), n_trials=1, budget=BUDGET,
+                      elite_episodes=-1).run()
+    assert PRESETS["amc"]["elite_episodes"] == 0 and PRESETS["amc"]["noise_min"] == 0.0
+    amc = make_searcher("ddpg", make_problem(), store=new_store(), n_trials=2, budget=BUDGET, preset="amc",
+                        warmup_episodes=1, batch_size=4)
+    amc.run()
+    assert amc.model.elite_episodes == 0 and amc.model.action_noise.sigma_min == 0.0
+    with pytest.raises(ConfigError, match="actor_lr"):  # TD3 has one learning rate: not silently ignored
+        make_searcher("td3", make_problem(), store=new_store(), n_trials=1, budget=BUDGET, actor_lr=1e-3)
+
+
 def test_moving_average_baseline_shapes_the_terminal_reward() -> None:
     import gymnasium as gym
 

@@ -37,7 +37,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -576,7 +576,8 @@ class ProgressBar:
     (:meth:`trial_line`); nothing under ``--quiet``.
     """
 
-    def __init__(self, desc: str, total: int | None, initial: int, dense_macs: int, *, quiet: bool = False) -> None:
+    def __init__(self, desc: str, total: int | None, initial: int, dense_macs: int, *, quiet: bool = False,
+                 earlier: Iterable[TrialRecord] = ()) -> None:
         from autoprune.utils import progress_mode
 
         self.mode = "quiet" if quiet else progress_mode()
@@ -585,6 +586,8 @@ class ProgressBar:
         self.total = total
         self.dense_macs = max(1, int(dense_macs))
         self.best: TrialRecord | None = None
+        for record in earlier:  # a resumed search: the best so far includes the trials of earlier runs
+            self._offer(record)
         self.started = time.perf_counter()
         self.bar = None
         if self.mode == "bar":
@@ -617,10 +620,13 @@ class ProgressBar:
         return (f"{self.desc} trial {done} (#{record.number}) {record.state}{reason}: {self._figures(record)}; "
                 f"{best}; {time.perf_counter() - self.started:.0f} s")
 
-    def __call__(self, searcher: Searcher, record: TrialRecord) -> None:
+    def _offer(self, record: TrialRecord) -> None:
         ok = record.state == "complete" and record.result is not None and record.reward is not None
         if ok and (self.best is None or record.reward > self.best.reward):  # type: ignore[operator]
             self.best = record
+
+    def __call__(self, searcher: Searcher, record: TrialRecord) -> None:
+        self._offer(record)
         if self.mode == "lines":
             print(self.trial_line(searcher, record), flush=True)
         if self.bar is None:
@@ -666,7 +672,8 @@ def run_search(camp: Campaign, store: TrialStore, *, searcher: str | None = None
     bar: ProgressBar | None = None
     try:
         done = _counted(store, name, seed)  # reads the store: a server lost since the start is a clear error too
-        bar = ProgressBar(f"{name} seed{seed}", total, min(done, total), problem.dense_cost.macs, quiet=quiet)
+        bar = ProgressBar(f"{name} seed{seed}", total, min(done, total), problem.dense_cost.macs, quiet=quiet,
+                          earlier=store.trials(name, seed) if done else ())
         s = make_campaign_searcher(camp, store, name, seed=seed, kwargs=hp, callbacks=[bar], n_trials=total,
                                    problem=problem)
         # the evaluators' own per-batch bars would flicker under the search's bar

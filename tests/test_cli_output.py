@@ -199,6 +199,22 @@ def test_progress_lines_are_flushed_and_bars_replace_them(monkeypatch: pytest.Mo
     assert tty.getvalue() == ""
 
 
+def test_a_resumed_search_counts_the_earlier_trials_in_its_best_so_far(tmp_path: Path) -> None:
+    def best_rewards(stdout: str) -> list[float]:
+        return [float(re.search(r"best #\d+: reward (-?[\d.]+)", ln)[1])  # type: ignore[index]
+                for ln in stdout.splitlines() if TRIAL_LINE.match(ln)]
+
+    config = write_config(tmp_path / "c.yaml", seed=1)  # a seed whose resumed trials score below the best
+    first = run_cli("search", str(config), cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    earlier = best_rewards(first.stdout)
+    more = run_cli("search", str(config), "n_trials=5", cwd=tmp_path)
+    assert more.returncode == 0, more.stdout + more.stderr
+    later = best_rewards(more.stdout)
+    assert len(earlier) == 3 and len(later) == 2, more.stdout
+    assert min(later) >= max(earlier), more.stdout  # the best so far starts from the earlier runs' best
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 4. CPU cost in every shipped config, fractional epochs documented
 

@@ -751,7 +751,8 @@ def finish_export(ctx: Context, job: Job, metrics: Mapping[str, Any]) -> dict[st
     return {"export": {"test_top1": test, "dense_test_top1": round(100 * float(o["test_accuracy"]), 2),
                        "macs": e["macs"], "dense_macs": o["macs"], "macs_ratio": round(e["macs"] / o["macs"], 4),
                        "params_ratio": round(e["params"] / o["params"], 4), "steps": ft.get("steps"),
-                       "resumed_after_epoch": ft.get("resumed_after_epoch"), "model_dir": _rel(model_dir),
+                       "resumed_after_epoch": ft.get("resumed_after_epoch"), "distill": ft.get("distill"),
+                       "model_dir": _rel(model_dir),
                        "card": _rel(metrics["files"]["card"]), "latency": metrics.get("latency") or {},
                        "command": metrics.get("command", "")},
             "reload": {**reloaded, "matches_export": abs(reloaded["test_top1"] - test) < 1e-9,
@@ -968,6 +969,29 @@ def _recipe_section(raw: Mapping[str, Any], s: Settings) -> list[str]:
     return lines
 
 
+def teacher_share(rec: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The distillation teacher's cost in a finished fine-tune cell: (seconds per batch, share of the wall time of
+    the epochs the exporting process ran), or ``None`` without a teacher. The export counts the teacher's seconds
+    of its own process only, so the share is over the epochs after ``resumed_after_epoch``."""
+    exp = rec.get("export") or {}
+    d = exp.get("distill") or {}
+    if not d.get("teacher_batches") or d.get("teacher_seconds") is None:
+        return None
+    after = int(exp.get("resumed_after_epoch") or 0)
+    wall = sum(float(e.get("seconds") or 0.0) for e in rec.get("epochs_log", []) if int(e["epoch"]) > after)
+    if wall <= 0:
+        return None
+    return float(d["teacher_seconds"]) / int(d["teacher_batches"]), float(d["teacher_seconds"]) / wall
+
+
+def _teacher_text(rec: Mapping[str, Any]) -> str:
+    share = teacher_share(rec)
+    if share is None:
+        return ""
+    return (f"; the teacher's forward passes (no gradients) took {1000 * share[0]:.0f} ms per batch, "
+            f"{100 * share[1]:.0f} % of the fine-tune's wall time")
+
+
 def _curves_section(raw: Mapping[str, Any], model: str) -> list[str]:
     recs = {v: raw.get("cells", {}).get(f"finetune|{model}|{v}") for v in VARIANTS}
     if not any(recs.values()):
@@ -977,7 +1001,7 @@ def _curves_section(raw: Mapping[str, Any], model: str) -> list[str]:
         if rec:
             p = rec["params"]
             lines.append(f"- `{v}`: lr {p['lr']:g}, {p['epochs']:g} epochs, distill {p['distill']:g}, "
-                         f"{rec['status']} ({len(rec.get('epochs_log', []))} recorded)")
+                         f"{rec['status']} ({len(rec.get('epochs_log', []))} recorded)" + _teacher_text(rec))
     lines += ["", "| epoch | lr after | " + " | ".join(f"{v} test % | {v} half B % | {v} s" for v in VARIANTS)
               + " |", "|---|---|" + "---|---|---|" * len(VARIANTS)]
     by_epoch: dict[int, dict[str, dict[str, Any]]] = {}

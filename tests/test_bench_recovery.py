@@ -197,6 +197,21 @@ def test_markdown_renders_with_missing_parts() -> None:
     assert "| 2 | 0.03 | 91.20 | 91.40 | 60 | 91.50 | 91.70 | 60 |" in md
 
 
+def test_the_teachers_cost_is_reported_over_the_epochs_of_the_exporting_process() -> None:
+    rec = _ft("kd", [(88.0, 88.0, 88.0), (89.0, 89.0, 89.0), (90.0, 90.0, 90.0)])
+    for e, secs in zip(rec["epochs_log"], (100.0, 60.0, 40.0), strict=True):
+        e["seconds"] = secs
+    assert br.teacher_share(rec) is None  # no distillation record: nothing claimed
+    rec["export"].update(resumed_after_epoch=1, distill={"weight": 0.9, "temperature": 4.0, "teacher_seconds": 25.0,
+                                                         "teacher_batches": 500})
+    per_batch, share = br.teacher_share(rec)
+    assert per_batch == pytest.approx(0.05) and share == pytest.approx(25.0 / 100.0)  # epochs 2 and 3 only
+    raw = planted()
+    raw["cells"]["finetune|resnet20|kd"] = rec
+    md = br.summarise(raw, br.Settings(), br.cell_names(br.Settings()))
+    assert "the teacher's forward passes (no gradients) took 50 ms per batch, 25 % of the fine-tune's wall time" in md
+
+
 # ---------------------------------------------------------------------------------------- resumable cells
 
 

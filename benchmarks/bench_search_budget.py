@@ -570,6 +570,43 @@ def beyond_plan(raw: Mapping[str, Any], grid: Sequence[tuple[str, float, str, in
         f"`{n}` seed {seed} at {100 * t:.0f} %" for n, t, seed in extra) + ")"
 
 
+def superseded_lines(raw: Mapping[str, Any]) -> list[str]:
+    """A section on the cells ``--rerun`` replaced: when and by which command, and their earlier figures (means
+    over seeds) beside the current ones; empty when nothing was superseded."""
+    groups: dict[tuple[str, str, float], dict[str, Any]] = {}
+    for key, entries in (raw.get("superseded") or {}).items():
+        for e in entries:
+            rec = e["record"]
+            g = groups.setdefault((e["command"], rec["searcher"], rec["target"]),
+                                  {"at": e["at"], "val": [], "test": [], "keys": set()})
+            g["keys"].add(key)
+            if not rec.get("error"):
+                g["val"].append(rec.get("val_best"))
+                g["test"].append(rec.get("test_after_ft"))
+    if not groups:
+        return []
+    lines = ["", "## Superseded cells", "",
+             "Cells run again with `--rerun` after a change to their searcher; the earlier records stay in the JSON "
+             "under `superseded`. Means over seeds (val: half A, test: half B after the fine-tune):", "",
+             "| searcher | target | cells | rerun | command | earlier val % | earlier test % | now val % "
+             "| now test % |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def mean(xs: Sequence[Any]) -> float | None:
+        vals = [float(x) for x in xs if x is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    for (command, name, target), g in groups.items():
+        now = [c for c in raw["cells"].values() if c["searcher"] == name and c["target"] == target
+               and not c.get("error")]
+        lines.append(f"| {name} | {100 * target:.0f} % | {len(g['keys'])} | "
+                     f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(g['at']))} UTC | `{command}` | "
+                     f"{_pct(mean(g['val']))} | {_pct(mean(g['test']))} | "
+                     f"{_pct(mean([c.get('val_best') for c in now]))} | "
+                     f"{_pct(mean([c.get('test_after_ft') for c in now]))} |")
+    return lines
+
+
 def summarise(raw: Mapping[str, Any], command: str) -> str:
     """The markdown body."""
     s = raw["sizes"]
@@ -640,6 +677,7 @@ def summarise(raw: Mapping[str, Any], command: str) -> str:
         lines += ["", f"## {100 * t:.0f} % of the dense MACs", "", *target_table(raw, t), "",
                   f"Figure: `figures/search_budget_{100 * t:.0f}{tag}.png` (best-so-far against candidates and "
                   "against minutes, mean over seeds)."]
+    lines += superseded_lines(raw)
     opts = {c["searcher"]: c["options"] for c in raw["cells"].values() if c.get("options")}
     lines += ["", "Searcher settings changed from the defaults: "
               + ("; ".join(f"{k}: {v}" for k, v in opts.items()) or "none") + ".",

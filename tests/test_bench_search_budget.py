@@ -442,5 +442,11 @@ def test_rerun_supersedes_a_searchers_cells_and_starts_them_from_an_empty_store(
     raw = json.loads((fake_bench["results"] / "search_budget.json").read_text())
     assert list(raw["superseded"]) == ["resnet20|0.5|ddpg|0"] and _cells_in(fake_bench["results"]) == {
         "resnet20|0.5|uniform|0", "resnet20|0.5|ddpg|0"}
+    md = (fake_bench["results"] / "search_budget.md").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| ddpg | 50 % | 1 |"))  # the superseded section
+    earlier = raw["superseded"]["resnet20|0.5|ddpg|0"][0]["record"]
+    now = next(c for c in raw["cells"] if c["searcher"] == "ddpg")
+    assert row.endswith(
+        f"| {100 * earlier['test_after_ft']:.2f} | {100 * now['val_best']:.2f} | {100 * now['test_after_ft']:.2f} |")
     with pytest.raises(SystemExit):
         bsb.main([*args, "--rerun", "tpe"])  # not among this run's searchers

@@ -8,6 +8,7 @@ use ``small_cnn`` on the bundled ``digits`` data.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 from pathlib import Path
 
@@ -381,3 +382,17 @@ def test_a_benchmark_whose_environment_is_missing_is_skipped_not_failed(
     monkeypatch.setattr(bench_run, "ENVIRONMENTS", {"engine": (tmp_path / "no-venv" / "bin" / "python", "make x")})
     monkeypatch.setattr(bench_run, "write_result", lambda name, title, body: tmp_path / "index.md")
     assert bench_run.main(["--only", "engine", "--skip", "figures"]) == 0
+
+
+def test_distill_cost_quick_times_both_losses_on_the_uniform_half_macs_candidate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import _common
+    from benchmarks import bench_distill_cost as bdc
+
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    assert bdc.main(["--quick", "--reps", "1", "--steps", "1"]) == 0
+    data = json.loads((tmp_path / "distill_cost_quick.json").read_text())
+    (row,) = data["rows"]
+    assert row["model"] == "resnet20" and 0.4 < row["macs_ratio"] <= 0.5
+    assert row["ce_seconds_per_step"] > 0 and row["kd_seconds_per_step"] > 0 and row["teacher_seconds_per_batch"] > 0
+    assert "| resnet20 |" in (tmp_path / "distill_cost_quick.md").read_text()

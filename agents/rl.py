@@ -194,6 +194,11 @@ class _SelfImitationMixin:
         self._episode_actions: list[np.ndarray] = []
         super().__init__(*args, **kwargs)
 
+    def _setup_learn(self, *args: Any, **kwargs: Any) -> Any:
+        # learning (re)starts with a new episode: drop the part of one a checkpoint may hold
+        self._episode_obs, self._episode_actions = [], []
+        return super()._setup_learn(*args, **kwargs)  # type: ignore[misc]
+
     def _store_transition(self, replay_buffer: Any, buffer_action: np.ndarray, new_obs: Any, reward: np.ndarray,
                           dones: np.ndarray, infos: list[dict[str, Any]]) -> None:
         if self.elite_episodes > 0:

@@ -566,6 +566,7 @@ def test_self_imitation_keeps_the_best_episodes_pulls_the_actor_to_them_and_resu
     assert second.resumed_from
     rewards2 = sorted((t.reward for t in res2.trials), reverse=True)
     assert [e[0] for e in second.model.elites] == pytest.approx(rewards2[:2])
+    assert all(obs.shape[0] == act.shape[0] == len(SIZES) for _, obs, act in second.model.elites)  # whole episodes
 
 
 def test_self_imitation_settings_are_checked_and_amcs_preset_turns_it_off() -> None:

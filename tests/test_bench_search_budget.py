@@ -31,10 +31,10 @@ T0 = datetime(2024, 1, 1, 12, 0, 0)
 def test_full_cells_counts_seeds_and_rl_warmup() -> None:
     cells = bsb.cells(bsb.FULL, bsb.SEARCHERS)
     per = Counter(c[2] for c in cells)
-    two = {"uniform", "random", "tpe", "cmaes", "ddpg", "ppo"}
+    two = {"uniform", "random", "tpe", "cmaes", "gp", "ddpg", "ppo"}
     for name in bsb.SEARCHERS:  # two targets × seeds
         assert per[name] == 2 * (2 if name in two else 1), name
-    assert len(cells) == 34 and len(set(cells)) == 34
+    assert len(cells) == 36 and len(set(cells)) == 36
     assert {c[0] for c in cells} == {"resnet20"} and {c[1] for c in cells} == {0.5, 0.3}
     # seed 0 of every searcher comes before any second seed (a partial run covers every searcher first)
     first_seed1 = min(i for i, c in enumerate(cells) if c[3] == 1)
@@ -203,13 +203,13 @@ def test_estimate_from_quick_rates() -> None:
                     "ft_batch": 128}
     raw["dense"] = {"resnet20": {"macs": 41e6}}
     est = bsb.estimate_full(raw, names=list(bsb.SEARCHERS))
-    assert est is not None and est["cells"] == 34
+    assert est is not None and est["cells"] == 36
     # a 2-seed candidate searcher: 2 targets × 2 seeds × (400 × (3.28 + 0.2) s + 391 × 0.1 + 11.28 s)
     per_cell = 400 * (1e-3 * (1280 + 2000) + 0.2) + 0.1 * 391 + 1e-3 * (2 * 5000 + 1280)
     assert est["per_searcher_hours"]["tpe"] == pytest.approx(4 * per_cell / 3600)
     finetune = 0.1 * 391 + 1e-3 * (2 * 5000 + 1280)
     assert est["per_searcher_hours"]["uniform"] == pytest.approx(4 * (1e-3 * 3280 + 0.2 + finetune) / 3600)
-    assert est["per_searcher_hours"]["gp"] == pytest.approx(est["per_searcher_hours"]["tpe"] / 2)  # one seed
+    assert est["per_searcher_hours"]["nsga2"] == pytest.approx(est["per_searcher_hours"]["tpe"] / 2)  # one seed
     assert est["hours"] == pytest.approx(sum(est["per_searcher_hours"].values()))
 
 
@@ -262,7 +262,7 @@ def _cells_in(results: Path) -> set[str]:
 
 
 def test_resume_skips_finished_cells(fake_bench: dict[str, Any]) -> None:
-    args = ["--searchers", "uniform,random,gp", "--targets", "0.5"]
+    args = ["--searchers", "uniform,random,nsga2", "--targets", "0.5"]
     fake_bench["fail_at"] = 2
     with pytest.raises(RuntimeError, match="killed"):
         bsb.main(args)
@@ -273,7 +273,7 @@ def test_resume_skips_finished_cells(fake_bench: dict[str, Any]) -> None:
     fake_bench["fail_at"] = None
     assert bsb.main([*args, "--resume"]) == 0
     rest = fake_bench["ran"][2:]
-    expected = bsb.cells(bsb.replace(bsb.FULL, targets=(0.5,)), ["uniform", "random", "gp"])
+    expected = bsb.cells(bsb.replace(bsb.FULL, targets=(0.5,)), ["uniform", "random", "nsga2"])
     assert len(expected) == 5 and sorted(first + rest) == sorted(expected) and not set(first) & set(rest)
     raw = json.loads((fake_bench["results"] / "search_budget.json").read_text())
     assert raw["evaluator"] == {"name": "adaptive_bn", "kwargs": {}} and raw["sizes"]["candidates"] == 400

@@ -21,13 +21,17 @@ a standalone model. Measured:
   the rule with ε **calibrated** from the ``lth`` run, which monitors the flow (:attr:`autoprune.imp.IMPConfig.
   monitor`): ε = the largest distance the *unpruned* network's flow moves from the reference while it is
   retrained with the same settings (iteration 0), i.e. a pruned network counts as consistent once its flow is
-  as close to the dense network's as retraining alone leaves the dense network (:func:`calibrated_eps`); the
-  headline's InfCoP figures come from that cell when it is done;
+  as close to the dense network's as retraining alone leaves the dense network (:func:`calibrated_eps`). The
+  same pair exists for the paper's second rule, **gradient flow** (``GF``): ``lth-GF`` is the fixed run
+  monitoring the gradient flow and ``GF-cal`` the rule with ε calibrated on it (the reference code's ε, 1.0 or
+  0.5 for GF, is far above any gradient-flow distance of these networks). The headline's InfCoP figures come
+  from ``GF-cal`` when it is done, else ``IF-cal``, else ``IF`` (:data:`HEADLINE_IMP`); every cell is in the
+  table;
 * the exported models are reloaded with :func:`autoprune.serialize.load_module` and re-tested (recorded).
 
 The work is a list of resumable **cells**, each checkpointed into ``results/benchmarks/recovery.json`` (``search|M``,
-``lr|resnet20|LR``, ``finetune|M|kd``, ``finetune|M|ce``, ``infcop|resnet20|lth``, ``infcop|resnet20|IF``,
-``infcop|resnet20|IF-cal``). A
+``lr|resnet20|LR``, ``finetune|M|kd``, ``finetune|M|ce``, ``infcop|resnet20|V`` for every V of
+:data:`IMP_VARIANTS`). A
 search continues from its trial store, a fine-tune from the export's checkpoint after its last completed epoch
 (the same result as an uninterrupted run), so the whole run can be spread over several sessions:
 ``--max-minutes M`` stops a search (Ctrl-C, resumable) or a fine-tune (after the last epoch that fits) at M minutes
@@ -94,11 +98,16 @@ HEADLINE_UNITS = {"macs_ratio": "exported MACs / dense MACs (closed form)",
                   "test_top1": "percent, full CIFAR-10 test set (10,000 images)",
                   "epochs": "epochs of the export fine-tune (cosine schedule over all of them)",
                   "hours": "wall hours of the fine-tune's epochs on this machine (search and tests excluded)",
-                  "epochs_ratio": "IMP retraining epochs, InfCoP / fixed retraining (lth); InfCoP = the calibrated-ε "
-                                  "cell (IF-cal) when done, else the paper's ε (IF)",
+                  "epochs_ratio": "IMP retraining epochs, InfCoP / fixed retraining (lth); InfCoP = the first done "
+                                  "of GF-cal, IF-cal (calibrated ε) and IF (the paper's ε)",
                   "accuracy_delta": "percentage points, full test set, InfCoP minus fixed retraining (lth)"}
-#: The InfCoP cells: fixed retraining (monitoring the flow), the paper's ε, ε calibrated on the fixed run.
-IMP_VARIANTS = ("lth", "IF", "IF-cal")
+#: The InfCoP cells: fixed retraining monitoring the information flow, the paper's ε, ε calibrated on the fixed
+#: run; then the same for the gradient flow (the reference code's ε is not run: it is far above every GF distance).
+IMP_VARIANTS = ("lth", "IF", "IF-cal", "lth-GF", "GF-cal")
+#: The fixed-budget cell that monitors each flow (its iteration 0 calibrates ε of ``<flow>-cal``).
+MONITOR_CELLS = {"IF": "lth", "GF": "lth-GF"}
+#: The cells whose figures the headline reports, first done first.
+HEADLINE_IMP = ("GF-cal", "IF-cal", "IF")
 #: Training images per fine-tune epoch (45,000: the campaigns carve 5,000 validation images) and per IMP epoch.
 FT_IMAGES, IMP_IMAGES = 45_000, 50_000
 
@@ -299,7 +308,7 @@ def headline(raw: Mapping[str, Any]) -> dict[str, Any]:
             row["hours"] = round(sum(e.get("seconds") or 0.0 for e in rec.get("epochs_log", [])) / 3600, 3)
         out[m] = row
     lth = done(raw, "infcop|resnet20|lth")
-    inf = done(raw, "infcop|resnet20|IF-cal") or done(raw, "infcop|resnet20|IF")
+    inf = next((r for r in (done(raw, f"infcop|resnet20|{v}") for v in HEADLINE_IMP) if r is not None), None)
     ic: dict[str, Any] = {"epochs_ratio": None, "accuracy_delta": None}
     if lth is not None and inf is not None and lth["cum_epochs"]:
         ic["epochs_ratio"] = round(inf["cum_epochs"] / lth["cum_epochs"], 4)
@@ -774,10 +783,12 @@ def calibrated_eps(lth: Mapping[str, Any] | None) -> float | None:
 
 def imp_config(s: Settings, variant: str, raw: Mapping[str, Any] | None = None) -> Any:
     """The :class:`autoprune.imp.IMPConfig` of an ``infcop|resnet20|variant`` cell (``lth``: fixed retraining,
-    monitoring the flow; ``IF``: InfCoP with the paper's ε; ``IF-cal``: InfCoP with :func:`calibrated_eps`).
+    monitoring the information flow; ``lth-GF``: the same monitoring the gradient flow; ``IF``: InfCoP with the
+    paper's ε; ``IF-cal`` / ``GF-cal``: InfCoP on that flow with :func:`calibrated_eps` of its monitoring cell,
+    :data:`MONITOR_CELLS`).
 
     Raises:
-        NotReady: ``IF-cal`` before the ``lth`` cell is done.
+        NotReady: a calibrated cell before its monitoring cell is done.
     """
     from autoprune.evaluate import SGDSettings
     from autoprune.imp import IMPConfig
@@ -786,15 +797,17 @@ def imp_config(s: Settings, variant: str, raw: Mapping[str, Any] | None = None) 
     base = IMPConfig(iterations=s.imp_iterations, max_rounds=s.imp_rounds, round_epochs=s.imp_round_epochs,
                      sgd=SGDSettings(lr=s.imp_lr, momentum=0.9, weight_decay=5e-4), seed=s.seed,
                      flow_samples=s.imp_flow_samples)
-    if variant == "IF-cal":
-        eps = calibrated_eps(done(raw or {}, "infcop|resnet20|lth"))
+    if variant.endswith("-cal"):
+        flow = variant.removesuffix("-cal")
+        monitor_cell = f"infcop|resnet20|{MONITOR_CELLS[flow]}"
+        eps = calibrated_eps(done(raw or {}, monitor_cell))
         if eps is None:
-            raise NotReady("infcop|resnet20|lth (with its flow monitored) is not done")
-        return dataclasses.replace(_variants(base)["IF"], eps=eps)
-    cfg = _variants(base)[variant]
-    if cfg.flow == "none":  # the fixed-budget baseline records where every tolerance ε would have stopped
-        cfg = dataclasses.replace(cfg, monitor="IF")
-    return cfg
+            raise NotReady(f"{monitor_cell} (with its flow monitored) is not done")
+        return dataclasses.replace(_variants(base)[flow], eps=eps)
+    monitored = {cell: flow for flow, cell in MONITOR_CELLS.items()}
+    if variant in monitored:  # the fixed-budget baseline records where every tolerance ε would have stopped
+        return dataclasses.replace(_variants(base)["lth"], monitor=monitored[variant])
+    return _variants(base)[variant]
 
 
 def run_infcop_cell(s: Settings, variant: str, raw: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -1052,23 +1065,27 @@ def _infcop_section(raw: Mapping[str, Any], s: Settings) -> list[str]:
         reasons = ", ".join(x["stop_reason"] for x in r["rows"])
         params = r.get("params") or {}
         eps = params.get("eps")
-        fixed = params.get("flow", "none" if v == "lth" else "IF") == "none"
+        fixed = params.get("flow", "none" if v.startswith("lth") else "IF") == "none"
         eps_text = "–" if fixed else ("1 (paper)" if eps is None else f"{eps:.4g}")
         lines.append(f"| {v} | {eps_text} | {r['cum_epochs']:g} | {r['final_sparsity']:.3f} | "
                      f"{_pct(r['test_top1'])} | {_pct(r['half_b'])} | {r['seconds']:.0f} | {reasons} |")
-    lth = imp.get("lth")
-    if lth and lth.get("trajectories"):
-        lines += ["", "Information-flow distance from the dense reference in the fixed-budget (`lth`) run: after "
-                  "pruning (before retraining), then after every round; ε of `IF-cal` = the largest distance of "
+    words = {"IF": "Information-flow", "GF": "Gradient-flow"}
+    for flow, cell in MONITOR_CELLS.items():
+        lth = imp.get(cell)
+        if not (lth and lth.get("trajectories")):
+            continue
+        fmt = "{:.4f}" if flow == "IF" else "{:.3g}"
+        lines += ["", f"{words[flow]} distance from the dense reference in the fixed-budget (`{cell}`) run: after "
+                  f"pruning (before retraining), then after every round; ε of `{flow}-cal` = the largest distance of "
                   "iteration 0, where nothing is pruned: "
                   + _num(calibrated_eps(lth), "{:.4g}") + ".", "",
                   "| iteration | sparsity | after pruning | after each round | val % after each round |",
                   "|---|---|---|---|---|"]
         for row, traj in zip(lth["rows"], lth["trajectories"], strict=False):
-            ds = ", ".join(_num(e.get("distance"), "{:.4f}") for e in traj)
+            ds = ", ".join(_num(e.get("distance"), fmt) for e in traj)
             accs = ", ".join(_num(None if e.get("val_accuracy") is None else 100 * e["val_accuracy"], "{:.2f}")
                              for e in traj)
-            lines.append(f"| {row['iteration']} | {row['sparsity']:.3f} | {_num(row.get('distance_before'), '{:.4f}')}"
+            lines.append(f"| {row['iteration']} | {row['sparsity']:.3f} | {_num(row.get('distance_before'), fmt)}"
                          f" | {ds} | {accs} |")
     return [*lines, ""]
 

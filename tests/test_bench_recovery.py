@@ -117,6 +117,27 @@ def test_the_calibrated_tolerance_comes_from_the_unpruned_networks_drift_in_the_
     assert "| 1 | 0.200 | 0.0040 | 0.0200, 0.0160 | 90.00, 90.50 |" in md
 
 
+def test_the_gradient_flow_pair_calibrates_on_its_own_monitoring_cell_and_leads_the_headline() -> None:
+    s = br.Settings()
+    with pytest.raises(br.NotReady, match="lth-GF"):  # the IF monitor does not calibrate the GF rule
+        br.imp_config(s, "GF-cal", {"cells": {"infcop|resnet20|lth": _monitored_lth()}})
+    mon = br.imp_config(s, "lth-GF")
+    assert mon.flow == "none" and mon.monitor == "GF" and mon.iterations == br.imp_config(s, "lth").iterations
+    gf_lth = _monitored_lth()
+    gf_lth["params"]["monitor"] = "GF"
+    for traj, scale in zip(gf_lth["trajectories"], (1e-3, 1e-3), strict=True):
+        for e in traj:
+            e["distance"] *= scale
+    cal = br.imp_config(s, "GF-cal", {"cells": {"infcop|resnet20|lth-GF": gf_lth}})
+    assert cal.flow == "GF" and cal.eps == pytest.approx(1.7e-5) and cal.monitor == "none"
+    raw = {"cells": {"infcop|resnet20|lth": _monitored_lth(), "infcop|resnet20|IF-cal": _imp(6.0, 90.1),
+                     "infcop|resnet20|lth-GF": gf_lth, "infcop|resnet20|GF-cal": _imp(4.0, 89.8)}}
+    assert br.headline(raw)["infcop"] == {"epochs_ratio": 0.4, "accuracy_delta": -0.2}
+    md = br.summarise(raw, br.Settings(models=("resnet20",)), br.cell_names(br.Settings(models=("resnet20",))))
+    assert "Gradient-flow distance from the dense reference in the fixed-budget (`lth-GF`) run" in md
+    assert "ε of `GF-cal` = the largest distance of iteration 0, where nothing is pruned: 1.7e-05." in md
+
+
 def test_headline_of_an_empty_run_is_all_none_and_the_goals_not_run() -> None:
     head = br.headline({"cells": {}})
     assert {k: set(v) for k, v in head.items()} == HEADLINE
@@ -165,7 +186,8 @@ def test_a_fine_tune_uses_the_swept_rate_or_waits_for_it(tmp_path: Path, monkeyp
 def test_cell_names_and_per_model_options() -> None:
     assert br.cell_names(br.Settings.quick_run()) == [
         "search|resnet20", "lr|resnet20|0.01", "lr|resnet20|0.1", "finetune|resnet20|kd", "finetune|resnet20|ce",
-        "infcop|resnet20|lth", "infcop|resnet20|IF", "infcop|resnet20|IF-cal"]
+        "infcop|resnet20|lth", "infcop|resnet20|IF", "infcop|resnet20|IF-cal", "infcop|resnet20|lth-GF",
+        "infcop|resnet20|GF-cal"]
     assert {n.split("|")[0] for n in br.cell_names(br.Settings())} == {"search", "lr", "finetune", "infcop"}
     assert br.per_model("resnet56=12", {"resnet20": 30, "resnet56": 30}, "--epochs") == {"resnet20": 30,
                                                                                         "resnet56": 12}
@@ -181,7 +203,7 @@ def test_cell_names_and_per_model_options() -> None:
 def test_markdown_renders_with_missing_parts() -> None:
     s = br.Settings()
     empty = br.summarise({"cells": {}, "errors": {}, "runs": []}, s, br.cell_names(s))
-    assert "0 of 12 cells done" in empty and "| resnet56 |" in empty and "not run" in empty
+    assert "0 of 14 cells done" in empty and "| resnet56 |" in empty and "not run" in empty
     assert "not chosen yet" in empty and "no fine-tune done yet" in empty
     raw = planted()
     raw["cells"].update({f"lr|resnet20|{lr:g}": _sweep(lr, a) for lr, a in ((0.01, 88.0), (0.03, 89.5),
@@ -260,7 +282,8 @@ def test_resume_skips_finished_cells_and_a_fresh_run_refuses_to_clobber(fake_run
 def test_a_cell_whose_input_is_not_ready_waits_and_part_splits_the_cells(fake_run: dict[str, Any]) -> None:
     assert br.main(["--models", "resnet20", "--only", "finetune,infcop", "--part", "1/2"]) == 0
     raw = json.loads(fake_run["json"].read_text())
-    assert fake_run["ran"] == ["finetune|resnet20|kd", "infcop|resnet20|lth", "infcop|resnet20|IF-cal"]
+    assert fake_run["ran"] == ["finetune|resnet20|kd", "infcop|resnet20|lth", "infcop|resnet20|IF-cal",
+                               "infcop|resnet20|GF-cal"]
     assert "finetune|resnet20|kd" not in raw["cells"] and "infcop|resnet20|lth" in raw["cells"]  # it waited
     assert br.main(["--models", "resnet20", "--only", "finetune,infcop", "--part", "2/2", "--resume"]) == 0
     assert "infcop|resnet20|IF" in json.loads(fake_run["json"].read_text())["cells"]

@@ -238,7 +238,8 @@ def test_run_imp_fixed_budget_versus_infcop_stopping() -> None:
     assert _no_hooks(model) and _no_hooks(quick.model)
 
 
-def test_a_monitored_flow_records_distances_without_changing_the_fixed_budget_run() -> None:
+@pytest.mark.parametrize("flow", ["IF", "GF"])
+def test_a_monitored_flow_records_distances_without_changing_the_fixed_budget_run(flow: str) -> None:
     """``monitor`` measures the flow after pruning and after every round of a fixed-budget run (to calibrate ε
     offline) and changes nothing else: same rounds, same weights as the unmonitored run."""
     data = _data()
@@ -248,7 +249,7 @@ def test_a_monitored_flow_records_distances_without_changing_the_fixed_budget_ru
     plain = run_imp(model, data, data[:2], IMPConfig.lth(iterations=3, warmup_rounds=0, max_rounds=2,
                                                          round_epochs=0.5, sgd=sgd, seed=1))
     watched = run_imp(model, data, data[:2], IMPConfig.lth(iterations=3, warmup_rounds=0, max_rounds=2,
-                                                           round_epochs=0.5, sgd=sgd, seed=1, monitor="IF"))
+                                                           round_epochs=0.5, sgd=sgd, seed=1, monitor=flow))
     assert [r.rounds for r in watched.rows] == [2, 2, 2] and {r.stop_reason for r in watched.rows} == {"budget"}
     assert watched.reference is not None and plain.reference is None
     assert all(r.distance_before is not None and r.distance is not None for r in watched.rows)

@@ -130,7 +130,10 @@ class SearcherConfig:
     """The searcher and its hyper-parameters (override the defaults in ``agents/hyperparams``).
 
     Attributes:
-        name: Searcher name (``autoprune list searchers``).
+        name: Searcher name (``autoprune list searchers``). Default ``gp`` (Optuna's Gaussian-process sampler):
+            the best search score within 32 and within 100 candidates at 50 % and at 30 % of the MACs, both
+            seeds (``results/benchmarks/search_budget.md``, "Best searcher by budget"); the campaign's default
+            budget is 20 trials.
         kwargs: Hyper-parameters of ``name``. They belong to the searcher the config file names: an override
             of ``searcher.name`` moves them to ``agent_kwargs[<the file's searcher>]`` (with a note) instead of
             handing them to the other searcher.
@@ -138,7 +141,7 @@ class SearcherConfig:
             (``search`` with ``name`` overridden, ``compare``); ``kwargs`` still applies to ``name``.
     """
 
-    name: str = "tpe"
+    name: str = "gp"
     kwargs: dict[str, Any] = field(default_factory=dict)
     agent_kwargs: dict[str, Any] = field(default_factory=dict)
 

@@ -19,7 +19,7 @@ BASE = {"name": "c1", "model": {"name": "resnet20"}, "dataset": {"name": "cifar1
 def test_minimal_config_gets_defaults() -> None:
     cfg = config_from_dict(BASE)
     assert isinstance(cfg, CampaignConfig)
-    assert cfg.searcher.name == "tpe" and cfg.evaluator.name == "adaptive_bn"
+    assert cfg.searcher.name == "gp" and cfg.evaluator.name == "adaptive_bn"
     assert cfg.out_dir == Path("results") / "c1"
 
 

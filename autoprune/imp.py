@@ -78,6 +78,11 @@ class IMPConfig:
         max_rounds: Round budget of each retraining phase.
         round_epochs: Epochs per round (the reference: 2); fractional values allowed.
         eps: Consistency tolerance (default 1.0 for IF, 0.5 for GF).
+        calibrate: Measure ε instead of giving it: iteration 0 (nothing pruned yet) retrains for the full round
+            budget with the flow measured after every round, and ε = the largest distance from the reference it
+            reaches — how far retraining alone moves the dense network's flow. From iteration 1 a pruned network
+            counts as consistent once its flow is that close again. Needs a flow, no ``eps`` and at least two
+            iterations; the result records the ε used (:attr:`IMPResult.eps`).
         form: Flow distance form: ``"l2"`` (reference), ``"rms"``, ``"relative"``.
         reduce: IF reduction per layer pair (``"mean"`` signed, ``"abs"``).
         stat: GF statistic (``"mean"``, ``"fro"``).
@@ -107,6 +112,7 @@ class IMPConfig:
     max_rounds: int = 10
     round_epochs: float = 2.0
     eps: float | None = None
+    calibrate: bool = False
     form: str = "l2"
     reduce: str = "mean"
     stat: str = "mean"
@@ -135,6 +141,8 @@ class IMPConfig:
             (self.flow_samples >= 1, "flow_samples must be >= 1"),
             (self.monitor == "none" or self.flow == "none", "monitor is for fixed-budget runs (flow none); a flow "
                                                             "that stops the run is measured anyway"),
+            (not self.calibrate or (self.flow != "none" and self.eps is None and self.iterations >= 2),
+             "calibrate measures eps in iteration 0: it needs a flow (IF or GF), no eps, and iterations >= 2"),
         ]
         for ok, message in checks:
             if not ok:
@@ -420,6 +428,8 @@ class IMPResult:
         trajectories: Per iteration, one dict per round (round, distance, consistent, val accuracy).
         test_accuracy: Final test accuracy (only when a test loader was given).
         config: The settings used.
+        eps: The consistency tolerance the rule used (measured in iteration 0 with ``calibrate``); ``None``
+            without a stopping flow.
     """
 
     rows: list[IMPRow]
@@ -430,11 +440,12 @@ class IMPResult:
     trajectories: list[list[dict[str, Any]]]
     test_accuracy: float | None
     config: IMPConfig
+    eps: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (no tensors)."""
         return {"config": self.config.summary(), "warmup": self.warmup, "reference": self.reference,
-                "rows": [asdict(r) for r in self.rows], "trajectories": self.trajectories,
+                "eps": self.eps, "rows": [asdict(r) for r in self.rows], "trajectories": self.trajectories,
                 "test_accuracy": self.test_accuracy}
 
     def write(self, out_dir: str | Path) -> list[Path]:
@@ -535,8 +546,12 @@ def run_imp(
         if reference is not None:  # how far pruning moved the flow, before any retraining
             d = reference.check(work, masks=masks, device=dev).distance
             before = None if math.isnan(d) else d
+        calibrating = config.calibrate and k == 0
         rounds, reason, trajectory = _retrain(work, masks, train_loader, val_loader, reference, target, config,
-                                              steps_per_round, dev, teacher)
+                                              steps_per_round, dev, teacher, stop=not calibrating)
+        if calibrating and reference is not None:
+            reference.eps = calibrated_eps(trajectory)
+            say(f"calibrated eps {reference.eps:.4g}: the largest {reference.kind} distance of iteration 0")
         acc = trajectory[-1]["val_accuracy"]
         seconds = time.perf_counter() - t0
         epochs = rounds * config.round_epochs
@@ -551,7 +566,21 @@ def run_imp(
             f"val {acc:.4f}, stop: {reason}")
     test_acc = validate(work, test_loader, device=dev)[0] if test_loader is not None else None
     return IMPResult(rows, work, masks, warmup, reference.measure.to_list() if reference else None, trajectories,
-                     test_acc, config)
+                     test_acc, config, reference.eps if reference is not None and config.flow != "none" else None)
+
+
+def calibrated_eps(trajectory: Sequence[Mapping[str, Any]]) -> float:
+    """ε of ``IMPConfig.calibrate``: the largest finite flow distance of an unpruned retraining trajectory.
+
+    Raises:
+        ConfigError: no round moved the flow (no finite distance above 0), so no tolerance can be measured.
+    """
+    ds = [float(e["distance"]) for e in trajectory if e.get("distance") is not None
+          and math.isfinite(float(e["distance"]))]
+    if not ds or max(ds) <= 0:
+        raise ConfigError("cannot calibrate the flow tolerance: retraining the unpruned network did not move its "
+                          f"flow (distances {ds})", hint="give eps explicitly (--eps) or train longer rounds")
+    return max(ds)
 
 
 def _warm_up(model: nn.Module, train_loader: Loader, val_loader: Loader, config: IMPConfig,
@@ -568,8 +597,10 @@ def _warm_up(model: nn.Module, train_loader: Loader, val_loader: Loader, config:
 
 def _retrain(model: nn.Module, masks: Masks, train_loader: Loader, val_loader: Loader,
              reference: FlowReference | None, target: float, config: IMPConfig, steps_per_round: int,
-             device: torch.device, teacher: Teacher | None = None) -> tuple[int, str, list[dict[str, Any]]]:
-    """Retrain round by round until the stopping rule fires; return rounds used, reason and the trajectory."""
+             device: torch.device, teacher: Teacher | None = None, stop: bool = True
+             ) -> tuple[int, str, list[dict[str, Any]]]:
+    """Retrain round by round until the stopping rule fires (never with ``stop=False``: the full budget, the
+    flow still measured); return rounds used, reason and the trajectory."""
     handles = mask_gradients(model, masks)
     trainer = StepTrainer(model, train_loader, config.sgd, device=device,
                           after_step=lambda: apply_masks(model, masks), distill=config.distill, teacher=teacher)
@@ -582,7 +613,8 @@ def _retrain(model: nn.Module, masks: Masks, train_loader: Loader, val_loader: L
             consistent = False
             if reference is not None:
                 check = reference.check(model, masks=masks, device=device)
-                consistent = check.consistent and config.flow != "none"  # a monitored flow never stops the run
+                # a monitored flow (or one being calibrated) never stops the run
+                consistent = check.consistent and config.flow != "none" and stop
                 entry["distance"] = None if math.isnan(check.distance) else check.distance
                 entry["consistent"] = consistent
             last = r == config.max_rounds
@@ -592,7 +624,7 @@ def _retrain(model: nn.Module, masks: Masks, train_loader: Loader, val_loader: L
             if consistent:
                 reason = "consistent"
                 break
-            if config.flow != "none" and config.stop_on_accuracy and entry["val_accuracy"] >= target:
+            if stop and config.flow != "none" and config.stop_on_accuracy and entry["val_accuracy"] >= target:
                 reason = "accuracy"
                 break
     finally:

@@ -24,9 +24,10 @@ a standalone model. Measured:
   as close to the dense network's as retraining alone leaves the dense network (:func:`calibrated_eps`). The
   same pair exists for the paper's second rule, **gradient flow** (``GF``): ``lth-GF`` is the fixed run
   monitoring the gradient flow and ``GF-cal`` the rule with ε calibrated on it (the reference code's ε, 1.0 or
-  0.5 for GF, is far above any gradient-flow distance of these networks). The headline's InfCoP figures come
-  from ``GF-cal`` when it is done, else ``IF-cal``, else ``IF`` (:data:`HEADLINE_IMP`); every cell is in the
-  table;
+  0.5 for GF, is far above any gradient-flow distance of these networks). ``GF-auto`` runs the product's form of
+  the calibrated rule (``autoprune imp --eps auto``): ε measured in the cell's own iteration 0, which therefore
+  retrains for its full budget. The headline's InfCoP figures come from ``GF-cal`` when it is done, else
+  ``IF-cal``, else ``IF`` (:data:`HEADLINE_IMP`); every cell is in the table;
 * the exported models are reloaded with :func:`autoprune.serialize.load_module` and re-tested (recorded).
 
 The work is a list of resumable **cells**, each checkpointed into ``results/benchmarks/recovery.json`` (``search|M``,
@@ -102,8 +103,10 @@ HEADLINE_UNITS = {"macs_ratio": "exported MACs / dense MACs (closed form)",
                                   "of GF-cal, IF-cal (calibrated ε) and IF (the paper's ε)",
                   "accuracy_delta": "percentage points, full test set, InfCoP minus fixed retraining (lth)"}
 #: The InfCoP cells: fixed retraining monitoring the information flow, the paper's ε, ε calibrated on the fixed
-#: run; then the same for the gradient flow (the reference code's ε is not run: it is far above every GF distance).
-IMP_VARIANTS = ("lth", "IF", "IF-cal", "lth-GF", "GF-cal")
+#: run; then the same for the gradient flow (the reference code's ε is not run: it is far above every GF distance);
+#: last the product's self-calibrating form (``autoprune imp --flow GF --eps auto``: ε measured in its own
+#: iteration 0, which then uses the full round budget).
+IMP_VARIANTS = ("lth", "IF", "IF-cal", "lth-GF", "GF-cal", "GF-auto")
 #: The fixed-budget cell that monitors each flow (its iteration 0 calibrates ε of ``<flow>-cal``).
 MONITOR_CELLS = {"IF": "lth", "GF": "lth-GF"}
 #: The cells whose figures the headline reports, first done first.
@@ -785,7 +788,7 @@ def imp_config(s: Settings, variant: str, raw: Mapping[str, Any] | None = None) 
     """The :class:`autoprune.imp.IMPConfig` of an ``infcop|resnet20|variant`` cell (``lth``: fixed retraining,
     monitoring the information flow; ``lth-GF``: the same monitoring the gradient flow; ``IF``: InfCoP with the
     paper's ε; ``IF-cal`` / ``GF-cal``: InfCoP on that flow with :func:`calibrated_eps` of its monitoring cell,
-    :data:`MONITOR_CELLS`).
+    :data:`MONITOR_CELLS`; ``GF-auto``: the product's ``calibrate``, ε measured in the cell's own iteration 0).
 
     Raises:
         NotReady: a calibrated cell before its monitoring cell is done.
@@ -804,6 +807,8 @@ def imp_config(s: Settings, variant: str, raw: Mapping[str, Any] | None = None) 
         if eps is None:
             raise NotReady(f"{monitor_cell} (with its flow monitored) is not done")
         return dataclasses.replace(_variants(base)[flow], eps=eps)
+    if variant.endswith("-auto"):
+        return dataclasses.replace(_variants(base)[variant.removesuffix("-auto")], calibrate=True)
     monitored = {cell: flow for flow, cell in MONITOR_CELLS.items()}
     if variant in monitored:  # the fixed-budget baseline records where every tolerance ε would have stopped
         return dataclasses.replace(_variants(base)["lth"], monitor=monitored[variant])
@@ -833,7 +838,7 @@ def run_infcop_cell(s: Settings, variant: str, raw: Mapping[str, Any] | None = N
     last = res.rows[-1]
     return {"status": "done", "params": {"variant": variant, **cfg.summary()},
             "rows": [asdict(r) for r in res.rows], "trajectories": res.trajectories,
-            "cum_epochs": last.cum_epochs, "final_sparsity": last.sparsity,
+            "cum_epochs": last.cum_epochs, "final_sparsity": last.sparsity, "eps": res.eps,
             "target_half_a": res.warmup["target_accuracy"], **acc, "seconds": seconds,
             "train_steps_per_epoch": len(train)}
 
@@ -1066,7 +1071,10 @@ def _infcop_section(raw: Mapping[str, Any], s: Settings) -> list[str]:
         params = r.get("params") or {}
         eps = params.get("eps")
         fixed = params.get("flow", "none" if v.startswith("lth") else "IF") == "none"
-        eps_text = "–" if fixed else ("1 (paper)" if eps is None else f"{eps:.4g}")
+        if params.get("calibrate") and r.get("eps") is not None:
+            eps_text = f"{r['eps']:.4g} (auto: own iteration 0)"
+        else:
+            eps_text = "–" if fixed else ("1 (paper)" if eps is None else f"{eps:.4g}")
         lines.append(f"| {v} | {eps_text} | {r['cum_epochs']:g} | {r['final_sparsity']:.3f} | "
                      f"{_pct(r['test_top1'])} | {_pct(r['half_b'])} | {r['seconds']:.0f} | {reasons} |")
     words = {"IF": "Information-flow", "GF": "Gradient-flow"}

@@ -121,6 +121,8 @@ def test_the_gradient_flow_pair_calibrates_on_its_own_monitoring_cell_and_leads_
     s = br.Settings()
     with pytest.raises(br.NotReady, match="lth-GF"):  # the IF monitor does not calibrate the GF rule
         br.imp_config(s, "GF-cal", {"cells": {"infcop|resnet20|lth": _monitored_lth()}})
+    auto = br.imp_config(s, "GF-auto")  # the product's self-calibrating rule: needs no other cell
+    assert auto.flow == "GF" and auto.calibrate and auto.eps is None
     mon = br.imp_config(s, "lth-GF")
     assert mon.flow == "none" and mon.monitor == "GF" and mon.iterations == br.imp_config(s, "lth").iterations
     gf_lth = _monitored_lth()
@@ -136,6 +138,12 @@ def test_the_gradient_flow_pair_calibrates_on_its_own_monitoring_cell_and_leads_
     md = br.summarise(raw, br.Settings(models=("resnet20",)), br.cell_names(br.Settings(models=("resnet20",))))
     assert "Gradient-flow distance from the dense reference in the fixed-budget (`lth-GF`) run" in md
     assert "ε of `GF-cal` = the largest distance of iteration 0, where nothing is pruned: 1.7e-05." in md
+    rec = _imp(4.5, 90.6)
+    rec.update(params={"variant": "GF-auto", "flow": "GF", "calibrate": True, "eps": None}, eps=4.2e-3)
+    raw["cells"]["infcop|resnet20|GF-auto"] = rec
+    md = br.summarise(raw, br.Settings(models=("resnet20",)), br.cell_names(br.Settings(models=("resnet20",))))
+    assert "| GF-auto | 0.0042 (auto: own iteration 0) | 4.5 |" in md
+    assert br.headline(raw)["infcop"] == {"epochs_ratio": 0.4, "accuracy_delta": -0.2}  # still GF-cal's
 
 
 def test_headline_of_an_empty_run_is_all_none_and_the_goals_not_run() -> None:
@@ -187,7 +195,7 @@ def test_cell_names_and_per_model_options() -> None:
     assert br.cell_names(br.Settings.quick_run()) == [
         "search|resnet20", "lr|resnet20|0.01", "lr|resnet20|0.1", "finetune|resnet20|kd", "finetune|resnet20|ce",
         "infcop|resnet20|lth", "infcop|resnet20|IF", "infcop|resnet20|IF-cal", "infcop|resnet20|lth-GF",
-        "infcop|resnet20|GF-cal"]
+        "infcop|resnet20|GF-cal", "infcop|resnet20|GF-auto"]
     assert {n.split("|")[0] for n in br.cell_names(br.Settings())} == {"search", "lr", "finetune", "infcop"}
     assert br.per_model("resnet56=12", {"resnet20": 30, "resnet56": 30}, "--epochs") == {"resnet20": 30,
                                                                                         "resnet56": 12}
@@ -203,7 +211,7 @@ def test_cell_names_and_per_model_options() -> None:
 def test_markdown_renders_with_missing_parts() -> None:
     s = br.Settings()
     empty = br.summarise({"cells": {}, "errors": {}, "runs": []}, s, br.cell_names(s))
-    assert "0 of 14 cells done" in empty and "| resnet56 |" in empty and "not run" in empty
+    assert "0 of 15 cells done" in empty and "| resnet56 |" in empty and "not run" in empty
     assert "not chosen yet" in empty and "no fine-tune done yet" in empty
     raw = planted()
     raw["cells"].update({f"lr|resnet20|{lr:g}": _sweep(lr, a) for lr, a in ((0.01, 88.0), (0.03, 89.5),

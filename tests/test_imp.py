@@ -332,3 +332,53 @@ def test_imp_retraining_can_distil_from_the_starting_model() -> None:
     assert [r.sparsity for r in kd.rows] == [r.sparsity for r in plain.rows]  # same schedule, other loss
     assert any(not torch.equal(a, b) for a, b in zip(kd.model.state_dict().values(),
                                                        plain.model.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("flow", ["IF", "GF"])
+def test_a_calibrated_tolerance_is_measured_on_the_unpruned_networks_own_retraining(flow: str) -> None:
+    """``calibrate``: iteration 0 uses its whole round budget (the flow is measured, nothing stops it), ε = the
+    largest distance it reached, and from iteration 1 the rule stops on exactly that ε."""
+    from autoprune.imp import calibrated_eps
+
+    data, sgd = _data(), SGDSettings(lr=0.05)
+    kw = {"flow": flow, "iterations": 3, "warmup_rounds": 0, "max_rounds": 3, "round_epochs": 0.5, "sgd": sgd,
+          "seed": 1, "stop_on_accuracy": False}
+    torch.manual_seed(0)
+    model = Net()
+    res = run_imp(model, data, data[:2], IMPConfig(**kw, calibrate=True))
+    first = res.trajectories[0]
+    assert res.rows[0].rounds == 3 and res.rows[0].stop_reason == "budget" and not any(e["consistent"] for e in first)
+    assert res.eps == max(e["distance"] for e in first) > 0 and res.to_dict()["eps"] == res.eps
+    for traj in res.trajectories[1:]:
+        for e in traj:
+            assert e["consistent"] == (e["distance"] < res.eps)
+    # the same run with that ε given: identical from iteration 1 on (iteration 0 stops at its first round there)
+    fixed = run_imp(model, data, data[:2], IMPConfig(**kw, eps=res.eps))
+    assert fixed.eps == res.eps and fixed.rows[0].rounds <= res.rows[0].rounds
+    assert run_imp(model, data, data[:2], IMPConfig.lth(iterations=2, warmup_rounds=0, max_rounds=1,
+                                                        round_epochs=0.5, sgd=sgd)).eps is None
+    with pytest.raises(ConfigError, match="calibrate"):
+        IMPConfig(flow="none", calibrate=True)
+    with pytest.raises(ConfigError, match="calibrate"):
+        IMPConfig(flow=flow, calibrate=True, eps=0.1)
+    with pytest.raises(ConfigError, match="calibrate"):
+        IMPConfig(flow=flow, calibrate=True, iterations=1)
+    with pytest.raises(ConfigError, match="did not move"):
+        calibrated_eps([{"round": 1, "distance": 0.0}, {"round": 2, "distance": None}])
+
+
+def test_cli_imp_takes_eps_auto(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from autoprune.commands import imp as imp_command
+
+    args = _cli_args("--model", "small_cnn", "--dataset", "digits", "--iterations", "2", "--rounds", "2",
+                     "--warmup-rounds", "0", "--round-epochs", "0.25", "--flow-samples", "64", "--batch-size", "64",
+                     "--flow", "GF", "--eps", "auto", "--out", str(tmp_path / "auto"))
+    assert args.eps == "auto" and imp_command.run(args) == 0
+    assert "(calibrated in iteration 0)" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "auto" / "imp.json").read_text())
+    assert summary["config"]["calibrate"] is True and summary["eps"] > 0 and summary["rows"][0]["rounds"] == 2
+    need = ("--model", "small_cnn", "--dataset", "digits")
+    assert _cli_args(*need, "--eps", "0.25").eps == 0.25
+    for bad in ("0", "-1", "often"):
+        with pytest.raises(SystemExit):
+            _cli_args(*need, "--eps", bad)

@@ -60,7 +60,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, default=10, help="round budget per iteration (default: %(default)s)")
     g.add_argument("--round-epochs", type=float, default=2.0, help="epochs per round (default: %(default)s)")
     f = p.add_argument_group("flow consistency")
-    f.add_argument("--eps", type=float, default=None, help="tolerance (default: 1.0 for IF, 0.5 for GF)")
+    f.add_argument("--eps", type=_eps, default=None,
+                   help="tolerance (default: 1.0 for IF, 0.5 for GF), or auto: measured in iteration 0 as the "
+                        "largest distance that retraining the unpruned network reaches (its full round budget)")
     f.add_argument("--form", choices=("l2", "rms", "relative"), default="l2", help="distance form")
     f.add_argument("--reduce", choices=("mean", "abs"), default="mean", help="IF reduction per layer pair")
     f.add_argument("--stat", choices=("mean", "fro"), default="mean", help="GF statistic per layer")
@@ -79,6 +81,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="distillation temperature (default: %(default)s)")
     p.add_argument("--out", default=None, help="output directory (default: results/imp/<model>-<dataset>-<flow>)")
     return p
+
+
+def _eps(text: str) -> float | str:
+    """``--eps``: a positive number or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or auto, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number or auto, got {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         "warmup_rounds": args.warmup_rounds,
         "max_rounds": args.rounds,
         "round_epochs": args.round_epochs,
-        "eps": args.eps,
+        "eps": None if args.eps == "auto" else args.eps,
+        "calibrate": args.eps == "auto",
         "form": args.form,
         "reduce": args.reduce,
         "stat": args.stat,
@@ -162,5 +178,7 @@ def run(args: argparse.Namespace) -> int:
         )
     total = result.rows[-1].cum_epochs if result.rows else 0.0
     print(f"total epochs (incl. warm-up): {total:g}; final test accuracy: {percent(result.test_accuracy or 0.0)}")
+    if config.calibrate and result.eps is not None:
+        print(f"flow tolerance eps: {result.eps:.4g} (calibrated in iteration 0)")
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0

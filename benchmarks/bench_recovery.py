@@ -775,13 +775,18 @@ def finish_export(ctx: Context, job: Job, metrics: Mapping[str, Any]) -> dict[st
 
 
 def calibrated_eps(lth: Mapping[str, Any] | None) -> float | None:
-    """ε for the ``IF-cal`` cell from a finished ``lth`` cell that monitored the flow: the largest distance from
-    the reference that the unpruned network's flow reaches while it is retrained (iteration 0, every round);
-    ``None`` without such a record."""
+    """ε for a ``<flow>-cal`` cell from a finished fixed-budget cell that monitored the flow: the product's
+    :func:`autoprune.imp.calibrated_eps` of its iteration 0 (the largest distance the unpruned network's flow
+    reaches while it is retrained); ``None`` without such a record."""
+    from autoprune.errors import ConfigError
+    from autoprune.imp import calibrated_eps as from_trajectory
+
     if lth is None or not lth.get("trajectories"):
         return None
-    ds = [e["distance"] for e in lth["trajectories"][0] if e.get("distance") is not None]
-    return max(ds) if ds and max(ds) > 0 else None
+    try:
+        return from_trajectory(lth["trajectories"][0])
+    except ConfigError:  # not monitored, or the flow never moved
+        return None
 
 
 def imp_config(s: Settings, variant: str, raw: Mapping[str, Any] | None = None) -> Any:

@@ -431,3 +431,24 @@ def test_an_exception_in_on_epoch_stops_the_export_and_a_rerun_continues(digits_
     assert later == [2, 3] and resumed.metrics["finetune"]["resumed_after_epoch"] == 1
     a, b = _weights(whole), _weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_how_far_reads_the_headline_curve_and_prices_the_published_schedules() -> None:
+    raw = planted()
+    # resnet20's headline is ce (higher final half A): final 91.5 ≥ 91.0, so no gap is reported for it.
+    curve = [(88.0, 88.0, 88.0), (89.5, 89.4, 89.6), (89.2, 89.3, 89.1), (89.4, 89.35, 89.5)]
+    raw["cells"]["finetune|resnet56|kd"] = _ft("kd", curve, epochs=4)
+    raw["cells"]["finetune|resnet56|kd"]["epochs_log"][0]["seconds"] = 30.0  # a faster machine's epoch
+    far = br.how_far(raw)
+    assert far["resnet20"]["gap"] == -0.5
+    r = far["resnet56"]
+    assert (r["cell"], r["final"], r["gap"], r["best"], r["best_epoch"]) == ("finetune|resnet56|kd", 89.4, 3.6,
+                                                                              89.5, 2)
+    assert r["plateau_epoch"] == 2 and r["last_third_from_epoch"] == 3 and r["last_third_gain"] == 0.2
+    assert r["seconds_per_epoch"] == {"median": 60.0, "fastest": 30.0}
+    assert r["published_hours"] == {str(n): round(n * 60 / 3600, 1) for n in br.PUBLISHED_EPOCHS}
+    md = "\n".join(br._how_far_section(raw))
+    assert "| resnet56 | `finetune\\|resnet56\\|kd` | 93.0 | 89.40 | 3.60 | 89.50 (2) | 2 | +0.20 (epochs 3–4) |" in md
+    assert "| resnet20 |" not in md  # its goal is met
+    del raw["cells"]["finetune|resnet56|kd"]
+    assert br._how_far_section({"cells": {}}) == [] and "resnet56" not in br.how_far(raw)

@@ -31,7 +31,7 @@ a standalone model. Measured:
 * the exported models are reloaded with :func:`autoprune.serialize.load_module` and re-tested (recorded).
 
 The work is a list of resumable **cells**, each checkpointed into ``results/benchmarks/recovery.json`` (``search|M``,
-``lr|resnet20|LR``, ``finetune|M|kd``, ``finetune|M|ce``, ``infcop|resnet20|V`` for every V of
+``lr|M|LR``, ``finetune|M|kd``, ``finetune|M|ce``, ``infcop|resnet20|V`` for every V of
 :data:`IMP_VARIANTS`). A
 search continues from its trial store, a fine-tune from the export's checkpoint after its last completed epoch
 (the same result as an uninterrupted run), so the whole run can be spread over several sessions:
@@ -146,7 +146,11 @@ class Settings:
     lr: float | None = None  # None: chosen from the sweep
     kd_weight: float = KD_WEIGHT
     kd_temperature: float = KD_TEMPERATURE
-    sweep_lrs: tuple[float, ...] = (0.01, 0.03, 0.1)
+    #: Learning rates swept per model (3 epochs of ``kd`` each). ResNet-20's first sweep (0.01, 0.03, 0.1) found
+    #: its best at the grid's lower edge, so the grid goes down to 0.001; ResNet-56 sweeps its own rates (the
+    #: deeper network is not assumed to share ResNet-20's), without the two that lost clearly on ResNet-20.
+    sweep_lrs: dict[str, tuple[float, ...]] = field(default_factory=lambda: {
+        "resnet20": (0.001, 0.003, 0.01, 0.03, 0.1), "resnet56": (0.001, 0.003, 0.01)})
     sweep_epochs: float = 3
     imp_iterations: int = 5
     imp_rounds: int = 4
@@ -166,7 +170,8 @@ class Settings:
     def quick_run(cls) -> Settings:
         return cls(quick=True, models=("resnet20",), trials={"resnet20": 2, "resnet56": 2},
                    search_overrides=("evaluator.kwargs.batches=2", "evaluator.kwargs.val_batches=4"),
-                   epochs={"resnet20": 0.05, "resnet56": 0.05}, sweep_lrs=(0.01, 0.1), sweep_epochs=0.02,
+                   epochs={"resnet20": 0.05, "resnet56": 0.05},
+                   sweep_lrs={"resnet20": (0.01, 0.1), "resnet56": (0.01,)}, sweep_epochs=0.02,
                    imp_iterations=2, imp_rounds=1, imp_round_epochs=0.01, imp_flow_samples=256, latency=False,
                    test_images=1000, val_images=500,
                    export_overrides=("export.calibration_batches=2", "export.memory_format=contiguous"))
@@ -177,8 +182,7 @@ def cell_names(s: Settings) -> list[str]:
     names: list[str] = []
     for m in s.models:
         names.append(f"search|{m}")
-        if m == "resnet20":
-            names += [f"lr|resnet20|{lr:g}" for lr in s.sweep_lrs]
+        names += [f"lr|{m}|{lr:g}" for lr in s.sweep_lrs.get(m, ())]
         names += [f"finetune|{m}|{v}" for v in VARIANTS]
         if m == "resnet20":
             names += [f"infcop|resnet20|{v}" for v in IMP_VARIANTS]
@@ -342,32 +346,36 @@ def goal_status(head: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def sweep_cells(raw: Mapping[str, Any]) -> dict[float, dict[str, Any]]:
-    """Finished learning-rate sweep cells: lr → record."""
+def sweep_cells(raw: Mapping[str, Any], model: str) -> dict[float, dict[str, Any]]:
+    """Finished learning-rate sweep cells of ``model``: lr → record."""
     return {float(rec["params"]["lr"]): rec for name, rec in raw.get("cells", {}).items()
-            if name.startswith("lr|") and rec.get("status") == "done"}
+            if name.startswith(f"lr|{model}|") and rec.get("status") == "done"}
 
 
-def choose_lr(raw: Mapping[str, Any], lrs: Sequence[float] | None = None) -> dict[str, Any] | None:
-    """The learning rate of the recipe, chosen from the measured sweep: the highest half-A top-1 at the end of the
-    sweep's schedule (ties to the smaller rate). ``None`` until every swept rate (``lrs``, default: those done)
-    is done."""
-    cells = sweep_cells(raw)
+def choose_lr(raw: Mapping[str, Any], model: str, lrs: Sequence[float] | None = None) -> dict[str, Any] | None:
+    """The learning rate of ``model``'s recipe, chosen from its measured sweep: the highest half-A top-1 at the end
+    of the sweep's schedule (ties to the smaller rate). ``None`` until every swept rate (``lrs``, default: those
+    done) is done. ``edge`` says the best rate is the lowest or highest swept (the grid may not bracket the
+    optimum)."""
+    cells = sweep_cells(raw, model)
     if not cells or (lrs is not None and any(float(lr) not in cells for lr in lrs)):
         return None
     scores = {lr: _final(rec, "half_a") for lr, rec in cells.items()}
     if any(v is None for v in scores.values()):
         return None
     lr = sorted(scores, key=lambda x: (-float(scores[x] or 0.0), x))[0]
+    edge = None if len(scores) < 2 else ("lowest" if lr == min(scores) else "highest" if lr == max(scores) else None)
     return {"lr": lr, "half_a": scores[lr], "scores": {f"{k:g}": v for k, v in sorted(scores.items())},
-            "epochs": cells[lr]["params"]["epochs"], "by": "highest half-A top-1 at the end of the sweep"}
+            "epochs": cells[lr]["params"]["epochs"], "by": "highest half-A top-1 at the end of the sweep",
+            "edge": edge}
 
 
 def recipe(raw: Mapping[str, Any]) -> dict[str, Any]:
     """The CPU recovery recipe as measured: learning rate (from the sweep), schedule, epochs and distillation, with
     what the curves say about the epoch count."""
-    chosen = choose_lr(raw)
-    out: dict[str, Any] = {"lr": None if chosen is None else chosen["lr"], "lr_choice": chosen,
+    chosen = {m: choose_lr(raw, m) for m in MODELS}
+    out: dict[str, Any] = {"lr": {m: None if c is None else c["lr"] for m, c in chosen.items()},
+                           "lr_choice": chosen,
                            "schedule": "cosine to 0 over the whole fine-tune (the `full` evaluator), SGD momentum "
                                        "0.9, weight decay 5e-4, batch 128, CIFAR augmentation",
                            "distill": {"weight": KD_WEIGHT, "temperature": KD_TEMPERATURE}, "curves": {}}
@@ -405,7 +413,7 @@ def how_far(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             continue
         final = float((rec.get("export") or {}).get("test_top1", log[-1]["test_top1"]))
         best = max(log, key=lambda e: e["test_top1"])
-        third = log[-(len(log) // 3 or 1) - 1]
+        third = log[max(0, len(log) - 1 - (len(log) // 3 or 1))]
         secs = sorted(float(e["seconds"]) for e in log if e.get("seconds"))
         median = secs[len(secs) // 2] if secs else None
         curve = (recipe(raw).get("curves") or {}).get(m, {})
@@ -526,7 +534,7 @@ def search_record(s: Settings, model: str) -> dict[str, Any]:
 
 @dataclass
 class Job:
-    """One export fine-tune: a ``finetune|M|V`` or an ``lr|resnet20|LR`` cell."""
+    """One export fine-tune: a ``finetune|M|V`` or an ``lr|M|LR`` cell."""
 
     cell: str
     model: str
@@ -565,9 +573,9 @@ def make_job(s: Settings, raw: Mapping[str, Any], name: str) -> Job:
         if s.lr is not None:
             lr = float(s.lr)
         else:
-            chosen = choose_lr(raw, s.sweep_lrs)
+            chosen = choose_lr(raw, model, s.sweep_lrs.get(model, ()))
             if chosen is None:
-                raise NotReady("the learning-rate sweep (lr|resnet20|…) is not done (or pass --lr)")
+                raise NotReady(f"the learning-rate sweep (lr|{model}|…) is not done (or pass --lr)")
             lr = float(chosen["lr"])
         out = work_dir(s) / model / "export" / f"{variant}-lr{lr:g}-e{epochs:g}"
     distill = s.kd_weight if variant == "kd" else 0.0
@@ -1005,15 +1013,18 @@ def _goals_section(raw: Mapping[str, Any]) -> list[str]:
 def _recipe_section(raw: Mapping[str, Any], s: Settings) -> list[str]:
     rc = raw.get("recipe") or recipe(raw)
     lines = ["## Recipe (from the measured curves)", ""]
-    ch = rc.get("lr_choice")
-    if ch is None:
-        lines.append("- learning rate: not chosen yet (the sweep is not done)" +
-                     (f"; this run uses --lr {s.lr:g}" if s.lr is not None else "") + ".")
-    else:
+    for m in s.models:
+        ch = (rc.get("lr_choice") or {}).get(m)
+        if ch is None:
+            lines.append(f"- learning rate of {m}: not chosen yet (its sweep is not done)" +
+                         (f"; this run uses --lr {s.lr:g}" if s.lr is not None else "") + ".")
+            continue
         sc = ", ".join(f"lr {k}: {_pct(v)} %" for k, v in ch["scores"].items())
-        lines.append(f"- learning rate **{ch['lr']:g}**: {ch['by']} ({_num(ch['epochs'])} epochs of `kd` on the "
-                     f"ResNet-20 candidate; half A {sc})" + (f"; this run overrides it with --lr {s.lr:g}"
-                                                             if s.lr is not None else "") + ".")
+        edge = (f"; the best is the {ch['edge']} rate swept, so the grid may not bracket the optimum"
+                if ch.get("edge") else "")
+        lines.append(f"- learning rate of {m} **{ch['lr']:g}**: {ch['by']} ({_num(ch['epochs'])} epochs of `kd` "
+                     f"on the {m} candidate; half A {sc}{edge})"
+                     + (f"; this run overrides it with --lr {s.lr:g}" if s.lr is not None else "") + ".")
     curves = rc.get("curves", {})
     lines += [f"- schedule: {rc['schedule']}.",
               f"- loss: distillation weight {s.kd_weight:g}, temperature {s.kd_temperature:g} (`kd`), against plain "
@@ -1108,13 +1119,13 @@ def _sweep_section(raw: Mapping[str, Any]) -> list[str]:
     sweep = {n: r for n, r in raw.get("cells", {}).items() if n.startswith("lr|")}
     if not sweep:
         return []
-    lines = ["## Learning-rate sweep (ResNet-20, `kd`)", "",
-             "| lr | epochs | status | final half A % | final test % | final half B % | s per epoch |",
-             "|---|---|---|---|---|---|---|"]
-    for n in sorted(sweep, key=lambda x: float(sweep[x]["params"]["lr"])):
+    lines = ["## Learning-rate sweeps (`kd`)", "",
+             "| model | lr | epochs | status | final half A % | final test % | final half B % | s per epoch |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in sorted(sweep, key=lambda x: (MODELS.index(split_name(x)[1]), float(sweep[x]["params"]["lr"]))):
         r = sweep[n]
         secs = [e["seconds"] for e in r.get("epochs_log", []) if e.get("seconds")]
-        lines.append(f"| {r['params']['lr']:g} | {r['params']['epochs']:g} | {r['status']} | "
+        lines.append(f"| {split_name(n)[1]} | {r['params']['lr']:g} | {r['params']['epochs']:g} | {r['status']} | "
                      f"{_pct(_final(r, 'half_a'))} | {_pct(_final(r, 'test_top1'))} | {_pct(_final(r, 'half_b'))}"
                      f" | {_num(sum(secs) / len(secs) if secs else None, '{:.0f}')} |")
     return [*lines, ""]
@@ -1279,7 +1290,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if args.models:
         s.models = tuple(m for m in MODELS if m in args.models.split(","))
     if args.sweep_lrs:
-        s.sweep_lrs = tuple(float(x) for x in args.sweep_lrs.split(","))
+        try:
+            lrs = tuple(float(x) for x in args.sweep_lrs.split(","))
+        except ValueError:
+            raise SystemExit(f"error: --sweep-lrs {args.sweep_lrs!r} is not a list of rates\n"
+                             "  hint: e.g. --sweep-lrs 0.001,0.003,0.01") from None
+        if not lrs or any(not x > 0 for x in lrs):
+            raise SystemExit("error: --sweep-lrs rates must be > 0\n  hint: e.g. --sweep-lrs 0.001,0.003,0.01")
+        s.sweep_lrs = {m: lrs for m in MODELS}
     if args.sweep_epochs is not None:
         s.sweep_epochs = args.sweep_epochs
     return s
@@ -1321,7 +1339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--trials", default=None, help="search trials: N or resnet20=N,resnet56=M (default 100, 60)")
     p.add_argument("--models", default=None, help="comma-separated models (default: resnet20,resnet56)")
     p.add_argument("--lr", type=float, default=None, help="fine-tune learning rate (default: chosen by the sweep)")
-    p.add_argument("--sweep-lrs", default=None, help="learning rates of the sweep (default 0.01,0.03,0.1)")
+    p.add_argument("--sweep-lrs", default=None,
+                   help="learning rates of every model's sweep (default resnet20 0.001,0.003,0.01,0.03,0.1; "
+                        "resnet56 0.001,0.003,0.01)")
     p.add_argument("--sweep-epochs", type=float, default=None, help="epochs of each sweep run (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 2 when alone on the machine)")
     p.add_argument("--seed", type=int, default=0)

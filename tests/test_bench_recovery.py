@@ -164,13 +164,22 @@ def test_goals_not_met_when_the_accuracy_or_the_epochs_ratio_falls_short() -> No
 def test_the_learning_rate_is_chosen_from_the_measured_sweep_on_half_a() -> None:
     raw = {"cells": {"lr|resnet20|0.01": _sweep(0.01, 88.0), "lr|resnet20|0.03": _sweep(0.03, 89.5),
                      "lr|resnet20|0.1": _sweep(0.1, 89.0)}}
-    chosen = br.choose_lr(raw, (0.01, 0.03, 0.1))
+    chosen = br.choose_lr(raw, "resnet20", (0.01, 0.03, 0.1))
     assert chosen is not None and chosen["lr"] == 0.03 and chosen["scores"]["0.03"] == 89.5
+    assert chosen["edge"] is None  # bracketed by a worse rate on each side
     raw["cells"]["lr|resnet20|0.1"] = _sweep(0.1, 89.5)  # a tie goes to the smaller rate
-    assert br.choose_lr(raw)["lr"] == 0.03  # type: ignore[index]
+    assert br.choose_lr(raw, "resnet20")["lr"] == 0.03  # type: ignore[index]
     # Not every swept rate is done: no choice yet.
-    assert br.choose_lr(raw, (0.01, 0.03, 0.1, 0.3)) is None
-    assert br.recipe(raw)["lr"] == 0.03
+    assert br.choose_lr(raw, "resnet20", (0.01, 0.03, 0.1, 0.3)) is None
+    assert br.recipe(raw)["lr"] == {"resnet20": 0.03, "resnet56": None}
+    # Each model is chosen from its own sweep; a best rate at the grid's edge is flagged.
+    raw["cells"].update({"lr|resnet56|0.001": _sweep(0.001, 90.0), "lr|resnet56|0.01": _sweep(0.01, 89.0)})
+    c56 = br.choose_lr(raw, "resnet56")
+    assert c56 is not None and c56["lr"] == 0.001 and c56["edge"] == "lowest"
+    assert br.choose_lr(raw, "resnet20")["lr"] == 0.03  # type: ignore[index]
+    md = "\n".join(br._recipe_section(raw, br.Settings()))
+    assert "learning rate of resnet56 **0.001**" in md and "the lowest rate swept" in md
+    assert "learning rate of resnet20 **0.03**" in md
 
 
 def test_a_fine_tune_uses_the_swept_rate_or_waits_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -181,7 +190,8 @@ def test_a_fine_tune_uses_the_swept_rate_or_waits_for_it(tmp_path: Path, monkeyp
         br.make_job(s, raw, "finetune|resnet20|kd")
     with pytest.raises(br.NotReady, match="search"):
         br.make_job(s, raw, "finetune|resnet56|kd")
-    raw["cells"].update({f"lr|resnet20|{lr:g}": _sweep(lr, a) for lr, a in ((0.01, 88.0), (0.03, 87.0),
+    raw["cells"].update({f"lr|resnet20|{lr:g}": _sweep(lr, a) for lr, a in ((0.001, 87.5), (0.003, 87.8),
+                                                                             (0.01, 88.0), (0.03, 87.0),
                                                                              (0.1, 86.0))})
     job = br.make_job(s, raw, "finetune|resnet20|kd")
     assert (job.lr, job.distill, job.temperature, job.epochs, job.trial) == (0.01, br.KD_WEIGHT, 4.0, 30, "tpe/seed0/7")
@@ -189,6 +199,12 @@ def test_a_fine_tune_uses_the_swept_rate_or_waits_for_it(tmp_path: Path, monkeyp
     ce = br.make_job(br.Settings(lr=0.05), raw, "finetune|resnet20|ce")
     assert (ce.lr, ce.distill) == (0.05, 0.0) and "export.distill=0" in ce.overrides()
     assert br.make_job(s, raw, "lr|resnet20|0.1").epochs == s.sweep_epochs
+    # ResNet-56 waits for its own sweep, not ResNet-20's.
+    raw["cells"]["search|resnet56"] = _search()
+    with pytest.raises(br.NotReady, match="lr\\|resnet56"):
+        br.make_job(s, raw, "finetune|resnet56|kd")
+    sw = br.make_job(s, raw, "lr|resnet56|0.003")
+    assert (sw.lr, sw.variant, sw.out_dir.parts[-3:]) == (0.003, "kd", ("resnet56", "sweep", "lr0.003-e3"))
 
 
 def test_cell_names_and_per_model_options() -> None:
@@ -196,7 +212,11 @@ def test_cell_names_and_per_model_options() -> None:
         "search|resnet20", "lr|resnet20|0.01", "lr|resnet20|0.1", "finetune|resnet20|kd", "finetune|resnet20|ce",
         "infcop|resnet20|lth", "infcop|resnet20|IF", "infcop|resnet20|IF-cal", "infcop|resnet20|lth-GF",
         "infcop|resnet20|GF-cal", "infcop|resnet20|GF-auto"]
-    assert {n.split("|")[0] for n in br.cell_names(br.Settings())} == {"search", "lr", "finetune", "infcop"}
+    full = br.cell_names(br.Settings())
+    assert {n.split("|")[0] for n in full} == {"search", "lr", "finetune", "infcop"}
+    assert [n for n in full if n.startswith("lr|")] == [
+        "lr|resnet20|0.001", "lr|resnet20|0.003", "lr|resnet20|0.01", "lr|resnet20|0.03", "lr|resnet20|0.1",
+        "lr|resnet56|0.001", "lr|resnet56|0.003", "lr|resnet56|0.01"]
     assert br.per_model("resnet56=12", {"resnet20": 30, "resnet56": 30}, "--epochs") == {"resnet20": 30,
                                                                                         "resnet56": 12}
     assert br.per_model("0.5", {"resnet20": 30, "resnet56": 30}, "--epochs") == {"resnet20": 0.5, "resnet56": 0.5}
@@ -211,7 +231,7 @@ def test_cell_names_and_per_model_options() -> None:
 def test_markdown_renders_with_missing_parts() -> None:
     s = br.Settings()
     empty = br.summarise({"cells": {}, "errors": {}, "runs": []}, s, br.cell_names(s))
-    assert "0 of 15 cells done" in empty and "| resnet56 |" in empty and "not run" in empty
+    assert "0 of 20 cells done" in empty and "| resnet56 |" in empty and "not run" in empty
     assert "not chosen yet" in empty and "no fine-tune done yet" in empty
     raw = planted()
     raw["cells"].update({f"lr|resnet20|{lr:g}": _sweep(lr, a) for lr, a in ((0.01, 88.0), (0.03, 89.5),
@@ -219,8 +239,9 @@ def test_markdown_renders_with_missing_parts() -> None:
     raw["errors"]["finetune|resnet56|ce"] = "Traceback ..."
     raw["headline"], raw["recipe"] = br.headline(raw), br.recipe(raw)
     md = br.summarise(raw, s, br.cell_names(s))
-    for fragment in ("## Goals", "| met |", "not run", "1 of 30 epochs, last test 90.00 %", "learning rate **0.03**",
-                     "## Curves: resnet20", "## Curves: resnet56", "## Learning-rate sweep", "## InfCoP",
+    for fragment in ("## Goals", "| met |", "not run", "1 of 30 epochs, last test 90.00 %",
+                     "learning rate of resnet20 **0.03**", "learning rate of resnet56: not chosen yet",
+                     "## Curves: resnet20", "## Curves: resnet56", "## Learning-rate sweeps", "## InfCoP",
                      "epochs ratio 0.400, accuracy delta -0.20 pp", "error (see the JSON)", "reproduced",
                      "\"accuracy_delta\": -0.2"):
         assert fragment in md, fragment
@@ -450,5 +471,7 @@ def test_how_far_reads_the_headline_curve_and_prices_the_published_schedules() -
     md = "\n".join(br._how_far_section(raw))
     assert "| resnet56 | `finetune\\|resnet56\\|kd` | 93.0 | 89.40 | 3.60 | 89.50 (2) | 2 | +0.20 (epochs 3–4) |" in md
     assert "| resnet20 |" not in md  # its goal is met
+    raw["cells"]["finetune|resnet56|kd"] = _ft("kd", curve[:1], epochs=1)  # one epoch: no last third to speak of
+    assert br.how_far(raw)["resnet56"]["last_third_gain"] == 0.0
     del raw["cells"]["finetune|resnet56|kd"]
     assert br._how_far_section({"cells": {}}) == [] and "resnet56" not in br.how_far(raw)

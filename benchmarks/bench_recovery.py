@@ -52,7 +52,8 @@ Usage::
         [--redo finetune|resnet56]
 
 A finished cell is kept when options change later (its record holds the settings it ran with); ``--redo PREFIX``
-runs such cells again. An unfinished fine-tune whose settings changed starts again in its own export directory.
+runs such cells again, and the record it replaces moves to ``superseded`` in the JSON (reported with its curve).
+An unfinished fine-tune whose settings changed starts again in its own export directory.
 
 ``--quick`` is a smoke run (ResNet-20 only, 2 search trials on a lighter evaluator, fractions of an epoch, a
 two-iteration IMP; ``recovery_quick.*``) that prints an estimate of every full-size cell's hours from the rates
@@ -261,8 +262,20 @@ def update(path: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, An
         return raw
 
 
+def supersede(raw: dict[str, Any], name: str) -> None:
+    """Move cell ``name``'s record (if it has recorded epochs or a result) to ``raw["superseded"][name]``: a run with
+    other settings (``--redo``, a learning rate the sweep chose later) replaces it in ``cells`` but its curve stays
+    in the report."""
+    rec = raw.get("cells", {}).pop(name, None)
+    if rec is not None and (rec.get("epochs_log") or rec.get("status") == "done"):
+        raw.setdefault("superseded", {}).setdefault(name, []).append(rec)
+
+
 def put_cell(path: Path, name: str, record: Mapping[str, Any]) -> dict[str, Any]:
     def change(raw: dict[str, Any]) -> None:
+        old = raw["cells"].get(name)
+        if old is not None and old.get("params") != record.get("params"):
+            supersede(raw, name)
         raw["cells"][name] = dict(record)
         raw["errors"].pop(name, None)
     return update(path, change)
@@ -1115,6 +1128,24 @@ def _curves_section(raw: Mapping[str, Any], model: str) -> list[str]:
             "tests of the curve are timed apart (`eval_seconds` in the JSON).", ""]
 
 
+def _superseded_section(raw: Mapping[str, Any]) -> list[str]:
+    old = raw.get("superseded") or {}
+    if not old:
+        return []
+    lines = ["## Superseded runs (earlier settings; kept for their curves)", "",
+             "| cell | lr | epochs | distill | status | epochs recorded | final test % | final half B % | best test % "
+             "(epoch) |", "|---|---|---|---|---|---|---|---|---|"]
+    for n, recs in old.items():
+        for r in recs:
+            p, log = r.get("params") or {}, [e for e in r.get("epochs_log") or [] if e.get("test_top1") is not None]
+            best = max(log, key=lambda e: e["test_top1"]) if log else None
+            lines.append(f"| {_c(n)} | {_num(p.get('lr'))} | {_num(p.get('epochs'))} | {_num(p.get('distill'))} | "
+                         f"{r.get('status')} | {len(log)} | {_pct(_final(r, 'test_top1'))} | "
+                         f"{_pct(_final(r, 'half_b'))} | "
+                         + ("–" if best is None else f"{best['test_top1']:.2f} ({best['epoch']})") + " |")
+    return [*lines, ""]
+
+
 def _sweep_section(raw: Mapping[str, Any]) -> list[str]:
     sweep = {n: r for n, r in raw.get("cells", {}).items() if n.startswith("lr|")}
     if not sweep:
@@ -1220,7 +1251,7 @@ def summarise(raw: Mapping[str, Any], s: Settings, names: Sequence[str]) -> str:
     lines += _goals_section(raw) + _how_far_section(raw) + _recipe_section(raw, s)
     for m in s.models:
         lines += _curves_section(raw, m)
-    lines += _sweep_section(raw) + _infcop_section(raw, s) + _exports_section(raw)
+    lines += _superseded_section(raw) + _sweep_section(raw) + _infcop_section(raw, s) + _exports_section(raw)
     lines += ["## Cells", "", "| cell | status |", "|---|---|"]
     for n in names:
         r = cells.get(n)
@@ -1372,7 +1403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     redo = [x.strip() for x in args.redo.split(",") if x.strip()]
     if redo:
-        raw = update(path, lambda r: [r["cells"].pop(n, None) for n in list(r["cells"])
+        raw = update(path, lambda r: [supersede(r, n) for n in list(r["cells"])
                                       if any(n.startswith(x) for x in redo)])
     problem = restore_carry(s)
     if problem:

@@ -308,6 +308,29 @@ def test_resume_skips_finished_cells_and_a_fresh_run_refuses_to_clobber(fake_run
     assert (path.parent / "recovery.md").is_file()
 
 
+def test_redo_and_changed_settings_keep_the_replaced_record_as_superseded(fake_run: dict[str, Any]) -> None:
+    path: Path = fake_run["json"]
+    old = _ft("kd", [(88.0, 88.0, 88.0), (88.9, 88.8, 89.2)], lr=0.01)
+    path.write_text(json.dumps({"cells": {"search|resnet20": _search(), "finetune|resnet20|kd": old},
+                                "errors": {}, "runs": []}))
+    assert br.main(["--models", "resnet20", "--resume", "--only", "finetune|resnet20|kd", "--lr", "0.003",
+                    "--redo", "finetune|resnet20|kd"]) == 0
+    raw = json.loads(path.read_text())
+    assert raw["superseded"]["finetune|resnet20|kd"] == [old]  # the lr-0.01 curve is kept, not dropped
+    assert raw["cells"]["finetune|resnet20|kd"]["status"] == "done"
+    md = (path.parent / "recovery.md").read_text()
+    row = "| `finetune\\|resnet20\\|kd` | 0.01 | 3 | 0.9 | done | 2 | 88.90 | 89.20 | 88.90 (2) |"
+    assert "## Superseded runs" in md and row in md
+    # A partial record whose settings differ from the new one's is superseded when the new one is first written.
+    partial = _ft("ce", [(87.0, 87.0, 87.0)], status="partial", lr=0.01)
+    br.put_cell(path, "finetune|resnet20|ce", partial)
+    br.put_cell(path, "finetune|resnet20|ce", _ft("ce", [(87.5, 87.5, 87.5)], status="partial", lr=0.003))
+    raw = json.loads(path.read_text())
+    assert raw["superseded"]["finetune|resnet20|ce"] == [partial]
+    br.put_cell(path, "finetune|resnet20|ce", _ft("ce", [(87.5, 87.5, 87.5), (88.0, 88.0, 88.0)], lr=0.003))
+    assert len(json.loads(path.read_text())["superseded"]["finetune|resnet20|ce"]) == 1  # same settings: updated
+
+
 def test_a_cell_whose_input_is_not_ready_waits_and_part_splits_the_cells(fake_run: dict[str, Any]) -> None:
     assert br.main(["--models", "resnet20", "--only", "finetune,infcop", "--part", "1/2"]) == 0
     raw = json.loads(fake_run["json"].read_text())

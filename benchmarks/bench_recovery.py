@@ -1386,6 +1386,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from autoprune.utils import configure_threads
 
     configure_threads(s.threads)
+    from autoprune import interrupts
+
+    # As the CLI does: a Ctrl-C (SIGINT) is recorded before it is raised, so one that is swallowed inside the
+    # fine-tune (a kill -INT of a background run here was ignored for 40 s, mid-epoch) still stops it at the next
+    # check; and a run started with SIGINT ignored gets a handler.
+    interrupts.install()
     path = json_path(s)
     if s.quick and not args.resume:
         path.unlink(missing_ok=True)

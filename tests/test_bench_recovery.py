@@ -331,6 +331,22 @@ def test_redo_and_changed_settings_keep_the_replaced_record_as_superseded(fake_r
     assert len(json.loads(path.read_text())["superseded"]["finetune|resnet20|ce"]) == 1  # same settings: updated
 
 
+def test_the_run_installs_the_clis_interrupt_handler(fake_run: dict[str, Any]) -> None:
+    """The run installs the CLI's handler (a Ctrl-C is recorded before it is raised, so the fine-tune's checks stop
+    it even when the first KeyboardInterrupt is swallowed), also when the process began with SIGINT ignored."""
+    import signal
+
+    from autoprune import interrupts
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert br.main(["--models", "resnet20", "--only", "search"]) == 0
+        assert signal.getsignal(signal.SIGINT) is interrupts.handle_sigint
+    finally:
+        signal.signal(signal.SIGINT, before)
+        interrupts.clear()
+
+
 def test_a_cell_whose_input_is_not_ready_waits_and_part_splits_the_cells(fake_run: dict[str, Any]) -> None:
     assert br.main(["--models", "resnet20", "--only", "finetune,infcop", "--part", "1/2"]) == 0
     raw = json.loads(fake_run["json"].read_text())

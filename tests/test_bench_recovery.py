@@ -216,7 +216,7 @@ def test_cell_names_and_per_model_options() -> None:
     assert {n.split("|")[0] for n in full} == {"search", "lr", "finetune", "infcop"}
     assert [n for n in full if n.startswith("lr|")] == [
         "lr|resnet20|0.001", "lr|resnet20|0.003", "lr|resnet20|0.01", "lr|resnet20|0.03", "lr|resnet20|0.1",
-        "lr|resnet56|0.001", "lr|resnet56|0.003", "lr|resnet56|0.01"]
+        "lr|resnet56|0.001", "lr|resnet56|0.003", "lr|resnet56|0.01", "lr|resnet56|0.03"]
     assert br.per_model("resnet56=12", {"resnet20": 30, "resnet56": 30}, "--epochs") == {"resnet20": 30,
                                                                                         "resnet56": 12}
     assert br.per_model("0.5", {"resnet20": 30, "resnet56": 30}, "--epochs") == {"resnet20": 0.5, "resnet56": 0.5}
@@ -231,7 +231,7 @@ def test_cell_names_and_per_model_options() -> None:
 def test_markdown_renders_with_missing_parts() -> None:
     s = br.Settings()
     empty = br.summarise({"cells": {}, "errors": {}, "runs": []}, s, br.cell_names(s))
-    assert "0 of 20 cells done" in empty and "| resnet56 |" in empty and "not run" in empty
+    assert "0 of 21 cells done" in empty and "| resnet56 |" in empty and "not run" in empty
     assert "not chosen yet" in empty and "no fine-tune done yet" in empty
     raw = planted()
     raw["cells"].update({f"lr|resnet20|{lr:g}": _sweep(lr, a) for lr, a in ((0.01, 88.0), (0.03, 89.5),

@@ -1062,8 +1062,9 @@ def _how_far_section(raw: Mapping[str, Any]) -> list[str]:
     lines = ["## How far it got (goals not met)", "",
              "Read off the headline curves (the final epoch is the result; the best epoch is a reading, nothing is "
              "selected on the test set). The published recoveries train "
-             f"{PUBLISHED_EPOCHS[0]}–{PUBLISHED_EPOCHS[-1]} epochs on GPUs; the last columns put that on this "
-             "machine at the median measured seconds per epoch.", "",
+             f"{PUBLISHED_EPOCHS[0]}–{PUBLISHED_EPOCHS[-1]} epochs on GPUs; the last columns put that on these "
+             "CPUs at the median of the measured seconds per epoch (its epochs may have run on different "
+             "machines).", "",
              "| model | cell | goal % | final % | gap pp | best % (epoch) | half A flat from epoch | gain over the "
              "last third pp | s per epoch (median, fastest) | "
              + " | ".join(f"{n} epochs here, h" for n in PUBLISHED_EPOCHS) + " |",

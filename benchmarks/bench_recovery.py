@@ -294,6 +294,12 @@ def done(raw: Mapping[str, Any], name: str) -> dict[str, Any] | None:
 # -------------------------------------------------------------------------------------- headline, recipe
 
 
+def _best_epoch(rec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The recorded epoch with the highest full-test top-1 (a reading of the curve; nothing is selected on it)."""
+    log = [e for e in rec.get("epochs_log") or [] if e.get("test_top1") is not None]
+    return max(log, key=lambda e: e["test_top1"]) if log else None
+
+
 def _final(rec: Mapping[str, Any], key: str) -> float | None:
     eps = rec.get("epochs_log") or []
     return eps[-1].get(key) if eps else None
@@ -426,7 +432,8 @@ def how_far(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         if not log:
             continue
         final = float((rec.get("export") or {}).get("test_top1", log[-1]["test_top1"]))
-        best = max(log, key=lambda e: e["test_top1"])
+        best = _best_epoch(rec)
+        assert best is not None  # log is not empty
         third = log[max(0, len(log) - 1 - (len(log) // 3 or 1))]
         secs = sorted(float(e["seconds"]) for e in log if e.get("seconds"))
         median = secs[len(secs) // 2] if secs else None
@@ -1139,10 +1146,9 @@ def _superseded_section(raw: Mapping[str, Any]) -> list[str]:
              "(epoch) |", "|---|---|---|---|---|---|---|---|---|"]
     for n, recs in old.items():
         for r in recs:
-            p, log = r.get("params") or {}, [e for e in r.get("epochs_log") or [] if e.get("test_top1") is not None]
-            best = max(log, key=lambda e: e["test_top1"]) if log else None
+            p, best = r.get("params") or {}, _best_epoch(r)
             lines.append(f"| {_c(n)} | {_num(p.get('lr'))} | {_num(p.get('epochs'))} | {_num(p.get('distill'))} | "
-                         f"{r.get('status')} | {len(log)} | {_pct(_final(r, 'test_top1'))} | "
+                         f"{r.get('status')} | {len(r.get('epochs_log') or [])} | {_pct(_final(r, 'test_top1'))} | "
                          f"{_pct(_final(r, 'half_b'))} | "
                          + ("–" if best is None else f"{best['test_top1']:.2f} ({best['epoch']})") + " |")
     return [*lines, ""]
@@ -1311,7 +1317,7 @@ def per_model(text: str | None, default: Mapping[str, float], flag: str) -> dict
     except ValueError:
         raise SystemExit(f"error: {flag} {text!r} is not N or MODEL=N,...\n  hint: e.g. {flag} resnet20=30") from None
     if any(not v > 0 for v in out.values()):
-        raise SystemExit(f"error: {flag} must be > 0")
+        raise SystemExit(f"error: {flag} must be > 0\n  hint: e.g. {flag} resnet20=30")
     return out
 
 
@@ -1333,6 +1339,23 @@ def settings_from(args: argparse.Namespace) -> Settings:
         s.sweep_lrs = {m: lrs for m in MODELS}
     if args.sweep_epochs is not None:
         s.sweep_epochs = args.sweep_epochs
+    return s
+
+
+def checked_settings(args: argparse.Namespace) -> Settings | None:
+    """:func:`settings_from`, or ``None`` after printing the ``error:``/``hint:`` of a bad option value or of missing
+    data (the caller exits 2: a user's mistake, not a crash)."""
+    try:
+        s = settings_from(args)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        print(exc.code, file=sys.stderr)
+        return None
+    missing = missing_data(s.models)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return None
     return s
 
 
@@ -1380,10 +1403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     part, parts = parse_part(args.part)
-    s = settings_from(args)
-    missing = missing_data(s.models)
-    if missing:
-        print(f"error: {missing}", file=sys.stderr)
+    s = checked_settings(args)
+    if s is None:
         return 2
     from autoprune.utils import configure_threads
 

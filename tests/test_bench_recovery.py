@@ -228,6 +228,15 @@ def test_cell_names_and_per_model_options() -> None:
 # --------------------------------------------------------------------------------------------- Markdown
 
 
+@pytest.mark.parametrize("argv", [["--sweep-lrs", "0.01,abc"], ["--sweep-lrs", "0.01,-1"], ["--epochs", "vgg=3"],
+                                  ["--epochs", "0"]])
+def test_a_bad_option_value_is_an_error_with_a_hint_and_exit_2(argv: list[str],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert br.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "\n  hint: " in err
+
+
 def test_markdown_renders_with_missing_parts() -> None:
     s = br.Settings()
     empty = br.summarise({"cells": {}, "errors": {}, "runs": []}, s, br.cell_names(s))

@@ -648,8 +648,16 @@ class RLSearcher(Searcher):
         return self._since_save >= self.save_every
 
     def checkpoint(self) -> None:
-        """Save the agent, its replay buffer and the reward baseline; remember their paths in the store."""
-        if self.model is None or self.study is None:
+        """Save the agent, its replay buffer and the reward baseline; remember their paths in the store.
+
+        A run that trained nothing (its study already held ``n_trials``) saves nothing but still removes the
+        checkpoint files the store does not point at: a process killed while deleting its older checkpoints
+        leaves them, and with nothing left to search no later checkpoint would.
+        """
+        if self.study is None:
+            return
+        if self.model is None:
+            self._remove_unreferenced_checkpoints()
             return
         agent_path, replay_path = self._paths(self.n_done)
         previous = self.store.load_state(self.name, self.seed, "agent") or {}
@@ -669,6 +677,14 @@ class RLSearcher(Searcher):
         if self._baseline_env is not None and self._baseline_env.baseline is not None:
             self.store.save_state(self.name, self.seed, "reward_baseline", self._baseline_env.baseline)
         self._since_save = 0
+
+    def _remove_unreferenced_checkpoints(self) -> None:
+        """Delete the checkpoint files of this study's directory that the store's state does not name."""
+        state = self.store.load_state(self.name, self.seed, "agent") or {}
+        if not state.get("agent"):
+            return  # nothing recorded: files there may be a checkpoint being switched to; leave them
+        keep = {Path(state[k]) for k in ("agent", "replay") if state.get(k)}
+        _remove_stale_checkpoints(self.store.artifact_dir(self.name, self.seed), keep=keep, also=set())
 
     def save_state(self) -> None:
         """Checkpoint when the run ends (however it ends)."""

@@ -485,6 +485,29 @@ def test_rl_resume_loads_the_agent_and_continues_learning_with_amc_recipe(tmp_pa
     assert isinstance(store.load_state("ddpg", 1, "reward_baseline"), float)
 
 
+def test_rl_run_with_nothing_left_removes_checkpoints_the_store_does_not_name(tmp_path: Path) -> None:
+    """A process killed while deleting its older checkpoints leaves some; a later run that has no episode left
+    to play (the study is full) still removes them and keeps the checkpoint the store points at."""
+    pytest.importorskip("autoprune.envs", reason="the RL searchers need autoprune.envs")
+    kw = {"budget": BUDGET, "warmup_episodes": 1, "batch_size": 4, "net_arch": [8, 8]}
+    store = TrialStore(tmp_path / "rl.db", campaign="rl")
+    make_searcher("ddpg", make_problem(), store=store, n_trials=2, seed=0, **kw).run()
+    state = store.load_state("ddpg", 0, "agent")
+    directory = Path(state["agent"]).parent
+    left_over = [directory / "replay_buffer-1-0123abcd.pkl", directory / "agent-1-0123abcd.zip",
+                 directory / ".replay_buffer-1-0123abcd.pkl.999999999.tmp.pkl"]  # a writer no longer running
+    for path in left_over:
+        path.write_bytes(b"old")
+    (directory / "notes.txt").write_text("not a checkpoint")
+    again = make_searcher("ddpg", make_problem(), store=TrialStore(tmp_path / "rl.db", campaign="rl"),
+                          n_trials=2, seed=0, **kw)
+    res = again.run()
+    assert res.stop_reason == "n_trials" and again.model is None  # nothing trained
+    assert store.load_state("ddpg", 0, "agent") == state
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        [Path(state["agent"]).name, Path(state["replay"]).name, "notes.txt"])
+
+
 def test_truncated_normal_noise_stays_in_the_box_and_decays() -> None:
     from autoprune.agents.rl import TruncatedNormalDecayNoise
 

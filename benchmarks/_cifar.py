@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from benchmarks._common import CIFAR10_DIR, WEIGHTS_DIR
+from benchmarks._common import CIFAR10_DIR, SHARED, WEIGHTS_DIR
 
 CHECKPOINTS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th",
                "resnet44": "resnet44-014dd654.th", "resnet56": "resnet56-4bfd9763.th"}
@@ -30,7 +30,17 @@ def missing_data(models: tuple[str, ...] = ("resnet20",)) -> str | None:
     if not missing:
         return None
     return ("missing " + ", ".join(missing) + ": this benchmark needs the binary CIFAR-10 and the pretrained "
-            "akamaster ResNets of ../shared (or set AUTOPRUNE_SHARED to the folder that holds data/ and weights/)")
+            "akamaster ResNets")
+
+
+def data_error(models: tuple[str, ...] = ("resnet20",)) -> str | None:
+    """``None`` when the data of :func:`missing_data` is there, else the ``error:``/``hint:`` lines a benchmark
+    prints before it exits 2 (nothing has run)."""
+    missing = missing_data(models)
+    if missing is None:
+        return None
+    return (f"error: {missing}\nhint: put data/cifar-10-batches-bin and weights/ in {SHARED}, or set "
+            "AUTOPRUNE_SHARED to the folder that holds them")
 
 
 def load_cifar10(seed: int = 0) -> Any:

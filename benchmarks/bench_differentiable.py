@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    missing = _cifar.missing_data()
+    missing = _cifar.data_error()
     if missing:
         print(missing, file=sys.stderr)
         return 2

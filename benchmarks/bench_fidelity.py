@@ -377,10 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = Path(args.summarise).name.split(".")[0]  # evaluator_fidelity_training[_quick](.partial).json
         print(f"wrote {write_result(name, TITLE, summarise(raw), command=raw.get('command'))}")
         return 0
-    missing = _cifar.missing_data()
+    missing = _cifar.data_error()
     if missing:
         print(missing, file=sys.stderr)
-        return 1
+        return 2
     configure_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     overrides = {k: getattr(args, k) for k in ("candidates", "truth_steps", "score_images", "truth_images")

@@ -797,9 +797,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = RESULTS / f"{name}.json"
     command = command_line()
     if not args.summarise:
-        missing = _cifar.missing_data()
+        missing = _cifar.data_error()
         if missing:
-            print(f"error: {missing}", file=sys.stderr)
+            print(missing, file=sys.stderr)
             return 2
         configure_threads(args.threads)
         try:

@@ -81,7 +81,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _carry
-from benchmarks._cifar import CHECKPOINTS, missing_data
+from benchmarks._cifar import CHECKPOINTS, data_error
 from benchmarks._common import REPO, RESULTS, SHARED, WEIGHTS_DIR, command_line, git_commit, write_result
 from benchmarks.bench_reliability import locked, parse_part
 
@@ -1352,9 +1352,9 @@ def checked_settings(args: argparse.Namespace) -> Settings | None:
             raise
         print(exc.code, file=sys.stderr)
         return None
-    missing = missing_data(s.models)
+    missing = data_error(s.models)
     if missing:
-        print(f"error: {missing}", file=sys.stderr)
+        print(missing, file=sys.stderr)
         return None
     return s
 

@@ -746,9 +746,9 @@ def checked_searchers(parser: argparse.ArgumentParser, spec: str | None, *, mode
     from autoprune.agents.base import SEARCHERS
     from autoprune.errors import AutoPruneError
 
-    missing = _cifar.missing_data(models)
+    missing = _cifar.data_error(models)
     if missing:
-        parser.error(missing)
+        parser.exit(2, missing + "\n")
     if any(not 0.0 < t < 1.0 for t in targets):
         parser.error("targets must be fractions of the dense MACs in (0, 1)")
     names = [n.strip() for n in spec.split(",") if n.strip()] if spec else list(default)

@@ -241,9 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from autoprune.agents.base import SEARCHERS, load_builtin_searchers
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    missing = _cifar.missing_data()
+    missing = _cifar.data_error()
     if missing:
-        parser.error(missing)
+        parser.exit(2, missing + "\n")
     configure_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     if args.candidates is not None:

@@ -105,7 +105,7 @@ def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     monkeypatch.setattr(_common, "RESULTS", tmp_path)
     monkeypatch.setattr(br, "RESULTS", tmp_path)
-    monkeypatch.setattr(br, "missing_data", lambda models: None)
+    monkeypatch.setattr(br, "data_error", lambda models: None)
     monkeypatch.setattr(br, "git_commit", lambda: "abc")
     seen: dict[str, Any] = {"found": []}
 

@@ -280,7 +280,7 @@ def fake_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Fake cells: ``state["ran"]`` lists what ran; a fine-tune waits until its search is done."""
     monkeypatch.setattr(_common, "RESULTS", tmp_path)
     monkeypatch.setattr(br, "RESULTS", tmp_path)
-    monkeypatch.setattr(br, "missing_data", lambda models: None)
+    monkeypatch.setattr(br, "data_error", lambda models: None)
     monkeypatch.setattr(br, "git_commit", lambda: "abc")
     state: dict[str, Any] = {"ran": [], "json": tmp_path / "recovery.json"}
 

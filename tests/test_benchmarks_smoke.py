@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +46,32 @@ def test_runner_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> Non
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "no_such_benchmark" in err and "search_cost" in err
+
+
+def _needs_cifar(name: str) -> bool:
+    """The benchmark checks for CIFAR-10 and the checkpoints itself or through the search-quality grid's checks."""
+    source = (bench_run.HERE / f"bench_{name}.py").read_text()
+    return "data_error" in source or "checked_searchers(" in source
+
+
+CIFAR_BENCHMARKS = [n for n in bench_run.discover() if _needs_cifar(n)]
+
+
+def test_the_cifar_benchmarks_are_found() -> None:
+    assert {"recovery", "search_quality", "search_budget", "ranking"} <= set(CIFAR_BENCHMARKS)
+
+
+@pytest.mark.parametrize("name", CIFAR_BENCHMARKS)
+def test_a_cifar_benchmark_without_its_data_says_error_and_hint_and_exits_2(name: str, tmp_path: Path) -> None:
+    env = {**os.environ, "AUTOPRUNE_SHARED": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.bench_{name}"], capture_output=True, text=True,
+                          env=env, cwd=bench_run.HERE.parent, timeout=300)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("error: missing ") and str(tmp_path / "data" / "cifar-10-batches-bin") in lines[0]
+    assert lines[1].startswith("hint: ") and "AUTOPRUNE_SHARED" in lines[1]
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 # ------------------------------------------------------------------------------------------------ published

@@ -28,11 +28,16 @@ a standalone model. Measured:
   the calibrated rule (``autoprune imp --eps auto``): ε measured in the cell's own iteration 0, which therefore
   retrains for its full budget. The headline's InfCoP figures come from ``GF-cal`` when it is done, else
   ``IF-cal``, else ``IF`` (:data:`HEADLINE_IMP`); every cell is in the table;
+* the **campaign's candidate against a baseline's** (``search|M|uniform``, ``cand|M|uniform``): the candidate
+  of a one-trial ``uniform`` search (the same keep ratio in every layer, at the same MACs budget) in the same
+  campaign, fine-tuned with the sweep's short recipe (``kd``, the chosen learning rate, ``--sweep-epochs``), beside
+  the campaign's candidate's sweep cell at that rate: does the search's pick recover better than the naive one?
+  (:data:`BASELINES`);
 * the exported models are reloaded with :func:`autoprune.serialize.load_module` and re-tested (recorded).
 
 The work is a list of resumable **cells**, each checkpointed into ``results/benchmarks/recovery.json`` (``search|M``,
-``lr|M|LR``, ``finetune|M|kd``, ``finetune|M|ce``, ``infcop|resnet20|V`` for every V of
-:data:`IMP_VARIANTS`). A
+``lr|M|LR``, ``finetune|M|kd``, ``finetune|M|ce``, ``search|M|B`` and ``cand|M|B`` for every B of
+:data:`BASELINES`, ``infcop|resnet20|V`` for every V of :data:`IMP_VARIANTS`). A
 search continues from its trial store, a fine-tune from the export's checkpoint after its last completed epoch
 (the same result as an uninterrupted run), so the whole run can be spread over several sessions:
 ``--max-minutes M`` stops a search (Ctrl-C, resumable) or a fine-tune (after the last epoch that fits) at M minutes
@@ -89,6 +94,8 @@ NAME = "recovery"
 MODELS = ("resnet20", "resnet56")
 CONFIGS = {"resnet20": "configs/resnet20_cifar10.yaml", "resnet56": "configs/resnet56_cifar10.yaml"}
 VARIANTS = ("kd", "ce")
+#: Searchers whose (one-trial) candidate is fine-tuned beside the campaign's at the sweep's recipe.
+BASELINES = ("uniform",)
 #: Distillation weight α of the ``kd`` fine-tunes (Hinton et al.'s usual mix; :mod:`autoprune.distill`).
 KD_WEIGHT = 0.9
 KD_TEMPERATURE = 4.0
@@ -154,6 +161,7 @@ class Settings:
     sweep_lrs: dict[str, tuple[float, ...]] = field(default_factory=lambda: {
         "resnet20": (0.001, 0.003, 0.01, 0.03, 0.1), "resnet56": (0.001, 0.003, 0.01, 0.03)})
     sweep_epochs: float = 3
+    baselines: tuple[str, ...] = BASELINES
     imp_iterations: int = 5
     imp_rounds: int = 4
     imp_round_epochs: float = 0.5
@@ -186,6 +194,8 @@ def cell_names(s: Settings) -> list[str]:
         names.append(f"search|{m}")
         names += [f"lr|{m}|{lr:g}" for lr in s.sweep_lrs.get(m, ())]
         names += [f"finetune|{m}|{v}" for v in VARIANTS]
+        for b in s.baselines:
+            names += [f"search|{m}|{b}", f"cand|{m}|{b}"]
         if m == "resnet20":
             names += [f"infcop|resnet20|{v}" for v in IMP_VARIANTS]
     return names
@@ -213,7 +223,8 @@ def carried(rel: str) -> bool:
 
     parts = rel.split("/")
     return ((len(parts) == 3 and parts[1] == "search")
-            or (len(parts) == 4 and parts[1] in ("export", "sweep") and parts[3] == FINETUNE_CHECKPOINT))
+            or (len(parts) == 4 and parts[1] in ("export", "sweep", "candidates")
+                and parts[3] == FINETUNE_CHECKPOINT))
 
 
 def stale_checkpoint(work: Path, rel: str) -> bool:
@@ -257,6 +268,7 @@ def update(path: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, An
         raw["headline_units"] = HEADLINE_UNITS
         raw["recipe"] = recipe(raw)
         raw["how_far"] = how_far(raw)
+        raw["candidates"] = candidates(raw)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(raw, indent=1, default=str))
         os.replace(tmp, path)
@@ -450,6 +462,36 @@ def how_far(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def candidates(raw: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per model, the campaign's candidate and every baseline's after the same short recipe: each finished
+    ``cand|M|B`` cell beside the campaign's sweep cell at the same learning rate (``kd``, the same epochs, seed
+    and schedule). Rows: searcher, trial, MACs ratio, validation accuracy during the search (optimistic), final
+    half A / full test / half B top-1; the campaign's row first."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    cells = raw.get("cells", {})
+    for m in MODELS:
+        cands = {split_name(n)[2]: r for n, r in cells.items() if n.startswith(f"cand|{m}|") and r.get("status")
+                 == "done"}
+        if not cands:
+            continue
+        rows = []
+        lrs = {float(r["params"]["lr"]) for r in cands.values()}
+        pairs = [(f"search|{m}", f"lr|{m}|{lr:g}", "") for lr in sorted(lrs)]
+        pairs += [(f"search|{m}|{b}", f"cand|{m}|{b}", b) for b in cands]
+        for search_name, ft_name, baseline in pairs:
+            search, ft = done(raw, search_name), done(raw, ft_name)
+            if search is None or ft is None:
+                continue
+            best = search["best"]
+            searcher = baseline or search["params"].get("searcher", "campaign")
+            rows.append({"searcher": searcher, "cell": ft_name, "trial": best["trial"],
+                         "macs_ratio": best["macs_ratio"], "val_accuracy": round(100 * best["val_accuracy"], 2),
+                         "lr": ft["params"]["lr"], "epochs": ft["params"]["epochs"],
+                         **{k: _final(ft, k) for k in ("half_a", "test_top1", "half_b")}})
+        out[m] = rows
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 
 
@@ -484,19 +526,28 @@ def search_dir(s: Settings, model: str) -> Path:
     return work_dir(s) / model / "search"
 
 
-def search_args(s: Settings, model: str) -> list[str]:
-    """``autoprune search`` of the campaign: the shipped config, TPE, ≤ 50 % MACs, ``n_trials`` of the run."""
+def searcher_of(s: Settings, model: str, baseline: str = "") -> tuple[str, int]:
+    """The searcher and trial count of ``model``'s campaign search (``baseline`` empty) or of a baseline's (one
+    trial)."""
+    return (baseline, 1) if baseline else (s.searcher, s.trials[model])
+
+
+def search_args(s: Settings, model: str, baseline: str = "") -> list[str]:
+    """``autoprune search`` of the campaign: the shipped config, TPE, ≤ 50 % MACs, ``n_trials`` of the run; a
+    ``baseline`` searcher's one trial in the same campaign directory (the same problem and budget)."""
+    searcher, trials = searcher_of(s, model, baseline)
     return ["--threads", str(s.threads), "search", CONFIGS[model], f"output_dir={search_dir(s, model)}",
-            f"n_trials={s.trials[model]}", f"searcher.name={s.searcher}", "objective.budget.macs=0.5",
+            f"n_trials={trials}", f"searcher.name={searcher}", "objective.budget.macs=0.5",
             f"seed={s.seed}", f"model.checkpoint={WEIGHTS_DIR / CHECKPOINTS[model]}",
             f"dataset.data_dir={SHARED / 'data'}", *s.search_overrides]
 
 
 def run_search_cell(s: Settings, model: str, previous: Mapping[str, Any] | None,
-                    deadline: float | None) -> dict[str, Any]:
-    """Run (or resume) the campaign's search in a subprocess, stopped with Ctrl-C at the deadline."""
-    argv = [*autoprune_command(), *search_args(s, model)]
-    _log("  $ " + shlex.join(["autoprune", *search_args(s, model)]))
+                    deadline: float | None, baseline: str = "") -> dict[str, Any]:
+    """Run (or resume) the campaign's search (or a baseline's) in a subprocess, stopped with Ctrl-C at the
+    deadline."""
+    argv = [*autoprune_command(), *search_args(s, model, baseline)]
+    _log("  $ " + shlex.join(["autoprune", *search_args(s, model, baseline)]))
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=REPO, start_new_session=True)
     try:
@@ -519,31 +570,32 @@ def run_search_cell(s: Settings, model: str, previous: Mapping[str, Any] | None,
     seconds = time.perf_counter() - t0 + float((previous or {}).get("seconds", 0.0))
     if rc not in (0, 130):
         raise RuntimeError(f"autoprune search exited {rc}")
-    rec = search_record(s, model)
+    rec = search_record(s, model, baseline)
     rec["seconds"] = seconds
-    rec["status"] = ("done" if rc == 0 and rec["trials_done"] >= s.trials[model] and rec["best"] is not None
+    rec["status"] = ("done" if rc == 0 and rec["trials_done"] >= rec["params"]["trials"] and rec["best"] is not None
                      else "partial")
     return rec
 
 
-def search_record(s: Settings, model: str) -> dict[str, Any]:
-    """The campaign's best trial and progress, read from its directory."""
+def search_record(s: Settings, model: str, baseline: str = "") -> dict[str, Any]:
+    """The best trial and progress of the campaign's search (or of ``baseline``'s), read from its directory."""
     from autoprune.export import select_trial
     from autoprune.provenance import load_resolved, open_store
     from autoprune.report import evaluated
 
     d = search_dir(s, model)
+    searcher, trials = searcher_of(s, model, baseline)
     df = open_store(load_resolved(d)).to_dataframe()
-    study = df[(df["searcher"] == s.searcher) & (df["seed"] == s.seed)]
+    study = df[(df["searcher"] == searcher) & (df["seed"] == s.seed)]
     dense = json.loads((d / "space.json").read_text())["dense"]
     ok = evaluated(study)
     rec: dict[str, Any] = {
-        "params": {"trials": s.trials[model], "searcher": s.searcher, "overrides": list(s.search_overrides)},
-        "dir": str(d), "command": shlex.join(["autoprune", *search_args(s, model)]),
+        "params": {"trials": trials, "searcher": searcher, "overrides": list(s.search_overrides)},
+        "dir": str(d), "command": shlex.join(["autoprune", *search_args(s, model, baseline)]),
         "trials_done": int((study["state"] == "complete").sum()), "trials_feasible": len(ok),
         "trial_seconds": float(study["seconds"].fillna(0).sum()), "dense_macs": int(dense["macs"]), "best": None}
     if not ok.empty:
-        best = select_trial(df, "best", searcher=s.searcher, seed=s.seed)
+        best = select_trial(df, "best", searcher=searcher, seed=s.seed)
         rec["best"] = {"trial": f"{best.searcher}/seed{best.seed}/{best.number}", "label": best.label,
                        "macs": best.macs, "macs_ratio": round(best.macs / dense["macs"], 4),
                        "val_accuracy": best.accuracy, "reward": best.reward, "widths": dict(best.candidate.widths)}
@@ -555,7 +607,7 @@ def search_record(s: Settings, model: str) -> dict[str, Any]:
 
 @dataclass
 class Job:
-    """One export fine-tune: a ``finetune|M|V`` or an ``lr|M|LR`` cell."""
+    """One export fine-tune: a ``finetune|M|V``, ``lr|M|LR`` or ``cand|M|B`` cell."""
 
     cell: str
     model: str
@@ -582,15 +634,16 @@ def make_job(s: Settings, raw: Mapping[str, Any], name: str) -> Job:
     """The fine-tune of cell ``name``; :class:`NotReady` while its search (or the sweep, for the recipe's lr) is
     not done."""
     kind, model, arg = split_name(name)
-    search = done(raw, f"search|{model}")
+    search_cell = f"search|{model}|{arg}" if kind == "cand" else f"search|{model}"
+    search = done(raw, search_cell)
     if search is None:
-        raise NotReady(f"search|{model} is not done")
+        raise NotReady(f"{search_cell} is not done")
     trial = search["best"]["trial"]
     if kind == "lr":
         lr, variant, epochs = float(arg), "kd", float(s.sweep_epochs)
         out = work_dir(s) / model / "sweep" / f"lr{lr:g}-e{epochs:g}"
     else:
-        variant, epochs = arg, float(s.epochs[model])
+        variant, epochs = ("kd", float(s.sweep_epochs)) if kind == "cand" else (arg, float(s.epochs[model]))
         if s.lr is not None:
             lr = float(s.lr)
         else:
@@ -598,7 +651,8 @@ def make_job(s: Settings, raw: Mapping[str, Any], name: str) -> Job:
             if chosen is None:
                 raise NotReady(f"the learning-rate sweep (lr|{model}|…) is not done (or pass --lr)")
             lr = float(chosen["lr"])
-        out = work_dir(s) / model / "export" / f"{variant}-lr{lr:g}-e{epochs:g}"
+        out = (work_dir(s) / model / "candidates" / f"{arg}-lr{lr:g}-e{epochs:g}" if kind == "cand"
+               else work_dir(s) / model / "export" / f"{variant}-lr{lr:g}-e{epochs:g}")
     distill = s.kd_weight if variant == "kd" else 0.0
     return Job(name, model, variant, lr, epochs, distill, s.kd_temperature, trial, out,
                latency=s.latency and kind == "finetune", extra=s.export_overrides)
@@ -965,12 +1019,12 @@ def estimates(raw: Mapping[str, Any], full: Settings) -> dict[str, dict[str, Any
         kind, model, arg = split_name(name)
         k = scale[model]
         if kind == "search":
-            t = r["trial"]
-            out[name] = none if t is None else {"hours": round(full.trials[model] * t * k / 3600, 2),
-                                                "basis": f"{full.trials[model]} trials × {t * k:.0f} s"}
-        elif kind in ("lr", "finetune"):
-            per, f = r["kd" if kind == "lr" else arg], r["forward"]
-            epochs = full.sweep_epochs if kind == "lr" else full.epochs[model]
+            t, n = r["trial"], searcher_of(full, model, arg)[1]
+            out[name] = none if t is None else {"hours": round(n * t * k / 3600, 2),
+                                                "basis": f"{n} trials × {t * k:.0f} s"}
+        elif kind in ("lr", "finetune", "cand"):
+            per, f = r["kd" if kind in ("lr", "cand") else arg], r["forward"]
+            epochs = full.sweep_epochs if kind in ("lr", "cand") else full.epochs[model]
             if per is None or f is None:
                 out[name] = none
                 continue
@@ -1086,6 +1140,24 @@ def _how_far_section(raw: Mapping[str, Any]) -> list[str]:
     return [*lines, "", "A flat curve under a cosine schedule that ends at 0 says more epochs of the same run "
             "would not close the gap; what would (a longer schedule at a higher peak rate, as the published "
             "recipes run) is not measured here.", ""]
+
+
+def _candidates_section(raw: Mapping[str, Any]) -> list[str]:
+    found = {m: rows for m, rows in candidates(raw).items() if rows}
+    if not found:
+        return []
+    lines = ["## The campaign's candidate against a baseline's (short recipe)", "",
+             "Each candidate fine-tuned the same way (`kd`, the same learning rate, epochs, seed and cosine schedule): "
+             "the campaign's from its learning-rate sweep cell, a baseline searcher's (one trial in the same campaign "
+             "directory, the same MACs budget) from its `cand` cell. Validation accuracy is the search's score "
+             "(images the pretrained weights saw: optimistic).", "",
+             "| model | searcher | trial | MACs ratio | search val % | lr | epochs | half A % | test % | half B % |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for m, rows in found.items():
+        lines += [f"| {m} | {r['searcher']} | {r['trial']} | {r['macs_ratio']:.3f} | {r['val_accuracy']:.2f} | "
+                  f"{r['lr']:g} | {r['epochs']:g} | {_pct(r['half_a'])} | {_pct(r['test_top1'])} | "
+                  f"{_pct(r['half_b'])} |" for r in rows]
+    return [*lines, ""]
 
 
 def teacher_share(rec: Mapping[str, Any]) -> tuple[float, float] | None:
@@ -1259,7 +1331,8 @@ def summarise(raw: Mapping[str, Any], s: Settings, names: Sequence[str]) -> str:
     lines += _goals_section(raw) + _how_far_section(raw) + _recipe_section(raw, s)
     for m in s.models:
         lines += _curves_section(raw, m)
-    lines += _superseded_section(raw) + _sweep_section(raw) + _infcop_section(raw, s) + _exports_section(raw)
+    lines += _superseded_section(raw) + _sweep_section(raw) + _candidates_section(raw) + _infcop_section(raw, s)
+    lines += _exports_section(raw)
     lines += ["## Cells", "", "| cell | status |", "|---|---|"]
     for n in names:
         r = cells.get(n)
@@ -1292,8 +1365,8 @@ def run_cell(s: Settings, name: str, raw: Mapping[str, Any], path: Path, deadlin
     kind, model, arg = split_name(name)
     previous = raw.get("cells", {}).get(name)
     if kind == "search":
-        return run_search_cell(s, model, previous, deadline)
-    if kind in ("lr", "finetune"):
+        return run_search_cell(s, model, previous, deadline, arg)
+    if kind in ("lr", "finetune", "cand"):
         return run_finetune_cell(s, make_job(s, raw, name), previous, path, deadline)
     if kind == "infcop":  # independent of the searches: IMP of the pretrained network
         return run_infcop_cell(s, arg, raw)

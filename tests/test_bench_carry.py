@@ -113,10 +113,11 @@ def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         from autoprune.export import FINETUNE_CHECKPOINT
 
         search = br.search_dir(s, "resnet20")
-        if name == "search|resnet20":
-            search.mkdir(parents=True, exist_ok=True)
-            (search / "config.resolved.yaml").write_text("name: x\n")
-            _db_in_wal_mode(search / "trials.db", 3).close()
+        if name.startswith("search|resnet20"):  # the campaign's search and the baseline's, in one directory
+            if not (search / "trials.db").exists():
+                search.mkdir(parents=True, exist_ok=True)
+                (search / "config.resolved.yaml").write_text("name: x\n")
+                _db_in_wal_mode(search / "trials.db", 3).close()
             return {"status": "done", "params": {"trials": 1}, "trials_done": 1, "seconds": 1.0,
                     "best": {"trial": "tpe/seed0/1", "label": "t1", "macs_ratio": 0.5, "val_accuracy": 0.9}}
         ckpt = br.work_dir(s) / "resnet20" / "export" / "kd-lr0.01-e30" / FINETUNE_CHECKPOINT

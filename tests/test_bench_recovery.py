@@ -207,13 +207,53 @@ def test_a_fine_tune_uses_the_swept_rate_or_waits_for_it(tmp_path: Path, monkeyp
     assert (sw.lr, sw.variant, sw.out_dir.parts[-3:]) == (0.003, "kd", ("resnet56", "sweep", "lr0.003-e3"))
 
 
+def test_a_baselines_candidate_is_fine_tuned_with_the_sweeps_recipe_and_compared(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(br, "RESULTS", tmp_path)
+    s = br.Settings(models=("resnet20",))
+    assert br.search_args(s, "resnet20", "uniform")[5:8] == [
+        "n_trials=1", "searcher.name=uniform", "objective.budget.macs=0.5"]
+    assert br.search_args(s, "resnet20")[5:7] == ["n_trials=100", "searcher.name=tpe"]
+    raw: dict[str, Any] = {"cells": {"search|resnet20": _search(0.495)}}
+    raw["cells"].update({f"lr|resnet20|{lr:g}": _sweep(lr, a) for lr, a in ((0.001, 87.5), (0.003, 87.8),
+                                                                             (0.01, 88.0), (0.03, 87.0),
+                                                                             (0.1, 86.0))})
+    with pytest.raises(br.NotReady, match="search\\|resnet20\\|uniform"):
+        br.make_job(s, raw, "cand|resnet20|uniform")
+    uniform = _search(0.49)
+    uniform["params"] = {"trials": 1, "searcher": "uniform"}
+    uniform["best"] = {**uniform["best"], "trial": "uniform/seed0/0", "label": "uniform-seed0-trial0"}
+    raw["cells"]["search|resnet20|uniform"] = uniform
+    job = br.make_job(s, raw, "cand|resnet20|uniform")
+    assert (job.trial, job.variant, job.lr, job.epochs, job.distill) == ("uniform/seed0/0", "kd", 0.01,
+                                                                        s.sweep_epochs, br.KD_WEIGHT)
+    assert job.out_dir.parts[-3:] == ("resnet20", "candidates", "uniform-lr0.01-e3")
+    assert br.carried("resnet20/candidates/uniform-lr0.01-e3/finetune.ckpt")
+    assert br.candidates(raw) == {}  # not fine-tuned yet
+    cand = _sweep(0.01, 89.0)
+    raw["cells"]["cand|resnet20|uniform"] = cand
+    raw["cells"]["search|resnet20"]["params"]["searcher"] = "tpe"
+    rows = br.candidates(raw)["resnet20"]
+    assert [(r["searcher"], r["cell"], r["trial"], r["half_a"]) for r in rows] == [
+        ("tpe", "lr|resnet20|0.01", "tpe/seed0/7", 88.0), ("uniform", "cand|resnet20|uniform", "uniform/seed0/0",
+                                                          89.0)]
+    md = br.summarise(raw, s, br.cell_names(s))
+    assert "## The campaign's candidate against a baseline's" in md
+    assert "| resnet20 | uniform | uniform/seed0/0 | 0.490 |" in md
+
+
 def test_cell_names_and_per_model_options() -> None:
     assert br.cell_names(br.Settings.quick_run()) == [
         "search|resnet20", "lr|resnet20|0.01", "lr|resnet20|0.1", "finetune|resnet20|kd", "finetune|resnet20|ce",
+        "search|resnet20|uniform", "cand|resnet20|uniform",
         "infcop|resnet20|lth", "infcop|resnet20|IF", "infcop|resnet20|IF-cal", "infcop|resnet20|lth-GF",
         "infcop|resnet20|GF-cal", "infcop|resnet20|GF-auto"]
     full = br.cell_names(br.Settings())
-    assert {n.split("|")[0] for n in full} == {"search", "lr", "finetune", "infcop"}
+    assert {n.split("|")[0] for n in full} == {"search", "lr", "finetune", "cand", "infcop"}
+    assert [n for n in full if n.startswith(("search|", "cand|"))] == [
+        "search|resnet20", "search|resnet20|uniform", "cand|resnet20|uniform", "search|resnet56",
+        "search|resnet56|uniform", "cand|resnet56|uniform"]
+    assert br.cell_names(br.Settings(baselines=())) == [n for n in full if n.count("|uniform") == 0]
     assert [n for n in full if n.startswith("lr|")] == [
         "lr|resnet20|0.001", "lr|resnet20|0.003", "lr|resnet20|0.01", "lr|resnet20|0.03", "lr|resnet20|0.1",
         "lr|resnet56|0.001", "lr|resnet56|0.003", "lr|resnet56|0.01", "lr|resnet56|0.03"]
@@ -240,7 +280,7 @@ def test_a_bad_option_value_is_an_error_with_a_hint_and_exit_2(argv: list[str],
 def test_markdown_renders_with_missing_parts() -> None:
     s = br.Settings()
     empty = br.summarise({"cells": {}, "errors": {}, "runs": []}, s, br.cell_names(s))
-    assert "0 of 21 cells done" in empty and "| resnet56 |" in empty and "not run" in empty
+    assert "0 of 25 cells done" in empty and "| resnet56 |" in empty and "not run" in empty
     assert "not chosen yet" in empty and "no fine-tune done yet" in empty
     raw = planted()
     raw["cells"].update({f"lr|resnet20|{lr:g}": _sweep(lr, a) for lr, a in ((0.01, 88.0), (0.03, 89.5),
@@ -291,7 +331,7 @@ def fake_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
             return _search()
         if kind == "lr":
             return _sweep(float(arg), 88.0)
-        if kind == "finetune":
+        if kind in ("finetune", "cand"):
             br.make_job(s, raw, name)  # raises NotReady like the real cell
             return _ft(arg, [(91.0, 91.0, 91.0)])
         return _imp(4.0 if arg == "IF" else 10.0, 90.0)

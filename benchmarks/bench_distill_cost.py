@@ -108,10 +108,8 @@ def summarise(rows: Sequence[dict[str, Any]], reps: int, steps: int) -> str:
     extra = ", ".join(f"{r['model']} {r['kd_over_ce'] - 1:.0%}" for r in rows)
     lines += ["", "The teacher's forward pass is the dense model's inference on the batch: with the student at half "
               f"the MACs a distilled step costs this much more than a plain one: {extra}. Whether that pays is in "
-              "`recovery.md` (ResNet-20, the same candidate, lr and cosine schedule): distillation led plain "
-              "cross-entropy at every one of 30 equal epochs (88.88 % against 87.60 % full test after 30), and "
-              "at about equal compute too — 30 cross-entropy epochs cost about as much as 18–19 distilled ones, "
-              "and the distilled run stood at 88.63 / 88.93 % after epochs 18 / 19 of its 30."]
+              "`recovery.md`, section \"Distillation against plain cross-entropy\": the two fine-tune curves of "
+              "each candidate at equal epochs and, with these ratios, at about equal compute."]
     return "\n".join(lines)
 
 

@@ -269,6 +269,7 @@ def update(path: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, An
         raw["recipe"] = recipe(raw)
         raw["how_far"] = how_far(raw)
         raw["candidates"] = candidates(raw)
+        raw["distillation"] = distillation(raw, step_cost_ratios())
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(raw, indent=1, default=str))
         os.replace(tmp, path)
@@ -459,6 +460,63 @@ def how_far(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                   "seconds_per_epoch": {"median": median, "fastest": secs[0] if secs else None},
                   "published_hours": {str(n): (None if median is None else round(n * median / 3600, 1))
                                       for n in PUBLISHED_EPOCHS}}
+    return out
+
+
+def _median(xs: Sequence[float]) -> float | None:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else None
+
+
+def step_cost_ratios() -> dict[str, float]:
+    """A distilled fine-tune step's cost over a plain one per model, as ``bench_distill_cost`` measured it
+    (interleaved repetitions on one machine; ``distill_cost.json``); empty when that file is missing or unreadable."""
+    try:
+        rows = json.loads((RESULTS / "distill_cost.json").read_text())["rows"]
+        return {str(r["model"]): float(r["kd_over_ce"]) for r in rows}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def distillation(raw: Mapping[str, Any], ratios: Mapping[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """Per model with both ``finetune`` curves started: distillation (``kd``) against plain cross-entropy (``ce``)
+    at equal epochs and at about equal compute, on the full test set (a reading of the curves; nothing is
+    selected on it).
+
+    ``kd_leads`` counts the common epochs where ``kd`` is higher, ``kd_leads_from`` is the first epoch after which
+    it stays higher; ``equal_compute`` compares ``ce`` after its last recorded epoch with ``kd`` after the epoch
+    that costs about as much: ``ce`` epochs / the cost of a distilled step over a plain one, from ``ratios``
+    (:func:`step_cost_ratios`: measured side by side) or else from the median wall seconds of the curves' epochs
+    (which may have run on different machines or thread counts: rougher)."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in MODELS:
+        recs = {v: raw.get("cells", {}).get(f"finetune|{m}|{v}") for v in VARIANTS}
+        logs = {v: {int(e["epoch"]): e for e in (r or {}).get("epochs_log", []) if e.get("test_top1") is not None}
+                for v, r in recs.items()}
+        common = sorted(set(logs["kd"]) & set(logs["ce"]))
+        if not common:
+            continue
+        diff = {e: float(logs["kd"][e]["test_top1"]) - float(logs["ce"][e]["test_top1"]) for e in common}
+        lead_from = next((e for e in common if all(diff[k] > 0 for k in common if k >= e)), None)
+        last = common[-1]
+        row: dict[str, Any] = {
+            "epochs": len(common), "last_epoch": last,
+            "done": all(r is not None and r.get("status") == "done" for r in recs.values()),
+            "kd_leads": sum(d > 0 for d in diff.values()), "kd_leads_from": lead_from,
+            "at_last": {"kd": logs["kd"][last]["test_top1"], "ce": logs["ce"][last]["test_top1"],
+                        "kd_minus_ce": round(diff[last], 2)},
+            "equal_compute": None}
+        sec = {v: _median([float(e["seconds"]) for e in logs[v].values() if e.get("seconds")]) for v in VARIANTS}
+        ratio, basis = (ratios or {}).get(m), "bench_distill_cost (per step, side by side)"
+        if ratio is None and sec["kd"] and sec["ce"]:
+            ratio, basis = sec["kd"] / sec["ce"], "median epoch wall seconds of the two curves"
+        ce_last = max(logs["ce"])
+        k = int(ce_last / ratio) if ratio else None
+        if k in logs["kd"]:
+            row["equal_compute"] = {"ce_epochs": ce_last, "ce": logs["ce"][ce_last]["test_top1"], "kd_epochs": k,
+                                    "kd": logs["kd"][k]["test_top1"], "kd_over_ce": round(float(ratio), 2),
+                                    "basis": basis}
+        out[m] = row
     return out
 
 
@@ -1209,6 +1267,27 @@ def _curves_section(raw: Mapping[str, Any], model: str) -> list[str]:
             "tests of the curve are timed apart (`eval_seconds` in the JSON).", ""]
 
 
+def _distillation_section(raw: Mapping[str, Any]) -> list[str]:
+    found = distillation(raw, step_cost_ratios())
+    if not found:
+        return []
+    lines = ["## Distillation against plain cross-entropy", "",
+             "Full-test top-1 of the two curves of each model (the same candidate, learning rate, cosine schedule and "
+             "seed). At about equal compute: plain cross-entropy after its last recorded epoch against distillation "
+             "after the epoch that costs about as much (a distilled step's cost over a plain one: `basis` in the "
+             "JSON).", "",
+             "| model | epochs compared | kd higher at | kd higher from epoch on | at the last of them: kd / ce % | "
+             "about equal compute: ce (epochs) / kd (epochs) % |", "|---|---|---|---|---|---|"]
+    for m, r in found.items():
+        eq = r["equal_compute"]
+        eq_text = "–" if eq is None else (f"{eq['ce']:.2f} ({eq['ce_epochs']}) / {eq['kd']:.2f} ({eq['kd_epochs']}); "
+                                         f"a kd step costs {eq['kd_over_ce']:.2f}×")
+        lines.append(f"| {m} | {r['epochs']}{'' if r['done'] else ' (unfinished)'} | {r['kd_leads']} of "
+                     f"{r['epochs']} | {_num(r['kd_leads_from'])} | {r['at_last']['kd']:.2f} / "
+                     f"{r['at_last']['ce']:.2f} ({r['at_last']['kd_minus_ce']:+.2f}) | {eq_text} |")
+    return [*lines, ""]
+
+
 def _superseded_section(raw: Mapping[str, Any]) -> list[str]:
     old = raw.get("superseded") or {}
     if not old:
@@ -1329,6 +1408,7 @@ def summarise(raw: Mapping[str, Any], s: Settings, names: Sequence[str]) -> str:
         f"Status: {len(finished)} of {len(names)} cells done"
         + (" (complete)." if len(finished) == len(names) else "; continue with `--resume`."), ""]
     lines += _goals_section(raw) + _how_far_section(raw) + _recipe_section(raw, s)
+    lines += _distillation_section(raw)
     for m in s.models:
         lines += _curves_section(raw, m)
     lines += _superseded_section(raw) + _sweep_section(raw) + _candidates_section(raw) + _infcop_section(raw, s)

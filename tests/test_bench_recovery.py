@@ -242,6 +242,36 @@ def test_a_baselines_candidate_is_fine_tuned_with_the_sweeps_recipe_and_compared
     assert "| resnet20 | uniform | uniform/seed0/0 | 0.490 |" in md
 
 
+def test_distillation_against_cross_entropy_at_equal_epochs_and_about_equal_compute(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(br, "RESULTS", tmp_path)
+    kd = _ft("kd", [(88.0, 88.0, 88.0), (89.5, 89.0, 89.0), (90.0, 90.0, 90.0), (90.6, 90.0, 90.0)], epochs=4)
+    ce = _ft("ce", [(89.0, 89.0, 89.0), (89.0, 89.0, 89.0), (89.8, 89.0, 89.0), (90.1, 90.0, 90.0)], epochs=4)
+    for e in kd["epochs_log"]:
+        e["seconds"] = 120.0  # a distilled epoch takes twice the wall time here
+    raw = {"cells": {"finetune|resnet20|kd": kd, "finetune|resnet20|ce": ce}}
+    r = br.distillation(raw)["resnet20"]
+    assert (r["epochs"], r["kd_leads"], r["kd_leads_from"], r["done"]) == (4, 3, 2, True)
+    assert r["at_last"] == {"kd": 90.6, "ce": 90.1, "kd_minus_ce": 0.5}
+    # Without a side-by-side measurement: the epochs' median wall seconds (2×) — 4 ce epochs ≈ 2 kd epochs.
+    eq = r["equal_compute"]
+    assert (eq["ce_epochs"], eq["kd_epochs"], eq["ce"], eq["kd"], eq["kd_over_ce"]) == (4, 2, 90.1, 89.5, 2.0)
+    assert "median" in eq["basis"]
+    # The per-step ratio bench_distill_cost measured takes precedence.
+    (tmp_path / "distill_cost.json").write_text(json.dumps({"rows": [{"model": "resnet20", "kd_over_ce": 1.3}]}))
+    assert br.step_cost_ratios() == {"resnet20": 1.3}
+    eq = br.distillation(raw, br.step_cost_ratios())["resnet20"]["equal_compute"]
+    assert (eq["kd_epochs"], eq["kd"]) == (3, 90.0) and "distill_cost" in eq["basis"]
+    (tmp_path / "distill_cost.json").write_text("{damaged")
+    assert br.step_cost_ratios() == {}
+    # An unfinished pair is compared over its common epochs and says so; a model without both curves is absent.
+    ce["status"], ce["epochs_log"] = "partial", ce["epochs_log"][:2]
+    part = br.distillation(raw)
+    assert set(part) == {"resnet20"} and part["resnet20"]["epochs"] == 2 and not part["resnet20"]["done"]
+    md = "\n".join(br._distillation_section(raw))
+    assert "| resnet20 | 2 (unfinished) | 1 of 2 | 2 |" in md
+
+
 def test_cell_names_and_per_model_options() -> None:
     assert br.cell_names(br.Settings.quick_run()) == [
         "search|resnet20", "lr|resnet20|0.01", "lr|resnet20|0.1", "finetune|resnet20|kd", "finetune|resnet20|ce",

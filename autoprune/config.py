@@ -180,6 +180,12 @@ class ExportConfig:
         memory_format: Memory layout of the exported float model: ``auto`` (both timed on this machine at batch
             1 and 64, the faster kept: :mod:`autoprune.deploy`), ``contiguous`` or ``channels_last``; recorded
             in the artifact, which loads in it.
+        bn_after_finetune: The BN statistics of the fine-tuned network: ``keep`` (the running averages training
+            left, the default) or ``recalibrate`` (re-estimated on ``calibration_batches`` un-augmented training
+            batches, as the search scores candidates; the behaviour before 2026-12-06). Re-estimating after
+            training cost the pruned CIFAR ResNet-56 about 3 points of test accuracy
+            (``results/benchmarks/bn_after_finetune.md``): the network was trained with the statistics of
+            augmented batches, and un-augmented training images it has fitted are not like test images.
     """
 
     finetune: Literal["fixed", "infcop", "none"] = "fixed"
@@ -193,6 +199,7 @@ class ExportConfig:
     distill_temperature: float = 4.0
     fold_bn: bool = True
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
+    bn_after_finetune: Literal["keep", "recalibrate"] = "keep"
 
 
 @dataclass(frozen=True)

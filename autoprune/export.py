@@ -51,6 +51,8 @@ log = logging.getLogger("autoprune.export")
 EXPORT_DIR = "export"
 #: The export fine-tune saved after every epoch (removed once the export is complete).
 FINETUNE_CHECKPOINT = "finetune.ckpt"
+#: What the BN statistics are after a training fine-tune (:func:`finetune`'s ``bn_after``).
+BN_AFTER = ("keep", "recalibrate")
 #: Largest tolerated difference between the in-memory and the reloaded model's logits.
 LOGIT_TOLERANCE = 1e-4
 
@@ -151,12 +153,14 @@ def _selected(row: pd.Series) -> SelectedTrial:
 def finetune(camp: Campaign, module: nn.Module, *, method: str, epochs: float, lr: float,
              settings: Mapping[str, Any] | None = None, bn_batches: int = 20,
              checkpoint: Path | None = None, checkpoint_key: str = "",
-             on_epoch: EpochCallback | None = None) -> tuple[nn.Module, dict[str, Any]]:
+             on_epoch: EpochCallback | None = None, bn_after: str = "keep") -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune a copy of ``module`` with the campaign's training data; return it and what was done.
 
     BN statistics of the pruned network are re-estimated on ``bn_batches`` training batches before training
-    (the running statistics of the dense network no longer fit) and again at the end (the candidate was
-    scored that way during the search, and a short fine-tune leaves the running averages behind). Progress:
+    (the running statistics of the dense network no longer fit). After training they are what ``bn_after``
+    says: ``keep`` the running averages training left (the default; see :class:`~autoprune.config.ExportConfig`
+    ``bn_after_finetune`` for the measurement) or ``recalibrate`` them on ``bn_batches`` un-augmented training
+    batches (how the search scored the candidate before it was trained). Progress:
     a line per epoch (or four for less than one epoch) with loss, training accuracy, learning rate and seconds
     (:func:`autoprune.train.watch_training`; not under ``--quiet``).
 
@@ -170,6 +174,7 @@ def finetune(camp: Campaign, module: nn.Module, *, method: str, epochs: float, l
         lr: Peak learning rate.
         settings: More evaluator settings (``momentum``, ``max_steps`` for ``infcop``, ...).
         bn_batches: Batches of the BN re-estimation.
+        bn_after: ``keep`` or ``recalibrate``: the BN statistics after a ``fixed`` or ``infcop`` fine-tune.
         checkpoint: For ``fixed``: the file the fine-tune is saved to after every epoch; a killed export run
             again continues after the last saved epoch, with the same result.
         checkpoint_key: What is fine-tuned (a checkpoint of another candidate or other settings is not resumed).
@@ -184,6 +189,9 @@ def finetune(camp: Campaign, module: nn.Module, *, method: str, epochs: float, l
     from autoprune.evaluate import TrainingEvaluator, recalibrate_bn
     from autoprune.train import evaluate, watch_training
 
+    if bn_after not in BN_AFTER:
+        raise ConfigError(f"unknown BN setting after the fine-tune {bn_after!r}",
+                          hint="use " + " or ".join(BN_AFTER))
     def recalibrate(model: nn.Module) -> None:
         camp.calib_loader.set_epoch(0)
         recalibrate_bn(model, camp.calib_loader, bn_batches)
@@ -236,10 +244,11 @@ def finetune(camp: Campaign, module: nn.Module, *, method: str, epochs: float, l
             report = after_epoch
         outcome = ev.fine_tune(work, report=report)  # trains our own copy in place (we keep the weights)
     work = work.cpu()
-    recalibrate(work)
+    if bn_after == "recalibrate":
+        recalibrate(work)
     val = evaluate(work, camp.val_loader, desc="val")
     info = {"method": method, "evaluator": name, "settings": {k: v for k, v in kw.items() if _plain(v)},
-            "val_accuracy": float(val.top1), "bn_batches": bn_batches,
+            "val_accuracy": float(val.top1), "bn_batches": bn_batches, "bn_after": bn_after,
             **{k: v for k, v in outcome.extra.items() if k in ("steps", "epochs", "stop_reason", "distill",
                                                                 "resumed_after_epoch")}}
     if info.get("resumed_after_epoch"):
@@ -400,10 +409,12 @@ def export_trial(camp: Campaign, trial: SelectedTrial, *, out_dir: str | os.Path
                               settings={"distill": ecfg.distill, "distill_temperature": ecfg.distill_temperature,
                                         **ecfg.kwargs},
                               bn_batches=ecfg.calibration_batches, checkpoint=out / FINETUNE_CHECKPOINT,
-                              checkpoint_key=f"{trial.label}|{cand.key()}|seed{cfg.seed}", on_epoch=on_epoch)
+                              checkpoint_key=f"{trial.label}|{cand.key()}|seed{cfg.seed}", on_epoch=on_epoch,
+                              bn_after=ecfg.bn_after_finetune)
     if "val_accuracy" in ft_info:
-        progress_line(f"fine-tuned: val accuracy {100 * ft_info['val_accuracy']:.2f} % after batch-norm "
-                      "re-estimation", with_bars=True)
+        bn = ("after batch-norm re-estimation" if ft_info.get("bn_after", "recalibrate") == "recalibrate"
+              else "with the batch-norm statistics training left")
+        progress_line(f"fine-tuned: val accuracy {100 * ft_info['val_accuracy']:.2f} % {bn}", with_bars=True)
     deploy_info: dict[str, Any] = {"bn_folded": bool(cand.bits), "memory_format": "contiguous"}
     if cand.bits:
         final = quantize(camp, tuned, cand.bits, ecfg.calibration_batches)  # folds BN itself

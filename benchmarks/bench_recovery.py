@@ -162,6 +162,10 @@ class Settings:
         "resnet20": (0.001, 0.003, 0.01, 0.03, 0.1), "resnet56": (0.001, 0.003, 0.01, 0.03)})
     sweep_epochs: float = 3
     baselines: tuple[str, ...] = BASELINES
+    #: ``export.bn_after_finetune`` of every fine-tune here. The recorded cells ran when the export re-estimated
+    #: BN statistics after its fine-tune, so they are continued that way; ``bench_bn_after_finetune`` measures
+    #: what that costs (the product now keeps the running statistics). Cells run with ``keep`` need ``--redo``.
+    bn_after: str = "recalibrate"
     imp_iterations: int = 5
     imp_rounds: int = 4
     imp_round_epochs: float = 0.5
@@ -713,7 +717,8 @@ def make_job(s: Settings, raw: Mapping[str, Any], name: str) -> Job:
                else work_dir(s) / model / "export" / f"{variant}-lr{lr:g}-e{epochs:g}")
     distill = s.kd_weight if variant == "kd" else 0.0
     return Job(name, model, variant, lr, epochs, distill, s.kd_temperature, trial, out,
-               latency=s.latency and kind == "finetune", extra=s.export_overrides)
+               latency=s.latency and kind == "finetune",
+               extra=(f"export.bn_after_finetune={s.bn_after}", *s.export_overrides))
 
 
 @dataclass
@@ -776,13 +781,15 @@ def top1_on_halves(ctx: Context, model: Any) -> dict[str, float]:
 
 
 def epoch_accuracy(ctx: Context, model: Any) -> dict[str, float]:
-    """What the export does to its final network before testing it (BN statistics re-estimated on the calibration
-    batches), then the test accuracies. ``model`` is a copy of the network in training."""
+    """What the export does to its final network before testing it (with ``export.bn_after_finetune=recalibrate``
+    BN statistics re-estimated on the calibration batches), then the test accuracies. ``model`` is a copy of the
+    network in training."""
     from autoprune.evaluate import recalibrate_bn
 
     camp = ctx.camp
-    camp.calib_loader.set_epoch(0)
-    recalibrate_bn(model, camp.calib_loader, camp.config.export.calibration_batches)
+    if camp.config.export.bn_after_finetune == "recalibrate":
+        camp.calib_loader.set_epoch(0)
+        recalibrate_bn(model, camp.calib_loader, camp.config.export.calibration_batches)
     return top1_on_halves(ctx, model)
 
 
@@ -1402,6 +1409,12 @@ def summarise(raw: Mapping[str, Any], s: Settings, names: Sequence[str]) -> str:
         "nothing is selected on either. Half A decides the two choices the benchmark makes: the learning rate "
         "(sweep) and which of `kd`/`ce` the headline reports. Search validation images are carved from the training "
         "set the pretrained weights saw (optimistic; they only rank candidates).", "",
+        f"**BN statistics:** these fine-tunes run with `export.bn_after_finetune={s.bn_after}`"
+        + (" — BN statistics re-estimated after the fine-tune (on `export.calibration_batches` un-augmented "
+           "training batches), the export's behaviour when these cells were recorded. It costs accuracy: "
+           "`bn_after_finetune.md` measures the same fine-tunes with the running statistics training left, the "
+           "export's default now (about 3 points on ResNet-56). The cells are rerun that way with "
+           "`--redo` once `Settings.bn_after` is `keep`." if s.bn_after == "recalibrate" else "."), "",
         *([f"**Smoke run** (`--quick`): tests on a stratified {s.test_images:,} of the 10,000 test images, "
             f"validation on {s.val_images:,} images, fractions of an epoch; its accuracies mean nothing.", ""]
           if s.test_images else []),

@@ -313,3 +313,39 @@ def test_latency_caveat_only_when_the_spread_hides_the_difference() -> None:
     assert latency_caveat(clear) == ""
     old = {"original": {"median_ms": 1.0, "iqr_ms": 0.3}, "exported": {"median_ms": 1.1, "iqr_ms": 0.1}}  # no low_ms
     assert "0.100 ms" in latency_caveat(old) and latency_caveat({}) == ""
+
+
+@pytest.mark.parametrize("bn_after", ["keep", "recalibrate"])
+def test_the_bn_statistics_after_the_fine_tune_are_kept_or_re_estimated(user_campaign: tuple, bn_after: str) -> None:
+    from autoprune import pruning
+    from autoprune.evaluate import batchnorm_layers, recalibrate_bn
+    from autoprune.export import finetune
+
+    camp, store, _ = user_campaign
+    trial = select_trial(store.to_dataframe())
+    pruned = pruning.apply(camp.model, camp.groups, dict(trial.candidate.widths))
+    seen: list[torch.nn.Module] = []
+    tuned, info = finetune(camp, pruned, method="fixed", epochs=0.25, lr=0.02, bn_batches=3, bn_after=bn_after,
+                           on_epoch=lambda epoch, model, acc: seen.append(model))
+    assert info["bn_after"] == bn_after and len(seen) == 1
+    left = seen[0]  # a copy of the network as training left it, running statistics included
+    if bn_after == "recalibrate":
+        camp.calib_loader.set_epoch(0)
+        recalibrate_bn(left, camp.calib_loader, 3)
+    got, want = batchnorm_layers(tuned), batchnorm_layers(left)
+    assert got and len(got) == len(want)
+    for a, b in zip(got, want):
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+    for name, p in tuned.named_parameters():
+        assert torch.equal(p, dict(left.named_parameters())[name])  # only the statistics may differ
+
+
+def test_an_unknown_bn_setting_after_the_fine_tune_is_a_config_error(user_campaign: tuple) -> None:
+    from autoprune.export import finetune
+
+    camp = user_campaign[0]
+    with pytest.raises(ConfigError, match="keep or recalibrate"):
+        finetune(camp, camp.model, method="fixed", epochs=0.25, lr=0.02, bn_after="sometimes")
+    with pytest.raises(ConfigError, match="bn_after_finetune"):
+        config_from_dict({"name": "x", "model": {"name": "small_cnn"}, "dataset": {"name": "digits"},
+                          "export": {"bn_after_finetune": "sometimes"}})

@@ -13,9 +13,11 @@ after re-estimating them on 20 and on 100 un-augmented training batches of 128 (
 default); its test accuracy and the reloaded model's are recorded.
 
 One cell per model (``resnet20``, ``resnet56``), each written to ``results/benchmarks/bn_after_finetune.json`` when
-it ends (``--resume`` skips finished cells). Usage::
+it ends (``--resume`` skips finished cells). ``--quick`` is a smoke run (ResNet-20, 0.05 of an epoch, 1,000 test
+images; ``bn_after_finetune_quick.*``). Usage::
 
-    python -m benchmarks.bench_bn_after_finetune [--models resnet20,resnet56] [--epochs 1] [--threads 1] [--resume]
+    python -m benchmarks.bench_bn_after_finetune [--quick] [--models resnet20,resnet56] [--epochs 1] [--threads 1]
+        [--resume]
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ def _log(msg: str) -> None:
     print(f"[bn {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def json_path() -> Path:
-    return RESULTS / f"{NAME}.json"
+def json_path(quick: bool = False) -> Path:
+    return RESULTS / f"{NAME}{'_quick' if quick else ''}.json"
 
 
 def measure_both(ctx: br.Context, model: Any) -> dict[str, Any]:
@@ -88,6 +90,8 @@ def run_cell(s: br.Settings, raw_recovery: dict[str, Any], model: str, epochs: f
 
 def summarise(raw: dict[str, Any]) -> str:
     lines = [
+        *(["**Smoke run** (`--quick`): a fraction of an epoch, 1,000 test images; its accuracies mean nothing.", ""]
+          if raw.get("quick") else []),
         "The product's export fine-tune (distillation, the recovery recipe's learning rate, cosine over the run) of "
         "each recovery campaign's candidate; after every epoch a copy of the network is tested with the BN running "
         "statistics training left and after re-estimating them on un-augmented training batches (what the export "
@@ -114,13 +118,16 @@ def summarise(raw: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="resnet20,resnet56", help="comma-separated (default resnet20,resnet56)")
-    p.add_argument("--epochs", type=float, default=1.0, help="export fine-tune epochs (default 1)")
+    p.add_argument("--quick", action="store_true", help="smoke run: ResNet-20, 0.05 of an epoch, 1,000 test images")
+    p.add_argument("--models", default=None, help="comma-separated (default resnet20,resnet56)")
+    p.add_argument("--epochs", type=float, default=None, help="export fine-tune epochs (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--resume", action="store_true", help="keep finished cells of the JSON")
     args = p.parse_args(argv)
-    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    if not set(models) <= set(br.MODELS) or args.epochs <= 0:
+    models = tuple(m.strip() for m in (args.models or ("resnet20" if args.quick else "resnet20,resnet56")).split(",")
+                   if m.strip())
+    epochs = args.epochs if args.epochs is not None else (0.05 if args.quick else 1.0)
+    if not set(models) <= set(br.MODELS) or epochs <= 0:
         print(f"error: --models must name {', '.join(br.MODELS)} and --epochs be > 0\n"
               "hint: e.g. --models resnet56 --epochs 1", file=sys.stderr)
         return 2
@@ -131,23 +138,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     from autoprune.utils import configure_threads
 
     configure_threads(args.threads)
-    s = br.Settings(models=models, threads=args.threads)
+    s = br.Settings(models=models, threads=args.threads, test_images=1000 if args.quick else None,
+                    val_images=500 if args.quick else None)
     problem = br.restore_carry(s)
     if problem:
         print(problem, file=sys.stderr)
         return 2
     recovery = br.read_raw(br.json_path(s))
-    path = json_path()
+    path = json_path(args.quick)
     raw: dict[str, Any] = json.loads(path.read_text()) if args.resume and path.is_file() else {"cells": {}}
     for m in models:
         if m in raw["cells"]:
             _log(f"{m}: done (kept)")
             continue
-        raw["cells"][m] = run_cell(s, recovery, m, args.epochs)
-        raw.update(command=command_line(), commit=git_commit())
+        raw["cells"][m] = run_cell(s, recovery, m, epochs)
+        raw.update(command=command_line(), commit=git_commit(), quick=args.quick)
         path.write_text(json.dumps(raw, indent=1, default=str))
-        write_result(NAME, "BN statistics of an exported model: kept or re-estimated after the fine-tune",
-                     summarise(raw))
+        write_result(NAME + ("_quick" if args.quick else ""),
+                     "BN statistics of an exported model: kept or re-estimated after the fine-tune", summarise(raw))
     _log(f"wrote {path}")
     return 0
 

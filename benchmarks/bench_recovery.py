@@ -1413,7 +1413,7 @@ def summarise(raw: Mapping[str, Any], s: Settings, names: Sequence[str]) -> str:
         + (" — BN statistics re-estimated after the fine-tune (on `export.calibration_batches` un-augmented "
            "training batches), the export's behaviour when these cells were recorded. It costs accuracy: "
            "`bn_after_finetune.md` measures the same fine-tunes with the running statistics training left, the "
-           "export's default now (about 3 points on ResNet-56). The cells are rerun that way with "
+           "export's default now (2.1 points on ResNet-20 after one epoch). The cells are rerun that way with "
            "`--redo` once `Settings.bn_after` is `keep`." if s.bn_after == "recalibrate" else "."), "",
         *([f"**Smoke run** (`--quick`): tests on a stratified {s.test_images:,} of the 10,000 test images, "
             f"validation on {s.val_images:,} images, fractions of an epoch; its accuracies mean nothing.", ""]

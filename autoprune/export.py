@@ -565,6 +565,9 @@ def model_card(camp: Campaign, trial: SelectedTrial, m: Mapping[str, Any]) -> st
         + (f" (validation images {m['val_caveat']})" if m.get("val_caveat") else "")
         + (f", reward {trial.reward:.4f}" if trial.reward is not None else "") + ".\n",
         f"Final fine-tune: {ft_text}" + (_distill_text(ft["distill"]) if ft.get("distill") else "")
+        + ({"keep": "; batch-norm statistics as training left them",
+            "recalibrate": f"; batch-norm statistics re-estimated on {ft.get('bn_batches', '?')} training batches "
+                           "after it"}.get(ft.get("bn_after", ""), ""))
         + (f"; validation accuracy after it {_pct(ft.get('val_accuracy'))}" if "val_accuracy" in ft else "")
         + ".\n",
         "## Results (test split)\n",

@@ -24,8 +24,8 @@ HERE = Path(__file__).resolve().parent
 # Cheap, engine-level benchmarks first; search-level ones (which train and evaluate networks) last.
 # The reliability soak (an hour, with the test suite under load) runs last.
 ORDER = ["data_loading", "engine", "engine_zoo", "env_overhead", "quantization", "deployment", "latency",
-         "search_cost", "fidelity", "ranking", "infcop_imp", "recovery", "searchers", "differentiable", "rl_center",
-         "search_quality", "search_budget", "reliability"]
+         "search_cost", "fidelity", "ranking", "infcop_imp", "recovery", "bn_after_finetune", "searchers",
+         "differentiable", "rl_center", "search_quality", "search_budget", "reliability"]
 #: Benchmarks that run in another environment than this one: name → its Python, made by the named make target.
 ENVIRONMENTS = {"engine_zoo": (HERE.parent / ".venv-vision" / "bin" / "python", "make setup-vision")}
 

@@ -160,6 +160,7 @@ def test_export_distils_from_the_dense_model_when_asked(user_campaign: tuple, tm
     d = res.metrics["finetune"]["distill"]
     assert (d["weight"], d["temperature"]) == (0.5, 3.0) and d["teacher_batches"] == res.metrics["finetune"]["steps"]
     assert "distilled from the dense model (weight 0.5, temperature 3" in res.card.read_text()
+    assert "batch-norm statistics as training left them" in res.card.read_text()  # export.bn_after_finetune: keep
     assert res.metrics["check"]["passed"]
 
 

@@ -173,7 +173,8 @@ class ExportConfig:
         distill: Weight ``α`` in [0, 1] of knowledge distillation from the dense model in the fine-tune
             (:mod:`autoprune.distill`; 0 = plain cross-entropy). Default 0.9: on ResNet-20 at 50 % of the MACs
             it led plain cross-entropy at every one of 30 equal epochs, by 0.5–1.6 points on the full test set
-            (88.88 % against 87.60 % after 30; ``results/benchmarks/recovery.md``).
+            (88.88 % against 87.60 % after 30), on ResNet-56 from epoch 10 on (91.26 % against 90.31 % after 30;
+            at about equal compute 91.16 % after 19 distilled epochs; ``results/benchmarks/recovery.md``).
         distill_temperature: Temperature ``T`` of the distillation.
         fold_bn: Fold every BatchNorm that follows a conv into it in the exported float model (exact in eval
             mode and faster on CPUs: results/benchmarks/latency.md); quantized exports always fold.

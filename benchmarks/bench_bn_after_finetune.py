@@ -63,9 +63,7 @@ def run_cell(s: br.Settings, raw_recovery: dict[str, Any], model: str, epochs: f
     """The export fine-tune of ``model``'s campaign candidate, measured after every epoch (see the module doc)."""
     search = br.done(raw_recovery, f"search|{model}")
     chosen = br.choose_lr(raw_recovery, model)
-    if search is None or chosen is None:
-        raise SystemExit(f"error: recovery.json has no finished search|{model} and lr|{model}|… cells\n"
-                         "hint: run python -m benchmarks.bench_recovery --resume --only 'search,lr' first")
+    assert search is not None and chosen is not None, "main() checks the recovery cells first"
     job = br.Job(f"bn|{model}", model, "kd", float(chosen["lr"]), float(epochs), s.kd_weight, s.kd_temperature,
                  search["best"]["trial"], br.work_dir(s) / model / "bn" / f"kd-lr{chosen['lr']:g}-e{epochs:g}",
                  latency=False, extra=("export.bn_after_finetune=keep",))
@@ -145,6 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(problem, file=sys.stderr)
         return 2
     recovery = br.read_raw(br.json_path(s))
+    not_ready = [m for m in models if br.done(recovery, f"search|{m}") is None or br.choose_lr(recovery, m) is None]
+    if not_ready:
+        print(f"error: recovery.json has no finished search and learning-rate sweep of {', '.join(not_ready)}\n"
+              "hint: run python -m benchmarks.bench_recovery --resume --only 'search,lr' first", file=sys.stderr)
+        return 2
     path = json_path(args.quick)
     raw: dict[str, Any] = json.loads(path.read_text()) if args.resume and path.is_file() else {"cells": {}}
     for m in models:

@@ -30,3 +30,16 @@ def test_bad_options_are_an_error_with_a_hint_and_exit_2(argv: list[str], capsys
     assert bn.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "\nhint: " in err
+
+
+def test_without_the_recovery_cells_it_says_what_to_run_first_and_exits_2(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import bench_recovery as br
+
+    monkeypatch.setattr(br, "RESULTS", tmp_path)
+    monkeypatch.setattr(br, "data_error", lambda models: None)
+    assert bn.main(["--models", "resnet20"]) == 2
+    err = capsys.readouterr().err
+    assert "error: recovery.json has no finished search and learning-rate sweep of resnet20" in err
+    assert "hint: run python -m benchmarks.bench_recovery" in err
+    assert not (tmp_path / "bn_after_finetune.json").exists()

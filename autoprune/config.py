@@ -153,6 +153,11 @@ class SearcherConfig:
         return out
 
 
+#: What the export does with BN statistics after its fine-tune (``export.bn_after_finetune``).
+BnAfter = Literal["keep", "recalibrate"]
+BN_AFTER: tuple[str, ...] = typing.get_args(BnAfter)
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """Final fine-tune and artifacts of ``autoprune export``.
@@ -201,7 +206,7 @@ class ExportConfig:
     distill_temperature: float = 4.0
     fold_bn: bool = True
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
-    bn_after_finetune: Literal["keep", "recalibrate"] = "keep"
+    bn_after_finetune: BnAfter = "keep"
 
 
 @dataclass(frozen=True)

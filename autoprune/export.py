@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from autoprune.config import BN_AFTER
 from autoprune.deploy import memory_format_summary
 from autoprune.errors import AutoPruneError, ConfigError
 from autoprune.types import Candidate, QuantSpec
@@ -51,8 +52,6 @@ log = logging.getLogger("autoprune.export")
 EXPORT_DIR = "export"
 #: The export fine-tune saved after every epoch (removed once the export is complete).
 FINETUNE_CHECKPOINT = "finetune.ckpt"
-#: What the BN statistics are after a training fine-tune (:func:`finetune`'s ``bn_after``).
-BN_AFTER = ("keep", "recalibrate")
 #: Largest tolerated difference between the in-memory and the reloaded model's logits.
 LOGIT_TOLERANCE = 1e-4
 

@@ -162,10 +162,10 @@ class Settings:
         "resnet20": (0.001, 0.003, 0.01, 0.03, 0.1), "resnet56": (0.001, 0.003, 0.01, 0.03)})
     sweep_epochs: float = 3
     baselines: tuple[str, ...] = BASELINES
-    #: ``export.bn_after_finetune`` of every fine-tune here. The recorded cells ran when the export re-estimated
-    #: BN statistics after its fine-tune, so they are continued that way; ``bench_bn_after_finetune`` measures
-    #: what that costs (the product now keeps the running statistics). Cells run with ``keep`` need ``--redo``.
-    bn_after: str = "recalibrate"
+    #: ``export.bn_after_finetune`` of every fine-tune here (the export's reading of a cell). Training does not
+    #: depend on it: every epoch is read both ways (:func:`epoch_accuracy`). Cells recorded before it was a
+    #: setting ran with ``recalibrate`` (:func:`cell_bn`) and read only that way; ``--redo`` reruns them.
+    bn_after: str = "keep"
     imp_iterations: int = 5
     imp_rounds: int = 4
     imp_round_epochs: float = 0.5
@@ -323,14 +323,16 @@ def _final(rec: Mapping[str, Any], key: str) -> float | None:
 
 
 def headline_source(raw: Mapping[str, Any], model: str) -> str | None:
-    """The fine-tune cell of ``model`` the headline reports: of the finished ``kd`` and ``ce`` runs, the one with
-    the higher final half-A top-1 (the selection half; ties to ``kd``). The full test set and half B decide
-    nothing."""
+    """The fine-tune cell of ``model`` the headline reports: of the finished ``kd`` and ``ce`` runs whose export
+    treats BN statistics as the product does by default (``export.bn_after_finetune``; cells of the old export
+    only while none is), the one with the higher final half-A top-1 (the selection half; ties to ``kd``). The
+    full test set and half B decide nothing."""
+    from autoprune.config import ExportConfig
+
+    recs = {v: rec for v in VARIANTS if (rec := done(raw, f"finetune|{model}|{v}")) is not None}
+    product = {v: r for v, r in recs.items() if cell_bn(r) == ExportConfig().bn_after_finetune}
     best, best_a = None, -math.inf
-    for v in VARIANTS:
-        rec = done(raw, f"finetune|{model}|{v}")
-        if rec is None:
-            continue
+    for v, rec in (product or recs).items():
         a = _final(rec, "half_a")
         a = -1.0 if a is None else float(a)
         if a > best_a:
@@ -495,7 +497,11 @@ def distillation(raw: Mapping[str, Any], ratios: Mapping[str, float] | None = No
     out: dict[str, dict[str, Any]] = {}
     for m in MODELS:
         recs = {v: raw.get("cells", {}).get(f"finetune|{m}|{v}") for v in VARIANTS}
-        logs = {v: {int(e["epoch"]): e for e in (r or {}).get("epochs_log", []) if e.get("test_top1") is not None}
+        mode = common_bn(*(r for r in recs.values() if r)) if all(recs.values()) else None
+        if mode is None:
+            continue
+        logs = {v: {int(e["epoch"]): read for e in (r or {}).get("epochs_log", [])
+                    if (read := reading(r or {}, e, mode)) is not None and read.get("test_top1") is not None}
                 for v, r in recs.items()}
         common = sorted(set(logs["kd"]) & set(logs["ce"]))
         if not common:
@@ -504,13 +510,14 @@ def distillation(raw: Mapping[str, Any], ratios: Mapping[str, float] | None = No
         lead_from = next((e for e in common if all(diff[k] > 0 for k in common if k >= e)), None)
         last = common[-1]
         row: dict[str, Any] = {
-            "epochs": len(common), "last_epoch": last,
+            "bn_after": mode, "epochs": len(common), "last_epoch": last,
             "done": all(r is not None and r.get("status") == "done" for r in recs.values()),
             "kd_leads": sum(d > 0 for d in diff.values()), "kd_leads_from": lead_from,
             "at_last": {"kd": logs["kd"][last]["test_top1"], "ce": logs["ce"][last]["test_top1"],
                         "kd_minus_ce": round(diff[last], 2)},
             "equal_compute": None}
-        sec = {v: _median([float(e["seconds"]) for e in logs[v].values() if e.get("seconds")]) for v in VARIANTS}
+        sec = {v: _median([float(e["seconds"]) for e in (recs[v] or {}).get("epochs_log", []) if e.get("seconds")])
+               for v in VARIANTS}
         ratio, basis = (ratios or {}).get(m), "bench_distill_cost (per step, side by side)"
         if ratio is None and sec["kd"] and sec["ce"]:
             ratio, basis = sec["kd"] / sec["ce"], "median epoch wall seconds of the two curves"
@@ -528,7 +535,8 @@ def candidates(raw: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Per model, the campaign's candidate and every baseline's after the same short recipe: each finished
     ``cand|M|B`` cell beside the campaign's sweep cell at the same learning rate (``kd``, the same epochs, seed
     and schedule). Rows: searcher, trial, MACs ratio, validation accuracy during the search (optimistic), final
-    half A / full test / half B top-1; the campaign's row first."""
+    half A / full test / half B top-1 with the BN statistics all of them were read with (``bn_after``); the
+    campaign's row first."""
     out: dict[str, list[dict[str, Any]]] = {}
     cells = raw.get("cells", {})
     for m in MODELS:
@@ -540,16 +548,18 @@ def candidates(raw: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
         lrs = {float(r["params"]["lr"]) for r in cands.values()}
         pairs = [(f"search|{m}", f"lr|{m}|{lr:g}", "") for lr in sorted(lrs)]
         pairs += [(f"search|{m}|{b}", f"cand|{m}|{b}", b) for b in cands]
-        for search_name, ft_name, baseline in pairs:
-            search, ft = done(raw, search_name), done(raw, ft_name)
-            if search is None or ft is None:
-                continue
+        found = [(sr, fn, ft, b) for sn, fn, b in pairs if (sr := done(raw, sn)) is not None
+                 and (ft := done(raw, fn)) is not None and ft.get("epochs_log")]
+        mode = common_bn(*(ft for _, _, ft, _ in found))
+        for search, ft_name, ft, baseline in found:
             best = search["best"]
             searcher = baseline or search["params"].get("searcher", "campaign")
+            final = (reading(ft, ft["epochs_log"][-1], mode) if mode else None) or {}
             rows.append({"searcher": searcher, "cell": ft_name, "trial": best["trial"],
-                         "macs_ratio": best["macs_ratio"], "val_accuracy": round(100 * best["val_accuracy"], 2),
-                         "lr": ft["params"]["lr"], "epochs": ft["params"]["epochs"],
-                         **{k: _final(ft, k) for k in ("half_a", "test_top1", "half_b")}})
+                         "macs_ratio": best["macs_ratio"],
+                         "val_accuracy": round(100 * best["val_accuracy"], 2), "lr": ft["params"]["lr"],
+                         "epochs": ft["params"]["epochs"], "bn_after": mode,
+                         **{k: final.get(k) for k in ("half_a", "test_top1", "half_b")}})
         out[m] = rows
     return out
 
@@ -680,16 +690,19 @@ class Job:
     temperature: float
     trial: str
     out_dir: Path
+    bn_after: str = "keep"
     latency: bool = True
     extra: tuple[str, ...] = ()
 
     def params(self) -> dict[str, Any]:
         return {"variant": self.variant, "lr": self.lr, "epochs": _epochs_value(self.epochs),
-                "distill": self.distill, "temperature": self.temperature, "trial": self.trial}
+                "distill": self.distill, "temperature": self.temperature, "trial": self.trial,
+                "bn_after": self.bn_after}
 
     def overrides(self) -> list[str]:
         return ["export.finetune=fixed", f"export.epochs={self.epochs:g}", f"export.lr={self.lr:g}",
-                f"export.distill={self.distill:g}", f"export.distill_temperature={self.temperature:g}", *self.extra]
+                f"export.distill={self.distill:g}", f"export.distill_temperature={self.temperature:g}",
+                f"export.bn_after_finetune={self.bn_after}", *self.extra]
 
 
 def make_job(s: Settings, raw: Mapping[str, Any], name: str) -> Job:
@@ -716,9 +729,8 @@ def make_job(s: Settings, raw: Mapping[str, Any], name: str) -> Job:
         out = (work_dir(s) / model / "candidates" / f"{arg}-lr{lr:g}-e{epochs:g}" if kind == "cand"
                else work_dir(s) / model / "export" / f"{variant}-lr{lr:g}-e{epochs:g}")
     distill = s.kd_weight if variant == "kd" else 0.0
-    return Job(name, model, variant, lr, epochs, distill, s.kd_temperature, trial, out,
-               latency=s.latency and kind == "finetune",
-               extra=(f"export.bn_after_finetune={s.bn_after}", *s.export_overrides))
+    return Job(name, model, variant, lr, epochs, distill, s.kd_temperature, trial, out, bn_after=s.bn_after,
+               latency=s.latency and kind == "finetune", extra=tuple(s.export_overrides))
 
 
 @dataclass
@@ -780,17 +792,50 @@ def top1_on_halves(ctx: Context, model: Any) -> dict[str, float]:
             "half_b": round(100 * b.top1, 2), "test_images": a.samples + b.samples}
 
 
-def epoch_accuracy(ctx: Context, model: Any) -> dict[str, float]:
-    """What the export does to its final network before testing it (with ``export.bn_after_finetune=recalibrate``
-    BN statistics re-estimated on the calibration batches), then the test accuracies. ``model`` is a copy of the
-    network in training."""
+def epoch_accuracy(ctx: Context, model: Any) -> dict[str, Any]:
+    """The test accuracies of ``model`` (a copy of the network in training) read both ways the export can leave
+    its BN statistics: with the running statistics training left (``keep``) and re-estimated on the calibration
+    batches (``recalibrate``). The reading of the job's ``export.bn_after_finetune`` is the entry itself (what the
+    export tests), the other one sits under ``bn_<mode>``. Training is the same either way, so one curve serves
+    both comparisons."""
     from autoprune.evaluate import recalibrate_bn
 
     camp = ctx.camp
-    if camp.config.export.bn_after_finetune == "recalibrate":
-        camp.calib_loader.set_epoch(0)
-        recalibrate_bn(model, camp.calib_loader, camp.config.export.calibration_batches)
-    return top1_on_halves(ctx, model)
+    running = top1_on_halves(ctx, model)
+    camp.calib_loader.set_epoch(0)
+    recalibrate_bn(model, camp.calib_loader, camp.config.export.calibration_batches)
+    read = {"keep": running, "recalibrate": top1_on_halves(ctx, model)}  # every mode of BN_AFTER
+    mode = camp.config.export.bn_after_finetune
+    other = next(m for m in read if m != mode)
+    return {**read[mode], f"bn_{other}": read[other]}
+
+
+#: How the tables name the ways the export can leave BN statistics after its fine-tune
+#: (:data:`autoprune.config.BN_AFTER`, ``export.bn_after_finetune``).
+BN_TEXT = {"keep": "kept (the running statistics training left)",
+           "recalibrate": "re-estimated on the calibration batches"}
+
+
+def cell_bn(rec: Mapping[str, Any]) -> str:
+    """``export.bn_after_finetune`` of a fine-tune cell (cells recorded before it was a parameter: ``recalibrate``,
+    the export's behaviour then)."""
+    return str((rec.get("params") or {}).get("bn_after", "recalibrate"))
+
+
+def reading(rec: Mapping[str, Any], entry: Mapping[str, Any], mode: str) -> Mapping[str, Any] | None:
+    """The accuracies of one recorded epoch of cell ``rec`` read with BN statistics ``mode`` (``keep`` or
+    ``recalibrate``); ``None`` when that reading was not taken."""
+    return entry if cell_bn(rec) == mode else entry.get(f"bn_{mode}")
+
+
+def common_bn(*recs: Mapping[str, Any]) -> str | None:
+    """The BN reading every one of ``recs`` has at its last recorded epoch (the first cell's own mode first);
+    ``None`` if there is none."""
+    for mode in dict.fromkeys(cell_bn(r) for r in recs):
+        if all((r.get("epochs_log") or [None])[-1] is not None
+               and reading(r, r["epochs_log"][-1], mode) is not None for r in recs):
+            return mode
+    return None
 
 
 def export_command(s: Settings, job: Job) -> str:
@@ -862,7 +907,7 @@ def run_finetune_cell(s: Settings, job: Job, previous: Mapping[str, Any] | None,
     """Fine-tune (or continue) ``job`` through the export, recording every epoch into the JSON as it ends."""
     rec: dict[str, Any] = {"status": "partial", "model": job.model, "params": job.params(), "epochs_log": [],
                            "out_dir": str(job.out_dir)}
-    if previous is not None and previous.get("params") == job.params():
+    if previous is not None and {**previous.get("params", {}), "bn_after": cell_bn(previous)} == job.params():
         rec.update({k: v for k, v in previous.items() if k in ("epochs_log", "runs")})
         rec["status"] = "partial"
     elif previous is not None:
@@ -1214,14 +1259,15 @@ def _candidates_section(raw: Mapping[str, Any]) -> list[str]:
     lines = ["## The campaign's candidate against a baseline's (short recipe)", "",
              "Each candidate fine-tuned the same way (`kd`, the same learning rate, epochs, seed and cosine schedule): "
              "the campaign's from its learning-rate sweep cell, a baseline searcher's (one trial in the same campaign "
-             "directory, the same MACs budget) from its `cand` cell. Validation accuracy is the search's score "
-             "(images the pretrained weights saw: optimistic).", "",
-             "| model | searcher | trial | MACs ratio | search val % | lr | epochs | half A % | test % | half B % |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "directory, the same MACs budget) from its `cand` cell, all read with the same BN statistics (column BN). "
+             "Validation accuracy is the search's score (images the pretrained weights saw: optimistic).", "",
+             "| model | searcher | trial | MACs ratio | search val % | lr | epochs | BN | half A % | test % | "
+             "half B % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, rows in found.items():
         lines += [f"| {m} | {r['searcher']} | {r['trial']} | {r['macs_ratio']:.3f} | {r['val_accuracy']:.2f} | "
-                  f"{r['lr']:g} | {r['epochs']:g} | {_pct(r['half_a'])} | {_pct(r['test_top1'])} | "
-                  f"{_pct(r['half_b'])} |" for r in rows]
+                  f"{r['lr']:g} | {r['epochs']:g} | {r['bn_after'] or '–'} | {_pct(r['half_a'])} | "
+                  f"{_pct(r['test_top1'])} | {_pct(r['half_b'])} |" for r in rows]
     return [*lines, ""]
 
 
@@ -1253,13 +1299,20 @@ def _curves_section(raw: Mapping[str, Any], model: str) -> list[str]:
     if not any(recs.values()):
         return []
     lines = [f"## Curves: {model}", ""]
+    other: dict[str, str | None] = {}
     for v, rec in recs.items():
         if rec:
-            p = rec["params"]
-            lines.append(f"- `{v}`: lr {p['lr']:g}, {p['epochs']:g} epochs, distill {p['distill']:g}, "
-                         f"{rec['status']} ({len(rec.get('epochs_log', []))} recorded)" + _teacher_text(rec))
-    lines += ["", "| epoch | lr after | " + " | ".join(f"{v} test % | {v} half B % | {v} s" for v in VARIANTS)
-              + " |", "|---|---|" + "---|---|---|" * len(VARIANTS)]
+            p, mode = rec["params"], cell_bn(rec)
+            other[v] = next((m for m in BN_TEXT if m != mode and any(reading(rec, e, m) is not None
+                                                                      for e in rec.get("epochs_log", []))), None)
+            lines.append(f"- `{v}`: lr {p['lr']:g}, {p['epochs']:g} epochs, distill {p['distill']:g}, BN statistics "
+                         f"after the fine-tune: {BN_TEXT[mode]} (the export's reading)"
+                         + (f", also read {BN_TEXT[other[v]]}" if other[v] else "")
+                         + f"; {rec['status']} ({len(rec.get('epochs_log', []))} recorded)" + _teacher_text(rec))
+    cols = [(v, m) for v in VARIANTS if recs[v] for m in (cell_bn(recs[v] or {}), other.get(v)) if m]
+    lines += ["", "| epoch | lr after | " + " | ".join(f"{v} test % ({m}) | {v} half B % ({m})" for v, m in cols)
+              + " | " + " | ".join(f"{v} s" for v in VARIANTS if recs[v]) + " |",
+              "|---|---|" + "---|---|" * len(cols) + "---|" * sum(1 for v in VARIANTS if recs[v])]
     by_epoch: dict[int, dict[str, dict[str, Any]]] = {}
     for v, rec in recs.items():
         for e in (rec or {}).get("epochs_log", []):
@@ -1267,9 +1320,10 @@ def _curves_section(raw: Mapping[str, Any], model: str) -> list[str]:
     for ep in sorted(by_epoch):
         row = by_epoch[ep]
         lr = next((r["lr"] for r in row.values() if r.get("lr") is not None), None)
-        cellv = [f"{_pct(row[v].get('test_top1'))} | {_pct(row[v].get('half_b'))} | "
-                 f"{_num(row[v].get('seconds'), '{:.0f}')}" if v in row else "– | – | –" for v in VARIANTS]
-        lines.append(f"| {ep} | {_num(lr, '{:.4g}')} | " + " | ".join(cellv) + " |")
+        reads = [reading(recs[v] or {}, row[v], m) if v in row else None for v, m in cols]
+        cellv = [f"{_pct(r.get('test_top1'))} | {_pct(r.get('half_b'))}" if r else "– | –" for r in reads]
+        secs = [_num(row[v].get("seconds"), "{:.0f}") if v in row else "–" for v in VARIANTS if recs[v]]
+        lines.append(f"| {ep} | {_num(lr, '{:.4g}')} | " + " | ".join(cellv) + " | " + " | ".join(secs) + " |")
     return [*lines, "", "Wall seconds per epoch include the product's validation pass that `on_epoch` adds; the "
             "tests of the curve are timed apart (`eval_seconds` in the JSON).", ""]
 
@@ -1280,17 +1334,17 @@ def _distillation_section(raw: Mapping[str, Any]) -> list[str]:
         return []
     lines = ["## Distillation against plain cross-entropy", "",
              "Full-test top-1 of the two curves of each model (the same candidate, learning rate, cosine schedule and "
-             "seed). At about equal compute: plain cross-entropy after its last recorded epoch against distillation "
-             "after the epoch that costs about as much (a distilled step's cost over a plain one: `basis` in the "
-             "JSON).", "",
-             "| model | epochs compared | kd higher at | kd higher from epoch on | at the last of them: kd / ce % | "
-             "about equal compute: ce (epochs) / kd (epochs) % |", "|---|---|---|---|---|---|"]
+             "seed), both read with the same BN statistics (column BN). At about equal compute: plain cross-entropy "
+             "after its last recorded epoch against distillation after the epoch that costs about as much (a "
+             "distilled step's cost over a plain one: `basis` in the JSON).", "",
+             "| model | BN | epochs compared | kd higher at | kd higher from epoch on | at the last of them: kd / ce "
+             "% | about equal compute: ce (epochs) / kd (epochs) % |", "|---|---|---|---|---|---|---|"]
     for m, r in found.items():
         eq = r["equal_compute"]
         eq_text = "–" if eq is None else (f"{eq['ce']:.2f} ({eq['ce_epochs']}) / {eq['kd']:.2f} ({eq['kd_epochs']}); "
                                          f"a kd step costs {eq['kd_over_ce']:.2f}×")
-        lines.append(f"| {m} | {r['epochs']}{'' if r['done'] else ' (unfinished)'} | {r['kd_leads']} of "
-                     f"{r['epochs']} | {_num(r['kd_leads_from'])} | {r['at_last']['kd']:.2f} / "
+        lines.append(f"| {m} | {r['bn_after']} | {r['epochs']}{'' if r['done'] else ' (unfinished)'} | "
+                     f"{r['kd_leads']} of {r['epochs']} | {_num(r['kd_leads_from'])} | {r['at_last']['kd']:.2f} / "
                      f"{r['at_last']['ce']:.2f} ({r['at_last']['kd_minus_ce']:+.2f}) | {eq_text} |")
     return [*lines, ""]
 
@@ -1404,17 +1458,17 @@ def summarise(raw: Mapping[str, Any], s: Settings, names: Sequence[str]) -> str:
         "the export fine-tune (`autoprune export`: the `full` evaluator, cosine learning rate, resumable per epoch) "
         f"of the best candidate. `kd`: distillation from the dense model (weight {s.kd_weight:g}, temperature "
         f"{s.kd_temperature:g}); `ce`: plain cross-entropy; the same learning rate, schedule, seed and epochs. After "
-        "every epoch a copy of the network (BN statistics re-estimated as the export does) is tested on the **full** "
-        "CIFAR-10 test set (10,000 images, as the papers report) and on half B (5,000, never used for selection); "
+        "every epoch a copy of the network is tested on the **full** CIFAR-10 test set (10,000 images, as the papers report) and on half B (5,000, never used for selection); "
         "nothing is selected on either. Half A decides the two choices the benchmark makes: the learning rate "
         "(sweep) and which of `kd`/`ce` the headline reports. Search validation images are carved from the training "
         "set the pretrained weights saw (optimistic; they only rank candidates).", "",
-        f"**BN statistics:** these fine-tunes run with `export.bn_after_finetune={s.bn_after}`"
-        + (" — BN statistics re-estimated after the fine-tune (on `export.calibration_batches` un-augmented "
-           "training batches), the export's behaviour when these cells were recorded. It costs accuracy: "
-           "`bn_after_finetune.md` measures the same fine-tunes with the running statistics training left, the "
-           "export's default now (2.1 points on ResNet-20 after one epoch). The cells are rerun that way with "
-           "`--redo` once `Settings.bn_after` is `keep`." if s.bn_after == "recalibrate" else "."), "",
+        f"**BN statistics:** new fine-tunes run with `export.bn_after_finetune={s.bn_after}`. Every epoch is read "
+        "both ways the export can leave BN statistics after its fine-tune: kept as training left them (`keep`, the "
+        "export's default) and re-estimated on `export.calibration_batches` un-augmented training batches "
+        "(`recalibrate`, the export's behaviour before it measured what that costs: `bn_after_finetune.md`); "
+        "training is the same either way. Cells recorded before carry only the `recalibrate` reading; the "
+        "headline reports cells with the export's default where they exist, and comparisons use a reading "
+        "both sides have (named in each table).", "",
         *([f"**Smoke run** (`--quick`): tests on a stratified {s.test_images:,} of the 10,000 test images, "
             f"validation on {s.val_images:,} images, fractions of an epoch; its accuracies mean nothing.", ""]
           if s.test_images else []),

@@ -269,7 +269,7 @@ def test_distillation_against_cross_entropy_at_equal_epochs_and_about_equal_comp
     part = br.distillation(raw)
     assert set(part) == {"resnet20"} and part["resnet20"]["epochs"] == 2 and not part["resnet20"]["done"]
     md = "\n".join(br._distillation_section(raw))
-    assert "| resnet20 | 2 (unfinished) | 1 of 2 | 2 |" in md
+    assert "| resnet20 | recalibrate | 2 (unfinished) | 1 of 2 | 2 |" in md
 
 
 def test_cell_names_and_per_model_options() -> None:
@@ -324,7 +324,7 @@ def test_markdown_renders_with_missing_parts() -> None:
                      "epochs ratio 0.400, accuracy delta -0.20 pp", "error (see the JSON)", "reproduced",
                      "\"accuracy_delta\": -0.2"):
         assert fragment in md, fragment
-    assert "| 2 | 0.03 | 91.20 | 91.40 | 60 | 91.50 | 91.70 | 60 |" in md
+    assert "| 2 | 0.03 | 91.20 | 91.40 | 91.50 | 91.70 | 60 | 60 |" in md
 
 
 def test_the_teachers_cost_is_reported_over_the_epochs_of_the_exporting_process() -> None:
@@ -446,6 +446,7 @@ def test_a_fine_tune_continues_after_its_recorded_epochs(tmp_path: Path, monkeyp
     path = tmp_path / "recovery.json"
     job = br.Job("finetune|resnet20|kd", "resnet20", "kd", 0.03, 6, 0.9, 4.0, "tpe/seed0/7", tmp_path / "out")
     previous = _ft("kd", [(80.0, 80.0, 80.0), (82.0, 82.0, 82.0)], status="partial", epochs=6)
+    previous["params"]["bn_after"] = "keep"
     calls: dict[str, Any] = {"epochs": [], "recover_known": None}
     checkpoint = {"epoch": 3}
 

@@ -1458,10 +1458,11 @@ def summarise(raw: Mapping[str, Any], s: Settings, names: Sequence[str]) -> str:
         "the export fine-tune (`autoprune export`: the `full` evaluator, cosine learning rate, resumable per epoch) "
         f"of the best candidate. `kd`: distillation from the dense model (weight {s.kd_weight:g}, temperature "
         f"{s.kd_temperature:g}); `ce`: plain cross-entropy; the same learning rate, schedule, seed and epochs. After "
-        "every epoch a copy of the network is tested on the **full** CIFAR-10 test set (10,000 images, as the papers report) and on half B (5,000, never used for selection); "
-        "nothing is selected on either. Half A decides the two choices the benchmark makes: the learning rate "
-        "(sweep) and which of `kd`/`ce` the headline reports. Search validation images are carved from the training "
-        "set the pretrained weights saw (optimistic; they only rank candidates).", "",
+        "every epoch a copy of the network is tested on the **full** CIFAR-10 test set (10,000 images, as the "
+        "papers report) and on half B (5,000, never used for selection); nothing is selected on either. Half A "
+        "decides the two choices the benchmark makes: the learning rate (sweep) and which of `kd`/`ce` the headline "
+        "reports. Search validation images are carved from the training set the pretrained weights saw "
+        "(optimistic; they only rank candidates).", "",
         f"**BN statistics:** new fine-tunes run with `export.bn_after_finetune={s.bn_after}`. Every epoch is read "
         "both ways the export can leave BN statistics after its fine-tune: kept as training left them (`keep`, the "
         "export's default) and re-estimated on `export.calibration_batches` un-augmented training batches "
@@ -1663,7 +1664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started, wall0 = time.time(), time.perf_counter()
     deadline = None if args.max_minutes is None else started + 60 * args.max_minutes
     run_info = {"command": command_line(), "commit": git_commit(), "started": started, "cells": 0, "seconds": 0.0}
-    bad = 0
+    bad, interrupted = 0, False
     for name in todo:
         if _deadline_left(deadline) <= 0:
             _log(f"--max-minutes {args.max_minutes:g} reached: stopping before {name}")
@@ -1680,9 +1681,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log(f"cell {name}: {rec['status']} after {time.perf_counter() - t0:.0f} s")
         except NotReady as exc:
             _log(f"cell {name} waits: {exc}")
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # what the cell recorded stays; its work is carried like a finished run's
             _log(f"interrupted in {name}: its progress is kept; continue with --resume")
-            return 130
+            interrupted = True
+            break
         except Exception:  # a harness crash: recorded, the cell runs again on --resume
             raw = put_error(path, name, traceback.format_exc())
             bad += 1
@@ -1706,7 +1708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     md = write_md(raw, s, all_names)
     _log("headline: " + json.dumps(raw["headline"]))
     _log(f"wrote {md} and {path}")
-    return 1 if bad else 0
+    return 130 if interrupted else 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -146,6 +146,27 @@ def test_an_unfinished_fine_tune_continues_on_a_machine_without_the_work_directo
     assert raw["cells"]["search|resnet20"]["status"] == "done"
 
 
+def test_an_interrupted_run_still_carries_its_unfinished_work(machine: dict[str, Any],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in a fine-tune: exit 130, and the checkpoint it left is packed as after a finished run."""
+    from autoprune.export import FINETUNE_CHECKPOINT
+
+    real = br.run_cell
+
+    def interrupted(s: br.Settings, name: str, raw: dict, path: Path, deadline: float | None) -> dict[str, Any]:
+        rec = real(s, name, raw, path, deadline)
+        if name.startswith("finetune"):  # it wrote its checkpoint, then the user pressed Ctrl-C
+            raise KeyboardInterrupt
+        return rec
+
+    monkeypatch.setattr(br, "run_cell", interrupted)
+    args = ["--models", "resnet20", "--only", "search,finetune|resnet20|kd", "--resume", "--lr", "0.01"]
+    assert br.main(args) == 130
+    with tarfile.open(machine["archive"]) as tar:
+        assert FINETUNE_CHECKPOINT in {Path(n).name for n in tar.getnames()}
+    assert (machine["archive"].parent / "recovery.md").is_file()
+
+
 def test_a_cell_over_the_cell_limit_is_left_out_whole(tmp_path: Path) -> None:
     work, archive = tmp_path / "work", tmp_path / "carry.tar.gz"
     (work / "small").mkdir(parents=True)

@@ -594,3 +594,129 @@ def test_how_far_reads_the_headline_curve_and_prices_the_published_schedules() -
     assert br.how_far(raw)["resnet56"]["last_third_gain"] == 0.0
     del raw["cells"]["finetune|resnet56|kd"]
     assert br._how_far_section({"cells": {}}) == [] and "resnet56" not in br.how_far(raw)
+
+
+# ------------------------------------------------------------------- BN statistics: both readings of every epoch
+
+
+def _keep(variant: str, finals: list[tuple[float, float, float]], recalibrated: list[tuple[float, float, float]],
+          **kw: Any) -> dict[str, Any]:
+    """A cell run with ``bn_after=keep`` whose epochs also carry the ``recalibrate`` reading."""
+    rec = _ft(variant, finals, **kw)
+    rec["params"]["bn_after"] = "keep"
+    for e, (t, a, b) in zip(rec["epochs_log"], recalibrated, strict=True):
+        e["bn_recalibrate"] = {"test_top1": t, "half_a": a, "half_b": b, "test_images": 10_000}
+    return rec
+
+
+def test_epoch_accuracy_reads_the_running_and_the_re_estimated_statistics(digits_campaign: tuple) -> None:
+    """The export's reading is the entry, the other one sits under ``bn_<mode>``; each equals testing a copy with
+    the running statistics, or re-estimated as the export does."""
+    import copy
+
+    from autoprune.config import BN_AFTER
+    from autoprune.data import make_loader
+    from autoprune.evaluate import recalibrate_bn
+    from autoprune.export import select_trial
+    from benchmarks._cifar import split_test
+
+    camp, store = digits_campaign
+    trial = select_trial(store.to_dataframe())
+    ctx = br.Context(camp, trial, tuple(make_loader(h, 256) for h in split_test(camp.splits.test)), "")
+    net = copy.deepcopy(camp.model).train()
+    with torch.no_grad():  # running statistics that are not those re-estimation gives
+        for x, _ in list(camp.train_loader)[:3]:
+            net(x * 3 + 1)
+    running = br.top1_on_halves(ctx, copy.deepcopy(net))
+    redone = copy.deepcopy(net)
+    camp.calib_loader.set_epoch(0)
+    recalibrate_bn(redone, camp.calib_loader, camp.config.export.calibration_batches)
+    recalibrated = br.top1_on_halves(ctx, redone)
+    assert running != recalibrated  # the two readings differ here, so the test tells them apart
+    want = {"keep": running, "recalibrate": recalibrated}
+    saved = camp.config
+    try:
+        for mode in BN_AFTER:
+            camp.config = _with_bn(saved, mode)
+            acc = br.epoch_accuracy(ctx, copy.deepcopy(net))
+            other = next(m for m in BN_AFTER if m != mode)
+            assert {k: acc[k] for k in running} == want[mode] and acc[f"bn_{other}"] == want[other]
+    finally:
+        camp.config = saved
+
+
+def _with_bn(cfg: Any, mode: str) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, bn_after_finetune=mode))
+
+
+def test_cells_without_the_setting_read_recalibrate_and_comparisons_use_a_reading_both_have() -> None:
+    old = _ft("ce", [(89.0, 89.0, 89.0), (90.0, 90.0, 90.0)])
+    new = _keep("kd", [(91.0, 91.0, 91.0), (92.0, 92.0, 92.0)], [(89.5, 89.5, 89.5), (89.8, 89.8, 89.8)])
+    assert br.cell_bn(old) == "recalibrate" and br.cell_bn(new) == "keep"
+    assert br.reading(new, new["epochs_log"][1], "keep")["test_top1"] == 92.0
+    assert br.reading(new, new["epochs_log"][1], "recalibrate")["test_top1"] == 89.8
+    assert br.reading(old, old["epochs_log"][1], "keep") is None
+    assert br.common_bn(new, old) == "recalibrate" and br.common_bn(new, new) == "keep"
+    assert br.common_bn(old, {**new, "epochs_log": [{"epoch": 1, "test_top1": 1.0}]}) is None
+    raw = {"cells": {"finetune|resnet20|kd": new, "finetune|resnet20|ce": old}}
+    d = br.distillation(raw)["resnet20"]
+    assert d["bn_after"] == "recalibrate" and d["at_last"] == {"kd": 89.8, "ce": 90.0, "kd_minus_ce": -0.2}
+    assert "| resnet20 | recalibrate | 2 | 1 of 2 |" in "\n".join(br._distillation_section(raw))
+    ce_new = _keep("ce", [(90.0, 90.0, 90.0), (91.0, 91.0, 91.0)], [(88.0, 88.0, 88.0), (89.0, 89.0, 89.0)])
+    raw["cells"]["finetune|resnet20|ce"] = ce_new
+    d = br.distillation(raw)["resnet20"]
+    assert d["bn_after"] == "keep" and d["at_last"]["kd_minus_ce"] == 1.0
+    # The curves show both readings of a cell that has them.
+    md = "\n".join(br._curves_section(raw, "resnet20"))
+    assert "kd test % (keep) | kd half B % (keep) | kd test % (recalibrate)" in md
+    assert "| 2 | 0.03 | 92.00 | 92.00 | 89.80 | 89.80 | 91.00 | 91.00 | 89.00 | 89.00 | 60 | 60 |" in md
+
+
+def test_the_headline_reports_the_products_bn_setting_over_an_old_cell() -> None:
+    raw = planted()
+    # The old ce cell (recalibrate) has the higher final half A, but a kd cell with the export's default exists.
+    raw["cells"]["finetune|resnet20|ce"] = _ft("ce", [(95.0, 95.0, 95.0)])
+    raw["cells"]["finetune|resnet20|kd"] = _keep("kd", [(91.9, 91.8, 92.0)], [(90.0, 90.0, 90.0)])
+    assert br.headline_source(raw, "resnet20") == "finetune|resnet20|kd"
+    assert br.headline(raw)["resnet20"]["test_top1"] == 91.9
+    del raw["cells"]["finetune|resnet20|kd"]  # only old cells: they are reported
+    assert br.headline_source(raw, "resnet20") == "finetune|resnet20|ce"
+
+
+def test_a_cell_recorded_before_the_setting_continues_only_with_recalibrate(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+    monkeypatch.setattr(br, "open_context", lambda s, j: _Ctx())
+    monkeypatch.setattr(br, "recover_epoch", lambda ctx, j, known: None)
+    monkeypatch.setattr(br, "_finished_export", lambda j: None)
+    monkeypatch.setattr(br, "_log", seen.append)
+
+    def stop(ctx: Any, j: br.Job, command: str, on_epoch: Any) -> Any:
+        raise br.OutOfTime("at once")
+
+    monkeypatch.setattr(br, "run_export", stop)
+    old = _ft("kd", [(80.0, 80.0, 80.0)], status="partial", epochs=6)
+    for mode, kept in (("recalibrate", [1]), ("keep", [])):
+        job = br.Job("finetune|resnet20|kd", "resnet20", "kd", 0.03, 6, 0.9, 4.0, "tpe/seed0/7", tmp_path / mode,
+                     bn_after=mode)
+        assert "export.bn_after_finetune=" + mode in job.overrides()
+        rec = br.run_finetune_cell(br.Settings(), job, old, tmp_path / "recovery.json", deadline=None)
+        assert [e["epoch"] for e in rec["epochs_log"]] == kept
+    assert any("settings changed" in m for m in seen)
+
+
+def test_candidates_compare_a_reading_all_rows_have() -> None:
+    s = br.Settings()
+    raw = planted()
+    raw["cells"]["lr|resnet20|0.01"] = _sweep(0.01, 88.0)  # an old sweep cell: recalibrate only
+    uniform = _search(0.49)
+    uniform["best"] = {**uniform["best"], "trial": "uniform/seed0/0"}
+    raw["cells"]["search|resnet20|uniform"] = uniform
+    cand = _keep("kd", [(85.0, 85.0, 85.0), (86.0, 86.0, 86.0)], [(84.0, 84.0, 84.0), (84.5, 84.4, 84.6)], lr=0.01)
+    raw["cells"]["cand|resnet20|uniform"] = cand
+    rows = br.candidates(raw)["resnet20"]
+    assert [(r["cell"], r["bn_after"], r["half_a"]) for r in rows] == [
+        ("lr|resnet20|0.01", "recalibrate", 88.0), ("cand|resnet20|uniform", "recalibrate", 84.4)]
+    assert "| 3 | recalibrate | 84.40 | 84.50 | 84.60 |" in br.summarise(raw, s, br.cell_names(s))

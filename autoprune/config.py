@@ -190,7 +190,8 @@ class ExportConfig:
             left, the default) or ``recalibrate`` (re-estimated on ``calibration_batches`` un-augmented training
             batches, as the search scores candidates; the behaviour before 2026-12-06). Re-estimating after
             training cost the pruned CIFAR ResNet-20 2.1 points of test accuracy after one distilled epoch
-            (89.15 → 87.05 %, 100 batches 86.97 %: ``results/benchmarks/bn_after_finetune.md``); a likely
+            (89.15 → 87.05 %, 100 batches 86.97 %: ``results/benchmarks/bn_after_finetune.md``) and 2.4 points
+            after the 30-epoch distilled recipe (91.15 → 88.71 %, ``results/benchmarks/recovery.md``); a likely
             reason: training normalised augmented batches, and the un-augmented training images it has fitted
             are not like test images.
     """

@@ -178,8 +178,10 @@ class ExportConfig:
         distill: Weight ``α`` in [0, 1] of knowledge distillation from the dense model in the fine-tune
             (:mod:`autoprune.distill`; 0 = plain cross-entropy). Default 0.9: on ResNet-20 at 50 % of the MACs
             it led plain cross-entropy at every one of 30 equal epochs, by 0.5–1.6 points on the full test set
-            (88.88 % against 87.60 % after 30), on ResNet-56 from epoch 10 on (91.26 % against 90.31 % after 30;
-            at about equal compute 91.16 % after 19 distilled epochs; ``results/benchmarks/recovery.md``).
+            (88.71 % against 87.60 % after 30), on ResNet-56 from epoch 10 on (91.27 % against 90.31 % after 30;
+            at about equal compute 90.96 % after 19 distilled epochs), both curves read with re-estimated BN
+            statistics (``results/benchmarks/recovery.md``). With the statistics kept, 30 distilled epochs
+            reached 91.15 % (ResNet-20, dense 91.73 %) and 93.19 % (ResNet-56, dense 93.39 %).
         distill_temperature: Temperature ``T`` of the distillation.
         fold_bn: Fold every BatchNorm that follows a conv into it in the exported float model (exact in eval
             mode and faster on CPUs: results/benchmarks/latency.md); quantized exports always fold.
@@ -191,9 +193,9 @@ class ExportConfig:
             batches, as the search scores candidates; the behaviour before 2026-12-06). Re-estimating after
             training cost the pruned CIFAR ResNet-20 2.1 points of test accuracy after one distilled epoch
             (89.15 → 87.05 %, 100 batches 86.97 %: ``results/benchmarks/bn_after_finetune.md``) and 2.4 points
-            after the 30-epoch distilled recipe (91.15 → 88.71 %, ``results/benchmarks/recovery.md``); a likely
-            reason: training normalised augmented batches, and the un-augmented training images it has fitted
-            are not like test images.
+            after the 30-epoch distilled recipe (91.15 → 88.71 %; ResNet-56 93.19 → 91.27 %,
+            ``results/benchmarks/recovery.md``); a likely reason: training normalised augmented batches, and the
+            un-augmented training images it has fitted are not like test images.
     """
 
     finetune: Literal["fixed", "infcop", "none"] = "fixed"
